@@ -1,0 +1,1 @@
+"""The HTTP service: records and enqueues; never talks to the payment provider."""

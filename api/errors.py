@@ -1,0 +1,99 @@
+"""One error shape for every 4xx and 5xx: {"error": {"type", "code", "message", "param"}}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("agentpay.api")
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.headers = headers
+
+
+def error_body(type_: str, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"type": type_, "code": code, "message": message, "param": param}}
+
+
+def not_found(what: str = "payment") -> ApiError:
+    return ApiError(404, "resource_missing", f"No such {what}", param="id")
+
+
+_STATUS_CODES = {
+    400: ("invalid_request_error", "bad_request"),
+    401: ("authentication_error", "unauthorized"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "resource_missing"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("idempotency_error", "conflict"),
+    413: ("invalid_request_error", "body_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.type, exc.code, exc.message, exc.param),
+            status_code=exc.status,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = _param(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request"))
+        if param:
+            message = f"{param}: {message}"
+        return JSONResponse(
+            error_body("invalid_request_error", "parameter_invalid", message, param),
+            status_code=400,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_, code = _STATUS_CODES.get(exc.status_code, ("api_error", "error"))
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return JSONResponse(
+            error_body(type_, code, message),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_body("api_error", "internal_error", "An internal error occurred."),
+            status_code=500,
+        )

@@ -1,0 +1,92 @@
+"""The procrastinate App every role's task is registered on, and how a process binds it to
+its database pool.
+
+Jobs are always deferred with `connection=` inside the caller's transaction (design rule 1),
+so deferring never needs the app's own pool; only a worker (fetching and finishing jobs)
+does, and it gets the process pool through `bind()`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import procrastinate
+import psycopg
+from procrastinate import jobs, retry
+
+from tasks.db import Pool
+
+app = procrastinate.App(
+    connector=procrastinate.PsycopgConnector(),
+    import_paths=["tasks.pricing", "tasks.risk", "tasks.charge", "tasks.reconcile"],
+)
+
+
+class TransientError(Exception):
+    """Something that should work if tried again later (the provider is down, a lock is
+    held, the payment is not ready yet)."""
+
+
+class Backoff(retry.BaseRetryStrategy):
+    """Retry only what is worth retrying — transient errors and lost database connections —
+    with capped exponential backoff and full jitter. Anything else fails the job at once and
+    is recorded (a bug or bad data does not get better by being run again)."""
+
+    def __init__(self, *, max_attempts: int = 10, base: float = 0.5, cap: float = 60.0) -> None:
+        self.max_attempts = max_attempts
+        self.base = base
+        self.cap = cap
+
+    retry_on: tuple[type[BaseException], ...] = (
+        TransientError,
+        psycopg.OperationalError,
+        procrastinate.exceptions.ConnectorException,
+    )
+
+    def delay(self, attempts: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * 2**attempts))
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: jobs.Job
+    ) -> retry.RetryDecision | None:
+        if job.attempts + 1 >= self.max_attempts or not isinstance(exception, self.retry_on):
+            return None
+        retry_at = datetime.now(UTC) + timedelta(seconds=self.delay(job.attempts))
+        return retry.RetryDecision(retry_at=retry_at)
+
+
+def pool() -> Pool:
+    """The pool of this process, once `bind()` has run."""
+    connector: Any = app.connector
+    bound: Pool = connector.pool
+    return bound
+
+
+@asynccontextmanager
+async def bind(process_pool: Pool) -> AsyncIterator[procrastinate.App]:
+    """Make the App use `process_pool` for as long as the block runs."""
+    connector = procrastinate.PsycopgConnector()
+    with app.replace_connector(connector):
+        await connector.open_async(pool=process_pool)  # type: ignore[arg-type]
+        try:
+            yield app
+        finally:
+            await connector.close_async()
+
+
+async def defer(
+    conn: Any, task_name: str, *, schedule_in: float | None = None, **task_kwargs: Any
+) -> int:
+    """Defer a job inside the caller's transaction: it exists if and only if the caller
+    commits (design rule 1). Tasks are named after the role that runs them."""
+    deferrer = app.configure_task(
+        task_name,
+        connection=conn,
+        schedule_in={"seconds": schedule_in} if schedule_in else None,
+    )
+    job_id: int = await deferrer.defer_async(**task_kwargs)
+    return job_id

@@ -1,0 +1,60 @@
+"""Money: integer minor units, lowercase ISO 4217 currencies, Stripe's exponents.
+
+Fractions (tax, fees, splits) are computed with `Decimal` built from strings and rounded
+once, with an explicit rounding mode, into the currency's minor units.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_EVEN, Decimal
+
+# Stripe's zero-decimal currencies: the amount is in whole units.
+ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
+# Stripe's three-decimal currencies: the last digit of the minor amount must be 0.
+THREE_DECIMAL = frozenset("bhd jod kwd omr tnd".split())
+
+# ISO 4217 currencies Stripe can charge in.
+CURRENCIES = frozenset(
+    """
+    aed afn all amd ang aoa ars aud awg azn bam bbd bdt bgn bhd bif bmd bnd bob brl bsd bwp
+    byn bzd cad cdf chf clp cny cop crc cve czk djf dkk dop dzd egp etb eur fjd fkp gbp gel
+    gip gmd gnf gtq gyd hkd hnl htg huf idr ils inr isk jmd jod jpy kes kgs khr kmf krw kwd
+    kyd kzt lak lbp lkr lrd lsl mad mdl mga mkd mmk mnt mop mur mvr mwk mxn myr mzn nad ngn
+    nio nok npr nzd omr pab pen pgk php pkr pln pyg qar ron rsd rub rwf sar sbd scr sek sgd
+    shp sle sos srd std szl thb tjs tnd top try ttd twd tzs uah ugx usd uyu uzs vnd vuv wst
+    xaf xcd xof xpf yer zar zmw
+    """.split()
+)
+
+# Stripe's upper bound for one charge, in minor units.
+MAX_AMOUNT = 99_999_999
+
+ROUNDING = ROUND_HALF_EVEN
+
+
+def exponent(currency: str) -> int:
+    if currency in ZERO_DECIMAL:
+        return 0
+    if currency in THREE_DECIMAL:
+        return 3
+    return 2
+
+
+def amount_problem(amount: int, currency: str) -> str | None:
+    """Why `amount` (minor units) cannot be charged in `currency`, or None if it can."""
+    if currency not in CURRENCIES:
+        return f"unknown currency {currency!r}: use a lowercase ISO 4217 code such as 'usd'"
+    if amount <= 0:
+        return "amount must be a positive integer in minor units"
+    if amount > MAX_AMOUNT:
+        return f"amount must be at most {MAX_AMOUNT} minor units"
+    if currency in THREE_DECIMAL and amount % 10:
+        return f"amounts in {currency} must end in 0 (three-decimal currency)"
+    return None
+
+
+def round_minor(value: Decimal, currency: str) -> int:
+    """Round a Decimal amount in minor units to an integer the currency accepts."""
+    if currency in THREE_DECIMAL:
+        return int((value / 10).quantize(Decimal(1), rounding=ROUNDING)) * 10
+    return int(value.quantize(Decimal(1), rounding=ROUNDING))

@@ -1,0 +1,206 @@
+"""The payment_jobs conversation: every statement on payments and their events lives here.
+
+Transitions go through `transition()`, which names the actor, the reason and the data the
+database trigger records in `payment_events`; the trigger itself refuses illegal moves.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from tasks.db import Conn
+
+FINAL_STATES = frozenset({"rejected", "failed", "canceled", "reconciled", "refunded"})
+
+Payment = dict[str, Any]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+async def set_event_context(
+    conn: Conn, *, actor: str, reason: str | None = None, data: dict[str, Any] | None = None
+) -> None:
+    """Who and why of the next status change in this transaction (read by the trigger)."""
+    await conn.execute(
+        """SELECT set_config('agentpay.actor', %s, true),
+                  set_config('agentpay.reason', %s, true),
+                  set_config('agentpay.event_data', %s, true)""",
+        (actor, reason or "", json.dumps(data or {}, default=str)),
+    )
+
+
+async def insert(
+    conn: Conn,
+    *,
+    agent_id: str,
+    currency: str,
+    payment_method: str,
+    capture_method: str = "automatic",
+    amount: int | None = None,
+    line_items: list[dict[str, Any]] | None = None,
+    description: str | None = None,
+    metadata: dict[str, str] | None = None,
+    payment_id: str | None = None,
+) -> Payment:
+    await set_event_context(conn, actor=f"agent:{agent_id}", reason="payment requested")
+    cur = await conn.execute(
+        """INSERT INTO payment_jobs (id, agent_id, currency, payment_method, capture_method,
+                                     amount_requested, line_items, description, metadata)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+            RETURNING *""",
+        (
+            payment_id or new_id("pay"),
+            agent_id,
+            currency,
+            payment_method,
+            capture_method,
+            amount,
+            Jsonb(line_items) if line_items is not None else None,
+            description,
+            Jsonb(metadata or {}),
+        ),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return row
+
+
+async def get(conn: Conn, payment_id: str, *, agent_id: str | None = None) -> Payment | None:
+    """A payment by id; with `agent_id`, only if it belongs to that agent."""
+    cur = await conn.execute(
+        """SELECT * FROM payment_jobs
+            WHERE id = %s AND (%s::text IS NULL OR agent_id = %s)""",
+        (payment_id, agent_id, agent_id),
+    )
+    return await cur.fetchone()
+
+
+async def lock(conn: Conn, payment_id: str) -> Payment | None:
+    """Read a payment FOR UPDATE: the caller's transaction owns it until commit."""
+    cur = await conn.execute("SELECT * FROM payment_jobs WHERE id = %s FOR UPDATE", (payment_id,))
+    return await cur.fetchone()
+
+
+# Columns a step may write besides status.
+_WRITABLE = frozenset(
+    {
+        "amount_subtotal",
+        "amount_fee",
+        "amount_tax",
+        "amount_total",
+        "amount_refunded",
+        "provider_idempotency_key",
+        "provider_payment_id",
+        "failure_code",
+        "failure_message",
+    }
+)
+
+
+async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
+    """Write columns of a locked payment (no status change, so no event)."""
+    return await _update(conn, payment_id, columns)
+
+
+async def transition(
+    conn: Conn,
+    payment: Payment,
+    to_status: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+    **columns: Any,
+) -> Payment:
+    """Move a locked payment to `to_status` (and write `columns` with it). The trigger
+    checks the move against the state machine and records the event."""
+    await set_event_context(conn, actor=actor, reason=reason, data=data)
+    updated = await _update(conn, payment["id"], {"status": to_status, **columns})
+    payment.update(updated)
+    return updated
+
+
+async def _update(conn: Conn, payment_id: str, columns: dict[str, Any]) -> Payment:
+    unknown = set(columns) - _WRITABLE - {"status"}
+    if unknown:
+        raise ValueError(f"not writable: {sorted(unknown)}")
+    assignments = sql.SQL(", ").join(
+        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in columns
+    )
+    cur = await conn.execute(
+        sql.SQL("UPDATE payment_jobs SET {} WHERE id = %(_id)s RETURNING *").format(assignments),
+        {**columns, "_id": payment_id},
+    )
+    row = await cur.fetchone()
+    if row is None:
+        raise LookupError(payment_id)
+    return row
+
+
+async def record_event(
+    conn: Conn,
+    payment: Payment,
+    type_: str,
+    *,
+    actor: str,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """An event that is not a transition (a mismatch found, a webhook seen, a retry)."""
+    await conn.execute(
+        """INSERT INTO payment_events (payment_id, type, from_status, to_status, actor,
+                                       reason, data)
+           VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+        (
+            payment["id"],
+            type_,
+            payment["status"],
+            payment["status"],
+            actor,
+            reason,
+            Jsonb(data or {}),
+        ),
+    )
+
+
+async def events(conn: Conn, payment_id: str) -> list[dict[str, Any]]:
+    cur = await conn.execute(
+        """SELECT id, type, from_status, to_status, actor, reason, data, created_at
+           FROM payment_events WHERE payment_id = %s ORDER BY id""",
+        (payment_id,),
+    )
+    return await cur.fetchall()
+
+
+def public(payment: Payment) -> dict[str, Any]:
+    """The payment object of the HTTP contract."""
+    failure = None
+    if payment["failure_code"]:
+        failure = {"code": payment["failure_code"], "message": payment["failure_message"]}
+    return {
+        "id": payment["id"],
+        "object": "payment",
+        "agent_id": payment["agent_id"],
+        "status": payment["status"],
+        "currency": payment["currency"],
+        "amount_subtotal": payment["amount_subtotal"],
+        "amount_fee": payment["amount_fee"],
+        "amount_tax": payment["amount_tax"],
+        "amount_total": payment["amount_total"],
+        "amount_refunded": payment["amount_refunded"],
+        "capture_method": payment["capture_method"],
+        "payment_method": payment["payment_method"],
+        "provider_payment_id": payment["provider_payment_id"],
+        "failure": failure,
+        "description": payment["description"],
+        "metadata": payment["metadata"],
+        "created_at": payment["created_at"],
+        "updated_at": payment["updated_at"],
+    }

@@ -1,0 +1,189 @@
+"""The payment provider, through the official stripe SDK. The only module that imports stripe.
+
+Pointing agentpay at real Stripe test mode is a matter of settings: set `STRIPE_API_KEY` to a
+`sk_test_…` key and leave `STRIPE_API_BASE` unset. Every call carries an idempotency key
+derived from the payment id and the operation (design rule 3), so a retried call can never
+act twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import stripe
+
+from tasks.app import TransientError
+from tasks.settings import Settings, get_settings
+
+
+@dataclass(frozen=True)
+class Intent:
+    """What agentpay needs to know of a provider PaymentIntent."""
+
+    id: str
+    status: str
+    amount: int
+    amount_received: int
+    currency: str
+    metadata: dict[str, str]
+    failure_code: str | None
+    failure_message: str | None
+
+    @classmethod
+    def from_stripe(cls, obj: Any) -> Intent:
+        pi: dict[str, Any] = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+        error = pi.get("last_payment_error") or {}
+        return cls(
+            id=pi["id"],
+            status=pi["status"],
+            amount=int(pi["amount"]),
+            amount_received=int(pi.get("amount_received") or 0),
+            currency=pi["currency"],
+            metadata=dict(pi.get("metadata") or {}),
+            failure_code=_failure_code(error.get("code"), error.get("decline_code")),
+            failure_message=error.get("message"),
+        )
+
+
+class Declined(Exception):
+    """The provider refused the payment for good (a card decline, an invalid request)."""
+
+    def __init__(self, code: str, message: str, intent: Intent | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.intent = intent
+
+
+class Unknown(TransientError):
+    """The call's outcome is not known (timeout, 5xx after retries, lost response). Try the
+    same call again with the same idempotency key, or retrieve."""
+
+
+def _failure_code(code: str | None, decline_code: str | None) -> str | None:
+    # A specific decline reason ("insufficient_funds") says more than "card_declined";
+    # Stripe's "generic_decline" says less.
+    if decline_code and decline_code != "generic_decline":
+        return decline_code
+    return code
+
+
+def idempotency_key(payment_id: str, operation: str) -> str:
+    """Stable per payment and operation: never random, never a timestamp."""
+    return f"agentpay:{payment_id}:{operation}"
+
+
+@lru_cache
+def _client(api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
+    return stripe.StripeClient(
+        api_key,
+        base_addresses={"api": api_base} if api_base else None,
+        max_network_retries=retries,
+        http_client=stripe.HTTPXClient(timeout=timeout, allow_sync_methods=True),
+    )
+
+
+def client(settings: Settings | None = None) -> Any:
+    s = settings or get_settings()
+    base = s.stripe_api_base or s.read_stack().get("provider_base")
+    return _client(
+        s.stripe_api_key, base, s.provider_timeout_seconds, s.provider_max_network_retries
+    )
+
+
+def _translate(error: stripe.StripeError) -> Exception:
+    if isinstance(error, stripe.CardError):
+        body: Any = error.json_body or {}
+        pi = (body.get("error") or {}).get("payment_intent")
+        return Declined(
+            _failure_code(error.code, getattr(error, "decline_code", None)) or "card_declined",
+            error.user_message or str(error),
+            Intent.from_stripe(pi) if pi else None,
+        )
+    if isinstance(
+        error,
+        stripe.APIConnectionError
+        | stripe.APIError
+        | stripe.RateLimitError
+        | stripe.IdempotencyError,
+    ):
+        # IdempotencyError here is "the same key is still in flight": try again later.
+        return Unknown(f"{type(error).__name__}: {error.user_message or error}")
+    if isinstance(error, stripe.InvalidRequestError):
+        return Declined(error.code or "invalid_request", error.user_message or str(error))
+    return error
+
+
+async def _call(method: Any, *args: Any, **kwargs: Any) -> Intent:
+    try:
+        pi = await method(*args, **kwargs)
+    except stripe.StripeError as error:
+        raise _translate(error) from error
+    return Intent.from_stripe(pi)
+
+
+async def create_intent(payment: dict[str, Any]) -> Intent:
+    """Create (not confirm) the PaymentIntent of a payment."""
+    params = {
+        "amount": payment["amount_total"],
+        "currency": payment["currency"],
+        "payment_method": payment["payment_method"],
+        "capture_method": payment["capture_method"],
+        "payment_method_types": ["card"],
+        "description": payment["description"] or f"agentpay {payment['id']}",
+        "metadata": {"payment_id": payment["id"], "agent_id": payment["agent_id"]},
+    }
+    return await _call(
+        client().v1.payment_intents.create_async,
+        params,
+        {"idempotency_key": idempotency_key(payment["id"], "create")},
+    )
+
+
+async def confirm_intent(payment_id: str, intent_id: str) -> Intent:
+    return await _call(
+        client().v1.payment_intents.confirm_async,
+        intent_id,
+        {},
+        {"idempotency_key": idempotency_key(payment_id, "confirm")},
+    )
+
+
+async def retrieve_intent(intent_id: str) -> Intent:
+    return await _call(client().v1.payment_intents.retrieve_async, intent_id)
+
+
+async def capture_intent(payment_id: str, intent_id: str) -> Intent:
+    return await _call(
+        client().v1.payment_intents.capture_async,
+        intent_id,
+        {},
+        {"idempotency_key": idempotency_key(payment_id, "capture")},
+    )
+
+
+async def cancel_intent(payment_id: str, intent_id: str) -> Intent:
+    return await _call(
+        client().v1.payment_intents.cancel_async,
+        intent_id,
+        {},
+        {"idempotency_key": idempotency_key(payment_id, "cancel")},
+    )
+
+
+async def refund(payment_id: str, intent_id: str, refund_id: str, amount: int) -> dict[str, Any]:
+    """Refund `amount` of a payment; `refund_id` is ours and keys the call."""
+    try:
+        result = await client().v1.refunds.create_async(
+            {
+                "payment_intent": intent_id,
+                "amount": amount,
+                "metadata": {"payment_id": payment_id, "refund_id": refund_id},
+            },
+            {"idempotency_key": idempotency_key(payment_id, f"refund:{refund_id}")},
+        )
+    except stripe.StripeError as error:
+        raise _translate(error) from error
+    return {"id": result["id"], "status": result["status"], "amount": int(result["amount"])}

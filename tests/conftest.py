@@ -1,0 +1,234 @@
+"""Shared fixtures: a real Postgres (embedded unless DATABASE_URL is set), one fresh database
+per test cloned from a migrated template, the sandbox provider, the API in-process, and
+helpers to run a role's jobs in-process until its queue is empty."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from procrastinate.worker import Worker
+from psycopg import sql
+
+import schema
+from api.app import create_app
+from sandbox.server import SandboxServer
+from tasks import agents
+from tasks.app import bind
+from tasks.db import Pool, open_pool
+from tasks.settings import ROLES, Settings, get_settings
+from workers.pg import EmbeddedPostgres
+
+TEMPLATE = "agentpay_test_template"
+WEBHOOK_SECRET = "whsec_test_secret"
+
+# Fast timings for worker processes started by tests.
+FAST_ENV = {
+    "AGENTPAY_HEARTBEAT_SECONDS": "1",
+    "AGENTPAY_SHUTDOWN_GRACE_SECONDS": "4",
+    "AGENTPAY_STALLED_AFTER_SECONDS": "6",
+    "AGENTPAY_MAINTENANCE_INTERVAL_SECONDS": "0.5",
+    "AGENTPAY_POLL_INTERVAL_SECONDS": "0.5",
+    "AGENTPAY_SWEEP_AFTER_SECONDS": "10",
+}
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+async def async_wait_for(
+    condition: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
+        await asyncio.sleep(0.05)
+
+
+class PgServer:
+    """The test server: embedded, or the one DATABASE_URL points at."""
+
+    def __init__(self) -> None:
+        self.external = os.environ.get("DATABASE_URL")
+        self.embedded: EmbeddedPostgres | None = None
+        self._counter = itertools.count()
+
+    def start(self) -> None:
+        if not self.external:
+            self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ap")))
+            self.embedded.start()
+
+    @property
+    def admin_url(self) -> str:
+        if self.embedded:
+            return self.embedded.admin_url
+        assert self.external
+        return self.external
+
+    def url(self, database: str) -> str:
+        if self.embedded:
+            return self.embedded.url(database)
+        return psycopg.conninfo.make_conninfo(self.admin_url, dbname=database)
+
+    def create(self, name: str, template: str | None = None) -> str:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+            if template:
+                query += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+            conn.execute(query)
+        return self.url(name)
+
+    def drop(self, name: str) -> None:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+    def fresh_name(self) -> str:
+        return f"agentpay_test_{os.getpid()}_{next(self._counter)}"
+
+    def stop(self) -> None:
+        if self.embedded:
+            self.embedded.cleanup()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    server = PgServer()
+    server.start()
+    schema.migrate(server.create(TEMPLATE))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def database_url(pg_server: PgServer) -> Iterator[str]:
+    """A fresh, migrated database for this test alone."""
+    name = pg_server.fresh_name()
+    url = pg_server.create(name, template=TEMPLATE)
+    yield url
+    pg_server.drop(name)
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxServer]:
+    server = SandboxServer(webhook_secret=WEBHOOK_SECRET)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def provider_base(sandbox: SandboxServer) -> Iterator[str]:
+    """The sandbox, clean, as the provider of this process (and of processes it starts)."""
+    httpx.post(f"{sandbox.base_url}/_sandbox/reset").raise_for_status()
+    saved = {k: os.environ.get(k) for k in ("STRIPE_API_BASE", "STRIPE_WEBHOOK_SECRET")}
+    os.environ["STRIPE_API_BASE"] = sandbox.base_url
+    os.environ["STRIPE_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    get_settings.cache_clear()
+    yield sandbox.base_url
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings(database_url: str, provider_base: str, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        stripe_api_base=provider_base,
+        stripe_webhook_secret=WEBHOOK_SECRET,
+        data_dir=tmp_path / "data",
+    )
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    """This test's database pool, bound to the procrastinate App as a worker's would be."""
+    async with open_pool(database_url, min_size=1, max_size=8) as p, bind(p):
+        yield p
+
+
+@pytest.fixture
+async def agent_key(pool: Pool) -> str:
+    async with pool.connection() as conn, conn.transaction():
+        _, key = await agents.create(conn, "agent-a")
+    return key
+
+
+@pytest.fixture
+async def operator_key(pool: Pool) -> str:
+    async with pool.connection() as conn, conn.transaction():
+        _, key = await agents.create(conn, "operator", is_operator=True)
+    return key
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process, on this test's pool (no network)."""
+    app = create_app(settings)
+    app.state.pool = pool
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as client:
+        yield client
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def run_jobs(pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50) -> None:
+    """Run the given roles' jobs in-process until none is left to do now."""
+    from tasks.app import app
+
+    for _ in range(rounds):
+        worker = Worker(
+            app,
+            queues=list(roles),
+            wait=False,
+            concurrency=1,
+            install_signal_handlers=False,
+            listen_notify=False,
+        )
+        await worker.run()
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT count(*) AS n FROM procrastinate_jobs
+                   WHERE status = 'todo' AND queue_name = ANY(%s)
+                     AND (scheduled_at IS NULL OR scheduled_at <= now())""",
+                (list(roles),),
+            )
+            row = await cur.fetchone()
+        if row is not None and row["n"] == 0:
+            return
+    raise AssertionError("jobs kept coming after many rounds")

@@ -1,0 +1,183 @@
+"""Real processes: role workers competing for jobs, the dev stack, and the demo."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+from rich.console import Console
+
+from tasks import agents, payments
+from tasks.app import defer
+from tasks.db import Pool
+from tasks.settings import Settings
+from tests.conftest import FAST_ENV, auth, wait_for
+from workers.demo import run_demo
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_worker(role: str, database_url: str, concurrency: int = 4) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", role, "--concurrency", str(concurrency)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stop(process: subprocess.Popen[bytes]) -> int:
+    process.send_signal(signal.SIGTERM)
+    return process.wait(timeout=30)
+
+
+async def test_two_workers_of_one_role_never_work_the_same_job(
+    pool: Pool, database_url: str
+) -> None:
+    n = 150
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "busy-agent")
+        for _ in range(n):
+            p = await payments.insert(
+                conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
+            )
+            await defer(conn, "pricing", payment_id=p["id"])
+
+    workers = [start_worker("pricing", database_url), start_worker("pricing", database_url)]
+    try:
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+
+            def all_priced() -> bool:
+                row = conn.execute(
+                    "SELECT count(*) AS n FROM payment_jobs WHERE status = 'priced'"
+                ).fetchone()
+                return row is not None and row["n"] == n
+
+            wait_for(all_priced, timeout=60, what="every payment priced")
+            for w in workers:
+                assert w.poll() is None, "a worker died"
+    finally:
+        codes = [stop(w) for w in workers]
+    assert codes == [0, 0]
+
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+        started = conn.execute(
+            """SELECT j.id, count(*) AS starts, min(j.worker_id) AS w
+               FROM procrastinate_jobs j JOIN procrastinate_events e ON e.job_id = j.id
+               WHERE j.queue_name = 'pricing' AND e.type = 'started' GROUP BY j.id"""
+        ).fetchall()
+        assert len(started) == n
+        assert all(row["starts"] == 1 for row in started)
+        transitions = conn.execute(
+            """SELECT payment_id, count(*) AS n FROM payment_events
+               WHERE from_status = 'received' AND to_status = 'priced' GROUP BY payment_id"""
+        ).fetchall()
+        assert len(transitions) == n
+        assert all(row["n"] == 1 for row in transitions)
+        risk_jobs = conn.execute(
+            "SELECT count(DISTINCT args->>'payment_id') AS d, count(*) AS n FROM procrastinate_jobs"
+            " WHERE queue_name = 'risk'"
+        ).fetchone()
+        assert risk_jobs == {"d": n, "n": n}
+        left = conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE status = 'doing'"
+        ).fetchone()
+        assert left == {"n": 0}
+
+
+def test_demo_ends_with_every_payment_where_it_should(settings: Settings) -> None:
+    out = io.StringIO()
+    ok = run_demo(
+        settings,
+        payments=40,
+        agents=3,
+        workers_per_role=1,
+        port=0,
+        console=Console(file=out, width=120),
+    )
+    assert ok, out.getvalue()
+    text = out.getvalue()
+    assert "Every payment reached the state it should" in text
+    assert "p99 latency" in text
+    with psycopg.connect(settings.resolved_database_url(), row_factory=dict_row) as conn:
+        rows = conn.execute(
+            """SELECT payment_method, status, failure_code, count(*) AS n FROM payment_jobs
+               GROUP BY 1, 2, 3"""
+        ).fetchall()
+    assert sum(r["n"] for r in rows) == 40
+    for r in rows:
+        if r["payment_method"] == "pm_card_visa":
+            assert (r["status"], r["failure_code"]) == ("reconciled", None)
+        elif r["payment_method"] == "pm_card_chargeDeclined":
+            assert (r["status"], r["failure_code"]) == ("failed", "card_declined")
+        else:
+            assert (r["status"], r["failure_code"]) == ("failed", "insufficient_funds")
+
+
+def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: Path) -> None:
+    """`agentpay dev` with no DATABASE_URL and no STRIPE_API_BASE: everything it needs it starts,
+    writes stack.json, serves payments end to end, and stops everything on SIGTERM."""
+    data_dir = Path("/tmp") / f"apdev{os.getpid()}"  # short: Postgres' socket lives in it
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STRIPE_API_BASE")}
+    env.update(FAST_ENV)
+    port = _free_port()
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "workers", "dev", "--port", str(port), "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    stack_file = data_dir / "stack.json"
+    try:
+        wait_for(stack_file.exists, timeout=90, what="stack.json")
+        stack = json.loads(stack_file.read_text())
+        assert set(stack) >= {
+            "api_url",
+            "database_url",
+            "provider_base",
+            "webhook_secret",
+            "operator_key",
+            "agent_key",
+        }
+        assert stack["api_url"] == f"http://127.0.0.1:{port}"
+        response = httpx.post(
+            f"{stack['api_url']}/v1/payments",
+            json={"amount": 1234, "currency": "usd", "payment_method": "pm_card_visa"},
+            headers=auth(stack["agent_key"]),
+        )
+        assert response.status_code == 202, response.text
+        pid = response.json()["id"]
+
+        def reconciled() -> bool:
+            r = httpx.get(f"{stack['api_url']}/v1/payments/{pid}", headers=auth(stack["agent_key"]))
+            return bool(r.json()["status"] == "reconciled")
+
+        wait_for(reconciled, timeout=60, what="the payment to be reconciled")
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        output = dev.communicate(timeout=60)[0].decode(errors="replace")
+    assert dev.returncode == 0, output
+    assert not stack_file.exists()
+    # Nothing it started is left running: the API port is free again.
+    try:
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+        raise AssertionError("the API still answers after the stack stopped")
+    except httpx.ConnectError:
+        pass
+
+
+def _free_port() -> int:
+    from workers.devstack import free_port
+
+    return free_port()

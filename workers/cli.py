@@ -1,0 +1,232 @@
+"""The `agentpay` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tasks.settings import ROLES, get_settings
+
+console = Console()
+app = typer.Typer(
+    name="agentpay",
+    help="Payments for AI agents: a Postgres job queue and one worker fleet per role.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+agents_app = typer.Typer(
+    help="Create, list and revoke agents and their API keys.", no_args_is_help=True
+)
+app.add_typer(agents_app, name="agents")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the dev stack keeps its database, logs and stack.json "
+        "[env: AGENTPAY_DATA_DIR; default: .data]",
+        show_default=False,
+    ),
+]
+
+
+def _use_data_dir(data_dir: Path | None) -> None:
+    if data_dir is not None:
+        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+
+
+def main() -> None:
+    app()
+
+
+@app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Port of the API")] = 8000,
+    data_dir: DataDir = None,
+    workers_per_role: Annotated[int, typer.Option(min=1, help="Worker processes per role")] = 1,
+) -> None:
+    """Run the whole stack until Ctrl-C: embedded Postgres (unless DATABASE_URL is set), the
+    sandbox provider (unless STRIPE_API_BASE is set), migrations, the API and the workers.
+    Writes <data-dir>/stack.json when ready."""
+    from workers import logs
+    from workers.devstack import DevStack, run_forever
+
+    logs.configure("WARNING")
+    _use_data_dir(data_dir)
+    settings = get_settings()
+    stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
+    with console.status("Starting the stack…"):
+        info = stack.start()
+    console.print(f"[bold green]agentpay is running[/] — API {info['api_url']}")
+    console.print(f"  database     {info['database_url']}")
+    console.print(f"  provider     {info['provider_base']}")
+    console.print(f"  workers      {workers_per_role} per role ({', '.join(ROLES)})")
+    console.print(f"  stack file   {settings.stack_file}  (keys for the dev agent and operator)")
+    console.print(f"  logs         {settings.data_dir / 'logs'}")
+    console.print("Press Ctrl-C to stop.")
+    run_forever(stack)
+
+
+@app.command()
+def demo(
+    data_dir: DataDir = None,
+    payments: Annotated[int, typer.Option(min=1, help="Payments to send")] = 300,
+    agents: Annotated[int, typer.Option(min=1, help="Demo agents sending them")] = 5,
+    workers_per_role: Annotated[int, typer.Option(min=1, help="Worker processes per role")] = 1,
+    port: Annotated[int, typer.Option(help="Port of the API (0: any free port)")] = 0,
+) -> None:
+    """Start the dev stack, let demo agents send payments over HTTP, show progress, and print
+    a summary of outcomes, throughput and latency. Exits non-zero if a payment did not end
+    where it should."""
+    from workers import logs
+    from workers.demo import run_demo
+
+    logs.configure("WARNING")
+    _use_data_dir(data_dir)
+    ok = run_demo(
+        get_settings(),
+        payments=payments,
+        agents=agents,
+        workers_per_role=workers_per_role,
+        port=port,
+        console=console,
+    )
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def migrate(data_dir: DataDir = None) -> None:
+    """Apply the database migrations that have not been applied yet (safe to run again)."""
+    import schema
+
+    _use_data_dir(data_dir)
+    applied = schema.migrate(get_settings().resolved_database_url())
+    if applied:
+        for name in applied:
+            console.print(f"applied {name}")
+    else:
+        console.print("database is up to date")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    data_dir: DataDir = None,
+) -> None:
+    """Serve the HTTP API (records and enqueues; never calls the provider)."""
+    import uvicorn
+
+    from workers import logs
+
+    _use_data_dir(data_dir)
+    logs.configure()
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Argument(help=f"One of: {', '.join(ROLES)}")],
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Jobs run at once [default: per-role setting]")
+    ] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run one role's worker: claims that role's jobs until SIGTERM/SIGINT, then finishes
+    what it holds and exits. Run several processes to scale a role."""
+    from workers import logs
+    from workers.worker import run_role
+
+    if role not in ROLES:
+        raise typer.BadParameter(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
+    _use_data_dir(data_dir)
+    logs.configure()
+    asyncio.run(run_role(role, concurrency=concurrency))
+
+
+@app.command()
+def sandbox(
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 12111,
+    webhook_url: Annotated[
+        list[str] | None, typer.Option(help="Deliver webhooks to this URL (repeatable)")
+    ] = None,
+) -> None:
+    """Run the local Stripe-compatible provider on its own."""
+    from sandbox.server import serve
+
+    serve(host, port, get_settings().stripe_webhook_secret, list(webhook_url or []))
+
+
+@agents_app.command("create")
+def agents_create(
+    name: Annotated[str, typer.Argument(help="A unique name for the agent")],
+    operator: Annotated[bool, typer.Option("--operator", help="May use operator routes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create an agent and print its API key. The key is shown once; only a hash is kept."""
+    from tasks import agents
+    from tasks.db import open_pool
+
+    _use_data_dir(data_dir)
+
+    async def create() -> tuple[agents.Agent, str]:
+        async with open_pool(
+            get_settings().resolved_database_url(), min_size=1, max_size=1
+        ) as pool:
+            async with pool.connection() as conn, conn.transaction():
+                return await agents.create(conn, name, is_operator=operator)
+
+    agent, key = asyncio.run(create())
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {"id": agent.id, "name": agent.name, "operator": agent.is_operator, "key": key}
+            )
+        )
+    else:
+        console.print(
+            f"agent [bold]{agent.name}[/] ({agent.id}){' — operator' if operator else ''}"
+        )
+        console.print(f"key: {key}")
+        console.print("[dim]Store it now: it is not shown again.[/]")
+
+
+@agents_app.command("revoke")
+def agents_revoke(
+    name: Annotated[str, typer.Argument(help="The agent's name or id")],
+    data_dir: DataDir = None,
+) -> None:
+    """Revoke an agent and every key it has."""
+    from tasks import agents
+    from tasks.db import open_pool
+
+    _use_data_dir(data_dir)
+
+    async def revoke() -> bool:
+        async with open_pool(
+            get_settings().resolved_database_url(), min_size=1, max_size=1
+        ) as pool:
+            async with pool.connection() as conn, conn.transaction():
+                return await agents.revoke(conn, name)
+
+    if not asyncio.run(revoke()):
+        console.print(f"no live agent named {name!r}")
+        raise typer.Exit(1)
+    console.print(f"revoked {name}")

@@ -1,0 +1,268 @@
+"""The whole stack on one machine: embedded Postgres (unless DATABASE_URL is set), the sandbox
+provider (unless STRIPE_API_BASE is set), migrations, the API and the role workers, each in
+its own process. The stack supervises its processes: one that dies is started again, as a
+process manager would in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+import schema
+from tasks import agents
+from tasks.db import open_pool
+from tasks.settings import ROLES, Settings
+from workers.pg import EmbeddedPostgres
+
+log = logging.getLogger("agentpay.dev")
+
+OPERATOR_NAME = "dev-operator"
+AGENT_NAME = "dev-agent"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            self.argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.process is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> bool:
+        if self.process is None:
+            return True
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+class DevStack:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        port: int = 8000,
+        workers_per_role: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.port = port or free_port()
+        self.workers_per_role = workers_per_role
+        self.extra_env = env or {}
+        self.pg: EmbeddedPostgres | None = None
+        self.sandbox: Any = None
+        self.children: dict[str, Child] = {}
+        self.info: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- starting ---------------------------------------------------------------------------
+
+    def start(self) -> dict[str, str]:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        self.settings.stack_file.unlink(missing_ok=True)
+        database_url = self.settings.database_url
+        if not database_url:
+            self.pg = EmbeddedPostgres(self.data_dir)
+            database_url = self.pg.start()
+        schema.migrate(database_url)
+        api_url = f"http://127.0.0.1:{self.port}"
+        webhook_secret = self.settings.stripe_webhook_secret or "whsec_" + secrets.token_hex(24)
+        provider_base = self.settings.stripe_api_base
+        if not provider_base:
+            from sandbox.server import SandboxServer
+
+            self.sandbox = SandboxServer(
+                webhook_secret=webhook_secret,
+                webhook_endpoints=[f"{api_url}/v1/webhooks/stripe"],
+            )
+            self.sandbox.start()
+            provider_base = self.sandbox.base_url
+        operator_key, agent_key = asyncio.run(_dev_keys(database_url))
+        self.info = {
+            "api_url": api_url,
+            "database_url": database_url,
+            "provider_base": provider_base,
+            "webhook_secret": webhook_secret,
+            "operator_key": operator_key,
+            "agent_key": agent_key,
+        }
+        self.env = {
+            **os.environ,
+            **self.extra_env,
+            "DATABASE_URL": database_url,
+            "STRIPE_API_BASE": provider_base,
+            "STRIPE_API_KEY": self.settings.stripe_api_key,
+            "STRIPE_WEBHOOK_SECRET": webhook_secret,
+            "AGENTPAY_DATA_DIR": str(self.data_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+        cli = [sys.executable, "-m", "workers"]
+        self._add(Child("api", [*cli, "api", "--port", str(self.port)], self._log_path("api")))
+        for role in ROLES:
+            for n in range(1, self.workers_per_role + 1):
+                name = f"{role}.{n}"
+                self._add(Child(name, [*cli, "worker", role], self._log_path(name)))
+        for child in self.children.values():
+            child.start(self.env)
+        try:
+            self._wait_ready(api_url)
+        except BaseException:
+            self.stop()
+            raise
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+        self.settings.stack_file.write_text(json.dumps(self.info, indent=2))
+        self.settings.stack_file.chmod(0o600)
+        return self.info
+
+    def _add(self, child: Child) -> None:
+        self.children[child.name] = child
+
+    def _log_path(self, name: str) -> Path:
+        return self.data_dir / "logs" / f"{name}.log"
+
+    def _wait_ready(self, api_url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in self.children.values():
+                if not child.alive():
+                    tail = child.log_path.read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"{child.name} exited while starting:\n{tail}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{api_url}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise TimeoutError(f"the API at {api_url} was not ready within {timeout:.0f}s")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        """Start again any process that died while the stack is running."""
+        while not self._stopping.wait(0.2):
+            with self._lock:
+                for child in self.children.values():
+                    if not child.alive() and not self._stopping.is_set():
+                        code = child.process.returncode if child.process else None
+                        log.warning("%s exited (%s); starting it again", child.name, code)
+                        child.close_log()
+                        child.restarts += 1
+                        child.start(self.env)
+
+    def workers(self, role: str | None = None) -> list[Child]:
+        return [
+            c
+            for name, c in self.children.items()
+            if name != "api" and (role is None or name.startswith(f"{role}."))
+        ]
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            for child in self.children.values():
+                child.signal(signal.SIGTERM)
+            grace = self.settings.shutdown_grace_seconds + 5
+            for child in self.children.values():
+                if not child.wait(grace):
+                    child.signal(signal.SIGKILL)
+                    child.wait(5)
+                child.close_log()
+        if self.sandbox is not None:
+            self.sandbox.stop()
+            self.sandbox = None
+        if self.pg is not None:
+            self.pg.cleanup()
+            self.pg = None
+        self.settings.stack_file.unlink(missing_ok=True)
+
+    def __enter__(self) -> DevStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+async def _dev_keys(database_url: str) -> tuple[str, str]:
+    """Fresh keys for the dev operator and the dev agent (created on first use)."""
+    keys = []
+    async with open_pool(database_url, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn, conn.transaction():
+            for name, is_operator in ((OPERATOR_NAME, True), (AGENT_NAME, False)):
+                found = await agents.find(conn, name)
+                if found is None:
+                    _, key = await agents.create(conn, name, is_operator=is_operator)
+                else:
+                    key = await agents.add_key(conn, found["id"])
+                keys.append(key)
+    return keys[0], keys[1]
+
+
+def run_forever(stack: DevStack) -> None:
+    """Block until SIGINT or SIGTERM, then stop the stack."""
+    stopped = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
+    try:
+        while not stopped.wait(0.5):
+            pass
+    finally:
+        stack.stop()
