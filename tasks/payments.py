@@ -13,6 +13,7 @@ from typing import Any
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from tasks import ledger
 from tasks.db import Conn
 
 FINAL_STATES = frozenset({"rejected", "failed", "canceled", "reconciled", "refunded"})
@@ -122,8 +123,10 @@ async def transition(
     """Move a locked payment to `to_status` (and write `columns` with it). The trigger
     checks the move against the state machine and records the event."""
     await set_event_context(conn, actor=actor, reason=reason, data=data)
+    from_status = payment["status"]
     updated = await _update(conn, payment["id"], {"status": to_status, **columns})
     payment.update(updated)
+    await ledger.on_transition(conn, updated, from_status, to_status)
     return updated
 
 
