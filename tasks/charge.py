@@ -1,4 +1,6 @@
-"""Charge role: approved → charging → succeeded | authorized | requires_action | failed.
+"""Charge role: approved → charging → succeeded | authorized | requires_action | failed, and
+the provider-side actions on a payment after that: capture and cancel (refunds live in
+`tasks.refunds`). Every task here runs on the "charge" queue.
 
 Design rule 3, step by step, each database step its own short transaction:
 1. claim: approved → charging, storing the provider idempotency key before any call;
@@ -6,19 +8,35 @@ Design rule 3, step by step, each database step its own short transaction:
    confirm it (stable key); a re-run finds the id and retrieves instead of guessing;
 3. finish: apply what the provider says, under the row lock, only if still `charging`.
 An unknown outcome (timeout, 5xx after the SDK's retries, a lost response) leaves the payment
-`charging` and the job retries with backoff; reconcile's sweep resolves what stays there.
+`charging` and the job retries with backoff; reconcile resolves what stays there, by retrieve
+(or by searching the intent's `metadata[payment_id]`), never by creating a second intent.
+
+Capture and cancel are asked for with `request_capture` / `request_cancel` inside the
+caller's transaction (the API, the CLI); the "capture" and "cancel" jobs then call the
+provider and settle the payment from what the provider answers — or, when the provider
+refuses, from the PaymentIntent as it is.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+from datetime import UTC, datetime
 from typing import Any
 
 from tasks import payments, provider
+from tasks import refunds as refunds  # registers the "refund" task on this queue
 from tasks.app import Backoff, app, defer, pool
 from tasks.db import Conn
+from tasks.settings import get_settings
 
 ROLE = "charge"
 ACTOR = f"worker:{ROLE}"
+
+# States a cancel takes effect in at once: the provider has not been asked anything yet.
+CANCEL_NOW = frozenset({"received", "priced", "in_review", "approved"})
+# States a cancel needs the provider for: the PaymentIntent exists and is cancelable.
+CANCEL_AT_PROVIDER = frozenset({"authorized", "requires_action"})
 
 # What a PaymentIntent's status means for a payment that is `charging`.
 _OUTCOMES = {
@@ -38,7 +56,12 @@ def outcome(intent: provider.Intent) -> str | None:
 
 
 async def settle(
-    conn: Conn, payment: payments.Payment, intent: provider.Intent, *, actor: str
+    conn: Conn,
+    payment: payments.Payment,
+    intent: provider.Intent,
+    *,
+    actor: str,
+    reason: str | None = None,
 ) -> str | None:
     """Apply a settled intent to a locked payment and defer what follows."""
     to = outcome(intent)
@@ -52,13 +75,16 @@ async def settle(
         payment,
         to,
         actor=actor,
-        reason=f"provider status {intent.status}",
+        reason=reason or f"provider status {intent.status}",
         data={"provider_payment_id": intent.id, "provider_status": intent.status},
         **columns,
     )
     if to == "succeeded":
         await defer(conn, "reconcile", payment_id=payment["id"])
     return to
+
+
+# --- charge ------------------------------------------------------------------------------
 
 
 async def claim(payment_id: str) -> payments.Payment | None:
@@ -126,8 +152,20 @@ async def finish(payment_id: str, intent: provider.Intent) -> str | None:
         to = await settle(conn, payment, intent, actor=ACTOR)
         if to is None:
             # Not settled yet (processing): reconcile looks again shortly.
-            await defer(conn, "reconcile", payment_id=payment_id, schedule_in=5)
+            await defer(
+                conn,
+                "reconcile",
+                payment_id=payment_id,
+                schedule_in=get_settings().provider_recheck_seconds,
+            )
         return to
+
+
+def _crash_if_asked() -> None:
+    """Tests only (AGENTPAY_DEBUG_CRASH_AFTER_PROVIDER_CALL): die like a killed worker, after
+    the provider acted and before its outcome is committed."""
+    if get_settings().debug_crash_after_provider_call:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @app.task(name=ROLE, queue=ROLE, retry=Backoff(max_attempts=12))
@@ -136,4 +174,132 @@ async def charge_payment(payment_id: str) -> Any:
     if payment is None:
         return None
     intent = await call_provider(payment)
+    _crash_if_asked()
     return await finish(payment_id, intent)
+
+
+# --- capture and cancel ------------------------------------------------------------------
+
+
+async def request_capture(conn: Conn, payment: payments.Payment, *, actor: str) -> payments.Payment:
+    """Ask for the capture of an `authorized` payment (locked by the caller): records the
+    request and defers the "capture" job, in the caller's transaction. Asking again while
+    the capture is pending is harmless. Raises ValueError when the payment cannot be
+    captured (another state, or a cancel was asked for)."""
+    if payment["status"] != "authorized":
+        raise ValueError(
+            f"Only an authorized payment can be captured; this one is {payment['status']}."
+        )
+    if payment["cancel_requested_at"] is not None:
+        raise ValueError("A cancel was requested for this payment; it cannot be captured.")
+    if payment["capture_requested_at"] is None:
+        payment.update(
+            await payments.update(conn, payment["id"], capture_requested_at=datetime.now(UTC))
+        )
+        await payments.record_event(
+            conn, payment, "capture_requested", actor=actor, reason="capture requested"
+        )
+    await defer(conn, "capture", payment_id=payment["id"])
+    return payment
+
+
+async def request_cancel(
+    conn: Conn, payment: payments.Payment, *, actor: str, reason: str | None = None
+) -> payments.Payment:
+    """Cancel a payment (locked by the caller), in the caller's transaction.
+
+    Not yet at the provider (received, priced, in_review, approved): canceled at once.
+    Authorized or requires_action: the request is recorded and the "cancel" job cancels the
+    PaymentIntent, then the payment. Any other state raises ValueError, as does a cancel of a
+    payment whose capture was asked for."""
+    status = payment["status"]
+    now = datetime.now(UTC)
+    if status in CANCEL_NOW:
+        await payments.transition(
+            conn,
+            payment,
+            "canceled",
+            actor=actor,
+            reason=reason or "canceled before reaching the provider",
+            cancel_requested_at=now,
+        )
+        return payment
+    if status not in CANCEL_AT_PROVIDER:
+        raise ValueError(
+            f"A payment that is {status} cannot be canceled; only one not yet charged, "
+            "authorized or waiting for authentication can."
+        )
+    if payment["capture_requested_at"] is not None:
+        raise ValueError("A capture was requested for this payment; it cannot be canceled.")
+    if payment["cancel_requested_at"] is None:
+        payment.update(await payments.update(conn, payment["id"], cancel_requested_at=now))
+        await payments.record_event(
+            conn, payment, "cancel_requested", actor=actor, reason=reason or "cancel requested"
+        )
+    await defer(conn, "cancel", payment_id=payment["id"])
+    return payment
+
+
+async def _act(
+    payment_id: str, states: frozenset[str], call: Any
+) -> tuple[provider.Intent, provider.Declined | None] | None:
+    """Run a provider action on a payment in one of `states`; when the provider refuses it,
+    the intent as it now is. None if the payment is not in those states."""
+    async with pool().connection() as conn:
+        payment = await payments.get(conn, payment_id)
+    if payment is None or payment["status"] not in states or not payment["provider_payment_id"]:
+        return None
+    intent_id = payment["provider_payment_id"]
+    try:
+        return await call(payment_id, intent_id), None
+    except provider.Declined as refused:
+        # Not possible any more (already captured, canceled, expired): the intent decides.
+        return await provider.retrieve_intent(intent_id), refused
+
+
+async def _settle_action(
+    payment_id: str,
+    states: frozenset[str],
+    intent: provider.Intent,
+    refused: provider.Declined | None,
+    *,
+    action: str,
+) -> str | None:
+    async with pool().connection() as conn, conn.transaction():
+        payment = await payments.lock(conn, payment_id)
+        if payment is None or payment["status"] not in states:
+            return None
+        reason = f"{action}: provider status {intent.status}"
+        to = await settle(conn, payment, intent, actor=ACTOR, reason=reason)
+        if to is None:
+            # The provider refused and nothing changed: say why, and let the request be
+            # made again (or the other action be asked for).
+            await payments.record_event(
+                conn,
+                payment,
+                f"{action}_failed",
+                actor=ACTOR,
+                reason=refused.message if refused else f"provider status {intent.status}",
+                data={"code": refused.code if refused else None, "provider_status": intent.status},
+            )
+            await payments.update(conn, payment_id, **{f"{action}_requested_at": None})
+        return to
+
+
+@app.task(name="capture", queue=ROLE, retry=Backoff(max_attempts=12))
+async def capture_payment(payment_id: str) -> Any:
+    """authorized → succeeded (+ reconcile): capture the PaymentIntent, keyed per payment."""
+    states = frozenset({"authorized"})
+    acted = await _act(payment_id, states, provider.capture_intent)
+    if acted is None:
+        return None
+    return await _settle_action(payment_id, states, *acted, action="capture")
+
+
+@app.task(name="cancel", queue=ROLE, retry=Backoff(max_attempts=12))
+async def cancel_payment(payment_id: str) -> Any:
+    """authorized | requires_action → canceled: cancel the PaymentIntent, keyed per payment."""
+    acted = await _act(payment_id, CANCEL_AT_PROVIDER, provider.cancel_intent)
+    if acted is None:
+        return None
+    return await _settle_action(payment_id, CANCEL_AT_PROVIDER, *acted, action="cancel")

@@ -1,21 +1,31 @@
 """The payment provider, through the official stripe SDK. The only module that imports stripe.
 
 Pointing agentpay at real Stripe test mode is a matter of settings: set `STRIPE_API_KEY` to a
-`sk_test_…` key and leave `STRIPE_API_BASE` unset. Every call carries an idempotency key
-derived from the payment id and the operation (design rule 3), so a retried call can never
-act twice.
+`sk_test_…` key and leave `STRIPE_API_BASE` unset (docs/provider.md). Every call carries an
+idempotency key derived from the payment id and the operation (design rule 3), so a retried
+call can never act twice.
+
+`stripe` is imported by the functions that call it, not when this module is imported: the
+modules that only record requests (`tasks.charge.request_cancel`, used by the API) import
+this one for its types, and the API process must never load the SDK.
+
+Errors come back as one of three things: `Declined` (a decline or a request the provider
+refuses: a recorded failure), `Unknown` (timeout, connection lost, 5xx or 409 after the SDK's
+own retries: retried by the job with backoff, resolved by retrieve), or `ProviderError`
+(anything retrying cannot fix, such as a bad API key: the job fails and is recorded).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
-
-import stripe
+from typing import TYPE_CHECKING, Any
 
 from tasks.app import TransientError
 from tasks.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import stripe
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,11 @@ class Declined(Exception):
         self.intent = intent
 
 
+class ProviderError(Exception):
+    """The provider refused the call for a reason retrying does not fix (a bad API key, a
+    request of ours it does not accept). Not retried: the job fails and is recorded."""
+
+
 class Unknown(TransientError):
     """The call's outcome is not known (timeout, 5xx after retries, lost response). Try the
     same call again with the same idempotency key, or retrieve."""
@@ -77,6 +92,8 @@ def idempotency_key(payment_id: str, operation: str) -> str:
 
 @lru_cache
 def _client(api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
+    import stripe
+
     return stripe.StripeClient(
         api_key,
         base_addresses={"api": api_base} if api_base else None,
@@ -94,6 +111,11 @@ def client(settings: Settings | None = None) -> Any:
 
 
 def _translate(error: stripe.StripeError) -> Exception:
+    """What a provider error means for us: a decline (recorded failure), an unknown outcome
+    (retried with the same key, or resolved by retrieve), or a permanent error (not retried:
+    a bad key, our bug)."""
+    import stripe
+
     if isinstance(error, stripe.CardError):
         body: Any = error.json_body or {}
         pi = (body.get("error") or {}).get("payment_intent")
@@ -102,21 +124,22 @@ def _translate(error: stripe.StripeError) -> Exception:
             error.user_message or str(error),
             Intent.from_stripe(pi) if pi else None,
         )
-    if isinstance(
-        error,
-        stripe.APIConnectionError
-        | stripe.APIError
-        | stripe.RateLimitError
-        | stripe.IdempotencyError,
-    ):
-        # IdempotencyError here is "the same key is still in flight": try again later.
+    if isinstance(error, stripe.IdempotencyError) and error.http_status == 409:
+        # The same key is still in flight (Stripe answers 409): try again later.
+        return Unknown(f"IdempotencyError: {error.user_message or error}")
+    if isinstance(error, stripe.APIConnectionError | stripe.APIError | stripe.RateLimitError):
         return Unknown(f"{type(error).__name__}: {error.user_message or error}")
+    if isinstance(error, stripe.IdempotencyError):
+        # Same key, other parameters: a bug of ours, never fixed by retrying.
+        return ProviderError(f"IdempotencyError: {error.user_message or error}")
     if isinstance(error, stripe.InvalidRequestError):
         return Declined(error.code or "invalid_request", error.user_message or str(error))
-    return error
+    return ProviderError(f"{type(error).__name__}: {error.user_message or error}")
 
 
 async def _call(method: Any, *args: Any, **kwargs: Any) -> Intent:
+    import stripe
+
     try:
         pi = await method(*args, **kwargs)
     except stripe.StripeError as error:
@@ -155,6 +178,32 @@ async def retrieve_intent(intent_id: str) -> Intent:
     return await _call(client().v1.payment_intents.retrieve_async, intent_id)
 
 
+# Which of several intents found for one payment tells its story best (there should be one).
+_RANK = {"succeeded": 0, "requires_capture": 1, "processing": 2, "requires_action": 3}
+
+
+async def find_intent(payment_id: str) -> Intent | None:
+    """The PaymentIntent created for a payment whose intent id we never stored (the create
+    call's outcome was lost), found by `metadata['payment_id']`; None if there is none.
+
+    Stripe's search is eventually consistent (a just-created intent may not show for about a
+    minute), so None means "not found yet", never "safe to create another" — creation stays
+    keyed by the payment id."""
+    import stripe
+
+    escaped = payment_id.replace("\\", "\\\\").replace("'", "\\'")
+    try:
+        result = await client().v1.payment_intents.search_async(
+            {"query": f"metadata['payment_id']:'{escaped}'", "limit": 10}
+        )
+    except stripe.StripeError as error:
+        raise _translate(error) from error
+    intents = [Intent.from_stripe(pi) for pi in result.data]
+    if not intents:
+        return None
+    return min(intents, key=lambda i: _RANK.get(i.status, 9))
+
+
 async def capture_intent(payment_id: str, intent_id: str) -> Intent:
     return await _call(
         client().v1.payment_intents.capture_async,
@@ -173,17 +222,37 @@ async def cancel_intent(payment_id: str, intent_id: str) -> Intent:
     )
 
 
-async def refund(payment_id: str, intent_id: str, refund_id: str, amount: int) -> dict[str, Any]:
-    """Refund `amount` of a payment; `refund_id` is ours and keys the call."""
+# The refund reasons Stripe accepts; any other reason of ours stays in our records only.
+REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+
+
+@dataclass(frozen=True)
+class Refund:
+    """What agentpay needs to know of a provider Refund."""
+
+    id: str
+    status: str
+    amount: int
+
+
+async def refund(
+    payment_id: str, intent_id: str, refund_id: str, amount: int, reason: str | None = None
+) -> Refund:
+    """Refund `amount` of a payment; `refund_id` is ours and keys the call, so a retried
+    refund never refunds twice."""
+    params: dict[str, Any] = {
+        "payment_intent": intent_id,
+        "amount": amount,
+        "metadata": {"payment_id": payment_id, "refund_id": refund_id},
+    }
+    if reason in REFUND_REASONS:
+        params["reason"] = reason
+    import stripe
+
     try:
         result = await client().v1.refunds.create_async(
-            {
-                "payment_intent": intent_id,
-                "amount": amount,
-                "metadata": {"payment_id": payment_id, "refund_id": refund_id},
-            },
-            {"idempotency_key": idempotency_key(payment_id, f"refund:{refund_id}")},
+            params, {"idempotency_key": idempotency_key(payment_id, f"refund:{refund_id}")}
         )
     except stripe.StripeError as error:
         raise _translate(error) from error
-    return {"id": result["id"], "status": result["status"], "amount": int(result["amount"])}
+    return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))

@@ -1,21 +1,36 @@
-"""Reconcile role: succeeded → reconciled, once the provider's truth has been checked.
+"""Reconcile role: the provider's truth, applied. succeeded → reconciled once the provider's
+PaymentIntent has been checked against the payment (status, amount, currency, our metadata);
+every disagreement is recorded in `reconcile_mismatches` and as a `reconcile_mismatch`
+payment event.
 
-Reconcile also resolves unknown outcomes: a payment still `charging` is settled from the
-provider's PaymentIntent (retrieved, never re-created), or handed back to the charge role
-whose calls are idempotent.
+Reconcile also resolves what only the provider knows, always from the PaymentIntent as it is
+now (retrieved, never re-created), so an event that arrives late or out of order can never
+move a payment backwards:
+- `charging` (an unknown outcome): settled from the intent — found by its stored id, or by
+  searching `metadata['payment_id']` when the create call's answer was lost — or handed back
+  to the charge role (whose calls are idempotent) when no charge job is waiting already;
+- `authorized` / `requires_action`: moved on when the intent has (captured, canceled,
+  authenticated, failed), e.g. after a webhook.
+Webhooks and the maintenance sweep defer this task; it is safe to run any number of times.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from psycopg.types.json import Jsonb
+
 from tasks import payments, provider
 from tasks.app import Backoff, app, defer, pool
 from tasks.charge import settle
 from tasks.db import Conn
+from tasks.settings import get_settings
 
 ROLE = "reconcile"
 ACTOR = f"worker:{ROLE}"
+
+# The states reconcile acts on; anything else is left alone.
+RECONCILABLE = frozenset({"succeeded", "charging", "authorized", "requires_action"})
 
 
 def mismatches(payment: payments.Payment, intent: provider.Intent) -> list[dict[str, Any]]:
@@ -42,6 +57,20 @@ def mismatches(payment: payments.Payment, intent: provider.Intent) -> list[dict[
 async def record_mismatches(
     conn: Conn, payment: payments.Payment, intent: provider.Intent, found: list[dict[str, Any]]
 ) -> None:
+    """Where operators see them: one `reconcile_mismatches` row each, and one payment event."""
+    for item in found:
+        await conn.execute(
+            """INSERT INTO reconcile_mismatches
+                   (payment_id, provider_payment_id, field, expected, actual)
+               VALUES (%s, %s, %s, %s, %s)""",
+            (
+                payment["id"],
+                intent.id,
+                item["field"],
+                Jsonb(item["expected"]),
+                Jsonb(item["actual"]),
+            ),
+        )
     await payments.record_event(
         conn,
         payment,
@@ -69,15 +98,38 @@ async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provid
     return "reconciled"
 
 
+async def _charge_job_waiting(conn: Conn, payment_id: str) -> bool:
+    """Whether a "charge" job for the payment is queued or running (it will settle it)."""
+    cur = await conn.execute(
+        """SELECT EXISTS (
+               SELECT 1 FROM procrastinate_jobs
+                WHERE task_name = 'charge' AND args->>'payment_id' = %s
+                  AND status IN ('todo', 'doing')) AS waiting""",
+        (payment_id,),
+    )
+    row = await cur.fetchone()
+    return bool(row and row["waiting"])
+
+
 async def _resolve_charging(
     conn: Conn, payment: payments.Payment, intent: provider.Intent | None
 ) -> str | None:
+    recheck = get_settings().provider_recheck_seconds
     if intent is not None:
+        if payment["provider_payment_id"] is None:
+            # Found by search: the create call took effect but its answer was lost.
+            payment.update(
+                await payments.update(conn, payment["id"], provider_payment_id=intent.id)
+            )
         settled = await settle(conn, payment, intent, actor=ACTOR)
         if settled is not None:
             return settled
-    # Not created, not confirmed, or still processing: the charge role (idempotent) goes on.
-    await defer(conn, "charge", payment_id=payment["id"], schedule_in=2)
+        if intent.status == "processing":
+            await defer(conn, ROLE, payment_id=payment["id"], schedule_in=recheck)
+            return None
+    # Not created, not confirmed: the charge role (idempotent) goes on, unless it already is.
+    if not await _charge_job_waiting(conn, payment["id"]):
+        await defer(conn, "charge", payment_id=payment["id"], schedule_in=recheck)
     return None
 
 
@@ -85,17 +137,26 @@ async def _resolve_charging(
 async def reconcile_payment(payment_id: str) -> Any:
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
-    if payment is None or payment["status"] not in ("succeeded", "charging"):
+    if payment is None or payment["status"] not in RECONCILABLE:
         return None
     intent = None
     if payment["provider_payment_id"]:
         intent = await provider.retrieve_intent(payment["provider_payment_id"])
+    elif payment["status"] == "charging":
+        intent = await provider.find_intent(payment_id)
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
         if locked is None:
             return None
-        if locked["status"] == "succeeded" and intent is not None:
+        status = locked["status"]
+        if status != payment["status"]:
+            # Moved on while we asked the provider: that intent is stale, and whoever moved
+            # the payment deferred what follows.
+            return None
+        if status == "succeeded" and intent is not None:
             return await finish_succeeded(conn, locked, intent)
-        if locked["status"] == "charging":
+        if status == "charging":
             return await _resolve_charging(conn, locked, intent)
+        if status in ("authorized", "requires_action") and intent is not None:
+            return await settle(conn, locked, intent, actor=ACTOR)
     return None

@@ -1,0 +1,160 @@
+"""Actions on a payment after it reached the provider: capture, cancel, refunds.
+
+Each route locks the payment, lets tasks/charge.py or tasks/refunds.py check the state and
+record the request, and defers the job for the charge role — all in one transaction. The API
+never calls the provider: the answer is 202 with the payment (or the refund) as it is now.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import AgentDep, PoolDep
+from api.errors import ApiError, not_found, responses
+from api.idempotency import IdempotencyDep
+from api.models import MinorUnits, Payment, SafeText
+from tasks import agents, charge, payments, refunds
+from tasks.db import Conn
+
+router = APIRouter(prefix="/v1/payments", tags=["payments"])
+
+ERRORS = responses(400, 401, 404, 409, 413, 429, 500)
+READ_ERRORS = responses(400, 401, 404, 429, 500)
+
+# Ids are ours (`pay_` + hex); anything else cannot name a payment.
+_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: SafeText | None = Field(default=None, max_length=500)
+
+
+class RefundCreate(BaseModel):
+    """A refund. Without `amount`, all that remains refundable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    amount: MinorUnits | None = Field(default=None, description="Minor units")
+    reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
+
+
+class RefundFailure(BaseModel):
+    code: str
+    message: str | None
+
+
+class Refund(BaseModel):
+    id: str
+    object: Literal["refund"] = "refund"
+    payment_id: str
+    amount: int
+    currency: str
+    status: Literal["pending", "succeeded", "failed"]
+    reason: str | None
+    provider_refund_id: str | None
+    failure: RefundFailure | None
+    created_at: Any
+    updated_at: Any
+
+
+class RefundList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Refund]
+
+
+def _actor(agent: agents.Agent) -> str:
+    return f"{'operator' if agent.is_operator else 'agent'}:{agent.id}"
+
+
+async def _locked(conn: Conn, payment_id: str, agent: agents.Agent) -> payments.Payment:
+    """The payment, locked, if the agent may act on it (its own; operators: any)."""
+    if not _ID.match(payment_id):
+        raise not_found()
+    found = await payments.get(conn, payment_id, agent_id=None if agent.is_operator else agent.id)
+    payment = await payments.lock(conn, payment_id) if found is not None else None
+    if payment is None:
+        raise not_found()
+    return payment
+
+
+def _conflict(error: ValueError) -> ApiError:
+    return ApiError(409, "payment_unexpected_state", str(error))
+
+
+@router.post("/{payment_id}/capture", status_code=202, response_model=Payment, responses=ERRORS)
+async def capture_payment(payment_id: str, agent: AgentDep, idem: IdempotencyDep) -> Response:
+    """Capture an `authorized` payment (manual capture): the charge role captures the
+    PaymentIntent, then the payment goes on to `succeeded` and `reconciled`."""
+    async with idem.transaction() as conn:
+        payment = await _locked(conn, payment_id, agent)
+        try:
+            payment = await charge.request_capture(conn, payment, actor=_actor(agent))
+        except ValueError as error:
+            raise _conflict(error) from error
+        return await idem.respond(Payment.model_validate(payments.public(payment)), 202)
+
+
+@router.post("/{payment_id}/cancel", status_code=202, response_model=Payment, responses=ERRORS)
+async def cancel_payment(
+    payment_id: str,
+    agent: AgentDep,
+    idem: IdempotencyDep,
+    body: Annotated[CancelRequest | None, Body()] = None,
+) -> Response:
+    """Cancel a payment. Not yet at the provider: `canceled` at once. `authorized` or
+    `requires_action`: the charge role cancels the PaymentIntent, then the payment. Any other
+    state: 409."""
+    async with idem.transaction() as conn:
+        payment = await _locked(conn, payment_id, agent)
+        try:
+            payment = await charge.request_cancel(
+                conn, payment, actor=_actor(agent), reason=body.reason if body else None
+            )
+        except ValueError as error:
+            raise _conflict(error) from error
+        return await idem.respond(Payment.model_validate(payments.public(payment)), 202)
+
+
+@router.post("/{payment_id}/refunds", status_code=202, response_model=Refund, responses=ERRORS)
+async def create_refund(
+    payment_id: str,
+    agent: AgentDep,
+    idem: IdempotencyDep,
+    body: Annotated[RefundCreate | None, Body()] = None,
+) -> Response:
+    """Refund all or part of a `reconciled` (or `partially_refunded`) payment. Never more
+    than remains; the charge role refunds at the provider, keyed by the refund's id."""
+    body = body or RefundCreate()
+    async with idem.transaction() as conn:
+        payment = await _locked(conn, payment_id, agent)
+        try:
+            refund = await refunds.request_refund(
+                conn, payment, amount=body.amount, actor=_actor(agent), reason=body.reason
+            )
+        except refunds.RefundAmountError as error:
+            raise ApiError(400, "amount_invalid", str(error), param="amount") from error
+        except ValueError as error:
+            raise _conflict(error) from error
+        return await idem.respond(Refund.model_validate(refunds.public(refund)), 202)
+
+
+@router.get("/{payment_id}/refunds", response_model=RefundList, responses=READ_ERRORS)
+async def list_refunds(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
+    """The payment's refunds, oldest first."""
+    if not _ID.match(payment_id):
+        raise not_found()
+    async with pool.connection() as conn:
+        payment = await payments.get(
+            conn, payment_id, agent_id=None if agent.is_operator else agent.id
+        )
+        if payment is None:
+            raise not_found()
+        rows = await refunds.for_payment(conn, payment_id)
+    return {"object": "list", "data": [refunds.public(r) for r in rows]}

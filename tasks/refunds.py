@@ -1,0 +1,239 @@
+"""Refunds, full and partial: reconciled → partially_refunded → … → refunded.
+
+`request_refund` records a refund of ours (`payment_refunds`, status `pending`) and defers the
+"refund" job (charge queue) in the caller's transaction. Requests never add up to more than
+the payment's total: what remains is the total minus what was refunded minus what is pending.
+The job calls the provider keyed by our refund id (a retry never refunds twice), then in one
+transaction marks the refund, adds it to the payment's `amount_refunded`, moves the payment
+(`partially_refunded` → `partially_refunded` is no status change: only the amount and an event)
+and posts it to the ledger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks import ledger, payments, provider
+from tasks.app import Backoff, app, defer, pool
+from tasks.db import Conn
+
+ROLE = "charge"
+ACTOR = f"worker:{ROLE}"
+TASK = "refund"
+
+REFUNDABLE = frozenset({"reconciled", "partially_refunded"})
+
+Refund = dict[str, Any]
+
+
+class RefundAmountError(ValueError):
+    """The amount asked for is not refundable (not positive, or more than remains)."""
+
+
+async def pending_amount(conn: Conn, payment_id: str) -> int:
+    cur = await conn.execute(
+        """SELECT coalesce(sum(amount), 0)::bigint AS n FROM payment_refunds
+           WHERE payment_id = %s AND status = 'pending'""",
+        (payment_id,),
+    )
+    row = await cur.fetchone()
+    return int(row["n"]) if row else 0
+
+
+async def request_refund(
+    conn: Conn,
+    payment: payments.Payment,
+    *,
+    amount: int | None,
+    actor: str,
+    reason: str | None = None,
+) -> Refund:
+    """Ask for a refund of `amount` (None: all that remains) of a payment the caller locked;
+    returns the refund record. Raises ValueError when the payment's state does not allow a
+    refund, RefundAmountError (a ValueError) when the amount does not fit."""
+    if payment["status"] not in REFUNDABLE:
+        raise ValueError(
+            "Only a reconciled (or partially refunded) payment can be refunded; "
+            f"this one is {payment['status']}."
+        )
+    remaining = (
+        payment["amount_total"]
+        - payment["amount_refunded"]
+        - await pending_amount(conn, payment["id"])
+    )
+    if remaining <= 0:
+        raise RefundAmountError("Nothing remains to refund on this payment.")
+    if amount is None:
+        amount = remaining
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
+        raise RefundAmountError("The refund amount must be a positive integer (minor units).")
+    if amount > remaining:
+        raise RefundAmountError(
+            f"Refund amount ({amount}) is greater than what remains refundable ({remaining})."
+        )
+    cur = await conn.execute(
+        """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor)
+           VALUES (%s, %s, %s, %s, %s, %s) RETURNING *""",
+        (payments.new_id("rfd"), payment["id"], amount, payment["currency"], reason, actor),
+    )
+    refund = await cur.fetchone()
+    assert refund is not None
+    await payments.record_event(
+        conn,
+        payment,
+        "refund_requested",
+        actor=actor,
+        reason=reason or "refund requested",
+        data={"refund_id": refund["id"], "amount": amount},
+    )
+    await defer(conn, TASK, payment_id=payment["id"], refund_id=refund["id"])
+    return refund
+
+
+async def get(conn: Conn, refund_id: str) -> Refund | None:
+    cur = await conn.execute("SELECT * FROM payment_refunds WHERE id = %s", (refund_id,))
+    return await cur.fetchone()
+
+
+async def lock(conn: Conn, refund_id: str) -> Refund | None:
+    cur = await conn.execute("SELECT * FROM payment_refunds WHERE id = %s FOR UPDATE", (refund_id,))
+    return await cur.fetchone()
+
+
+async def for_payment(conn: Conn, payment_id: str) -> list[Refund]:
+    cur = await conn.execute(
+        "SELECT * FROM payment_refunds WHERE payment_id = %s ORDER BY created_at, id",
+        (payment_id,),
+    )
+    return await cur.fetchall()
+
+
+async def _mark(conn: Conn, refund_id: str, **columns: Any) -> Refund:
+    cur = await conn.execute(
+        """UPDATE payment_refunds
+              SET status = %(status)s,
+                  provider_refund_id = coalesce(%(provider_refund_id)s, provider_refund_id),
+                  provider_status = %(provider_status)s,
+                  failure_code = %(failure_code)s,
+                  failure_message = %(failure_message)s,
+                  updated_at = now()
+            WHERE id = %(id)s RETURNING *""",
+        {
+            "provider_refund_id": None,
+            "provider_status": None,
+            "failure_code": None,
+            "failure_message": None,
+            **columns,
+            "id": refund_id,
+        },
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return row
+
+
+async def _fail(conn: Conn, payment: payments.Payment, refund: Refund, code: str, msg: str) -> None:
+    await _mark(conn, refund["id"], status="failed", failure_code=code, failure_message=msg)
+    await payments.record_event(
+        conn,
+        payment,
+        "refund_failed",
+        actor=ACTOR,
+        reason=msg,
+        data={"refund_id": refund["id"], "amount": refund["amount"], "code": code},
+    )
+
+
+async def _succeed(
+    conn: Conn, payment: payments.Payment, refund: Refund, result: provider.Refund
+) -> str:
+    reason = "refund confirmed by the provider"
+    # Who and why, for the transition's event and the ledger's posting alike.
+    await payments.set_event_context(conn, actor=ACTOR, reason=reason)
+    await _mark(
+        conn,
+        refund["id"],
+        status="succeeded",
+        provider_refund_id=result.id,
+        provider_status=result.status,
+    )
+    refunded = payment["amount_refunded"] + refund["amount"]
+    to = "refunded" if refunded >= payment["amount_total"] else "partially_refunded"
+    data = {"refund_id": refund["id"], "provider_refund_id": result.id, "amount": refund["amount"]}
+    if to != payment["status"]:
+        await payments.transition(
+            conn,
+            payment,
+            to,
+            actor=ACTOR,
+            reason=reason,
+            data=data,
+            amount_refunded=refunded,
+        )
+    else:
+        payment.update(await payments.update(conn, payment["id"], amount_refunded=refunded))
+        await payments.record_event(
+            conn,
+            payment,
+            "refund",
+            actor=ACTOR,
+            reason="refund confirmed by the provider",
+            data=data,
+        )
+    await ledger.post_refund(conn, payment, refund_id=refund["id"], amount=refund["amount"])
+    return to
+
+
+@app.task(name=TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def refund_payment(payment_id: str, refund_id: str) -> Any:
+    """Carry out one pending refund at the provider and record it (see the module doc)."""
+    async with pool().connection() as conn:
+        refund = await get(conn, refund_id)
+        payment = await payments.get(conn, payment_id)
+    if refund is None or payment is None or refund["status"] != "pending":
+        return None
+    refused: provider.Declined | None = None
+    result: provider.Refund | None = None
+    try:
+        result = await provider.refund(
+            payment_id,
+            payment["provider_payment_id"],
+            refund_id,
+            refund["amount"],
+            refund["reason"],
+        )
+    except provider.Declined as error:
+        refused = error
+    async with pool().connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment_id)
+        refund = await lock(conn, refund_id)
+        if locked is None or refund is None or refund["status"] != "pending":
+            return None
+        if refused is not None:
+            await _fail(conn, locked, refund, refused.code, refused.message)
+            return "failed"
+        assert result is not None
+        if result.status in ("failed", "canceled"):
+            await _fail(conn, locked, refund, f"refund_{result.status}", "the provider refused")
+            return "failed"
+        return await _succeed(conn, locked, refund, result)
+
+
+def public(refund: Refund) -> dict[str, Any]:
+    """The refund object of the HTTP contract."""
+    failure = None
+    if refund["failure_code"]:
+        failure = {"code": refund["failure_code"], "message": refund["failure_message"]}
+    return {
+        "id": refund["id"],
+        "object": "refund",
+        "payment_id": refund["payment_id"],
+        "amount": refund["amount"],
+        "currency": refund["currency"],
+        "status": refund["status"],
+        "reason": refund["reason"],
+        "provider_refund_id": refund["provider_refund_id"],
+        "failure": failure,
+        "created_at": refund["created_at"],
+        "updated_at": refund["updated_at"],
+    }

@@ -1,0 +1,277 @@
+"""Manual capture, cancel and refunds: API → job on the charge queue → provider → state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tasks import payments, refunds
+from tasks.db import Pool
+from tests.conftest import auth, run_jobs
+from tests.test_pipeline import create, fetch
+
+SK = {"Authorization": "Bearer sk_test_x"}
+
+
+def intent(provider_base: str, intent_id: str) -> dict[str, Any]:
+    result: dict[str, Any] = httpx.get(
+        f"{provider_base}/v1/payment_intents/{intent_id}", headers=SK
+    ).json()
+    return result
+
+
+def provider_refunds(provider_base: str, intent_id: str) -> list[dict[str, Any]]:
+    result = httpx.get(
+        f"{provider_base}/v1/refunds", params={"payment_intent": intent_id}, headers=SK
+    ).json()
+    data: list[dict[str, Any]] = result["data"]
+    return data
+
+
+async def authorized(api: httpx.AsyncClient, key: str, pool: Pool) -> dict[str, Any]:
+    created = await create(api, key, capture_method="manual", amount=3000)
+    await run_jobs(pool)
+    payment = await fetch(api, key, created["id"])
+    assert payment["status"] == "authorized"
+    return payment
+
+
+async def reconciled(api: httpx.AsyncClient, key: str, pool: Pool) -> dict[str, Any]:
+    created = await create(api, key, amount=2000)
+    await run_jobs(pool)
+    payment = await fetch(api, key, created["id"])
+    assert payment["status"] == "reconciled"
+    return payment
+
+
+async def test_manual_capture_waits_in_authorized_then_capture_moves_it_on(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await authorized(api, agent_key, pool)
+    pi = intent(provider_base, payment["provider_payment_id"])
+    assert pi["status"] == "requires_capture" and pi["amount_received"] == 0
+
+    response = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "authorized"  # the API never calls the provider
+    # Asking twice is harmless: one capture, one request event.
+    again = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert again.status_code == 202
+
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, payment["id"])
+    assert after["status"] == "reconciled"
+    pi = intent(provider_base, payment["provider_payment_id"])
+    assert pi["status"] == "succeeded" and pi["amount_received"] == 3000
+    async with pool.connection() as conn:
+        events = await payments.events(conn, payment["id"])
+    assert [e["type"] for e in events].count("capture_requested") == 1
+    assert [(e["from_status"], e["to_status"]) for e in events if e["type"] == "transition"][
+        -2:
+    ] == [("authorized", "succeeded"), ("succeeded", "reconciled")]
+
+    # Captured: cancel is refused, in the one error shape.
+    refused = await api.post(f"/v1/payments/{payment['id']}/cancel", headers=auth(agent_key))
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "payment_unexpected_state"
+
+
+async def test_cancel_releases_an_authorized_payment(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await authorized(api, agent_key, pool)
+    response = await api.post(
+        f"/v1/payments/{payment['id']}/cancel",
+        json={"reason": "order abandoned"},
+        headers=auth(agent_key),
+    )
+    assert response.status_code == 202, response.text
+    # A cancel is pending: capture is refused now.
+    capture = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert capture.status_code == 409
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "canceled"
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+
+
+async def test_cancel_of_a_payment_waiting_for_authentication_cancels_its_intent(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    created = await create(api, agent_key, payment_method="pm_card_authenticationRequired")
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "requires_action"
+    response = await api.post(f"/v1/payments/{payment['id']}/cancel", headers=auth(agent_key))
+    assert response.status_code == 202
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "canceled"
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+
+
+async def test_cancel_before_the_provider_is_immediate_and_nothing_is_charged(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    created = await create(api, agent_key)
+    response = await api.post(f"/v1/payments/{created['id']}/cancel", headers=auth(agent_key))
+    assert response.status_code == 202
+    assert response.json()["status"] == "canceled"
+    await run_jobs(pool)  # the pricing job finds it canceled and does nothing
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
+    found = httpx.get(
+        f"{provider_base}/v1/payment_intents/search",
+        params={"query": f"metadata['payment_id']:'{created['id']}'"},
+        headers=SK,
+    ).json()
+    assert found["data"] == []
+
+
+async def test_actions_on_another_agents_payment_are_not_found(
+    api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool, provider_base: str
+) -> None:
+    from tasks import agents
+
+    async with pool.connection() as conn, conn.transaction():
+        _, other_key = await agents.create(conn, "agent-b")
+    payment = await authorized(api, agent_key, pool)
+    for action in ("capture", "cancel", "refunds"):
+        response = await api.post(f"/v1/payments/{payment['id']}/{action}", headers=auth(other_key))
+        assert response.status_code == 404, action
+        assert response.json()["error"]["code"] == "resource_missing"
+    # An operator may act on any payment.
+    response = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(operator_key))
+    assert response.status_code == 202
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+
+async def test_partial_then_full_refund(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await reconciled(api, agent_key, pool)
+    pid = payment["id"]
+
+    first = await api.post(
+        f"/v1/payments/{pid}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert first.status_code == 202, first.text
+    assert first.json()["status"] == "pending" and first.json()["amount"] == 500
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, pid)
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 500)
+
+    # partially_refunded → partially_refunded is no status change: amount and an event.
+    second = await api.post(
+        f"/v1/payments/{pid}/refunds",
+        json={"amount": 700, "reason": "requested_by_customer"},
+        headers=auth(agent_key),
+    )
+    assert second.status_code == 202
+    # Never more than remains, counting what is pending.
+    too_much = await api.post(
+        f"/v1/payments/{pid}/refunds", json={"amount": 801}, headers=auth(agent_key)
+    )
+    assert too_much.status_code == 400
+    assert too_much.json()["error"]["param"] == "amount"
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, pid)
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 1200)
+
+    rest = await api.post(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))
+    assert rest.status_code == 202 and rest.json()["amount"] == 800
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, pid)
+    assert (after["status"], after["amount_refunded"]) == ("refunded", 2000)
+
+    listed = (await api.get(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))).json()
+    assert [(r["amount"], r["status"]) for r in listed["data"]] == [
+        (500, "succeeded"),
+        (700, "succeeded"),
+        (800, "succeeded"),
+    ]
+    at_provider = provider_refunds(provider_base, payment["provider_payment_id"])
+    assert sorted(r["amount"] for r in at_provider) == [500, 700, 800]
+    assert {r["id"] for r in at_provider} == {r["provider_refund_id"] for r in listed["data"]}
+
+    async with pool.connection() as conn:
+        events = await payments.events(conn, pid)
+    assert [e["to_status"] for e in events if e["type"] == "transition"][-2:] == [
+        "partially_refunded",
+        "refunded",
+    ]
+    assert [e["type"] for e in events].count("refund") == 1
+    nothing = await api.post(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))
+    assert nothing.status_code == 409
+
+
+async def test_refund_before_reconcile_is_refused_and_leaves_nothing(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await authorized(api, agent_key, pool)
+    response = await api.post(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))
+    assert response.status_code == 409
+    assert set(response.json()["error"]) == {"type", "code", "message", "param"}
+    async with pool.connection() as conn:
+        assert await refunds.for_payment(conn, payment["id"]) == []
+
+
+async def test_a_refund_whose_commit_failed_is_retried_without_refunding_twice(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    payment = await reconciled(api, agent_key, pool)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        assert locked is not None
+        refund = await refunds.request_refund(conn, locked, amount=900, actor="test")
+
+    real = refunds._succeed
+    calls = 0
+
+    async def lost_commit(*args: Any, **kwargs: Any) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise psycopg.OperationalError("connection lost before the commit")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(refunds, "_succeed", lost_commit)
+    with pytest.raises(psycopg.OperationalError):
+        await refunds.refund_payment(payment["id"], refund["id"])
+    assert await refunds.refund_payment(payment["id"], refund["id"]) == "partially_refunded"
+    assert await refunds.refund_payment(payment["id"], refund["id"]) is None
+
+    at_provider = provider_refunds(provider_base, payment["provider_payment_id"])
+    assert [r["amount"] for r in at_provider] == [900]
+    after = await fetch(api, agent_key, payment["id"])
+    assert after["amount_refunded"] == 900
+
+
+async def test_a_refund_the_provider_refuses_is_recorded_failed(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await reconciled(api, agent_key, pool)
+    # Someone refunded at the provider directly: ours no longer fits.
+    httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": payment["provider_payment_id"], "amount": "1900"},
+        headers=SK,
+    ).raise_for_status()
+    response = await api.post(
+        f"/v1/payments/{payment['id']}/refunds", json={"amount": 1000}, headers=auth(agent_key)
+    )
+    assert response.status_code == 202
+    await run_jobs(pool)
+    listed = (
+        await api.get(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))
+    ).json()
+    assert listed["data"][0]["status"] == "failed"
+    assert listed["data"][0]["failure"]["code"] == "amount_too_large"
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)

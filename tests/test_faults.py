@@ -1,0 +1,301 @@
+"""Exactly once under faults: 500s (with and without Stripe-Should-Retry), delays past the
+timeout, lost responses, unknown outcomes resolved by retrieve, and a charge worker killed
+with SIGKILL between the provider call and the commit. Every payment ends where it should,
+and the sandbox holds exactly one PaymentIntent per payment."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from tasks import charge, payments, provider, reconcile
+from tasks.db import Pool
+from tasks.settings import get_settings
+from tests.conftest import FAST_ENV, async_wait_for, run_jobs, wait_for
+from tests.test_pipeline import create, fetch
+from tests.test_processes import ROOT, stop
+
+SK = {"Authorization": "Bearer sk_test_x"}
+
+# What each card must end as.
+EXPECTED = {
+    "pm_card_visa": ("reconciled", None),
+    "pm_card_chargeDeclined": ("failed", "card_declined"),
+}
+MIX = ["pm_card_visa", "pm_card_visa", "pm_card_chargeDeclined", "pm_card_visa"]
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch, provider_base: str) -> None:
+    """Short provider timeout and re-check delay, so faulted runs settle quickly."""
+    monkeypatch.setenv("AGENTPAY_PROVIDER_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", "0.2")
+    get_settings.cache_clear()
+
+
+def faults(provider_base: str, **config: Any) -> None:
+    httpx.post(f"{provider_base}/_sandbox/faults", json=config).raise_for_status()
+
+
+def injected(provider_base: str) -> dict[str, int]:
+    result: dict[str, int] = httpx.get(f"{provider_base}/_sandbox/faults").json()["injected"]
+    return result
+
+
+def intents_of(provider_base: str, payment_id: str) -> list[dict[str, Any]]:
+    found = httpx.get(
+        f"{provider_base}/v1/payment_intents/search",
+        params={"query": f"metadata['payment_id']:'{payment_id}'"},
+        headers=SK,
+    ).json()
+    data: list[dict[str, Any]] = found["data"]
+    return data
+
+
+async def jobs_left(pool: Pool) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE status IN ('todo', 'doing')"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def drain(pool: Pool, timeout: float = 60) -> None:
+    """Run every role's jobs, retries included (they come due later), until none is left."""
+
+    async def done() -> bool:
+        await run_jobs(pool)
+        return await jobs_left(pool) == 0
+
+    await async_wait_for(done, timeout=timeout, what="every job to be done")
+
+
+async def assert_exactly_once(
+    api: httpx.AsyncClient, key: str, pool: Pool, provider_base: str, created: list[dict[str, Any]]
+) -> None:
+    for item in created:
+        payment = await fetch(api, key, item["id"])
+        want = EXPECTED[payment["payment_method"]]
+        got = (payment["status"], (payment["failure"] or {}).get("code"))
+        assert got == want, (payment, await _events(pool, item["id"]))
+        intents = intents_of(provider_base, payment["id"])
+        assert len(intents) == 1, intents
+        if want[0] == "reconciled":
+            assert intents[0]["status"] == "succeeded"
+            assert intents[0]["id"] == payment["provider_payment_id"]
+            assert intents[0]["amount_received"] == payment["amount_total"]
+    listed = httpx.get(f"{provider_base}/v1/payment_intents", params={"limit": 100}, headers=SK)
+    succeeded = [pi for pi in listed.json()["data"] if pi["status"] == "succeeded"]
+    assert len(succeeded) == sum(1 for c in created if c["payment_method"] == "pm_card_visa")
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE status = 'failed'"
+        )
+        assert await cur.fetchone() == {"n": 0}
+        cur = await conn.execute("SELECT count(*) AS n FROM reconcile_mismatches")
+        assert await cur.fetchone() == {"n": 0}
+
+
+async def _events(pool: Pool, payment_id: str) -> list[tuple[Any, ...]]:
+    async with pool.connection() as conn:
+        return [
+            (e["type"], e["to_status"], e["reason"])
+            for e in await payments.events(conn, payment_id)
+        ]
+
+
+SCENARIOS: dict[str, dict[str, Any]] = {
+    # The SDK retries these itself (same key), then the job retries with backoff.
+    "500 with Stripe-Should-Retry: true": {
+        "error_rate": 1,
+        "error_should_retry": True,
+        "count": 8,
+        "methods": ["POST"],
+    },
+    # The SDK does not retry: an unknown outcome at once, the job retries with backoff.
+    "500 with Stripe-Should-Retry: false": {
+        "error_rate": 1,
+        "error_should_retry": False,
+        "count": 6,
+    },
+    "500 without Stripe-Should-Retry": {"error_rate": 1, "count": 6, "methods": ["POST"]},
+    # Slower than the client's timeout: the call may have happened; the retry with the same
+    # key meets it in flight (409) or replays it.
+    "delay past the timeout": {"delay_ms": 1500, "count": 3, "methods": ["POST"]},
+    # The request took effect, the answer never came.
+    "lost responses": {"lose_response_rate": 1, "count": 8, "methods": ["POST"]},
+    "lost responses as 500s": {
+        "lose_response_rate": 1,
+        "lose_response_as": "500",
+        "count": 6,
+        "methods": ["POST"],
+    },
+    "lost retrieves": {"lose_response_rate": 1, "count": 4, "methods": ["GET"]},
+    "a seeded mix of everything": {
+        "error_rate": 0.25,
+        "lose_response_rate": 0.25,
+        "count": 24,
+        "seed": 7,
+    },
+}
+
+
+@pytest.mark.parametrize("config", SCENARIOS.values(), ids=SCENARIOS.keys())
+async def test_every_payment_ends_right_with_one_intent_under_faults(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    quick: None,
+    config: dict[str, Any],
+) -> None:
+    created = [await create(api, agent_key, payment_method=card) for card in MIX]
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(provider_base, **config)
+    await drain(pool)
+    assert sum(injected(provider_base).values()) > 0, "the fault never fired"
+    httpx.delete(f"{provider_base}/_sandbox/faults").raise_for_status()
+    await assert_exactly_once(api, agent_key, pool, provider_base, created)
+
+
+async def test_an_unknown_create_outcome_is_resolved_by_search_never_a_second_intent(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    quick: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No SDK retries: the create call's answer is lost, so the payment is `charging` without
+    an intent id. Reconcile finds the intent by our metadata and the charge goes on with it."""
+    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "0")
+    get_settings.cache_clear()
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(provider_base, lose_response_rate=1, count=1, paths=["/v1/payment_intents"])
+    with pytest.raises(provider.Unknown):
+        await charge.charge_payment(created["id"])
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+        # The job that would retry is gone: only reconcile can resolve it now.
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
+    assert payment is not None
+    assert (payment["status"], payment["provider_payment_id"]) == ("charging", None)
+    [intent] = intents_of(provider_base, created["id"])
+    assert intent["status"] == "requires_confirmation"
+
+    assert await reconcile.reconcile_payment(created["id"]) is None  # found, handed to charge
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+    assert payment is not None and payment["provider_payment_id"] == intent["id"]
+    await drain(pool)
+    await assert_exactly_once(api, agent_key, pool, provider_base, [created])
+
+
+async def test_unknown_outcomes_leave_the_payment_charging_until_resolved(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, quick: None
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(
+        provider_base,
+        error_rate=1,
+        error_should_retry=False,
+        count=1,
+        paths=["/v1/payment_intents"],
+    )
+    await run_jobs(pool, ("charge",))
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+        cur = await conn.execute(
+            "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'charge'"
+        )
+        job = await cur.fetchone()
+    assert payment is not None and payment["status"] == "charging"
+    assert payment["failure_code"] is None
+    assert job == {"status": "todo", "attempts": 1}  # retried later with backoff
+    await drain(pool)
+    await assert_exactly_once(api, agent_key, pool, provider_base, [created])
+
+
+async def test_errors_not_worth_retrying_are_not_retried(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad API key: the job fails at once and is recorded; nothing is charged."""
+    monkeypatch.setenv("STRIPE_API_KEY", "pk_live_not_a_secret_key")
+    get_settings.cache_clear()
+    created = await create(api, agent_key)
+    await run_jobs(pool)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'charge'"
+        )
+        assert await cur.fetchone() == {"status": "failed", "attempts": 1}
+        payment = await payments.get(conn, created["id"])
+    assert payment is not None and payment["status"] == "charging"
+    assert intents_of(provider_base, created["id"]) == []
+
+
+def start_charge_worker(database_url: str, **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workers", "worker", "charge", "--concurrency", "2"],
+        cwd=ROOT,
+        env={**os.environ, **FAST_ENV, "DATABASE_URL": database_url, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_a_charge_worker_killed_between_the_provider_call_and_the_commit(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, database_url: str
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+
+    doomed = start_charge_worker(database_url, AGENTPAY_DEBUG_CRASH_AFTER_PROVIDER_CALL="1")
+    try:
+        assert doomed.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if doomed.poll() is None:
+            doomed.kill()
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+        cur = await conn.execute("SELECT status FROM procrastinate_jobs WHERE task_name = 'charge'")
+        assert await cur.fetchone() == {"status": "doing"}  # its worker died holding it
+    assert payment is not None and payment["status"] == "charging"
+    [intent] = intents_of(provider_base, created["id"])
+    assert intent["status"] == "succeeded"  # the provider acted; we never recorded it
+
+    # Another worker rescues the stalled job (its heartbeat stopped) and finishes it.
+    healthy = start_charge_worker(database_url)
+    try:
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
+
+            def settled() -> bool:
+                row = conn.execute(
+                    "SELECT status FROM payment_jobs WHERE id = %s", (created["id"],)
+                ).fetchone()
+                return row is not None and row["status"] != "charging"
+
+            wait_for(settled, timeout=45, what="the rescued charge to finish")
+    finally:
+        assert stop(healthy) == 0
+    await drain(pool)
+    await assert_exactly_once(api, agent_key, pool, provider_base, [created])
+    assert ("transition", "succeeded", "provider status succeeded") in await _events(
+        pool, created["id"]
+    )

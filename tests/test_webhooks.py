@@ -1,0 +1,329 @@
+"""POST /v1/webhooks/stripe: signatures (agreeing with the SDK and the sandbox), each event
+stored once, duplicates with one effect, and events out of order never moving a payment back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import stripe
+import uvicorn
+
+from api.app import create_app
+from sandbox.webhooks import sign_payload
+from tasks import charge, payments, webhooks
+from tasks.db import Pool
+from tasks.settings import Settings
+from tests.conftest import WEBHOOK_SECRET, async_wait_for, run_jobs, wait_for
+from tests.test_pipeline import create, fetch
+from workers.devstack import free_port
+
+EVENT = {
+    "id": "evt_test_1",
+    "object": "event",
+    "type": "payment_intent.succeeded",
+    "data": {"object": {"id": "pi_unknown", "object": "payment_intent", "metadata": {}}},
+}
+
+
+# --- the signature scheme --------------------------------------------------------------------
+
+
+def stripe_accepts(payload: str, header: str, secret: str = WEBHOOK_SECRET) -> bool:
+    try:
+        stripe.WebhookSignature.verify_header(payload, header, secret, tolerance=300)
+    except stripe.SignatureVerificationError:
+        return False
+    return True
+
+
+def ours_accepts(payload: str, header: str, secret: str = WEBHOOK_SECRET) -> bool:
+    try:
+        webhooks.verify(payload.encode(), header, secret, tolerance=300)
+    except webhooks.SignatureError:
+        return False
+    return True
+
+
+def test_the_verifier_agrees_with_the_sdk_and_the_sandbox() -> None:
+    payload = json.dumps(EVENT, indent=2)
+    now = int(time.time())
+    good = {
+        "sandbox": sign_payload(payload, WEBHOOK_SECRET),
+        "sdk": stripe.WebhookSignature.generate_signature_header(payload, WEBHOOK_SECRET),
+        "ours": webhooks.sign(payload, WEBHOOK_SECRET),
+        "several": f"t={now},v1=00ff,v0=abc,"
+        + sign_payload(payload, WEBHOOK_SECRET, now).split(",")[1],
+    }
+    for name, header in good.items():
+        assert stripe_accepts(payload, header), name
+        assert ours_accepts(payload, header), name
+
+    bad = {
+        "tampered": (payload.replace("succeeded", "failed"), good["sandbox"]),
+        "other secret": (payload, sign_payload(payload, "whsec_other")),
+        "stale": (payload, sign_payload(payload, WEBHOOK_SECRET, now - 301)),
+        "no v1": (payload, f"t={now},v0=" + "0" * 64),
+        "no timestamp": (payload, good["sandbox"].split(",")[1]),
+        "garbage": (payload, "nonsense"),
+    }
+    for name, (body, header) in bad.items():
+        assert not stripe_accepts(body, header), name
+        assert not ours_accepts(body, header), name
+
+
+# --- the route, in-process -----------------------------------------------------------------
+
+
+async def post_event(
+    api: httpx.AsyncClient, event: dict[str, Any], header: str | None = None
+) -> httpx.Response:
+    body = json.dumps(event)
+    return await api.post(
+        "/v1/webhooks/stripe",
+        content=body,
+        headers={
+            "Content-Type": "application/json",
+            "Stripe-Signature": header
+            if header is not None
+            else sign_payload(body, WEBHOOK_SECRET),
+        },
+    )
+
+
+async def stored(pool: Pool) -> list[dict[str, Any]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id, type, payment_id, handled FROM webhook_events")
+        return await cur.fetchall()
+
+
+async def reconcile_jobs(pool: Pool, payment_id: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM procrastinate_jobs
+               WHERE task_name = 'reconcile' AND args->>'payment_id' = %s""",
+            (payment_id,),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_bad_or_stale_signatures_are_refused_and_store_nothing(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    body = json.dumps(EVENT)
+    cases = {
+        "signature_invalid": sign_payload(body, "whsec_not_ours"),
+        "signature_expired": sign_payload(body, WEBHOOK_SECRET, int(time.time()) - 600),
+        "signature_missing": "",
+    }
+    for code, header in cases.items():
+        response = await post_event(api, EVENT, header)
+        assert response.status_code == 400, code
+        error = response.json()["error"]
+        assert error["code"] == code
+        assert set(error) == {"type", "code", "message", "param"}
+    assert await stored(pool) == []
+
+
+async def test_unknown_event_types_are_stored_and_ignored(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    event = {**EVENT, "id": "evt_test_2", "type": "customer.created", "data": {"object": {}}}
+    response = await post_event(api, event)
+    assert response.status_code == 200
+    assert response.json()["reconcile"] is False
+    assert await stored(pool) == [
+        {"id": "evt_test_2", "type": "customer.created", "payment_id": None, "handled": False}
+    ]
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM procrastinate_jobs")
+        assert await cur.fetchone() == {"n": 0}
+
+
+async def test_an_event_stored_once_defers_one_reconcile(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded"
+    async with pool.connection() as conn:
+        # The reconcile job the charge step deferred is lost: the event must bring it back.
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile'")
+    event = {
+        **EVENT,
+        "data": {
+            "object": {
+                "id": payment["provider_payment_id"],
+                "object": "payment_intent",
+                "metadata": {"payment_id": payment["id"]},
+            }
+        },
+    }
+    answers = [(await post_event(api, event)).json() for _ in range(5)]
+    assert [(a["duplicate"], a["reconcile"]) for a in answers] == [(False, True)] + [
+        (True, False)
+    ] * 4
+    assert answers[0]["payment_id"] == payment["id"]
+    assert await reconcile_jobs(pool, payment["id"]) == 1
+    assert len(await stored(pool)) == 1
+    # A different event while that reconcile waits: stored, no second job.
+    other = await post_event(api, {**event, "id": "evt_test_other"})
+    assert other.json() == {**answers[0], "id": "evt_test_other", "reconcile": False}
+    assert await reconcile_jobs(pool, payment["id"]) == 1
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    # Final now: an event about it stores and changes nothing.
+    late = await post_event(api, {**event, "id": "evt_test_late"})
+    assert late.json()["reconcile"] is False
+    assert await reconcile_jobs(pool, payment["id"]) == 1
+
+
+# --- the sandbox delivering to the API over HTTP -------------------------------------------
+
+
+@pytest.fixture
+def api_url(settings: Settings) -> Iterator[str]:
+    """The API served over HTTP (on this test's database), for the sandbox to call."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, timeout=15, what="the API to serve")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def subscribe(provider_base: str, api_url: str, events: list[str] | None = None) -> None:
+    body: dict[str, Any] = {"url": f"{api_url}/v1/webhooks/stripe"}
+    if events:
+        body["enabled_events"] = events
+    httpx.post(f"{provider_base}/_sandbox/webhooks", json=body).raise_for_status()
+
+
+def deliveries_done(provider_base: str) -> list[dict[str, Any]]:
+    state = httpx.get(f"{provider_base}/_sandbox/webhooks/deliveries").json()
+    if state["pending"]:
+        return []
+    found: list[dict[str, Any]] = state["deliveries"]
+    return found
+
+
+async def test_the_same_event_delivered_five_times_has_one_effect(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, api_url: str
+) -> None:
+    subscribe(provider_base, api_url)
+    httpx.post(
+        f"{provider_base}/_sandbox/webhooks/config", json={"duplicates": 5}
+    ).raise_for_status()
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded"
+
+    delivered = wait_for(lambda: deliveries_done(provider_base), timeout=20, what="deliveries")
+    event_ids = {d["event_id"] for d in delivered}
+    assert len(event_ids) >= 2  # payment_intent.created and .succeeded at least
+    assert len(delivered) == 5 * len(event_ids)
+    assert all(d["ok"] and d["status_code"] == 200 for d in delivered)
+
+    rows = await stored(pool)
+    assert {r["id"] for r in rows} == event_ids
+    assert all(r["payment_id"] == payment["id"] and r["handled"] for r in rows)
+    # One reconcile from the charge step, at most one per distinct event: never one per
+    # delivery.
+    assert 1 <= await reconcile_jobs(pool, payment["id"]) <= 1 + len(event_ids)
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    async with pool.connection() as conn:
+        events = await payments.events(conn, payment["id"])
+    assert [e["to_status"] for e in events if e["type"] in ("created", "transition")] == [
+        "received",
+        "priced",
+        "approved",
+        "charging",
+        "succeeded",
+        "reconciled",
+    ]
+    assert not [e for e in events if e["type"] == "reconcile_mismatch"]
+
+
+async def test_succeeded_then_processing_leaves_the_payment_succeeded(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, api_url: str
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded"
+    subscribe(provider_base, api_url, ["payment_intent.succeeded", "payment_intent.processing"])
+    for type_ in ("payment_intent.succeeded", "payment_intent.processing"):
+        httpx.post(
+            f"{provider_base}/_sandbox/payment_intents/{payment['provider_payment_id']}/emit",
+            json={"type": type_},
+        ).raise_for_status()
+    delivered = wait_for(lambda: deliveries_done(provider_base), timeout=20, what="deliveries")
+    assert [d["event_type"] for d in delivered] == [
+        "payment_intent.succeeded",
+        "payment_intent.processing",
+    ]
+    assert all(d["ok"] for d in delivered)
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    async with pool.connection() as conn:
+        events = await payments.events(conn, payment["id"])
+    after_success = [e["to_status"] for e in events][
+        [e["to_status"] for e in events].index("succeeded") :
+    ]
+    assert after_success == ["succeeded", "reconciled"]
+
+
+async def test_a_late_processing_event_resolves_an_unknown_outcome_from_provider_truth(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, api_url: str
+) -> None:
+    """The charge step's answer never got committed (payment `charging`, intent succeeded);
+    a `processing` event arrives: reconcile reads the intent and settles it succeeded."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    claimed = await charge.claim(created["id"])
+    assert claimed is not None
+    intent = await charge.call_provider(claimed)
+    assert intent.status == "succeeded"
+    async with pool.connection() as conn:
+        # The charge job is gone (as if it failed for good): only the webhook drives it now.
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
+
+    subscribe(provider_base, api_url, ["payment_intent.processing"])
+    httpx.post(
+        f"{provider_base}/_sandbox/payment_intents/{intent.id}/emit",
+        json={"type": "payment_intent.processing"},
+    ).raise_for_status()
+
+    async def reconcile_deferred() -> bool:
+        return await reconcile_jobs(pool, created["id"]) == 1
+
+    await async_wait_for(reconcile_deferred, timeout=20, what="the webhook to defer reconcile")
+    await run_jobs(pool, ("reconcile",))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    assert payment["provider_payment_id"] == intent.id
+    found = httpx.get(
+        f"{provider_base}/v1/payment_intents/search",
+        params={"query": f"metadata['payment_id']:'{created['id']}'"},
+        headers={"Authorization": "Bearer sk_test_x"},
+    ).json()
+    assert len(found["data"]) == 1
