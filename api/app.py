@@ -2,15 +2,101 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors
-from api.routes import health, payments
-from tasks.db import open_pool
+from api import errors, idempotency, metrics
+from api.limits import BodyLimits
+from api.routes import actions, health, ledger, ops, payments, prices, review, webhooks
+from api.routes import agents as agents_routes
+from tasks.db import Pool, open_pool
 from tasks.settings import Settings, get_settings
+
+log = logging.getLogger("agentpay.api")
+
+
+async def prune_idempotency_keys(pool: Pool, settings: Settings) -> None:
+    """Forever: delete idempotency keys past their retention (every API process may run
+    this; the DELETE is the same whoever runs it)."""
+    retention = settings.idempotency_retention_hours * 3600
+    while True:
+        try:
+            async with pool.connection() as conn:
+                pruned = await idempotency.prune(conn, retention)
+            if pruned:
+                log.info("pruned %d idempotency keys", pruned)
+        except Exception:
+            log.exception("pruning idempotency keys failed; will try again")
+        await asyncio.sleep(settings.idempotency_prune_interval_seconds)
+
+
+_NUMERIC_KEYWORDS = frozenset(
+    {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"}
+)
+
+
+def _integral_bounds(node: Any) -> None:
+    """FastAPI writes every numeric bound as a float (`"maximum": 99999999.0`); write whole
+    numbers as integers, so that clients and fuzzers see integer bounds of integer fields."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in _NUMERIC_KEYWORDS and isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            else:
+                _integral_bounds(value)
+    elif isinstance(node, list):
+        for item in node:
+            _integral_bounds(item)
+
+
+def _document_as_it_behaves(app: FastAPI) -> None:
+    """FastAPI documents a 422 for request validation; this API answers those 400 in the
+    one error shape (api/errors.py), so the 422s and their schemas leave the document. What
+    the middleware and dependencies answer on any route (400 and 413 for bodies, 429 for
+    rate limits) is documented on every route they apply to. Integer bounds are written as
+    integers."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        error = {"$ref": "#/components/schemas/ErrorResponse"}
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                found = operation.setdefault("responses", {})
+                found.pop("422", None)
+                # api/limits.py refuses bodies on every route: too large, not UTF-8, too deep.
+                codes = ["400", "413"] if "requestBody" in operation else []
+                # api/deps.py rate-limits every caller it authenticates by bearer key.
+                if {"HTTPBearer": []} in operation.get("security", []):
+                    codes.append("429")
+                for code in codes:
+                    if code not in found:
+                        documented = errors.responses(int(code))[int(code)]
+                        found[code] = {
+                            "description": documented["description"],
+                            "content": {"application/json": {"schema": error}},
+                            **(
+                                {"headers": documented["headers"]}
+                                if "headers" in documented
+                                else {}
+                            ),
+                        }
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        _integral_bounds(schema)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -25,7 +111,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             name="api",
         ) as pool:
             app.state.pool = pool
-            yield
+            pruner = asyncio.create_task(prune_idempotency_keys(pool, settings))
+            try:
+                yield
+            finally:
+                pruner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pruner
+                status_hub = getattr(app.state, "status_hub", None)
+                if status_hub is not None:
+                    await status_hub.close()
 
     app = FastAPI(
         title="agentpay",
@@ -35,6 +130,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
+    idempotency.install(app)
+    app.add_middleware(
+        BodyLimits,
+        max_body_bytes=settings.api_max_body_bytes,
+        webhook_max_body_bytes=settings.webhook_max_body_bytes,
+        max_depth=settings.api_max_json_depth,
+    )
+    _document_as_it_behaves(app)
     app.include_router(health.router)
     app.include_router(payments.router)
+    app.include_router(actions.router)
+    app.include_router(webhooks.router)
+    app.include_router(ledger.router)
+    app.include_router(prices.router)
+    app.include_router(review.router)
+    app.include_router(agents_routes.router)
+    app.include_router(metrics.router)
+    app.include_router(ops.router)
     return app

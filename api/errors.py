@@ -54,6 +54,39 @@ _STATUS_CODES = {
 }
 
 
+# What each error status means on this API, for the OpenAPI document (`responses(...)`).
+_DESCRIPTIONS = {
+    400: "Invalid request: a parameter, the body or a header is missing or invalid",
+    401: "Missing, invalid or revoked API key",
+    403: "This route needs an operator key",
+    404: "No such payment (or it belongs to another agent)",
+    409: "The Idempotency-Key was used with other parameters, or the payment's state "
+    "does not allow this",
+    413: "The body is larger than the server accepts",
+    429: "Too many requests from this agent: wait Retry-After seconds",
+    500: "An internal error (nothing about it is disclosed)",
+    503: "A dependency (the database, a secret) is not available",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all in the one error shape."""
+    from api.models import ErrorResponse
+
+    found: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        if code == 429:
+            entry["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before trying again",
+                    "schema": {"type": "integer"},
+                }
+            }
+        found[code] = entry
+    return found
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -71,13 +104,25 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
-        param = _param(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            return JSONResponse(
+                error_body("invalid_request_error", "body_invalid", "The body is not valid JSON."),
+                status_code=400,
+            )
+        loc = tuple(first.get("loc", ()))
+        param = _param(loc)
         message = str(first.get("msg", "invalid request"))
+        code = "parameter_invalid"
+        if first.get("type") == "missing":
+            code = "parameter_missing"
+        elif first.get("type") == "extra_forbidden":
+            code = "parameter_unknown"
         if param:
             message = f"{param}: {message}"
+        elif loc[:1] == ("body",):
+            message = f"body: {message}"
         return JSONResponse(
-            error_body("invalid_request_error", "parameter_invalid", message, param),
-            status_code=400,
+            error_body("invalid_request_error", code, message, param), status_code=400
         )
 
     @app.exception_handler(StarletteHTTPException)

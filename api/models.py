@@ -3,33 +3,154 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictInt,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from tasks import money
 
+# Postgres text and jsonb cannot hold NUL characters; refuse them in every string we store.
+NO_NUL = r"^[^\u0000]*$"
+SafeText = Annotated[str, Field(pattern=NO_NUL)]
+# The catalog's SKU format (schema/migrations/0004_ledger.sql: prices.sku).
+SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
+METADATA_MAX_KEYS = 50
+METADATA_KEY_MAX = 40
+METADATA_VALUE_MAX = 500
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type: 2000.0 is the integer 2000 (JSON Schema agrees), 19.99 is
+    not an integer, and neither are strings or booleans (StrictInt refuses those)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+# Minor units the provider can charge at once, and a line's quantity: strict integers,
+# except that a whole float is whole. (The bounds come before the BeforeValidator so that
+# they stay on the integer, and in the JSON schema as minimum and maximum.)
+MinorUnits = Annotated[StrictInt, Field(ge=1, le=money.MAX_AMOUNT), BeforeValidator(_whole_number)]
+Quantity = Annotated[StrictInt, Field(ge=1, le=10_000), BeforeValidator(_whole_number)]
+
+
+def _not_null(value: Any) -> Any:
+    """For optional fields that may be left out but not sent as null."""
+    if value is None:
+        raise ValueError("leave the field out instead of sending null")
+    return value
+
+
+def _strip_null(schema: dict[str, Any], names: tuple[str, ...]) -> None:
+    """Document `names` as optional but never null (what `_not_null` enforces)."""
+    for name in names:
+        prop = schema["properties"][name]
+        options = [o for o in prop.pop("anyOf", []) if o.get("type") != "null"]
+        if len(options) == 1:
+            prop.update(options[0])
+        prop.pop("default", None)
+
+
+def _line_item_schema(schema: dict[str, Any]) -> None:
+    _strip_null(schema, ("sku", "description", "unit_amount"))
+    schema["oneOf"] = [
+        {"required": ["sku"], "not": {"required": ["unit_amount"]}},
+        {"required": ["description", "unit_amount"], "not": {"required": ["sku"]}},
+    ]
+
 
 class LineItem(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """`{sku, quantity}` (priced from the catalog) or `{description, unit_amount, quantity}`."""
 
-    description: str = Field(min_length=1, max_length=500)
-    unit_amount: StrictInt = Field(gt=0, le=money.MAX_AMOUNT)
-    quantity: StrictInt = Field(default=1, gt=0, le=10_000)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_line_item_schema)
+
+    sku: str | None = Field(default=None, min_length=1, max_length=100, pattern=SKU_PATTERN)
+    description: SafeText | None = Field(default=None, min_length=1, max_length=500)
+    unit_amount: MinorUnits | None = None
+    quantity: Quantity = 1
+
+    _no_nulls = field_validator("sku", "description", "unit_amount", mode="before")(_not_null)
+
+    @model_validator(mode="after")
+    def _sku_or_custom(self) -> LineItem:
+        if self.sku is not None and self.unit_amount is not None:
+            raise ValueError("give either sku or unit_amount, not both")
+        if self.sku is None and (self.unit_amount is None or self.description is None):
+            raise ValueError("give sku, or description and unit_amount")
+        return self
+
+
+def _payment_create_schema(schema: dict[str, Any]) -> None:
+    _strip_null(schema, ("amount", "line_items"))
+    schema["oneOf"] = [
+        {"required": ["amount"], "not": {"required": ["line_items"]}},
+        {"required": ["line_items"], "not": {"required": ["amount"]}},
+    ]
+    # Three-decimal currencies: the last digit of the minor amount must be 0.
+    schema["if"] = {
+        "properties": {"currency": {"enum": sorted(money.THREE_DECIMAL)}},
+        "required": ["currency"],
+    }
+    schema["then"] = {"properties": {"amount": {"multipleOf": 10}}}
+
+
+Metadata = Annotated[
+    dict[str, str],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "maxProperties": METADATA_MAX_KEYS,
+            "propertyNames": {"minLength": 1, "maxLength": METADATA_KEY_MAX, "pattern": NO_NUL},
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": METADATA_VALUE_MAX,
+                "pattern": NO_NUL,
+            },
+            "description": f"Up to {METADATA_MAX_KEYS} string pairs: keys of 1 to "
+            f"{METADATA_KEY_MAX} characters, values of at most {METADATA_VALUE_MAX}.",
+        }
+    ),
+]
+
+
+_CURRENCY_ENUM: list[JsonValue] = [*sorted(money.CURRENCIES)]
 
 
 class PaymentCreate(BaseModel):
     """A payment request. Give `amount` (minor units) or `line_items`, not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_payment_create_schema)
 
-    amount: StrictInt | None = Field(default=None, description="Minor units, e.g. 1999 = $19.99")
+    # `currency` comes first so that the amount checks below can see it.
+    currency: str = Field(
+        min_length=3,
+        max_length=3,
+        description="Lowercase ISO 4217 code, e.g. usd",
+        json_schema_extra={"enum": _CURRENCY_ENUM},
+    )
+    amount: MinorUnits | None = Field(
+        default=None,
+        description="Minor units, e.g. 1999 = $19.99, 500 = ¥500; three-decimal currencies "
+        "(bhd, jod, kwd, omr, tnd) end in 0",
+    )
     line_items: list[LineItem] | None = Field(default=None, min_length=1, max_length=100)
-    currency: str = Field(min_length=3, max_length=3, description="Lowercase ISO 4217, e.g. usd")
     payment_method: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_]+$")
     capture_method: Literal["automatic", "manual"] = "automatic"
-    description: str | None = Field(default=None, max_length=1000)
-    metadata: dict[str, str] = Field(default_factory=dict, max_length=50)
+    description: SafeText | None = Field(default=None, max_length=1000)
+    metadata: Metadata = Field(default_factory=dict)
+
+    _no_nulls = field_validator("amount", "line_items", mode="before")(_not_null)
 
     @field_validator("currency")
     @classmethod
@@ -38,30 +159,48 @@ class PaymentCreate(BaseModel):
             raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
         return value
 
+    @field_validator("amount")
+    @classmethod
+    def _amount(cls, value: int | None, info: ValidationInfo) -> int | None:
+        currency = info.data.get("currency")
+        if value is not None and currency is not None:
+            problem = money.amount_problem(value, currency)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("line_items")
+    @classmethod
+    def _line_items(
+        cls, value: list[LineItem] | None, info: ValidationInfo
+    ) -> list[LineItem] | None:
+        currency = info.data.get("currency")
+        # Catalog (sku) lines are priced, and checked, by the pricing role.
+        if value is not None and currency is not None and not any(i.sku for i in value):
+            total = sum((i.unit_amount or 0) * i.quantity for i in value)
+            problem = money.amount_problem(total, currency)
+            if problem:
+                raise ValueError(f"line items total: {problem}")
+        return value
+
     @field_validator("metadata")
     @classmethod
     def _metadata(cls, value: dict[str, str]) -> dict[str, str]:
+        if len(value) > METADATA_MAX_KEYS:
+            raise ValueError(f"metadata has at most {METADATA_MAX_KEYS} keys")
         for key, item in value.items():
-            if not key or len(key) > 40:
-                raise ValueError("metadata keys are 1 to 40 characters")
-            if len(item) > 500:
-                raise ValueError("metadata values are at most 500 characters")
+            if not key or len(key) > METADATA_KEY_MAX:
+                raise ValueError(f"metadata keys are 1 to {METADATA_KEY_MAX} characters")
+            if len(item) > METADATA_VALUE_MAX:
+                raise ValueError(f"metadata values are at most {METADATA_VALUE_MAX} characters")
+            if "\x00" in key or "\x00" in item:
+                raise ValueError("metadata cannot contain NUL characters")
         return value
 
     @model_validator(mode="after")
     def _amounts(self) -> PaymentCreate:
         if (self.amount is None) == (self.line_items is None):
             raise ValueError("give exactly one of amount or line_items")
-        if self.amount is not None:
-            problem = money.amount_problem(self.amount, self.currency)
-            if problem:
-                raise ValueError(problem)
-        else:
-            assert self.line_items is not None
-            total = sum(i.unit_amount * i.quantity for i in self.line_items)
-            problem = money.amount_problem(total, self.currency)
-            if problem:
-                raise ValueError(f"line items total: {problem}")
         return self
 
 
@@ -70,11 +209,46 @@ class Failure(BaseModel):
     message: str | None
 
 
+# Every state of a payment (schema/migrations/0001_payments.sql: payment_states).
+PaymentStatus = Literal[
+    "received",
+    "priced",
+    "in_review",
+    "approved",
+    "charging",
+    "requires_action",
+    "authorized",
+    "succeeded",
+    "reconciled",
+    "partially_refunded",
+    "refunded",
+    "rejected",
+    "failed",
+    "canceled",
+]
+
+# Where a payment stops for now: final, waiting for the agent (capture, authentication), or
+# settled with the provider. A long-poll returns on these unless told otherwise.
+SETTLED_STATES: frozenset[str] = frozenset(
+    {
+        "succeeded",
+        "authorized",
+        "requires_action",
+        "reconciled",
+        "partially_refunded",
+        "refunded",
+        "rejected",
+        "failed",
+        "canceled",
+    }
+)
+
+
 class Payment(BaseModel):
     id: str
     object: Literal["payment"] = "payment"
     agent_id: str
-    status: str
+    status: PaymentStatus
     currency: str
     amount_subtotal: int | None
     amount_fee: int | None
@@ -87,6 +261,8 @@ class Payment(BaseModel):
     failure: Failure | None
     description: str | None
     metadata: dict[str, str]
+    breakdown: dict[str, Any] | None = None
+    risk: dict[str, Any] | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -105,6 +281,30 @@ class PaymentEvent(BaseModel):
 class EventList(BaseModel):
     object: Literal["list"] = "list"
     data: list[PaymentEvent]
+
+
+class PaymentList(BaseModel):
+    """One page of payments, newest first; `has_more` says whether another page follows."""
+
+    object: Literal["list"] = "list"
+    data: list[Payment]
+    has_more: bool
+    url: str
+
+
+class AgentInfo(BaseModel):
+    id: str
+    object: Literal["agent"] = "agent"
+    name: str
+    is_operator: bool
+    key_prefixes: list[str] = Field(description="The first characters of its live keys")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class AgentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AgentInfo]
 
 
 class ErrorDetail(BaseModel):

@@ -89,3 +89,19 @@ async def find(conn: Conn, name_or_id: str) -> dict[str, Any] | None:
         (name_or_id, name_or_id),
     )
     return await cur.fetchone()
+
+
+async def list_all(conn: Conn, *, include_revoked: bool = True) -> list[dict[str, Any]]:
+    """Every agent, oldest first, with the prefixes of its live keys (never the keys)."""
+    cur = await conn.execute(
+        """SELECT a.id, a.name, a.is_operator, a.created_at, a.revoked_at,
+                  coalesce(array_agg(k.prefix ORDER BY k.created_at)
+                           FILTER (WHERE k.prefix IS NOT NULL AND k.revoked_at IS NULL),
+                           '{}') AS key_prefixes
+           FROM agents a LEFT JOIN api_keys k ON k.agent_id = a.id
+           WHERE %s OR a.revoked_at IS NULL
+           GROUP BY a.id
+           ORDER BY a.created_at, a.id""",
+        (include_revoked,),
+    )
+    return await cur.fetchall()

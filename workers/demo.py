@@ -9,11 +9,11 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from api.client import AsyncAgentPay
 from tasks import agents as agents_store
 from tasks.db import Pool, open_pool
 from tasks.settings import Settings
@@ -103,21 +103,27 @@ async def _create_agents(pool: Pool, n: int) -> list[str]:
 async def _send(
     api_url: str, plan: list[tuple[str, str, int]], ids: list[str], progress: Progress, task: Any
 ) -> None:
+    """Each demo agent sends its payments through the agents' client (api/client.py): one
+    Idempotency-Key per payment, retried on transport errors, 429 and 5xx."""
     limit = asyncio.Semaphore(16)
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as client:
+    clients = {key: AsyncAgentPay(api_url, key, timeout=30) for key in {k for k, _, _ in plan}}
+    try:
 
         async def one(key: str, card: str, amount: int, n: int) -> None:
             async with limit:
-                response = await client.post(
-                    "/v1/payments",
-                    json={"amount": amount, "currency": "usd", "payment_method": card},
-                    headers={"Authorization": f"Bearer {key}", "Idempotency-Key": f"demo-{n}"},
+                payment = await clients[key].create_payment(
+                    amount=amount,
+                    currency="usd",
+                    payment_method=card,
+                    idempotency_key=f"demo-{n}",
                 )
-                response.raise_for_status()
-                ids.append(response.json()["id"])
+                ids.append(payment.id)
                 progress.advance(task)
 
         await asyncio.gather(*(one(k, c, a, n) for n, (k, c, a) in enumerate(plan)))
+    finally:
+        for client in clients.values():
+            await client.aclose()
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -1,32 +1,66 @@
-"""Payments: create (record + enqueue in one transaction), read, list events."""
+"""Payments: create (record + enqueue in one transaction), read, list, wait, list events."""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import Response
+from pydantic import BeforeValidator, WithJsonSchema
 
 from api.deps import AgentDep, PoolDep
-from api.errors import not_found
-from api.models import ErrorResponse, EventList, Payment, PaymentCreate
+from api.errors import ApiError, not_found, responses
+from api.idempotency import IdempotencyDep
+from api.models import (
+    SETTLED_STATES,
+    EventList,
+    Payment,
+    PaymentCreate,
+    PaymentList,
+    PaymentStatus,
+)
+from api.waiters import StatusHub
 from tasks import payments
+from tasks.agents import Agent
 from tasks.app import defer
+from tasks.db import Conn
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-}
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "No such payment (or not yours)"}
-}
+# Ids are ours (`pay_` + hex); anything else cannot name a payment.
+_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+MAX_WAIT_SECONDS = 60
 
 
-@router.post("", status_code=202, response_model=Payment, responses=ERRORS)
-async def create_payment(body: PaymentCreate, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
-    """Record a payment and enqueue its pricing, atomically. The pipeline runs from there."""
-    async with pool.connection() as conn, conn.transaction():
+def _scope(agent: Agent) -> str | None:
+    """Agents see their own payments; operators see all."""
+    return None if agent.is_operator else agent.id
+
+
+async def _visible(conn: Conn, payment_id: str, agent: Agent) -> payments.Payment | None:
+    if not _ID.match(payment_id):
+        return None
+    return await payments.get(conn, payment_id, agent_id=_scope(agent))
+
+
+def _payment(row: payments.Payment) -> Payment:
+    return Payment.model_validate(payments.public(row))
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=Payment,
+    responses=responses(400, 401, 409, 413, 429, 500),
+)
+async def create_payment(body: PaymentCreate, agent: AgentDep, idem: IdempotencyDep) -> Response:
+    """Record a payment and enqueue its pricing, atomically. The pipeline runs from there.
+
+    Send an `Idempotency-Key` to make retries safe: a retry gets the first response back."""
+    async with idem.transaction() as conn:
         payment = await payments.insert(
             conn,
             agent_id=agent.id,
@@ -34,33 +68,191 @@ async def create_payment(body: PaymentCreate, agent: AgentDep, pool: PoolDep) ->
             payment_method=body.payment_method,
             capture_method=body.capture_method,
             amount=body.amount,
-            line_items=[i.model_dump() for i in body.line_items] if body.line_items else None,
+            line_items=(
+                [i.model_dump(exclude_none=True) for i in body.line_items]
+                if body.line_items
+                else None
+            ),
             description=body.description,
             metadata=body.metadata,
         )
         await defer(conn, "pricing", payment_id=payment["id"])
-    return payments.public(payment)
+        return await idem.respond(_payment(payment), 202)
 
 
-@router.get("/{payment_id}", response_model=Payment, responses={**ERRORS, **NOT_FOUND})
-async def get_payment(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
+def _utc(value: datetime | None) -> datetime | None:
+    """Timestamps without a zone are UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+_UNIX_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+def _timestamp(value: Any) -> Any:
+    """Whole Unix seconds, or else an ISO 8601 timestamp (left to pydantic)."""
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        seconds = int(value)
+        if not 0 <= seconds <= _UNIX_MAX:
+            raise ValueError(f"Unix seconds must be between 0 and {_UNIX_MAX}")
+        return datetime.fromtimestamp(seconds, UTC)
+    if isinstance(value, str) and re.fullmatch(r"[-+0-9.eE]+", value.strip()):
+        raise ValueError("give an ISO 8601 timestamp or whole Unix seconds")
+    return value
+
+
+Timestamp = Annotated[
+    datetime,
+    BeforeValidator(_timestamp),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "integer", "minimum": 0, "maximum": _UNIX_MAX},
+            ],
+            "description": "An ISO 8601 timestamp (UTC when it has no zone) or Unix seconds",
+        }
+    ),
+]
+
+
+@router.get("", response_model=PaymentList, responses=responses(400, 401, 404, 429, 500))
+async def list_payments(
+    agent: AgentDep,
+    pool: PoolDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size")] = 10,
+    starting_after: Annotated[
+        str | None,
+        Query(max_length=64, description="A payment id: the page starts after it (older)"),
+    ] = None,
+    ending_before: Annotated[
+        str | None,
+        Query(max_length=64, description="A payment id: the page ends before it (newer)"),
+    ] = None,
+    status: Annotated[PaymentStatus | None, Query(description="Only in this state")] = None,
+    created_gte: Annotated[Timestamp | None, Query(alias="created[gte]")] = None,
+    created_gt: Annotated[Timestamp | None, Query(alias="created[gt]")] = None,
+    created_lte: Annotated[Timestamp | None, Query(alias="created[lte]")] = None,
+    created_lt: Annotated[Timestamp | None, Query(alias="created[lt]")] = None,
+) -> dict[str, Any]:
+    """The caller's payments (an operator's: everyone's), newest first, a page at a time.
+
+    Page on with `starting_after` = the last id of a page while `has_more` is true; page back
+    with `ending_before` = the first id of a page (a cursor that names no payment of yours is a
+    404). `created` bounds take ISO 8601 timestamps (UTC
+    when no zone is given) or Unix seconds."""
+    created = {
+        "gte": _utc(created_gte),
+        "gt": _utc(created_gt),
+        "lte": _utc(created_lte),
+        "lt": _utc(created_lt),
+    }
     async with pool.connection() as conn:
-        payment = await payments.get(conn, payment_id, agent_id=_scope(agent))
+        cursors: dict[str, payments.Payment | None] = {}
+        for name, cursor in (("starting_after", starting_after), ("ending_before", ending_before)):
+            if cursor is None:
+                continue
+            found = await _visible(conn, cursor, agent)
+            if found is None:
+                raise ApiError(404, "resource_missing", f"No such payment: {name}", param=name)
+            cursors[name] = found
+        rows, has_more = await payments.page(
+            conn,
+            agent_id=_scope(agent),
+            limit=limit,
+            status=status,
+            created=created,
+            starting_after=cursors.get("starting_after"),
+            ending_before=cursors.get("ending_before"),
+        )
+    return {
+        "object": "list",
+        "data": [payments.public(row) for row in rows],
+        "has_more": has_more,
+        "url": "/v1/payments",
+    }
+
+
+@router.get("/{payment_id}", response_model=Payment, responses=responses(400, 401, 404, 429, 500))
+async def get_payment(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
+    """One payment, as it is now."""
+    async with pool.connection() as conn:
+        payment = await _visible(conn, payment_id, agent)
     if payment is None:
         raise not_found()
     return payments.public(payment)
 
 
-@router.get("/{payment_id}/events", response_model=EventList, responses={**ERRORS, **NOT_FOUND})
+def hub(app: FastAPI, conninfo: str) -> StatusHub:
+    """This process's status listener (one per app), created on first use."""
+    found: StatusHub | None = getattr(app.state, "status_hub", None)
+    if found is None:
+        found = app.state.status_hub = StatusHub(conninfo)
+    return found
+
+
+@router.get(
+    "/{payment_id}/wait",
+    response_model=Payment,
+    responses=responses(400, 401, 404, 429, 500),
+)
+async def wait_for_payment(
+    payment_id: str,
+    request: Request,
+    agent: AgentDep,
+    pool: PoolDep,
+    wait_seconds: Annotated[
+        float,
+        Query(alias="timeout", ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait at most"),
+    ] = 30,
+    status: Annotated[
+        list[PaymentStatus] | None,
+        Query(
+            description="Return as soon as the payment is in one of these states (repeat the "
+            "parameter for several). Default: final, succeeded, authorized, requires_action "
+            "or partially_refunded."
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    """Long-poll: answer once the payment is in one of the `status` states, or when `timeout`
+    seconds have passed — with the payment as it is then, either way (check its `status`).
+
+    The wait is woken by Postgres LISTEN/NOTIFY, not by polling; it holds no database
+    connection while it waits."""
+    settings = request.app.state.settings
+    targets = set(status) if status else SETTLED_STATES
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + min(wait_seconds, settings.long_poll_max_seconds)
+    conninfo = pool.conninfo if isinstance(pool.conninfo, str) else None
+    status_hub = hub(request.app, conninfo or settings.resolved_database_url())
+    with status_hub.watch(payment_id) as changed:
+        while True:
+            # Cleared before reading: a change from here on sets it again.
+            changed.clear()
+            async with pool.connection() as conn:
+                payment = await _visible(conn, payment_id, agent)
+            if payment is None:
+                raise not_found()
+            remaining = deadline - loop.time()
+            if payment["status"] in targets or remaining <= 0:
+                return payments.public(payment)
+            try:
+                async with asyncio.timeout(min(remaining, settings.long_poll_recheck_seconds)):
+                    await changed.wait()
+            except TimeoutError:
+                pass
+
+
+@router.get(
+    "/{payment_id}/events",
+    response_model=EventList,
+    responses=responses(400, 401, 404, 429, 500),
+)
 async def payment_events(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
     """Every transition of the payment, oldest first."""
     async with pool.connection() as conn:
-        payment = await payments.get(conn, payment_id, agent_id=_scope(agent))
+        payment = await _visible(conn, payment_id, agent)
         if payment is None:
             raise not_found()
         return {"object": "list", "data": await payments.events(conn, payment_id)}
-
-
-def _scope(agent: Any) -> str | None:
-    """Agents see their own payments; operators see all."""
-    return None if agent.is_operator else agent.id

@@ -1,0 +1,607 @@
+"""A Python client for agents: `AgentPay` (sync) and `AsyncAgentPay` (async), on httpx.
+
+    async with AsyncAgentPay("http://127.0.0.1:8000", api_key) as client:
+        payment = await client.create_payment(
+            amount=1999, currency="usd", payment_method="pm_card_visa"
+        )
+        payment = await client.wait_for_payment(payment.id, timeout=30)
+        print(payment.status)
+
+What it does for you:
+
+- Every POST carries an `Idempotency-Key`, one per logical request (yours, or a fresh UUID),
+  reused on every retry of that request — so a retry never pays twice.
+- Transport errors (connection refused or reset, timeouts, a lost response) and 429/5xx
+  answers are retried up to `max_retries` times with exponential backoff and full jitter,
+  waiting at least as long as `Retry-After` says.
+- Answers are typed: `Payment`, `PaymentList`, `Refund` (pydantic models); errors raise
+  `AgentPayError` with the server's `type`, `code`, `message` and `param`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from datetime import datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from api.models import SETTLED_STATES, Payment, PaymentList
+
+__all__ = [
+    "AgentPay",
+    "AgentPayConnectionError",
+    "AgentPayError",
+    "AsyncAgentPay",
+    "Payment",
+    "PaymentList",
+    "Refund",
+]
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# The server caps one long-poll at 60 s; longer waits are several long-polls.
+MAX_POLL_SECONDS = 60.0
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+class RefundFailure(BaseModel):
+    code: str
+    message: str | None = None
+
+
+class Refund(BaseModel):
+    id: str
+    object: Literal["refund"] = "refund"
+    payment_id: str
+    amount: int
+    currency: str
+    status: str
+    reason: str | None = None
+    provider_refund_id: str | None = None
+    failure: RefundFailure | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class AgentPayError(Exception):
+    """The server refused the request (or kept failing): its error, as it sent it."""
+
+    def __init__(
+        self,
+        status: int,
+        type_: str,
+        code: str,
+        message: str,
+        param: str | None = None,
+        *,
+        response: httpx.Response | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.type = type_
+        self.code = code
+        self.message = message
+        self.param = param
+        self.response = response
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> AgentPayError:
+        try:
+            error = response.json()["error"]
+            return cls(
+                response.status_code,
+                str(error.get("type", "api_error")),
+                str(error.get("code", "error")),
+                str(error.get("message", "")),
+                error.get("param"),
+                response=response,
+            )
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return cls(
+                response.status_code,
+                "api_error",
+                "unexpected_response",
+                response.text[:200],
+                response=response,
+            )
+
+
+class AgentPayConnectionError(AgentPayError):
+    """The server could not be reached (or answered nothing) after every retry."""
+
+    def __init__(self, error: httpx.TransportError) -> None:
+        super().__init__(0, "api_connection_error", type(error).__name__, str(error) or "")
+
+
+class _Base:
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _headers(self, idempotency_key: str | None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.api_key}", "Accept": "application/json"}
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
+        return headers
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """Seconds before retry number `attempt` (0-based): full-jitter exponential backoff,
+        but never less than the server's `Retry-After`."""
+        wait = random.uniform(0, min(self.max_backoff, self.backoff * 2**attempt))
+        if response is not None:
+            wait = max(wait, retry_after(response))
+        return wait
+
+    @staticmethod
+    def _retryable(response: httpx.Response) -> bool:
+        return response.status_code in RETRY_STATUSES or response.status_code >= 500
+
+    @staticmethod
+    def _parse(response: httpx.Response, model: type[Model]) -> Model:
+        if response.is_success:
+            return model.model_validate_json(response.content)
+        raise AgentPayError.from_response(response)
+
+
+def retry_after(response: httpx.Response) -> float:
+    """The `Retry-After` header in seconds (a number or an HTTP date), else 0."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _payment_body(
+    *,
+    amount: int | None,
+    currency: str,
+    payment_method: str,
+    line_items: Iterable[dict[str, Any]] | None,
+    capture_method: str,
+    description: str | None,
+    metadata: dict[str, str] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "currency": currency,
+        "payment_method": payment_method,
+        "capture_method": capture_method,
+    }
+    if amount is not None:
+        body["amount"] = amount
+    if line_items is not None:
+        body["line_items"] = list(line_items)
+    if description is not None:
+        body["description"] = description
+    if metadata:
+        body["metadata"] = metadata
+    return body
+
+
+def _list_params(
+    limit: int,
+    starting_after: str | None,
+    ending_before: str | None,
+    status: str | None,
+    created_gte: datetime | None,
+    created_lte: datetime | None,
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    for name, value in (
+        ("starting_after", starting_after),
+        ("ending_before", ending_before),
+        ("status", status),
+        ("created[gte]", created_gte.isoformat() if created_gte else None),
+        ("created[lte]", created_lte.isoformat() if created_lte else None),
+    ):
+        if value is not None:
+            params[name] = value
+    return params
+
+
+def _new_key() -> str:
+    return f"agentpay-py-{uuid.uuid4()}"
+
+
+class AsyncAgentPay(_Base):
+    """The async client. Use `async with`, or call `aclose()` when done."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
+        self._sleep = sleep
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    async def __aenter__(self) -> AsyncAgentPay:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpx's timeout for each attempt
+    ) -> httpx.Response:
+        """One logical request, retried on transport errors, 429 and 5xx (POSTs always with
+        the same Idempotency-Key). Returns the last response; raises AgentPayConnectionError
+        if no response ever came."""
+        if method == "POST" and idempotency_key is None:
+            idempotency_key = _new_key()
+        headers = self._headers(idempotency_key)
+        attempt = 0
+        while True:
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    json=json,
+                    params=params,
+                    headers=headers,
+                    timeout=timeout if timeout is not None else self.timeout,
+                )
+            except httpx.TransportError as error:
+                if attempt >= self.max_retries:
+                    raise AgentPayConnectionError(error) from error
+                await self._sleep(self.delay(attempt, None))
+            else:
+                if not self._retryable(response) or attempt >= self.max_retries:
+                    return response
+                await self._sleep(self.delay(attempt, response))
+            attempt += 1
+
+    async def create_payment(
+        self,
+        *,
+        currency: str,
+        payment_method: str,
+        amount: int | None = None,
+        line_items: Iterable[dict[str, Any]] | None = None,
+        capture_method: Literal["automatic", "manual"] = "automatic",
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Payment:
+        """Ask for a payment (`amount` in minor units, or `line_items`). Returns it as
+        recorded (`received`); the workers take it from there."""
+        body = _payment_body(
+            amount=amount,
+            currency=currency,
+            payment_method=payment_method,
+            line_items=line_items,
+            capture_method=capture_method,
+            description=description,
+            metadata=metadata,
+        )
+        response = await self.request(
+            "POST", "/v1/payments", json=body, idempotency_key=idempotency_key
+        )
+        return self._parse(response, Payment)
+
+    async def get_payment(self, payment_id: str) -> Payment:
+        return self._parse(await self.request("GET", f"/v1/payments/{payment_id}"), Payment)
+
+    async def list_payments(
+        self,
+        *,
+        limit: int = 10,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        status: str | None = None,
+        created_gte: datetime | None = None,
+        created_lte: datetime | None = None,
+    ) -> PaymentList:
+        """One page of your payments, newest first."""
+        params = _list_params(
+            limit, starting_after, ending_before, status, created_gte, created_lte
+        )
+        return self._parse(await self.request("GET", "/v1/payments", params=params), PaymentList)
+
+    async def iter_payments(
+        self, *, page_size: int = 100, **filters: Any
+    ) -> AsyncIterator[Payment]:
+        """Every payment matching the filters of `list_payments`, newest first, page by page."""
+        after: str | None = None
+        while True:
+            page = await self.list_payments(limit=page_size, starting_after=after, **filters)
+            for payment in page.data:
+                yield payment
+            if not page.has_more or not page.data:
+                return
+            after = page.data[-1].id
+
+    async def wait_for_payment(
+        self,
+        payment_id: str,
+        *,
+        timeout: float = 60.0,  # noqa: ASYNC109 - the server waits; this bounds the wait
+        status: Iterable[str] | None = None,
+    ) -> Payment:
+        """Wait (long-polling, not hammering) until the payment is in one of `status` (by
+        default a final state, or succeeded, authorized, requires_action), or `timeout`
+        seconds pass. Returns the payment as it is then: check its `status`."""
+        targets = set(status) if status is not None else set(SETTLED_STATES)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            wait = min(remaining, MAX_POLL_SECONDS)
+            params: dict[str, Any] = {"timeout": round(wait, 3)}
+            if status is not None:
+                params["status"] = sorted(targets)
+            response = await self.request(
+                "GET",
+                f"/v1/payments/{payment_id}/wait",
+                params=params,
+                timeout=wait + self.timeout,
+            )
+            payment = self._parse(response, Payment)
+            if payment.status in targets or time.monotonic() >= deadline:
+                return payment
+
+    async def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
+        """Capture an `authorized` (manual capture) payment."""
+        response = await self.request(
+            "POST", f"/v1/payments/{payment_id}/capture", idempotency_key=idempotency_key
+        )
+        return self._parse(response, Payment)
+
+    async def cancel(
+        self, payment_id: str, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> Payment:
+        response = await self.request(
+            "POST",
+            f"/v1/payments/{payment_id}/cancel",
+            json={"reason": reason} if reason is not None else None,
+            idempotency_key=idempotency_key,
+        )
+        return self._parse(response, Payment)
+
+    async def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        """Refund all (no `amount`) or part of a reconciled payment."""
+        body = {k: v for k, v in (("amount", amount), ("reason", reason)) if v is not None}
+        response = await self.request(
+            "POST",
+            f"/v1/payments/{payment_id}/refunds",
+            json=body or None,
+            idempotency_key=idempotency_key,
+        )
+        return self._parse(response, Refund)
+
+
+class AgentPay(_Base):
+    """The sync client: the same methods as `AsyncAgentPay`, blocking. Use `with`, or call
+    `close()` when done."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 30.0,
+        max_retries: int = 4,
+        backoff: float = 0.25,
+        max_backoff: float = 8.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
+        self._sleep = sleep
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> AgentPay:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """See `AsyncAgentPay.request`."""
+        if method == "POST" and idempotency_key is None:
+            idempotency_key = _new_key()
+        headers = self._headers(idempotency_key)
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(
+                    method,
+                    path,
+                    json=json,
+                    params=params,
+                    headers=headers,
+                    timeout=timeout if timeout is not None else self.timeout,
+                )
+            except httpx.TransportError as error:
+                if attempt >= self.max_retries:
+                    raise AgentPayConnectionError(error) from error
+                self._sleep(self.delay(attempt, None))
+            else:
+                if not self._retryable(response) or attempt >= self.max_retries:
+                    return response
+                self._sleep(self.delay(attempt, response))
+            attempt += 1
+
+    def create_payment(
+        self,
+        *,
+        currency: str,
+        payment_method: str,
+        amount: int | None = None,
+        line_items: Iterable[dict[str, Any]] | None = None,
+        capture_method: Literal["automatic", "manual"] = "automatic",
+        description: str | None = None,
+        metadata: dict[str, str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Payment:
+        """See `AsyncAgentPay.create_payment`."""
+        body = _payment_body(
+            amount=amount,
+            currency=currency,
+            payment_method=payment_method,
+            line_items=line_items,
+            capture_method=capture_method,
+            description=description,
+            metadata=metadata,
+        )
+        response = self.request("POST", "/v1/payments", json=body, idempotency_key=idempotency_key)
+        return self._parse(response, Payment)
+
+    def get_payment(self, payment_id: str) -> Payment:
+        return self._parse(self.request("GET", f"/v1/payments/{payment_id}"), Payment)
+
+    def list_payments(
+        self,
+        *,
+        limit: int = 10,
+        starting_after: str | None = None,
+        ending_before: str | None = None,
+        status: str | None = None,
+        created_gte: datetime | None = None,
+        created_lte: datetime | None = None,
+    ) -> PaymentList:
+        params = _list_params(
+            limit, starting_after, ending_before, status, created_gte, created_lte
+        )
+        return self._parse(self.request("GET", "/v1/payments", params=params), PaymentList)
+
+    def iter_payments(self, *, page_size: int = 100, **filters: Any) -> Iterator[Payment]:
+        after: str | None = None
+        while True:
+            page = self.list_payments(limit=page_size, starting_after=after, **filters)
+            yield from page.data
+            if not page.has_more or not page.data:
+                return
+            after = page.data[-1].id
+
+    def wait_for_payment(
+        self, payment_id: str, *, timeout: float = 60.0, status: Iterable[str] | None = None
+    ) -> Payment:
+        """See `AsyncAgentPay.wait_for_payment`."""
+        targets = set(status) if status is not None else set(SETTLED_STATES)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = max(0.0, deadline - time.monotonic())
+            wait = min(remaining, MAX_POLL_SECONDS)
+            params: dict[str, Any] = {"timeout": round(wait, 3)}
+            if status is not None:
+                params["status"] = sorted(targets)
+            response = self.request(
+                "GET",
+                f"/v1/payments/{payment_id}/wait",
+                params=params,
+                timeout=wait + self.timeout,
+            )
+            payment = self._parse(response, Payment)
+            if payment.status in targets or time.monotonic() >= deadline:
+                return payment
+
+    def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
+        response = self.request(
+            "POST", f"/v1/payments/{payment_id}/capture", idempotency_key=idempotency_key
+        )
+        return self._parse(response, Payment)
+
+    def cancel(
+        self, payment_id: str, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> Payment:
+        response = self.request(
+            "POST",
+            f"/v1/payments/{payment_id}/cancel",
+            json={"reason": reason} if reason is not None else None,
+            idempotency_key=idempotency_key,
+        )
+        return self._parse(response, Payment)
+
+    def refund(
+        self,
+        payment_id: str,
+        *,
+        amount: int | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Refund:
+        body = {k: v for k, v in (("amount", amount), ("reason", reason)) if v is not None}
+        response = self.request(
+            "POST",
+            f"/v1/payments/{payment_id}/refunds",
+            json=body or None,
+            idempotency_key=idempotency_key,
+        )
+        return self._parse(response, Refund)

@@ -1,0 +1,153 @@
+"""Request bodies are checked before anything parses them.
+
+`BodyLimits` is plain ASGI middleware in front of the whole app. It refuses a body whose
+`Content-Length` is above the limit without reading it, reads any other body (announced or
+chunked) only up to the limit, and then, for JSON (or untyped) bodies, refuses bytes that are
+not UTF-8 and JSON nested deeper than `max_depth` — all with the one error shape, before
+FastAPI or the webhook receiver sees a byte. The buffered body is then replayed to the app.
+"""
+
+from __future__ import annotations
+
+import re
+from email.message import Message
+
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as AsgiMessage
+
+from api.errors import error_body
+
+WEBHOOK_PREFIX = "/v1/webhooks/"
+
+# A JSON string literal (with escapes); brackets inside strings do not nest anything.
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deeply arrays and objects nest in `text` (JSON, not necessarily valid)."""
+    depth = deepest = 0
+    for match in _BRACKET.finditer(_STRING.sub('""', text)):
+        if match.group() in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def is_json(content_type: str | None) -> bool:
+    """Whether FastAPI would parse a body of this type as JSON (it does when untyped)."""
+    if not content_type:
+        return True
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (
+        subtype == "json" or subtype.endswith("+json")
+    )
+
+
+class BodyLimits:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, webhook_max_body_bytes: int, max_depth: int
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.webhook_max_body_bytes = webhook_max_body_bytes
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        limit = (
+            self.webhook_max_body_bytes if path.startswith(WEBHOOK_PREFIX) else self.max_body_bytes
+        )
+        headers = Headers(scope=scope)
+        announced = headers.get("content-length")
+        if announced is not None:
+            if not announced.strip().isdigit():
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    400,
+                    "content_length_invalid",
+                    "The Content-Length header is not a number.",
+                )
+                return
+            if int(announced) > limit:
+                await _too_large(scope, receive, send, limit)
+                return
+
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _too_large(scope, receive, send, limit)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+
+        if body and is_json(headers.get("content-type")):
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            # NUL is never valid in JSON text; it also betrays UTF-16/32, which json.loads
+            # would otherwise accept.
+            if text is None or "\x00" in text:
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    400,
+                    "body_not_utf8",
+                    "The body must be JSON encoded as UTF-8.",
+                )
+                return
+            if json_depth(text) > self.max_depth:
+                await _refuse(
+                    scope,
+                    receive,
+                    send,
+                    400,
+                    "body_too_deep",
+                    f"The JSON body nests deeper than {self.max_depth} levels.",
+                )
+                return
+
+        replayed = False
+
+        async def replay() -> AsgiMessage:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+    await _refuse(
+        scope, receive, send, 413, "body_too_large", f"The body is larger than {limit} bytes."
+    )
+
+
+async def _refuse(
+    scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
+) -> None:
+    response = JSONResponse(error_body("invalid_request_error", code, message), status_code=status)
+    await response(scope, receive, send)

@@ -1,0 +1,307 @@
+"""What operators see, read in one place: the ops_* views (schema/migrations/0005_operations.sql)
+and the Prometheus exposition of them at GET /metrics.
+
+`read_snapshot` reads every view in one read-only REPEATABLE READ transaction, so the figures
+belong to one instant. `agentpay status` (workers/status.py), the /ops page
+(api/routes/ops.py) and /metrics all render that same snapshot, so they agree for the same
+state of the database.
+
+/metrics carries what the database knows (queues, throughput, job durations over the last
+15 minutes, stuck payments, the review queue, failures, transitions, webhooks, workers).
+What only a worker process knows — the exact duration of each job it ran, and the latency
+and errors of its provider calls — each worker serves itself on AGENTPAY_METRICS_PORT
+(workers/worker.py); docs/operations.md says what to scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from api.deps import PoolDep
+from tasks import ledger
+from tasks.db import Conn
+from tasks.settings import Settings, get_settings
+
+router = APIRouter(tags=["operations"])
+
+# Upper bounds (seconds) of the job-duration buckets, in the API's and the workers' metrics.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# Each view, and how many rows of it a snapshot keeps (None: all of them).
+_VIEWS: dict[str, int | None] = {
+    "queues": None,  # ops_queue_depth
+    "throughput": None,  # ops_throughput
+    "stuck": 200,  # ops_stuck_payments
+    "review": 200,  # ops_review_queue
+    "failures": 100,  # ops_recent_failures
+    "mismatches": 100,  # ops_reconcile_mismatches
+    "transitions": None,  # ops_transition_counts
+    "webhooks": None,  # ops_webhook_counts
+    "workers": None,  # ops_workers
+}
+_VIEW_NAMES = {
+    "queues": "ops_queue_depth",
+    "throughput": "ops_throughput",
+    "stuck": "ops_stuck_payments",
+    "review": "ops_review_queue",
+    "failures": "ops_recent_failures",
+    "mismatches": "ops_reconcile_mismatches",
+    "transitions": "ops_transition_counts",
+    "webhooks": "ops_webhook_counts",
+    "workers": "ops_workers",
+}
+
+# The query of the duration buckets: finished jobs of the last 15 minutes per role.
+_DURATIONS = """
+WITH finished AS (
+    SELECT j.queue_name AS role,
+           extract(epoch FROM e.at - (
+               SELECT max(s.at) FROM procrastinate_events s
+                WHERE s.job_id = e.job_id AND s.type = 'started' AND s.at <= e.at)) AS seconds
+      FROM procrastinate_events e
+      JOIN procrastinate_jobs j ON j.id = e.job_id
+     WHERE e.type IN ('succeeded', 'failed', 'cancelled', 'aborted')
+       AND e.at > now() - interval '15 minutes'
+)
+SELECT r.role, b.le, count(f.seconds) FILTER (WHERE f.seconds <= b.le) AS n,
+       count(f.seconds) AS total, coalesce(sum(f.seconds), 0) AS sum
+  FROM ops_roles r
+  CROSS JOIN unnest(%s::double precision[]) AS b(le)
+  LEFT JOIN finished f ON f.role = r.role
+ GROUP BY r.role, r.position, b.le
+ ORDER BY r.position, b.le
+"""
+
+
+@dataclass
+class Snapshot:
+    """Every ops view at one instant (`at`, the database's clock)."""
+
+    at: datetime
+    stuck_after_seconds: float
+    queues: list[dict[str, Any]]
+    throughput: list[dict[str, Any]]
+    stuck: list[dict[str, Any]]
+    review: list[dict[str, Any]]
+    failures: list[dict[str, Any]]
+    mismatches: list[dict[str, Any]]
+    transitions: list[dict[str, Any]]
+    webhooks: list[dict[str, Any]]
+    workers: list[dict[str, Any]]
+    # role -> [(le, cumulative count)], plus count and sum, over the last 15 minutes.
+    durations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unlimited_agents: list[dict[str, Any]] = field(default_factory=list)
+    # Totals of the (possibly truncated) lists above.
+    counts: dict[str, Any] = field(default_factory=dict)
+
+    def stuck_by_waiting_on(self) -> dict[str, int]:
+        out = {"fleet": 0, "operator": 0, "agent": 0}
+        out.update(self.counts.get("stuck_by_waiting_on", {}))
+        return out
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stuck_by_waiting_on"] = self.stuck_by_waiting_on()
+        return data
+
+
+async def read_snapshot(conn: Conn, settings: Settings | None = None) -> Snapshot:
+    """Read every ops view in one read-only, repeatable-read transaction."""
+    settings = settings or get_settings()
+    rows: dict[str, list[dict[str, Any]]] = {}
+    counts: dict[str, Any] = {}
+    async with conn.transaction():
+        await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        cur = await conn.execute(
+            "SELECT now() AS at, set_config('agentpay.stuck_after_seconds', %s, true)",
+            (str(settings.stuck_after_seconds),),
+        )
+        head = await cur.fetchone()
+        assert head is not None
+        for key, limit in _VIEWS.items():
+            # View names are our own constants, never input.
+            query = f"SELECT * FROM {_VIEW_NAMES[key]}"  # noqa: S608
+            if limit is not None:
+                query += f" LIMIT {int(limit)}"
+            cur = await conn.execute(query.encode())
+            rows[key] = await cur.fetchall()
+        cur = await conn.execute(
+            """SELECT (SELECT count(*) FROM ops_review_queue) AS review,
+                      (SELECT count(*) FROM ops_recent_failures) AS failures,
+                      (SELECT count(*) FROM ops_reconcile_mismatches) AS mismatches"""
+        )
+        totals = await cur.fetchone()
+        assert totals is not None
+        counts.update(totals)
+        cur = await conn.execute(
+            "SELECT waiting_on, count(*) AS n FROM ops_stuck_payments GROUP BY waiting_on"
+        )
+        by_waiting = {r["waiting_on"]: r["n"] for r in await cur.fetchall()}
+        counts["stuck"] = sum(by_waiting.values())
+        counts["stuck_by_waiting_on"] = by_waiting
+        cur = await conn.execute(
+            "SELECT kind, count(*) AS n FROM ops_recent_failures GROUP BY kind"
+        )
+        counts["failures_by_kind"] = {r["kind"]: r["n"] for r in await cur.fetchall()}
+        cur = await conn.execute(_DURATIONS, (list(DURATION_BUCKETS),))
+        durations: dict[str, dict[str, Any]] = {}
+        for r in await cur.fetchall():
+            d = durations.setdefault(
+                r["role"], {"buckets": [], "count": r["total"], "sum": float(r["sum"])}
+            )
+            d["buckets"].append((float(r["le"]), r["n"]))
+        unlimited = await ledger.unlimited_agents(conn, settings)
+    return Snapshot(
+        at=head["at"],
+        stuck_after_seconds=settings.stuck_after_seconds,
+        durations=durations,
+        unlimited_agents=[dict(a) for a in unlimited],
+        counts=counts,
+        **rows,
+    )
+
+
+class SnapshotCollector(Collector):
+    """Prometheus metric families of one snapshot."""
+
+    def __init__(self, snapshot: Snapshot, stalled_after_seconds: float) -> None:
+        self.s = snapshot
+        self.stalled_after = stalled_after_seconds
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.s
+        gauges = {
+            "waiting": "Jobs due now and waiting for a worker",
+            "scheduled": "Jobs waiting for a later time (retries, re-checks)",
+            "running": "Jobs a worker holds",
+            "oldest_waiting_seconds": "Age of the oldest job due and waiting",
+            "failed_last_hour": "Jobs that failed for good in the last hour",
+        }
+        for column, text in gauges.items():
+            name = (
+                f"agentpay_queue_{column}"
+                if column != "failed_last_hour"
+                else "agentpay_jobs_failed_last_hour"
+            )
+            g = GaugeMetricFamily(name, text, labels=["role"])
+            for q in s.queues:
+                g.add_metric([q["role"]], float(q[column]))
+            yield g
+
+        rate = GaugeMetricFamily(
+            "agentpay_jobs_per_second_5m", "Jobs finished successfully per second", labels=["role"]
+        )
+        done = GaugeMetricFamily(
+            "agentpay_jobs_succeeded_5m",
+            "Jobs finished successfully, last 5 minutes",
+            labels=["role"],
+        )
+        for t in s.throughput:
+            rate.add_metric([t["role"]], float(t["per_second_5m"]))
+            done.add_metric([t["role"]], float(t["succeeded_5m"]))
+        yield rate
+        yield done
+
+        hist = GaugeHistogramMetricFamily(
+            "agentpay_job_duration_window_seconds",
+            "Durations (started to finished) of the jobs finished in the last 15 minutes",
+            labels=["role"],
+        )
+        for role, d in s.durations.items():
+            buckets = [(_le(le), float(n)) for le, n in d["buckets"]]
+            buckets.append(("+Inf", float(d["count"])))
+            hist.add_metric([role], buckets, d["sum"])
+        yield hist
+
+        stuck = GaugeMetricFamily(
+            "agentpay_stuck_payments",
+            f"Payments that have not moved for {s.stuck_after_seconds:g}s, by who they wait on",
+            labels=["waiting_on"],
+        )
+        for who, n in s.stuck_by_waiting_on().items():
+            stuck.add_metric([who], float(n))
+        yield stuck
+
+        yield GaugeMetricFamily(
+            "agentpay_review_queue", "Payments waiting for an operator", value=s.counts["review"]
+        )
+        oldest_review = max((r["waiting_seconds"] for r in s.review), default=0.0)
+        yield GaugeMetricFamily(
+            "agentpay_review_oldest_seconds",
+            "How long the oldest payment in review has waited",
+            value=float(oldest_review),
+        )
+        fail = GaugeMetricFamily(
+            "agentpay_recent_failures", "Failures of the last 24 hours", labels=["kind"]
+        )
+        for kind in ("payment", "job"):
+            fail.add_metric([kind], float(s.counts["failures_by_kind"].get(kind, 0)))
+        yield fail
+        yield CounterMetricFamily(
+            "agentpay_reconcile_mismatches",
+            "Fields where the provider disagreed with a payment",
+            value=s.counts["mismatches"],
+        )
+
+        trans = CounterMetricFamily(
+            "agentpay_payment_transitions",
+            "Payment status changes (from '' is a payment's creation)",
+            labels=["from", "to"],
+        )
+        for t in s.transitions:
+            trans.add_metric([t["from_status"], t["to_status"]], float(t["total"]))
+        yield trans
+
+        hooks = CounterMetricFamily(
+            "agentpay_webhook_events",
+            "Provider webhook events received (each once), by type and outcome",
+            labels=["type", "outcome"],
+        )
+        for w in s.webhooks:
+            hooks.add_metric([w["type"], w["outcome"]], float(w["total"]))
+        yield hooks
+
+        alive = sum(1 for w in s.workers if w["heartbeat_age_seconds"] < self.stalled_after)
+        workers = GaugeMetricFamily(
+            "agentpay_workers", "Worker processes by heartbeat", labels=["state"]
+        )
+        workers.add_metric(["alive"], float(alive))
+        workers.add_metric(["stalled"], float(len(s.workers) - alive))
+        yield workers
+
+
+def _le(value: float) -> str:
+    return f"{value:g}"
+
+
+def render(snapshot: Snapshot, settings: Settings) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshot, settings.stalled_after_seconds))
+    return generate_latest(registry)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+async def metrics(pool: PoolDep, request: Request) -> Response:
+    """Prometheus metrics of the fleet, read from the ops views (no authentication, like
+    /healthz: expose it only where your Prometheus can reach it)."""
+    settings: Settings = request.app.state.settings
+    async with pool.connection() as conn:
+        snapshot = await read_snapshot(conn, settings)
+    return Response(render(snapshot, settings), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,154 @@
+"""Budgets: agents read their balance and statement; operators fund agents' budgets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from api.deps import AgentDep, OperatorDep, PoolDep
+from api.errors import ApiError, not_found
+from api.idempotency import IdempotencyDep
+from api.models import ErrorResponse
+from tasks import agents, ledger, money
+
+router = APIRouter(tags=["ledger"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    403: {"model": ErrorResponse, "description": "Not allowed"},
+    404: {"model": ErrorResponse, "description": "No such agent"},
+}
+
+
+class Amount(BaseModel):
+    amount: int
+    currency: str
+
+
+class Balance(BaseModel):
+    object: Literal["balance"] = "balance"
+    agent_id: str
+    budgeted: bool = Field(description="Held to a budget (created with one, or funded)")
+    unlimited: bool = Field(description="May spend without a budget")
+    available: list[Amount]
+    held: list[Amount] = Field(description="Reserved for payments in flight")
+
+
+class BalanceTransaction(BaseModel):
+    object: Literal["balance_transaction"] = "balance_transaction"
+    id: int
+    transaction_id: str
+    type: str
+    account: str
+    amount: int
+    currency: str
+    balance_after: int
+    payment_id: str | None
+    description: str | None
+    actor: str
+    created_at: datetime
+
+
+class BalanceTransactionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BalanceTransaction]
+    has_more: bool
+
+
+class DepositCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    amount: StrictInt = Field(description="Minor units, e.g. 5000 = $50.00")
+    currency: str = Field(min_length=3, max_length=3, description="Lowercase ISO 4217")
+    description: str | None = Field(default=None, max_length=500)
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if value not in money.CURRENCIES:
+            raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
+        return value
+
+
+class Deposit(BaseModel):
+    object: Literal["deposit"] = "deposit"
+    id: str | None
+    agent_id: str
+    amount: int
+    currency: str
+    balance: int
+
+
+async def _whose(agent: agents.Agent, agent_id: str | None, pool: Any) -> str:
+    """Agents read their own balance; operators may name another agent."""
+    if agent_id is None or agent_id == agent.id:
+        return agent.id
+    if not agent.is_operator:
+        raise ApiError(
+            403,
+            "operator_only",
+            "Only operators read another agent's balance",
+            type_="permission_error",
+            param="agent_id",
+        )
+    async with pool.connection() as conn:
+        found = await agents.find(conn, agent_id)
+    if found is None:
+        raise not_found("agent")
+    return str(found["id"])
+
+
+@router.get("/v1/balance", response_model=Balance, responses=ERRORS)
+async def get_balance(
+    agent: AgentDep, pool: PoolDep, agent_id: str | None = None
+) -> dict[str, Any]:
+    """The caller's budget per currency: available, and held for payments in flight."""
+    whose = await _whose(agent, agent_id, pool)
+    async with pool.connection() as conn:
+        return await ledger.balance(conn, whose)
+
+
+@router.get("/v1/balance/transactions", response_model=BalanceTransactionList, responses=ERRORS)
+async def list_balance_transactions(
+    agent: AgentDep,
+    pool: PoolDep,
+    agent_id: str | None = None,
+    limit: int = Query(default=50, ge=1, le=500),
+    starting_after: int | None = Query(default=None, description="An entry id: older ones"),
+) -> dict[str, Any]:
+    """The caller's statement: every entry on its budget and holds, newest first."""
+    whose = await _whose(agent, agent_id, pool)
+    async with pool.connection() as conn:
+        rows = await ledger.statement(conn, whose, limit=limit + 1, starting_after=starting_after)
+    return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
+
+
+@router.post(
+    "/v1/agents/{agent_id}/deposits", status_code=201, response_model=Deposit, responses=ERRORS
+)
+async def create_deposit(
+    agent_id: str, body: DepositCreate, operator: OperatorDep, idem: IdempotencyDep
+) -> Response:
+    """Fund an agent's budget (operators only). From then on the agent is held to its
+    budget. The deposit is one transaction."""
+    problem = money.amount_problem(body.amount, body.currency)
+    if problem:
+        raise ApiError(400, "parameter_invalid", f"amount: {problem}", param="amount")
+    async with idem.transaction() as conn:
+        found = await agents.find(conn, agent_id)
+        if found is None or found["id"] != agent_id:
+            raise not_found("agent")
+        deposit = await ledger.deposit(
+            conn,
+            agent_id,
+            body.amount,
+            body.currency,
+            actor=f"operator:{operator.id}",
+            description=body.description,
+        )
+        return await idem.respond(Deposit.model_validate(deposit), 201)

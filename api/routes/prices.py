@@ -1,0 +1,91 @@
+"""The price catalog: operators set and retire prices; every agent may read what is on sale."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+from api.deps import AgentDep, OperatorDep, PoolDep
+from api.errors import ApiError
+from api.idempotency import IdempotencyDep
+from api.models import ErrorResponse
+from tasks import money, pricing
+
+router = APIRouter(prefix="/v1/prices", tags=["prices"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    403: {"model": ErrorResponse, "description": "Not an operator"},
+}
+
+
+class PriceSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+    currency: str = Field(min_length=3, max_length=3, description="Lowercase ISO 4217")
+    unit_amount: StrictInt = Field(description="Minor units, e.g. 1999 = $19.99")
+    description: str | None = Field(default=None, max_length=500)
+    active: bool = True
+
+    @field_validator("currency")
+    @classmethod
+    def _currency(cls, value: str) -> str:
+        if value not in money.CURRENCIES:
+            raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
+        return value
+
+
+class Price(BaseModel):
+    object: Literal["price"] = "price"
+    sku: str
+    currency: str
+    unit_amount: int
+    description: str | None
+    active: bool
+
+
+class PriceList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Price]
+
+
+def _public(price: pricing.Price) -> dict[str, Any]:
+    return {"object": "price", **price.__dict__}
+
+
+@router.post("", response_model=Price, responses=ERRORS)
+async def set_price(body: PriceSet, _: OperatorDep, idem: IdempotencyDep) -> Response:
+    """Create or replace the price of a SKU in a currency (operators only). Setting the same
+    price again changes nothing."""
+    problem = money.amount_problem(body.unit_amount, body.currency)
+    if problem:
+        raise ApiError(400, "parameter_invalid", f"unit_amount: {problem}", param="unit_amount")
+    async with idem.transaction() as conn:
+        price = await pricing.set_price(
+            conn,
+            body.sku,
+            body.currency,
+            body.unit_amount,
+            description=body.description,
+            active=body.active,
+        )
+        return await idem.respond(Price.model_validate(_public(price)))
+
+
+@router.get("", response_model=PriceList, responses=ERRORS)
+async def list_prices(
+    agent: AgentDep,
+    pool: PoolDep,
+    currency: str | None = Query(default=None, min_length=3, max_length=3),
+) -> dict[str, Any]:
+    """The catalog: what is on sale; operators also see retired (inactive) prices."""
+    async with pool.connection() as conn:
+        prices = await pricing.list_prices(
+            conn, currency=currency, include_inactive=agent.is_operator
+        )
+    return {"object": "list", "data": [_public(p) for p in prices]}

@@ -1,0 +1,85 @@
+"""Operators' review of payments risk sent to in_review: list, approve, reject."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import OperatorDep, PoolDep
+from api.errors import ApiError
+from api.models import ErrorResponse, Payment
+from tasks import payments, risk
+
+router = APIRouter(prefix="/v1/review", tags=["review"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request"},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+    403: {"model": ErrorResponse, "description": "Not an operator"},
+}
+DECISION_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorResponse, "description": "No such payment"},
+    409: {"model": ErrorResponse, "description": "The payment is not in_review"},
+}
+
+
+class Decision(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(default=None, max_length=500, description="Why (kept in events)")
+
+
+class ReviewList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Payment]
+
+
+@router.get("", response_model=ReviewList, responses=ERRORS)
+async def waiting(
+    _: OperatorDep, pool: PoolDep, limit: int = Query(default=100, ge=1, le=1000)
+) -> dict[str, Any]:
+    """Payments waiting for an operator's decision, oldest first; each has the reasons in
+    its `risk` field."""
+    async with pool.connection() as conn:
+        found = await risk.in_review(conn, limit=limit)
+    return {"object": "list", "data": [payments.public(p) for p in found]}
+
+
+@router.post("/{payment_id}/approve", response_model=Payment, responses=DECISION_ERRORS)
+async def approve(
+    payment_id: str, operator: OperatorDep, pool: PoolDep, body: Decision | None = None
+) -> dict[str, Any]:
+    """Approve an in_review payment: it goes on to be charged."""
+    return await _decide(payment_id, operator.id, pool, approve=True, body=body)
+
+
+@router.post("/{payment_id}/reject", response_model=Payment, responses=DECISION_ERRORS)
+async def reject(
+    payment_id: str, operator: OperatorDep, pool: PoolDep, body: Decision | None = None
+) -> dict[str, Any]:
+    """Reject an in_review payment: it ends `rejected` and its budget hold is released."""
+    return await _decide(payment_id, operator.id, pool, approve=False, body=body)
+
+
+async def _decide(
+    payment_id: str, operator_id: str, pool: Any, *, approve: bool, body: Decision | None
+) -> dict[str, Any]:
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            payment = await risk.decide(
+                conn,
+                payment_id,
+                approve=approve,
+                actor=f"operator:{operator_id}",
+                note=body.note if body else None,
+            )
+    except risk.ReviewError as error:
+        if error.code == "not_found":
+            raise ApiError(404, "resource_missing", "No such payment", param="id") from None
+        raise ApiError(
+            409, "payment_not_in_review", error.message, type_="invalid_request_error"
+        ) from None
+    return payments.public(payment)

@@ -1,0 +1,247 @@
+"""api/client.py: one idempotency key per logical request, retries with backoff that honour
+Retry-After, typed answers — against the API in-process and over real HTTP."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+import uvicorn
+
+from api.app import create_app
+from api.client import AgentPay, AgentPayConnectionError, AgentPayError, AsyncAgentPay, Payment
+from tasks import agents
+from tasks.db import Pool
+from tasks.settings import Settings
+
+
+class DropFirstResponse(httpx.AsyncBaseTransport):
+    """Performs every request, but loses the response of the first `drops` POSTs: the
+    server acted, the client saw a broken connection."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, drops: int = 1) -> None:
+        self.inner = inner
+        self.drops = drops
+        self.keys: list[str | None] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.keys.append(request.headers.get("Idempotency-Key"))
+        response = await self.inner.handle_async_request(request)
+        await response.aread()
+        if request.method == "POST" and self.drops > 0:
+            self.drops -= 1
+            raise httpx.ReadError("connection reset by peer", request=request)
+        return response
+
+
+async def count_payments(pool: Pool) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM payment_jobs")
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+@pytest.fixture
+async def asgi(settings: Settings, pool: Pool) -> httpx.ASGITransport:
+    app = create_app(settings)
+    app.state.pool = pool
+    return httpx.ASGITransport(app=app, raise_app_exceptions=False)
+
+
+async def test_a_dropped_response_is_retried_with_the_same_key_and_pays_once(
+    asgi: httpx.ASGITransport, agent_key: str, pool: Pool
+) -> None:
+    transport = DropFirstResponse(asgi, drops=2)
+    delays: list[float] = []
+
+    async def no_sleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    async with AsyncAgentPay(
+        "http://agentpay.test", agent_key, transport=transport, sleep=no_sleep
+    ) as client:
+        payment = await client.create_payment(
+            amount=4200, currency="eur", payment_method="pm_card_visa", metadata={"o": "1"}
+        )
+        assert isinstance(payment, Payment)
+        assert payment.status == "received" and payment.currency == "eur"
+        assert payment.metadata == {"o": "1"}
+        # A second logical request gets a key of its own.
+        second = await client.create_payment(
+            amount=4300, currency="eur", payment_method="pm_card_visa"
+        )
+    assert len(transport.keys) == 4 and len(delays) == 2
+    assert transport.keys[0] == transport.keys[1] == transport.keys[2]
+    assert transport.keys[3] not in (None, transport.keys[0])
+    assert await count_payments(pool) == 2
+    assert second.id != payment.id
+
+
+async def test_retries_429_and_5xx_honouring_retry_after() -> None:
+    answers = [
+        httpx.Response(429, headers={"Retry-After": "3"}, json={"error": {}}),
+        httpx.Response(503, json={"error": {}}),
+        httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": [],
+                "has_more": False,
+                "url": "/v1/payments",
+            },
+        ),
+    ]
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers[len(seen) - 1]
+
+    delays: list[float] = []
+
+    async def record(seconds: float) -> None:
+        delays.append(seconds)
+
+    async with AsyncAgentPay(
+        "http://x", "apk_k", transport=httpx.MockTransport(handler), sleep=record
+    ) as client:
+        page = await client.list_payments()
+    assert page.data == [] and len(seen) == 3
+    assert delays[0] >= 3  # Retry-After wins over a shorter backoff
+    assert 0 <= delays[1] <= client.backoff * 2
+
+
+async def test_gives_up_after_max_retries_and_does_not_retry_4xx() -> None:
+    calls = 0
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(
+            500,
+            json={"error": {"type": "api_error", "code": "boom", "message": "x", "param": None}},
+        )
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async with AsyncAgentPay(
+        "http://x", "k", transport=httpx.MockTransport(failing), sleep=no_sleep, max_retries=2
+    ) as client:
+        with pytest.raises(AgentPayError) as raised:
+            await client.get_payment("pay_1")
+    assert calls == 3 and raised.value.status == 500 and raised.value.code == "boom"
+
+    calls = 0
+
+    def refusing(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        return httpx.Response(
+            400,
+            json={
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "parameter_invalid",
+                    "message": "amount: bad",
+                    "param": "amount",
+                }
+            },
+        )
+
+    async with AsyncAgentPay(
+        "http://x", "k", transport=httpx.MockTransport(refusing), sleep=no_sleep
+    ) as client:
+        with pytest.raises(AgentPayError) as raised:
+            await client.create_payment(amount=0, currency="usd", payment_method="pm_card_visa")
+    assert calls == 1 and raised.value.param == "amount"
+
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    async with AsyncAgentPay(
+        "http://x", "k", transport=httpx.MockTransport(unreachable), sleep=no_sleep, max_retries=1
+    ) as client:
+        with pytest.raises(AgentPayConnectionError):
+            await client.get_payment("pay_1")
+
+
+@contextlib.contextmanager
+def live_api(settings: Settings) -> Iterator[str]:
+    """The API served by uvicorn on 127.0.0.1 (its own pool, lifespan and all) in a thread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings), log_level="warning", lifespan="on", access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = 200
+        while not server.started and deadline:
+            threading.Event().wait(0.05)
+            deadline -= 1
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        sock.close()
+
+
+def make_agent(database_url: str, name: str) -> str:
+    key = agents.new_key()
+    with psycopg.connect(database_url) as conn:
+        agent_id = f"agt_{name}"
+        conn.execute("INSERT INTO agents (id, name) VALUES (%s, %s)", (agent_id, name))
+        conn.execute(
+            "INSERT INTO api_keys (key_hash, agent_id, prefix) VALUES (%s, %s, %s)",
+            (agents.hash_key(key), agent_id, key[:10]),
+        )
+    return key
+
+
+@pytest.fixture
+def live(settings: Settings) -> Iterator[str]:
+    with live_api(settings) as url:
+        yield url
+
+
+def test_sync_client_over_real_http(live: str, database_url: str) -> None:
+    key = make_agent(database_url, "sync-agent")
+    with AgentPay(live, key) as client:
+        created = client.create_payment(
+            amount=1000, currency="jpy", payment_method="pm_card_visa", idempotency_key="k-1"
+        )
+        again = client.create_payment(
+            amount=1000, currency="jpy", payment_method="pm_card_visa", idempotency_key="k-1"
+        )
+        assert again == created
+        assert client.get_payment(created.id) == created
+        assert [p.id for p in client.list_payments().data] == [created.id]
+        assert [p.id for p in client.iter_payments(page_size=1)] == [created.id]
+        waited = client.wait_for_payment(created.id, timeout=0.2)
+        assert waited.status == "received"
+        canceled = client.cancel(created.id, reason="changed my mind")
+        assert canceled.id == created.id
+        assert client.wait_for_payment(created.id, timeout=10).status == "canceled"
+        with pytest.raises(AgentPayError) as raised:
+            client.get_payment("pay_000000000000000000000000")
+        assert raised.value.status == 404 and raised.value.code == "resource_missing"
+        # Real HTTP: an announced 10 MB body is refused without being read.
+        response = httpx.post(
+            f"{live}/v1/payments",
+            content=b"x" * (10 * 1024 * 1024),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"

@@ -1,0 +1,246 @@
+"""Listing with filters and cursors; long-polling woken by LISTEN/NOTIFY; rate limits."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from api.app import create_app
+from api.models import SETTLED_STATES
+from tasks import agents, payments
+from tasks.db import Pool
+from tasks.settings import Settings
+from tests.conftest import async_wait_for, auth, run_jobs
+
+BODY = {"amount": 1200, "currency": "usd", "payment_method": "pm_card_visa"}
+
+
+@pytest.fixture
+async def app_and_client(
+    settings: Settings, pool: Pool
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The API in-process with a long recheck, so only a notification wakes a waiter early."""
+    app = create_app(settings.model_copy(update={"long_poll_recheck_seconds": 60.0}))
+    app.state.pool = pool
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as client:
+        yield app, client
+    hub = getattr(app.state, "status_hub", None)
+    if hub is not None:
+        await hub.close()
+
+
+async def create_many(api: httpx.AsyncClient, key: str, n: int) -> list[dict[str, Any]]:
+    created = []
+    for i in range(n):
+        response = await api.post(
+            "/v1/payments", json={**BODY, "amount": 1000 + i}, headers=auth(key)
+        )
+        assert response.status_code == 202
+        created.append(response.json())
+    return created
+
+
+async def test_list_pages_newest_first_with_cursors(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    async with pool.connection() as conn, conn.transaction():
+        _, other = await agents.create(conn, "agent-b")
+    mine = [p["id"] for p in await create_many(api, agent_key, 5)][::-1]  # newest first
+    await create_many(api, other, 2)
+
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 2}
+        if after:
+            params["starting_after"] = after
+        page = (await api.get("/v1/payments", params=params, headers=auth(agent_key))).json()
+        assert page["object"] == "list" and page["url"] == "/v1/payments"
+        seen += [p["id"] for p in page["data"]]
+        pages += 1
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    assert seen == mine and pages == 3
+
+    back = await api.get(
+        "/v1/payments",
+        params={"limit": 2, "ending_before": mine[3]},
+        headers=auth(agent_key),
+    )
+    assert [p["id"] for p in back.json()["data"]] == mine[1:3]
+    assert back.json()["has_more"] is True
+
+
+async def test_list_filters_by_status_and_creation_time(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    created = await create_many(api, agent_key, 4)
+    async with pool.connection() as conn, conn.transaction():
+        payment = await payments.lock(conn, created[1]["id"])
+        assert payment is not None
+        await payments.transition(conn, payment, "canceled", actor="test")
+        # created_at never changes, except here: back-date one payment, triggers off.
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE payment_jobs SET created_at = created_at - interval '2 days' WHERE id = %s",
+            (created[0]["id"],),
+        )
+
+    async def ids(**params: Any) -> list[str]:
+        response = await api.get("/v1/payments", params=params, headers=auth(agent_key))
+        assert response.status_code == 200, response.text
+        return [p["id"] for p in response.json()["data"]]
+
+    assert await ids(status="canceled") == [created[1]["id"]]
+    assert created[1]["id"] not in await ids(status="received")
+    cutoff = (await api.get(f"/v1/payments/{created[2]['id']}", headers=auth(agent_key))).json()
+    assert await ids(**{"created[gte]": cutoff["created_at"]}) == [
+        created[3]["id"],
+        created[2]["id"],
+    ]
+    assert await ids(**{"created[lt]": cutoff["created_at"]}) == [
+        created[1]["id"],
+        created[0]["id"],
+    ]
+    # Unix seconds work too: a day ago excludes the payment moved two days back.
+    day_ago = int(time.time() - timedelta(days=1).total_seconds())
+    assert created[0]["id"] not in await ids(**{"created[gte]": day_ago})
+    bad = await api.get("/v1/payments", params={"status": "lost"}, headers=auth(agent_key))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "status"
+    too_many = await api.get("/v1/payments", params={"limit": 101}, headers=auth(agent_key))
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "limit"
+
+
+async def listeners(pool: Pool) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM pg_stat_activity
+               WHERE datname = current_database() AND query LIKE 'LISTEN agentpay_payment%%'"""
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+async def test_waiters_are_woken_by_notify_through_one_listener(
+    app_and_client: tuple[FastAPI, httpx.AsyncClient], agent_key: str, pool: Pool
+) -> None:
+    _, api = app_and_client
+    created = await create_many(api, agent_key, 3)
+
+    async def wait(payment_id: str, **params: Any) -> tuple[httpx.Response, float]:
+        started = time.monotonic()
+        response = await api.get(
+            f"/v1/payments/{payment_id}/wait",
+            params={"timeout": 30, **params},
+            headers=auth(agent_key),
+        )
+        return response, time.monotonic() - started
+
+    waiters = [asyncio.create_task(wait(p["id"], status=["canceled"])) for p in created]
+    await async_wait_for(lambda: _listening(app_and_client[0], 3), timeout=10)
+    assert await listeners(pool) == 1
+    # Nothing returns before the change.
+    await asyncio.sleep(0.2)
+    assert not any(w.done() for w in waiters)
+
+    async with pool.connection() as conn, conn.transaction():
+        for p in created:
+            payment = await payments.lock(conn, p["id"])
+            assert payment is not None
+            await payments.transition(conn, payment, "canceled", actor="test")
+
+    for response, took in await asyncio.gather(*waiters):
+        assert response.status_code == 200
+        assert response.json()["status"] == "canceled"
+        assert took < 10  # woken by the notification, not by the 30 s timeout or 60 s recheck
+
+
+async def _listening(app: FastAPI, waiters: int) -> bool:
+    hub = getattr(app.state, "status_hub", None)
+    return bool(hub is not None and hub.listening.is_set() and hub.waiting == waiters)
+
+
+async def test_wait_returns_on_a_settled_state_by_default(
+    app_and_client: tuple[FastAPI, httpx.AsyncClient], agent_key: str, pool: Pool
+) -> None:
+    _, api = app_and_client
+    (created,) = await create_many(api, agent_key, 1)
+    waiter = asyncio.create_task(
+        api.get(
+            f"/v1/payments/{created['id']}/wait", params={"timeout": 30}, headers=auth(agent_key)
+        )
+    )
+    await run_jobs(pool)
+    response = await asyncio.wait_for(waiter, 15)
+    assert response.status_code == 200
+    assert response.json()["status"] in SETTLED_STATES
+    assert response.json()["status"] in ("succeeded", "reconciled")
+
+
+async def test_wait_times_out_with_the_payment_as_it_is(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    (created,) = await create_many(api, agent_key, 1)
+    started = time.monotonic()
+    response = await api.get(
+        f"/v1/payments/{created['id']}/wait", params={"timeout": 0.3}, headers=auth(agent_key)
+    )
+    assert 0.3 <= time.monotonic() - started < 5
+    assert response.status_code == 200 and response.json()["status"] == "received"
+    too_long = await api.get(
+        f"/v1/payments/{created['id']}/wait", params={"timeout": 61}, headers=auth(agent_key)
+    )
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "timeout"
+
+
+def test_every_final_state_is_settled() -> None:
+    assert payments.FINAL_STATES <= SETTLED_STATES
+
+
+@pytest.fixture
+def limited(settings: Settings) -> Settings:
+    return settings.model_copy(update={"api_rate_limit_per_second": 0.5, "api_rate_limit_burst": 3})
+
+
+async def test_rate_limits_are_per_agent_and_shared_by_api_processes(
+    limited: Settings, pool: Pool, agent_key: str
+) -> None:
+    async with pool.connection() as conn, conn.transaction():
+        _, other = await agents.create(conn, "agent-b")
+    clients = []
+    for _ in range(2):  # two API "processes" on the same database
+        app = create_app(limited)
+        app.state.pool = pool
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        clients.append(httpx.AsyncClient(transport=transport, base_url="http://agentpay.test"))
+    one, two = clients
+    try:
+        assert (await one.get("/v1/payments", headers=auth(agent_key))).status_code == 200
+        assert (await two.get("/v1/payments", headers=auth(agent_key))).status_code == 200
+        created = await one.post("/v1/payments", json=BODY, headers=auth(agent_key))
+        assert created.status_code == 202
+        refused = await two.post("/v1/payments", json=BODY, headers=auth(agent_key))
+        assert refused.status_code == 429
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(refused.headers["Retry-After"]) <= 2
+        # The other agent has its own bucket.
+        assert (await two.get("/v1/payments", headers=auth(other))).status_code == 200
+    finally:
+        for client in clients:
+            await client.aclose()
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM payment_jobs")
+        row = await cur.fetchone()
+    assert row is not None and row["n"] == 1

@@ -1,0 +1,266 @@
+"""Bad input gets a clear 4xx in the one error shape and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from api.limits import json_depth
+from tasks.db import Pool
+from tests.conftest import auth
+
+GOOD = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa"}
+SQL = "usd'; DROP TABLE payment_jobs; --"
+
+# (what, body) — each must be refused with a 400.
+BAD_BODIES: list[tuple[str, Any]] = [
+    ("negative amount", {**GOOD, "amount": -100}),
+    ("zero amount", {**GOOD, "amount": 0}),
+    ("fractional amount", {**GOOD, "amount": 19.99}),
+    ("half a minor unit", {**GOOD, "amount": 1999.5}),
+    ("exponent notation beyond the limit", {**GOOD, "amount": 1e20}),
+    ("huge amount", {**GOOD, "amount": 100_000_000}),
+    ("astronomical amount", {**GOOD, "amount": 10**40}),
+    ("amount as string", {**GOOD, "amount": "2000"}),
+    ("amount as boolean", {**GOOD, "amount": True}),
+    ("amount null", {**GOOD, "amount": None}),
+    ("three-decimal amount not ending in 0", {**GOOD, "currency": "kwd", "amount": 1005}),
+    ("currency with a space", {**GOOD, "currency": "USD "}),
+    ("currency too long", {**GOOD, "currency": "usdx"}),
+    ("currency upper case", {**GOOD, "currency": "USD"}),
+    ("unknown currency", {**GOOD, "currency": "xyz"}),
+    ("currency not a string", {**GOOD, "currency": 840}),
+    ("SQL in the currency", {**GOOD, "currency": SQL}),
+    ("SQL in the payment method", {**GOOD, "payment_method": "pm_card_visa' OR '1'='1"}),
+    ("no amount or line items", {"currency": "usd", "payment_method": "pm_card_visa"}),
+    ("amount and line items", {**GOOD, "line_items": [{"description": "x", "unit_amount": 1}]}),
+    ("empty line items", {"currency": "usd", "payment_method": "pm_card_visa", "line_items": []}),
+    (
+        "too many line items",
+        {**GOOD, "amount": None, "line_items": [{"description": "x", "unit_amount": 1}] * 101},
+    ),
+    (
+        "line items total too large",
+        {
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "line_items": [{"description": "x", "unit_amount": 99_999_999, "quantity": 2}],
+        },
+    ),
+    ("unknown field", {**GOOD, "amount_override": 1}),
+    ("unknown capture method", {**GOOD, "capture_method": "later"}),
+    ("51 metadata keys", {**GOOD, "metadata": {f"k{i}": "v" for i in range(51)}}),
+    ("metadata key of 41 characters", {**GOOD, "metadata": {"k" * 41: "v"}}),
+    ("metadata value of 501 characters", {**GOOD, "metadata": {"k": "v" * 501}}),
+    ("metadata value not a string", {**GOOD, "metadata": {"k": {"nested": "v"}}}),
+    ("NUL in the description", {**GOOD, "description": "a\u0000b"}),
+    ("NUL in metadata", {**GOOD, "metadata": {"k\u0000": "v"}}),
+    ("not an object", [GOOD]),
+]
+
+
+async def snapshot(pool: Pool) -> tuple[int, ...]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT (SELECT count(*) FROM payment_jobs) AS p,
+                      (SELECT count(*) FROM payment_events) AS e,
+                      (SELECT count(*) FROM procrastinate_jobs) AS j,
+                      (SELECT count(*) FROM procrastinate_events) AS je,
+                      (SELECT count(*) FROM idempotency_keys) AS k"""
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return tuple(row.values())
+
+
+def assert_error_shape(response: httpx.Response, status: int, secrets: tuple[str, ...]) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"type", "code", "message", "param"}
+    assert body["error"]["type"] and body["error"]["code"] and body["error"]["message"]
+    text = response.text
+    for leak in ("Traceback", "psycopg", "SELECT ", "INSERT ", 'File "', *secrets):
+        assert leak not in text
+
+
+async def test_bad_bodies_are_refused_and_leave_nothing_behind(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    before = await snapshot(pool)
+    for index, (what, body) in enumerate(BAD_BODIES):
+        response = await api.post(
+            "/v1/payments",
+            content=json.dumps(body).encode(),
+            headers={
+                **auth(agent_key),
+                "Content-Type": "application/json",
+                "Idempotency-Key": f"bad-{index}",
+            },
+        )
+        assert response.status_code == 400, (what, response.text)
+        assert_error_shape(response, 400, (agent_key,))
+    assert await snapshot(pool) == before
+
+
+async def test_errors_name_the_parameter(api: httpx.AsyncClient, agent_key: str) -> None:
+    cases = [
+        ({**GOOD, "amount": 0}, "amount"),
+        ({**GOOD, "currency": "USD "}, "currency"),
+        ({**GOOD, "currency": "kwd", "amount": 1005}, "amount"),
+        ({**GOOD, "metadata": {"k": "v" * 501}}, "metadata"),
+        ({**GOOD, "surprise": 1}, "surprise"),
+    ]
+    for body, param in cases:
+        response = await api.post("/v1/payments", json=body, headers=auth(agent_key))
+        assert response.json()["error"]["param"] == param, response.text
+
+
+async def test_currency_exponents_are_respected(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    for body in (
+        {**GOOD, "currency": "jpy", "amount": 500},  # zero-decimal: ¥500
+        {**GOOD, "currency": "kwd", "amount": 1250},  # three-decimal: ends in 0
+        {**GOOD, "amount": 99_999_999},  # the provider's maximum
+        {**GOOD, "amount": 2000.0},  # JSON has one number type: this is the integer 2000
+    ):
+        response = await api.post("/v1/payments", json=body, headers=auth(agent_key))
+        assert response.status_code == 202, response.text
+        assert response.json()["currency"] == body["currency"]
+    assert (await snapshot(pool))[0] == 4
+
+
+async def test_sql_looking_text_is_stored_as_text(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Where free text is allowed, SQL is just text: stored verbatim, nothing run."""
+    text = "Robert'); DROP TABLE payment_jobs; -- \\ $1 %s %(x)s"
+    response = await api.post(
+        "/v1/payments",
+        json={**GOOD, "description": text, "metadata": {"note": text, "'; --": "x"}},
+        headers=auth(agent_key),
+    )
+    assert response.status_code == 202
+    fetched = await api.get(f"/v1/payments/{response.json()['id']}", headers=auth(agent_key))
+    assert fetched.json()["description"] == text
+    assert fetched.json()["metadata"] == {"note": text, "'; --": "x"}
+    # Path and query parameters too.
+    for path in (
+        "/v1/payments/pay_x' OR '1'='1",
+        "/v1/payments/pay_1%3B%20DROP%20TABLE%20payment_jobs",
+        "/v1/payments/pay_%00",
+    ):
+        assert_error_shape(await api.get(path, headers=auth(agent_key)), 404, ())
+    listing = await api.get(
+        "/v1/payments", params={"status": "received' OR 1=1 --"}, headers=auth(agent_key)
+    )
+    assert_error_shape(listing, 400, ())
+    assert (await snapshot(pool))[0] == 1
+
+
+async def test_oversized_bodies_are_refused_before_parsing(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    before = await snapshot(pool)
+    ten_mb = b'{"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", ' + (
+        b'"description": "' + b"x" * (10 * 1024 * 1024) + b'"}'
+    )
+    announced = await api.post(
+        "/v1/payments",
+        content=ten_mb,
+        headers={**auth(agent_key), "Content-Type": "application/json"},
+    )
+    assert_error_shape(announced, 413, ())
+    assert announced.json()["error"]["code"] == "body_too_large"
+
+    sent = 0
+
+    async def chunks() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(160):  # 10 MiB in 64 KiB chunks, no Content-Length
+            sent += 1
+            yield b" " * 65536
+
+    streamed = await api.post(
+        "/v1/payments",
+        content=chunks(),
+        headers={**auth(agent_key), "Content-Type": "application/json"},
+    )
+    assert_error_shape(streamed, 413, ())
+    assert sent < 5  # the server stopped reading once the limit was passed
+    assert await snapshot(pool) == before
+
+
+async def test_deep_nesting_non_utf8_and_broken_json_are_refused(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    before = await snapshot(pool)
+    utf8 = json.dumps({**GOOD, "description": "café"}, ensure_ascii=False)
+    bodies = {
+        "deep arrays": b'{"metadata": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "deep objects": b'{"metadata": ' + b'{"a":' * 100 + b"1" + b"}" * 100 + b"}",
+        "latin-1": utf8.encode("latin-1"),
+        "invalid bytes": b'{"amount": 2000, "currency": "usd\xff\xfe"}',
+        "utf-16": utf8.encode("utf-16"),
+        "lone surrogate": json.dumps({**GOOD, "description": "\ud800"}).encode(),
+        "broken json": b'{"amount": 2000, "currency": ',
+        "empty": b"",
+    }
+    for what, body in bodies.items():
+        response = await api.post(
+            "/v1/payments",
+            content=body,
+            headers={**auth(agent_key), "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400, (what, response.text)
+        assert_error_shape(response, 400, ())
+    text_plain = await api.post(
+        "/v1/payments",
+        content=json.dumps(GOOD),
+        headers={**auth(agent_key), "Content-Type": "text/plain"},
+    )
+    assert_error_shape(text_plain, 400, ())
+    assert await snapshot(pool) == before
+
+
+def test_json_depth_ignores_brackets_inside_strings() -> None:
+    assert json_depth('{"a": "[[[[{{{{", "b": [1, [2]]}') == 3
+    assert json_depth('{"a": "\\"[[[["}') == 1
+    assert json_depth("[]") == 1
+    assert json_depth("") == 0
+
+
+async def test_an_unexpected_error_discloses_nothing(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import api.routes.payments as routes
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("SELECT secret FROM vault WHERE password = 'hunter2'")
+
+    monkeypatch.setattr(routes.payments, "insert", broken)
+    response = await api.post("/v1/payments", json=GOOD, headers=auth(agent_key))
+    assert_error_shape(response, 500, ("hunter2", "vault", "RuntimeError"))
+    assert response.json()["error"] == {
+        "type": "api_error",
+        "code": "internal_error",
+        "message": "An internal error occurred.",
+        "param": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/nowhere"), ("DELETE", "/v1/payments"), ("PUT", "/v1/payments/pay_1")],
+)
+async def test_routing_errors_use_the_one_shape(
+    api: httpx.AsyncClient, agent_key: str, method: str, path: str
+) -> None:
+    response = await api.request(method, path, headers=auth(agent_key))
+    assert response.status_code in (404, 405)
+    assert_error_shape(response, response.status_code, ())
