@@ -1,4 +1,25 @@
-"""The double-entry ledger of agent budgets.
+"""The double-entry ledger of agent budgets (docs/ledger.md).
+
+Accounts: per agent and currency an `agent_budget` (what the agent may still spend) and an
+`agent_holds` (what risk reserved for its payments in flight); per currency the platform's
+`external_funding` (where deposits come from, and what agents without a budget spend),
+`provider_clearing` (what the provider collected for us) and `platform_fees`.
+
+A transaction's entries sum to zero in every currency (checked by Postgres at commit); the
+ledger is append-only (a correction is a new transaction); every entry moves its account's
+balance in one `UPDATE … SET balance = balance + amount` made by a trigger, so a balance is
+always the sum of its entries and concurrent postings never lose an update. Entries of one
+transaction are written in account-id order, so concurrent postings lock rows in the same
+order. Budget and holds accounts can never go below zero (a CHECK in the database).
+
+Postings of a payment, each at most once (keyed by the payment or refund id):
+- hold (risk, priced → approved | in_review): source -total, agent holds +total; the source
+  is the agent's budget, or external funding for an agent without a budget;
+- capture (succeeded → reconciled): holds -total, provider clearing +(total - fee),
+  platform fees +fee;
+- release (→ rejected | failed | canceled): holds -total, source +total;
+- refund (provider-confirmed): source +amount, provider clearing and platform fees - the
+  amount split between them in proportion (largest remainder, cumulative over refunds).
 
 Every payment transition passes through `on_transition` inside the transition's own
 transaction, so ledger effects commit or roll back with the state change that causes them.
@@ -6,15 +27,519 @@ transaction, so ledger effects commit or roll back with the state change that ca
 
 from __future__ import annotations
 
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from tasks import money
 from tasks.db import Conn
+from tasks.settings import Settings, get_settings
 
 Payment = dict
+
+log = logging.getLogger("agentpay.ledger")
+
+AGENT_BUDGET = "agent_budget"
+AGENT_HOLDS = "agent_holds"
+EXTERNAL_FUNDING = "external_funding"
+PROVIDER_CLEARING = "provider_clearing"
+PLATFORM_FEES = "platform_fees"
+
+_NOT_NEGATIVE = "ledger_accounts_agent_not_negative"
+# Transitions that end a payment without a charge: its hold goes back where it came from.
+_RELEASE_ON = frozenset({"rejected", "failed", "canceled"})
+
+
+@dataclass(frozen=True)
+class Hold:
+    """What placing a hold did: `ok`, or the reason it could not (`code`, `message`)."""
+
+    ok: bool
+    transaction_id: str | None = None
+    source: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+def _new_id() -> str:
+    return f"ltx_{secrets.token_hex(12)}"
+
+
+# --- accounts ----------------------------------------------------------------------------
+
+
+async def account(conn: Conn, kind: str, currency: str, agent_id: str | None = None) -> int:
+    """The id of an account, created on first use."""
+    await conn.execute(
+        """INSERT INTO ledger_accounts (kind, agent_id, currency) VALUES (%s, %s, %s)
+           ON CONFLICT (kind, agent_id, currency) DO NOTHING""",
+        (kind, agent_id, currency),
+    )
+    cur = await conn.execute(
+        """SELECT id FROM ledger_accounts
+           WHERE kind = %s AND agent_id IS NOT DISTINCT FROM %s AND currency = %s""",
+        (kind, agent_id, currency),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row["id"])
+
+
+async def is_budgeted(conn: Conn, agent_id: str) -> bool:
+    """Is the agent held to a budget? Yes once it was created with one or funded, in any
+    currency; from then on a currency it has no budget in has a budget of zero."""
+    cur = await conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM ledger_accounts WHERE kind = %s AND agent_id = %s) AS b",
+        (AGENT_BUDGET, agent_id),
+    )
+    row = await cur.fetchone()
+    return bool(row and row["b"])
+
+
+async def unlimited_agents(conn: Conn, settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Live agents that may spend without a budget: those never created with a budget nor
+    funded — or none at all when `allow_unbudgeted_spending` is off."""
+    settings = settings or get_settings()
+    if not settings.allow_unbudgeted_spending:
+        return []
+    cur = await conn.execute(
+        """SELECT a.id, a.name, a.is_operator FROM agents a
+           WHERE a.revoked_at IS NULL
+             AND NOT EXISTS (SELECT 1 FROM ledger_accounts l
+                             WHERE l.kind = %s AND l.agent_id = a.id)
+           ORDER BY a.name""",
+        (AGENT_BUDGET,),
+    )
+    return await cur.fetchall()
+
+
+# --- posting -----------------------------------------------------------------------------
+
+
+async def post(
+    conn: Conn,
+    kind: str,
+    entries: list[tuple[int, str, int]],
+    *,
+    actor: str,
+    reference: str | None = None,
+    payment_id: str | None = None,
+    agent_id: str | None = None,
+    description: str | None = None,
+) -> str | None:
+    """Post one transaction of `entries` (account id, currency, amount; zero amounts are
+    left out). Returns its id, or None when a transaction of this kind and reference was
+    posted before (a posting happens once). The database refuses entries that do not sum to
+    zero per currency (at commit) and a budget or holds account going below zero."""
+    txn_id = _new_id()
+    cur = await conn.execute(
+        """INSERT INTO ledger_transactions (id, kind, reference, payment_id, agent_id,
+                                            description, actor)
+           VALUES (%s, %s, %s, %s, %s, %s, %s)
+           ON CONFLICT (kind, reference) DO NOTHING
+           RETURNING id""",
+        (txn_id, kind, reference, payment_id, agent_id, description, actor),
+    )
+    if await cur.fetchone() is None:
+        return None
+    # One account-id order for every posting: concurrent postings lock rows alike.
+    for account_id, currency, amount in sorted(entries):
+        if amount:
+            await conn.execute(
+                """INSERT INTO ledger_entries (transaction_id, account_id, currency, amount)
+                   VALUES (%s, %s, %s, %s)""",
+                (txn_id, account_id, currency, amount),
+            )
+    return txn_id
+
+
+async def deposit(
+    conn: Conn,
+    agent_id: str,
+    amount: int,
+    currency: str,
+    *,
+    actor: str,
+    description: str | None = None,
+    reference: str | None = None,
+) -> dict[str, Any]:
+    """Fund an agent's budget from external funding (the agent is held to a budget from
+    now on). Returns the deposit: its transaction id and the new balance."""
+    problem = money.amount_problem(amount, currency)
+    if problem:
+        raise ValueError(problem)
+    budget = await account(conn, AGENT_BUDGET, currency, agent_id)
+    funding = await account(conn, EXTERNAL_FUNDING, currency)
+    txn_id = await post(
+        conn,
+        "deposit",
+        [(funding, currency, -amount), (budget, currency, amount)],
+        actor=actor,
+        reference=reference,
+        agent_id=agent_id,
+        description=description or "deposit",
+    )
+    return {
+        "id": txn_id,
+        "object": "deposit",
+        "agent_id": agent_id,
+        "amount": amount,
+        "currency": currency,
+        "balance": await _balance(conn, budget),
+    }
+
+
+async def open_budget(
+    conn: Conn, agent_id: str, amount: int, currency: str, *, actor: str
+) -> dict[str, Any]:
+    """Hold an agent to a budget of `amount` in `currency` (zero is a budget too)."""
+    if amount == 0:
+        budget = await account(conn, AGENT_BUDGET, currency, agent_id)
+        return {
+            "id": None,
+            "object": "deposit",
+            "agent_id": agent_id,
+            "amount": 0,
+            "currency": currency,
+            "balance": await _balance(conn, budget),
+        }
+    return await deposit(conn, agent_id, amount, currency, actor=actor, description="budget")
+
+
+async def hold(
+    conn: Conn, payment: Payment, *, actor: str, settings: Settings | None = None
+) -> Hold:
+    """Reserve the payment's total on the agent's budget (or, for an agent without a budget
+    when that is allowed, on external funding). Safe to call twice."""
+    settings = settings or get_settings()
+    existing = await _transaction_of(conn, "hold", payment["id"])
+    if existing is not None:
+        return Hold(
+            ok=True, transaction_id=existing, source=await _hold_source_kind(conn, existing)
+        )
+    agent_id, currency, total = payment["agent_id"], payment["currency"], payment["amount_total"]
+    if await is_budgeted(conn, agent_id):
+        source_kind = AGENT_BUDGET
+        source = await account(conn, AGENT_BUDGET, currency, agent_id)
+    elif settings.allow_unbudgeted_spending:
+        source_kind = EXTERNAL_FUNDING
+        source = await account(conn, EXTERNAL_FUNDING, currency)
+    else:
+        return Hold(
+            ok=False,
+            code="no_budget",
+            message="the agent has no budget and agents without one may not spend",
+        )
+    holds = await account(conn, AGENT_HOLDS, currency, agent_id)
+    try:
+        async with conn.transaction():  # a savepoint: a refused hold leaves nothing behind
+            txn_id = await post(
+                conn,
+                "hold",
+                [(source, currency, -total), (holds, currency, total)],
+                actor=actor,
+                reference=payment["id"],
+                payment_id=payment["id"],
+                agent_id=agent_id,
+                description="hold for the payment total",
+            )
+    except psycopg.errors.CheckViolation as error:
+        if error.diag.constraint_name != _NOT_NEGATIVE:
+            raise
+        available = await _balance(conn, source)
+        return Hold(
+            ok=False,
+            source=source_kind,
+            code="insufficient_budget",
+            message=f"budget {available} {currency} is less than the total {total}",
+        )
+    return Hold(ok=True, transaction_id=txn_id, source=source_kind)
+
+
+async def capture(conn: Conn, payment: Payment, *, actor: str) -> str | None:
+    """Turn the payment's hold into spending: provider clearing gets total - fee, platform
+    fees the fee. Nothing when there is no open hold."""
+    held = await _open_hold(conn, payment["id"])
+    if held is None:
+        return None
+    currency, total = payment["currency"], held["amount"]
+    fee = min(int(payment["amount_fee"] or 0), total)
+    clearing = await account(conn, PROVIDER_CLEARING, currency)
+    fees = await account(conn, PLATFORM_FEES, currency)
+    return await post(
+        conn,
+        "capture",
+        [
+            (held["holds"], currency, -total),
+            (clearing, currency, total - fee),
+            (fees, currency, fee),
+        ],
+        actor=actor,
+        reference=payment["id"],
+        payment_id=payment["id"],
+        agent_id=payment["agent_id"],
+        description="payment captured",
+    )
+
+
+async def release(conn: Conn, payment: Payment, *, actor: str) -> str | None:
+    """Give the payment's hold back to where it came from. Nothing when there is no open
+    hold."""
+    held = await _open_hold(conn, payment["id"])
+    if held is None:
+        return None
+    currency, total = payment["currency"], held["amount"]
+    return await post(
+        conn,
+        "release",
+        [(held["holds"], currency, -total), (held["source"], currency, total)],
+        actor=actor,
+        reference=payment["id"],
+        payment_id=payment["id"],
+        agent_id=payment["agent_id"],
+        description=f"hold released ({payment['status']})",
+    )
 
 
 async def on_transition(conn: Conn, payment: Payment, from_status: str, to_status: str) -> None:
     """Ledger effects of a payment moving from `from_status` to `to_status` (the row is locked
-    and already updated; `payment` holds the new values)."""
+    and already updated; `payment` holds the new values): reconciled captures the hold,
+    rejected / failed / canceled release it."""
+    if to_status == "reconciled":
+        await capture(conn, payment, actor=await _actor(conn))
+    elif to_status in _RELEASE_ON:
+        await release(conn, payment, actor=await _actor(conn))
 
 
 async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> None:
-    """Ledger effects of a refund of `amount` that the provider has confirmed."""
+    """Ledger effects of a refund of `amount` that the provider has confirmed: the amount
+    goes back to where the payment's hold came from, out of provider clearing and platform
+    fees in proportion (cumulative over the payment's refunds, so a full refund reverses the
+    capture exactly). Once per `refund_id`."""
+    if amount <= 0:
+        raise ValueError("a refund amount is positive")
+    captured = await _captured(conn, payment["id"])
+    if captured is None:
+        log.warning(
+            "refund %s of payment %s: nothing captured to reverse", refund_id, payment["id"]
+        )
+        return
+    currency = payment["currency"]
+    before = await _refunded(conn, payment["id"])
+    after = before + amount
+    if after > captured["total"]:
+        raise ValueError(
+            f"refunds of payment {payment['id']} ({after}) exceed what was captured "
+            f"({captured['total']})"
+        )
+    weights = [captured["total"] - captured["fee"], captured["fee"]]
+    fee_part = _fee_share(after, weights, currency) - _fee_share(before, weights, currency)
+    clearing = await account(conn, PROVIDER_CLEARING, currency)
+    fees = await account(conn, PLATFORM_FEES, currency)
+    await post(
+        conn,
+        "refund",
+        [
+            (captured["source"], currency, amount),
+            (clearing, currency, -(amount - fee_part)),
+            (fees, currency, -fee_part),
+        ],
+        actor=await _actor(conn),
+        reference=refund_id,
+        payment_id=payment["id"],
+        agent_id=payment["agent_id"],
+        description="refund",
+    )
+
+
+def _fee_share(total: int, weights: list[int], currency: str) -> int:
+    if total == 0 or weights[1] == 0:
+        return 0
+    if weights[0] == 0:
+        return total
+    step = money.granularity(currency)
+    return money.split(total, weights, currency if total % step == 0 else None)[1]
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+async def balance(conn: Conn, agent_id: str) -> dict[str, Any]:
+    """An agent's balances per currency: `available` (budget) and `held` (holds)."""
+    cur = await conn.execute(
+        """SELECT kind, currency, balance FROM ledger_accounts
+           WHERE agent_id = %s ORDER BY currency""",
+        (agent_id,),
+    )
+    available: list[dict[str, Any]] = []
+    held: list[dict[str, Any]] = []
+    for row in await cur.fetchall():
+        item = {"amount": row["balance"], "currency": row["currency"]}
+        (available if row["kind"] == AGENT_BUDGET else held).append(item)
+    budgeted = bool(available)
+    return {
+        "object": "balance",
+        "agent_id": agent_id,
+        "budgeted": budgeted,
+        "unlimited": not budgeted and get_settings().allow_unbudgeted_spending,
+        "available": available,
+        "held": held,
+    }
+
+
+async def statement(
+    conn: Conn, agent_id: str, *, limit: int = 50, starting_after: int | None = None
+) -> list[dict[str, Any]]:
+    """The entries on an agent's accounts, newest first, each with the account's balance
+    right after it."""
+    cur = await conn.execute(
+        """SELECT * FROM (
+               SELECT e.id, e.transaction_id, t.kind AS type, a.kind AS account, e.amount,
+                      e.currency, sum(e.amount) OVER (PARTITION BY e.account_id ORDER BY e.id)
+                          AS balance_after,
+                      t.payment_id, t.description, t.actor, e.created_at
+               FROM ledger_entries e
+               JOIN ledger_accounts a ON a.id = e.account_id
+               JOIN ledger_transactions t ON t.id = e.transaction_id
+               WHERE a.agent_id = %s) s
+           WHERE %s::bigint IS NULL OR id < %s
+           ORDER BY id DESC LIMIT %s""",
+        (agent_id, starting_after, starting_after, limit),
+    )
+    rows = await cur.fetchall()
+    for row in rows:
+        row["object"] = "balance_transaction"
+        row["balance_after"] = int(row["balance_after"])
+        row["account"] = "budget" if row["account"] == AGENT_BUDGET else "holds"
+    return rows
+
+
+async def problems(conn: Conn) -> list[str]:
+    """What is wrong with the ledger (empty when all is well): an account whose balance is
+    not the sum of its entries, a transaction or a currency whose entries do not sum to
+    zero."""
+    found = []
+    cur = await conn.execute(
+        "SELECT id, kind, balance, entries_sum FROM ledger_account_balances "
+        "WHERE balance <> entries_sum"
+    )
+    for row in await cur.fetchall():
+        found.append(
+            f"account {row['id']} ({row['kind']}): balance {row['balance']} "
+            f"but entries sum to {row['entries_sum']}"
+        )
+    cur = await conn.execute(
+        """SELECT transaction_id, currency, sum(amount) AS s FROM ledger_entries
+           GROUP BY transaction_id, currency HAVING sum(amount) <> 0"""
+    )
+    for row in await cur.fetchall():
+        found.append(f"transaction {row['transaction_id']} is off by {row['s']} {row['currency']}")
+    cur = await conn.execute(
+        "SELECT currency, sum(amount) AS s FROM ledger_entries GROUP BY currency "
+        "HAVING sum(amount) <> 0"
+    )
+    for row in await cur.fetchall():
+        found.append(f"the ledger is off by {row['s']} {row['currency']}")
+    return found
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+async def _actor(conn: Conn) -> str:
+    """Who the current transition is by (set by tasks.payments for the trigger)."""
+    cur = await conn.execute(
+        "SELECT coalesce(nullif(current_setting('agentpay.actor', true), ''), "
+        "'db:' || session_user) AS actor"
+    )
+    row = await cur.fetchone()
+    return str(row["actor"]) if row else "unknown"
+
+
+async def _balance(conn: Conn, account_id: int) -> int:
+    cur = await conn.execute("SELECT balance FROM ledger_accounts WHERE id = %s", (account_id,))
+    row = await cur.fetchone()
+    return int(row["balance"]) if row else 0
+
+
+async def _transaction_of(conn: Conn, kind: str, reference: str) -> str | None:
+    cur = await conn.execute(
+        "SELECT id FROM ledger_transactions WHERE kind = %s AND reference = %s", (kind, reference)
+    )
+    row = await cur.fetchone()
+    return str(row["id"]) if row else None
+
+
+async def _hold_source_kind(conn: Conn, txn_id: str) -> str | None:
+    cur = await conn.execute(
+        """SELECT a.kind FROM ledger_entries e JOIN ledger_accounts a ON a.id = e.account_id
+           WHERE e.transaction_id = %s AND e.amount < 0""",
+        (txn_id,),
+    )
+    row = await cur.fetchone()
+    return str(row["kind"]) if row else None
+
+
+async def _hold_entries(conn: Conn, payment_id: str) -> dict[str, int] | None:
+    """The hold of a payment: its amount, holds account and source account."""
+    cur = await conn.execute(
+        """SELECT e.account_id, e.amount FROM ledger_entries e
+           JOIN ledger_transactions t ON t.id = e.transaction_id
+           WHERE t.kind = 'hold' AND t.reference = %s""",
+        (payment_id,),
+    )
+    rows = await cur.fetchall()
+    if not rows:
+        return None
+    credit = next(r for r in rows if r["amount"] > 0)
+    debit = next(r for r in rows if r["amount"] < 0)
+    return {
+        "amount": credit["amount"],
+        "holds": credit["account_id"],
+        "source": debit["account_id"],
+    }
+
+
+async def _open_hold(conn: Conn, payment_id: str) -> dict[str, int] | None:
+    """The payment's hold if it is neither captured nor released yet."""
+    cur = await conn.execute(
+        """SELECT count(*) AS n FROM ledger_transactions
+           WHERE kind IN ('capture', 'release') AND reference = %s""",
+        (payment_id,),
+    )
+    row = await cur.fetchone()
+    if row and row["n"]:
+        return None
+    return await _hold_entries(conn, payment_id)
+
+
+async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
+    """What a payment's capture took: total, fee part, and the hold's source account."""
+    cur = await conn.execute(
+        """SELECT a.kind, e.amount FROM ledger_entries e
+           JOIN ledger_transactions t ON t.id = e.transaction_id
+           JOIN ledger_accounts a ON a.id = e.account_id
+           WHERE t.kind = 'capture' AND t.reference = %s""",
+        (payment_id,),
+    )
+    rows = await cur.fetchall()
+    if not rows:
+        return None
+    held = await _hold_entries(conn, payment_id)
+    assert held is not None
+    fee = sum(r["amount"] for r in rows if r["kind"] == PLATFORM_FEES)
+    return {"total": held["amount"], "fee": fee, "source": held["source"]}
+
+
+async def _refunded(conn: Conn, payment_id: str) -> int:
+    cur = await conn.execute(
+        """SELECT coalesce(sum(e.amount), 0) AS s FROM ledger_entries e
+           JOIN ledger_transactions t ON t.id = e.transaction_id
+           WHERE t.kind = 'refund' AND t.payment_id = %s AND e.amount > 0""",
+        (payment_id,),
+    )
+    row = await cur.fetchone()
+    return int(row["s"]) if row else 0

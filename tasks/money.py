@@ -6,7 +6,10 @@ once, with an explicit rounding mode, into the currency's minor units.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from decimal import ROUND_HALF_EVEN, Decimal
+from fractions import Fraction
 
 # Stripe's zero-decimal currencies: the amount is in whole units.
 ZERO_DECIMAL = frozenset("bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split())
@@ -58,3 +61,44 @@ def round_minor(value: Decimal, currency: str) -> int:
     if currency in THREE_DECIMAL:
         return int((value / 10).quantize(Decimal(1), rounding=ROUNDING)) * 10
     return int(value.quantize(Decimal(1), rounding=ROUNDING))
+
+
+def granularity(currency: str) -> int:
+    """The smallest step of a chargeable amount in minor units (10 for three-decimal
+    currencies, whose last digit must be 0; 1 otherwise)."""
+    return 10 if currency in THREE_DECIMAL else 1
+
+
+def apply_rate(amount: int, rate: Decimal, currency: str) -> int:
+    """`amount * rate`, computed exactly and rounded once (ROUNDING) to the currency."""
+    return round_minor(Decimal(amount) * rate, currency)
+
+
+def split(total: int, weights: Sequence[int | Decimal], currency: str | None = None) -> list[int]:
+    """Split `total` minor units in proportion to `weights` so that the parts always add up
+    to `total` exactly (largest remainder: every part gets the floor of its exact share, and
+    the units left over go to the largest remainders, ties to the earliest part).
+
+    With a three-decimal `currency` the parts are multiples of 10 (`total` must be too).
+    Parts are never negative; weights must be non-negative and not all zero.
+    """
+    if total < 0:
+        raise ValueError("total must not be negative")
+    if not weights:
+        raise ValueError("at least one weight is needed")
+    # Exact rational arithmetic: no precision limit, no rounding before the final step.
+    exact = [Fraction(Decimal(w)) for w in weights]
+    weight_sum = sum(exact, Fraction(0))
+    if any(w < 0 for w in exact) or weight_sum == 0:
+        raise ValueError("weights must be non-negative and not all zero")
+    step = granularity(currency) if currency else 1
+    if total % step:
+        raise ValueError(f"a {currency} total must be a multiple of {step}")
+    units = total // step
+    shares = [units * w / weight_sum for w in exact]
+    parts = [math.floor(share) for share in shares]
+    left = units - sum(parts)
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(shares[i] - parts[i]), i))
+    for i in by_remainder[:left]:
+        parts[i] += 1
+    return [part * step for part in parts]

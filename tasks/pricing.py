@@ -1,28 +1,228 @@
-"""Pricing role: received → priced. Turns what the agent asked for into amounts."""
+"""Pricing role: received → priced (or rejected). Turns what the agent asked for into amounts.
+
+A payment asks for a fixed `amount` or for line items, each `{sku, quantity}` (the unit amount
+comes from the price catalog, in the payment's currency) or `{description, unit_amount,
+quantity}`. From the subtotal:
+
+- tax = subtotal * `tax_rate`, on the total (not per line);
+- fee = subtotal * `fee_percent` / 100 + `fee_fixed[currency]`;
+
+each computed exactly with `Decimal` and rounded once (half to even) to the currency's minor
+units (multiples of 10 for three-decimal currencies). total = subtotal + tax + fee. The
+breakdown is stored on the payment (`price_breakdown`). An unknown or inactive SKU, or a total
+the currency cannot charge, rejects the payment with that reason.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
-from tasks import payments
+from psycopg.types.json import Jsonb
+
+from tasks import money, payments
 from tasks.app import Backoff, app, defer, pool
 from tasks.db import Conn
+from tasks.settings import Settings, get_settings
 
 ROLE = "pricing"
+ACTOR = f"worker:{ROLE}"
 
 
-def price(payment: payments.Payment) -> dict[str, int]:
-    """The amounts of a payment: subtotal, tax, fee and total, in minor units."""
-    if payment["line_items"]:
-        subtotal = sum(int(i["unit_amount"]) * int(i["quantity"]) for i in payment["line_items"])
-    else:
-        subtotal = int(payment["amount_requested"])
+class PricingError(Exception):
+    """Why a payment cannot be priced: `code` is the machine-readable reason."""
+
+    def __init__(self, code: str, message: str, **data: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+@dataclass(frozen=True)
+class Price:
+    sku: str
+    currency: str
+    unit_amount: int
+    description: str | None
+    active: bool
+
+
+# --- the catalog -------------------------------------------------------------------------
+
+
+async def set_price(
+    conn: Conn,
+    sku: str,
+    currency: str,
+    unit_amount: int,
+    *,
+    description: str | None = None,
+    active: bool = True,
+) -> Price:
+    """Create or replace the price of `sku` in `currency` (validated like a charge amount)."""
+    problem = money.amount_problem(unit_amount, currency)
+    if problem:
+        raise ValueError(problem)
+    cur = await conn.execute(
+        """INSERT INTO prices (sku, currency, unit_amount, description, active)
+           VALUES (%s, %s, %s, %s, %s)
+           ON CONFLICT (sku, currency) DO UPDATE
+              SET unit_amount = EXCLUDED.unit_amount,
+                  description = coalesce(EXCLUDED.description, prices.description),
+                  active = EXCLUDED.active,
+                  updated_at = now()
+           RETURNING sku, currency, unit_amount, description, active""",
+        (sku, currency, unit_amount, description, active),
+    )
+    row = await cur.fetchone()
+    assert row is not None
+    return Price(**row)
+
+
+async def set_active(conn: Conn, sku: str, currency: str | None, active: bool) -> int:
+    """Activate or deactivate a SKU (in one currency, or all); returns the prices changed."""
+    cur = await conn.execute(
+        """UPDATE prices SET active = %s, updated_at = now()
+           WHERE sku = %s AND (%s::text IS NULL OR currency = %s)""",
+        (active, sku, currency, currency),
+    )
+    return cur.rowcount
+
+
+async def list_prices(
+    conn: Conn, *, currency: str | None = None, include_inactive: bool = True
+) -> list[Price]:
+    cur = await conn.execute(
+        """SELECT sku, currency, unit_amount, description, active FROM prices
+           WHERE (%s::text IS NULL OR currency = %s) AND (%s OR active)
+           ORDER BY sku, currency""",
+        (currency, currency, include_inactive),
+    )
+    return [Price(**row) for row in await cur.fetchall()]
+
+
+async def lookup(conn: Conn, skus: list[str], currency: str) -> dict[str, Price]:
+    cur = await conn.execute(
+        """SELECT sku, currency, unit_amount, description, active FROM prices
+           WHERE sku = ANY(%s) AND currency = %s""",
+        (skus, currency),
+    )
+    return {row["sku"]: Price(**row) for row in await cur.fetchall()}
+
+
+# --- the arithmetic ----------------------------------------------------------------------
+
+
+def tax_amount(subtotal: int, currency: str, settings: Settings) -> int:
+    """Tax on the whole subtotal, rounded once."""
+    return money.apply_rate(subtotal, settings.tax_rate, currency)
+
+
+def fee_amount(subtotal: int, currency: str, settings: Settings) -> int:
+    """The platform fee: a percentage of the subtotal plus the currency's fixed part, summed
+    exactly and rounded once."""
+    exact = Decimal(subtotal) * settings.fee_percent / Decimal(100)
+    exact += Decimal(settings.fee_fixed.get(currency, 0))
+    return money.round_minor(exact, currency)
+
+
+def breakdown(
+    lines: list[dict[str, Any]], currency: str, settings: Settings, *, requested: int | None
+) -> dict[str, Any]:
+    """Amounts and the stored breakdown of resolved lines (each with unit_amount and
+    quantity), or of a fixed `requested` amount. Raises PricingError when the total cannot
+    be charged."""
+    subtotal = requested if requested is not None else 0
+    priced_lines = []
+    for line in lines:
+        amount = int(line["unit_amount"]) * int(line["quantity"])
+        priced_lines.append({**line, "amount": amount})
+        subtotal += amount
+    problem = money.amount_problem(subtotal, currency)
+    if problem:
+        raise PricingError("amount_invalid", f"subtotal: {problem}", subtotal=subtotal)
+    tax = tax_amount(subtotal, currency, settings)
+    fee = fee_amount(subtotal, currency, settings)
+    total = subtotal + tax + fee
+    problem = money.amount_problem(total, currency)
+    if problem:
+        raise PricingError("amount_invalid", f"total with tax and fee: {problem}", total=total)
     return {
         "amount_subtotal": subtotal,
-        "amount_tax": 0,
-        "amount_fee": 0,
-        "amount_total": subtotal,
+        "amount_tax": tax,
+        "amount_fee": fee,
+        "amount_total": total,
+        "price_breakdown": {
+            "lines": priced_lines,
+            "subtotal": subtotal,
+            "tax": {"rate": str(settings.tax_rate), "basis": "subtotal", "amount": tax},
+            "fee": {
+                "percent": str(settings.fee_percent),
+                "fixed": settings.fee_fixed.get(currency, 0),
+                "basis": "subtotal",
+                "amount": fee,
+            },
+            "rounding": f"{money.ROUNDING} once per amount, to {money.granularity(currency)} "
+            f"minor unit(s)",
+            "total": total,
+        },
     }
+
+
+async def resolve_lines(
+    conn: Conn, line_items: list[dict[str, Any]], currency: str
+) -> list[dict[str, Any]]:
+    """Line items with their unit amounts: SKU lines from the catalog (active, in this
+    currency), custom lines as given. Raises PricingError for an unknown or inactive SKU."""
+    skus = [str(i["sku"]) for i in line_items if i.get("sku")]
+    catalog = await lookup(conn, skus, currency) if skus else {}
+    resolved = []
+    for item in line_items:
+        quantity = int(item.get("quantity") or 1)
+        sku = item.get("sku")
+        if sku:
+            price = catalog.get(sku)
+            if price is None:
+                raise PricingError(
+                    "unknown_sku", f"no price for SKU {sku!r} in {currency}", sku=sku
+                )
+            if not price.active:
+                raise PricingError("inactive_sku", f"SKU {sku!r} is not on sale", sku=sku)
+            resolved.append(
+                {
+                    "sku": sku,
+                    "description": price.description or sku,
+                    "unit_amount": price.unit_amount,
+                    "quantity": quantity,
+                }
+            )
+        else:
+            resolved.append(
+                {
+                    "description": item.get("description"),
+                    "unit_amount": int(item["unit_amount"]),
+                    "quantity": quantity,
+                }
+            )
+    return resolved
+
+
+async def price(
+    conn: Conn, payment: payments.Payment, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The amounts of a payment (subtotal, tax, fee, total, in minor units) and its
+    breakdown. Raises PricingError when it cannot be priced."""
+    settings = settings or get_settings()
+    currency = payment["currency"]
+    if payment["line_items"]:
+        lines = await resolve_lines(conn, payment["line_items"], currency)
+        return breakdown(lines, currency, settings, requested=None)
+    return breakdown([], currency, settings, requested=int(payment["amount_requested"]))
+
+
+# --- the role ----------------------------------------------------------------------------
 
 
 async def advance(conn: Conn, payment_id: str) -> str | None:
@@ -31,9 +231,24 @@ async def advance(conn: Conn, payment_id: str) -> str | None:
     payment = await payments.lock(conn, payment_id)
     if payment is None or payment["status"] != "received":
         return None
-    amounts = price(payment)
+    try:
+        amounts = await price(conn, payment)
+    except PricingError as error:
+        await payments.transition(
+            conn,
+            payment,
+            "rejected",
+            actor=ACTOR,
+            reason=error.code,
+            data={"decision": "rejected", "reasons": [{"code": error.code, **error.data}]},
+            failure_code=error.code,
+            failure_message=error.message,
+        )
+        return "rejected"
+    data = {k: v for k, v in amounts.items() if k != "price_breakdown"}
+    amounts["price_breakdown"] = Jsonb(amounts["price_breakdown"])
     await payments.transition(
-        conn, payment, "priced", actor=f"worker:{ROLE}", reason="priced", data=amounts, **amounts
+        conn, payment, "priced", actor=ACTOR, reason="priced", data=data, **amounts
     )
     await defer(conn, "risk", payment_id=payment_id)
     return "priced"

@@ -1,0 +1,485 @@
+"""The double-entry ledger of agent budgets: balances, holds, postings, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from tasks import agents, ledger, payments, pricing, risk
+from tasks.db import Pool
+from tasks.settings import get_settings
+from tests.conftest import auth, run_jobs
+from workers.cli import app as cli
+
+
+@pytest.fixture
+def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tax and a platform fee, so that captures and refunds split money three ways."""
+    monkeypatch.setenv("AGENTPAY_TAX_RATE", "0.0825")
+    monkeypatch.setenv("AGENTPAY_FEE_PERCENT", "2.9")
+    monkeypatch.setenv("AGENTPAY_FEE_FIXED", '{"usd": 30, "kwd": 100}')
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+async def assert_ledger_sound(conn: Any) -> None:
+    """Every account's balance is the sum of its entries; every transaction, and the whole
+    ledger, sums to zero per currency; no budget or holds account is below zero."""
+    assert await ledger.problems(conn) == []
+    cur = await conn.execute(
+        """SELECT count(*) AS n FROM ledger_accounts
+           WHERE kind IN ('agent_budget', 'agent_holds') AND balance < 0"""
+    )
+    assert (await cur.fetchone())["n"] == 0
+
+
+async def balances(conn: Any, agent_id: str, currency: str = "usd") -> tuple[int, int]:
+    """(available, held) of an agent in a currency."""
+    cur = await conn.execute(
+        """SELECT coalesce(sum(balance) FILTER (WHERE kind = 'agent_budget'), 0) AS available,
+                  coalesce(sum(balance) FILTER (WHERE kind = 'agent_holds'), 0) AS held
+           FROM ledger_accounts WHERE agent_id = %s AND currency = %s""",
+        (agent_id, currency),
+    )
+    row = await cur.fetchone()
+    return int(row["available"]), int(row["held"])
+
+
+async def new_agent(pool: Pool, name: str, budget: int | None = None, currency: str = "usd") -> str:
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, name)
+        if budget is not None:
+            await ledger.open_budget(conn, agent.id, budget, currency, actor="test")
+    return agent.id
+
+
+async def priced_payment(
+    pool: Pool, agent_id: str, amount: int, currency: str = "usd"
+) -> dict[str, Any]:
+    async with pool.connection() as conn, conn.transaction():
+        payment = await payments.insert(
+            conn, agent_id=agent_id, currency=currency, payment_method="pm_card_visa", amount=amount
+        )
+        assert await pricing.advance(conn, payment["id"]) == "priced"
+        found = await payments.get(conn, payment["id"])
+    assert found is not None
+    return found
+
+
+async def move(pool: Pool, payment_id: str, *path: str) -> None:
+    """Drive a payment along `path`, one transaction per step, as the roles would."""
+    for to in path:
+        async with pool.connection() as conn, conn.transaction():
+            payment = await payments.lock(conn, payment_id)
+            assert payment is not None
+            await payments.transition(conn, payment, to, actor="test:driver")
+
+
+# --- what the database refuses -----------------------------------------------------------
+
+
+async def test_the_database_refuses_unbalanced_edited_or_deleted_ledger_rows(
+    pool: Pool, database_url: str
+) -> None:
+    agent_id = await new_agent(pool, "a", budget=1000)
+    async with pool.connection() as conn, conn.transaction():
+        budget = await ledger.account(conn, ledger.AGENT_BUDGET, "usd", agent_id)
+        funding = await ledger.account(conn, ledger.EXTERNAL_FUNDING, "usd")
+        eur = await ledger.account(conn, ledger.EXTERNAL_FUNDING, "eur")
+    with pytest.raises(psycopg.errors.CheckViolation, match="does not balance"):
+        async with pool.connection() as conn, conn.transaction():
+            await ledger.post(
+                conn, "deposit", [(funding, "usd", -500), (budget, "usd", 400)], actor="t"
+            )
+    # Summing to zero across currencies is not balancing.
+    with pytest.raises(psycopg.errors.CheckViolation, match="does not balance"):
+        async with pool.connection() as conn, conn.transaction():
+            await ledger.post(
+                conn, "deposit", [(eur, "eur", -500), (budget, "usd", 500)], actor="t"
+            )
+    # An entry's currency is its account's.
+    with pytest.raises(psycopg.errors.ForeignKeyViolation):
+        async with pool.connection() as conn, conn.transaction():
+            await ledger.post(
+                conn, "deposit", [(funding, "eur", -5), (budget, "eur", 5)], actor="t"
+            )
+    # A budget never goes below zero.
+    with pytest.raises(psycopg.errors.CheckViolation, match="agent_not_negative"):
+        async with pool.connection() as conn, conn.transaction():
+            await ledger.post(
+                conn, "deposit", [(funding, "usd", 1001), (budget, "usd", -1001)], actor="t"
+            )
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="only by posting"):
+            conn.execute(
+                "UPDATE ledger_accounts SET balance = balance + 1 WHERE id = %s", (budget,)
+            )
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("UPDATE ledger_entries SET amount = amount * 2")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("DELETE FROM ledger_entries")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("DELETE FROM ledger_transactions")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            conn.execute("TRUNCATE ledger_entries CASCADE")
+    async with pool.connection() as conn:
+        assert await balances(conn, agent_id) == (1000, 0)
+        await assert_ledger_sound(conn)
+
+
+# --- any mix of outcomes: a property -----------------------------------------------------
+
+OUTCOMES = ["reconciled", "failed", "canceled", "review_rejected", "refund_part", "refund_all"]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    plan=st.lists(
+        st.one_of(
+            st.tuples(st.just("deposit"), st.integers(0, 2), st.integers(1, 5000)),
+            st.tuples(st.sampled_from(OUTCOMES), st.integers(0, 2), st.integers(1, 4000)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    currency=st.sampled_from(["usd", "kwd"]),
+)
+async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
+    pool: Pool, fees: None, plan: list[tuple[str, int, int]], currency: str
+) -> None:
+    """Deposits and payments that end reconciled, failed, canceled, rejected in review,
+    partly or fully refunded, for budgeted and unbudgeted agents, with tax and fees."""
+    step = 10 if currency == "kwd" else 1
+    tag = secrets.token_hex(5)  # hypothesis seeds `random`: names must differ per example
+    names = [f"p{tag}-{i}" for i in range(3)]
+    # Agent 0 is unbudgeted (spends from external funding); 1 and 2 start with budgets.
+    ids = [
+        await new_agent(pool, names[0]),
+        await new_agent(pool, names[1], budget=3000 * step, currency=currency),
+        await new_agent(pool, names[2], budget=0, currency=currency),
+    ]
+    for op, who, amount in plan:
+        agent_id, amount = ids[who], amount * step
+        if op == "deposit":
+            async with pool.connection() as conn, conn.transaction():
+                await ledger.deposit(conn, agent_id, amount, currency, actor="test")
+            continue
+        payment = await priced_payment(pool, agent_id, amount, currency)
+        rules = get_settings()
+        if op == "review_rejected":
+            rules = rules.model_copy(update={"risk_review_above": {"default": 0}})
+        async with pool.connection() as conn, conn.transaction():
+            decided = await risk.advance(conn, payment["id"], rules)
+            rejected = await payments.get(conn, payment["id"])
+        if decided == "rejected":
+            # Only a budget refuses here (agent 0 is held to one once a deposit funds it).
+            assert rejected is not None and rejected["failure_code"] == "insufficient_budget"
+            continue
+        if op == "review_rejected":
+            assert decided == "in_review"
+            async with pool.connection() as conn, conn.transaction():
+                await risk.decide(conn, payment["id"], approve=False, actor="test")
+        elif op == "failed":
+            await move(pool, payment["id"], "charging", "failed")
+        elif op == "canceled":
+            await move(pool, payment["id"], "charging", "authorized", "canceled")
+        else:
+            await move(pool, payment["id"], "charging", "succeeded", "reconciled")
+            total = payment["amount_total"]
+            refunds = {"refund_part": [total // 2 - (total // 2) % step, 0], "refund_all": [total]}
+            for i, part in enumerate(refunds.get(op, [])):
+                if part:
+                    async with pool.connection() as conn, conn.transaction():
+                        locked = await payments.lock(conn, payment["id"])
+                        await ledger.post_refund(
+                            conn, locked, refund_id=f"re_{payment['id']}_{i}", amount=part
+                        )
+    async with pool.connection() as conn:
+        await assert_ledger_sound(conn)
+        for agent_id in ids:
+            assert (await balances(conn, agent_id, currency))[1] == 0  # nothing left held
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM ledger_transactions t
+               JOIN payment_jobs p ON p.id = t.payment_id
+               WHERE t.kind = 'capture' AND p.status NOT IN ('reconciled', 'refunded',
+                                                              'partially_refunded')"""
+        )
+        assert (await cur.fetchone())["n"] == 0
+
+
+# --- postings of one payment, by hand ----------------------------------------------------
+
+
+async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None) -> None:
+    agent_id = await new_agent(pool, "budgeted", budget=10_000)
+    payment = await priced_payment(pool, agent_id, 1999)  # tax 165, fee 88 → total 2252
+    assert (payment["amount_total"], payment["amount_fee"]) == (2252, 88)
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, payment["id"]) == "approved"
+        # Holding twice holds once.
+        locked = await payments.lock(conn, payment["id"])
+        again = await ledger.hold(conn, locked, actor="test")
+        assert again.ok and again.source == ledger.AGENT_BUDGET
+    async with pool.connection() as conn:
+        assert await balances(conn, agent_id) == (10_000 - 2252, 2252)
+    await move(pool, payment["id"], "charging", "succeeded", "reconciled")
+    async with pool.connection() as conn:
+        assert await balances(conn, agent_id) == (10_000 - 2252, 0)
+        cur = await conn.execute(
+            """SELECT kind, currency, balance FROM ledger_accounts
+               WHERE agent_id IS NULL ORDER BY kind"""
+        )
+        platform = {r["kind"]: r["balance"] for r in await cur.fetchall()}
+    assert platform == {"external_funding": -10_000, "platform_fees": 88, "provider_clearing": 2164}
+
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
+        await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)  # same refund
+        await ledger.post_refund(conn, locked, refund_id="re_2", amount=1252)
+        with pytest.raises(ValueError, match="exceed"):
+            await ledger.post_refund(conn, locked, refund_id="re_3", amount=10)
+    async with pool.connection() as conn:
+        assert await balances(conn, agent_id) == (10_000, 0)
+        cur = await conn.execute(
+            "SELECT kind, balance FROM ledger_accounts WHERE agent_id IS NULL ORDER BY kind"
+        )
+        platform = {r["kind"]: r["balance"] for r in await cur.fetchall()}
+        # A full refund reverses the capture exactly, fee included.
+        assert platform == {"external_funding": -10_000, "platform_fees": 0, "provider_clearing": 0}
+        cur = await conn.execute(
+            """SELECT e.amount FROM ledger_entries e JOIN ledger_transactions t
+                 ON t.id = e.transaction_id JOIN ledger_accounts a ON a.id = e.account_id
+               WHERE t.reference = 're_1' AND a.kind = 'platform_fees'"""
+        )
+        # 1000 of 2252 refunded: fee share 1000 * 88 / 2252 = 39.08 → 39.
+        assert [r["amount"] for r in await cur.fetchall()] == [-39]
+        await assert_ledger_sound(conn)
+
+
+# --- concurrency -------------------------------------------------------------------------
+
+
+async def test_200_concurrent_payments_and_deposits_never_lose_an_update(pool: Pool) -> None:
+    agent_id = await new_agent(pool, "busy", budget=20_000)
+    rng = random.Random(5)
+    amounts = [rng.randint(100, 2000) for _ in range(150)]
+    priced = [await priced_payment(pool, agent_id, a) for a in amounts]
+    deposits = [rng.randint(100, 1000) for _ in range(50)]
+
+    async def decide(payment_id: str) -> str | None:
+        async with pool.connection() as conn, conn.transaction():
+            return await risk.advance(conn, payment_id)
+
+    async def deposit(amount: int) -> None:
+        async with pool.connection() as conn, conn.transaction():
+            await ledger.deposit(conn, agent_id, amount, "usd", actor="test")
+
+    work = [decide(p["id"]) for p in priced] + [deposit(a) for a in deposits]
+    random.Random(9).shuffle(work)
+    await asyncio.gather(*work)
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, failure_code, amount_total FROM payment_jobs WHERE agent_id = %s",
+            (agent_id,),
+        )
+        rows = await cur.fetchall()
+        available, held = await balances(conn, agent_id)
+        await assert_ledger_sound(conn)
+    approved = [r["amount_total"] for r in rows if r["status"] == "approved"]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(approved) + len(rejected) == 150
+    assert approved and rejected  # the budget ran out along the way
+    assert {r["failure_code"] for r in rejected} == {"insufficient_budget"}
+    assert held == sum(approved)
+    assert available == 20_000 + sum(deposits) - sum(approved)
+    assert available >= 0
+
+    # Settle them all at once, half captured and half released, concurrently as well.
+    async def settle(payment_id: str, ok: bool) -> None:
+        await move(
+            pool, payment_id, "charging", *(("succeeded", "reconciled") if ok else ("failed",))
+        )
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM payment_jobs WHERE agent_id = %s AND status = 'approved' ORDER BY id",
+            (agent_id,),
+        )
+        ids = [r["id"] for r in await cur.fetchall()]
+    await asyncio.gather(*(settle(pid, i % 2 == 0) for i, pid in enumerate(ids)))
+    async with pool.connection() as conn:
+        final_available, final_held = await balances(conn, agent_id)
+        cur = await conn.execute(
+            "SELECT coalesce(sum(amount_total), 0) AS s FROM payment_jobs "
+            "WHERE agent_id = %s AND status = 'reconciled'",
+            (agent_id,),
+        )
+        spent = int((await cur.fetchone())["s"])
+        await assert_ledger_sound(conn)
+    assert final_held == 0
+    assert final_available == 20_000 + sum(deposits) - spent
+
+
+# --- through the pipeline and the provider -----------------------------------------------
+
+
+async def _pay(api: httpx.AsyncClient, key: str, **body: Any) -> str:
+    body = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa", **body}
+    response = await api.post("/v1/payments", json=body, headers=auth(key))
+    assert response.status_code == 202, response.text
+    payment_id: str = response.json()["id"]
+    return payment_id
+
+
+async def test_succeeded_failed_canceled_and_refunded_payments_leave_exact_balances(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    operator_key: str,
+    pool: Pool,
+    provider_base: str,
+    fees: None,
+) -> None:
+    me = (await api.get("/v1/balance", headers=auth(agent_key))).json()
+    assert (me["budgeted"], me["unlimited"]) == (False, True)
+    deposit = await api.post(
+        f"/v1/agents/{me['agent_id']}/deposits",
+        json={"amount": 50_000, "currency": "usd", "description": "top-up"},
+        headers=auth(operator_key),
+    )
+    assert deposit.status_code == 201, deposit.text
+    assert deposit.json()["balance"] == 50_000
+
+    ok = await _pay(api, agent_key)
+    declined = await _pay(api, agent_key, payment_method="pm_card_chargeDeclined")
+    manual = await _pay(api, agent_key, capture_method="manual")
+    refunded = await _pay(api, agent_key, amount=1000)
+    partly = await _pay(api, agent_key, amount=3000)
+    await run_jobs(pool)
+    canceled = await api.post(f"/v1/payments/{manual}/cancel", headers=auth(agent_key))
+    assert canceled.status_code == 202, canceled.text
+    for pid, amount in ((refunded, None), (partly, 1000)):
+        body = {"amount": amount} if amount else None
+        response = await api.post(f"/v1/payments/{pid}/refunds", json=body, headers=auth(agent_key))
+        assert response.status_code == 202, response.text
+    await run_jobs(pool)
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, status, amount_total, amount_refunded FROM payment_jobs WHERE id = ANY(%s)",
+            ([ok, declined, manual, refunded, partly],),
+        )
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        await assert_ledger_sound(conn)
+    assert [rows[p]["status"] for p in (ok, declined, manual, refunded, partly)] == [
+        "reconciled",
+        "failed",
+        "canceled",
+        "refunded",
+        "partially_refunded",
+    ]
+    spent = sum(
+        rows[p]["amount_total"] - rows[p]["amount_refunded"] for p in (ok, refunded, partly)
+    )
+    balance = (await api.get("/v1/balance", headers=auth(agent_key))).json()
+    assert balance["budgeted"] is True and balance["unlimited"] is False
+    assert balance["available"] == [{"amount": 50_000 - spent, "currency": "usd"}]
+    assert balance["held"] == [{"amount": 0, "currency": "usd"}]
+
+    statement = (await api.get("/v1/balance/transactions", headers=auth(agent_key))).json()
+    budget_rows = [t for t in statement["data"] if t["account"] == "budget"]
+    assert budget_rows[0]["balance_after"] == 50_000 - spent  # newest first
+    assert budget_rows[-1]["type"] == "deposit" and budget_rows[-1]["amount"] == 50_000
+    types = {t["type"] for t in statement["data"]}
+    assert types == {"deposit", "hold", "capture", "release", "refund"}
+    page = (await api.get("/v1/balance/transactions?limit=2", headers=auth(agent_key))).json()
+    assert page["has_more"] is True and len(page["data"]) == 2
+    older = (
+        await api.get(
+            f"/v1/balance/transactions?limit=2&starting_after={page['data'][-1]['id']}",
+            headers=auth(agent_key),
+        )
+    ).json()
+    assert older["data"][0]["id"] < page["data"][-1]["id"]
+
+
+async def test_deposits_are_for_operators_and_checked(
+    api: httpx.AsyncClient, agent_key: str, operator_key: str
+) -> None:
+    me = (await api.get("/v1/balance", headers=auth(agent_key))).json()["agent_id"]
+    url = f"/v1/agents/{me}/deposits"
+    body = {"amount": 1000, "currency": "usd"}
+    denied = await api.post(url, json=body, headers=auth(agent_key))
+    assert denied.status_code == 403
+    missing = await api.post(
+        "/v1/agents/agt_nobody/deposits", json=body, headers=auth(operator_key)
+    )
+    assert missing.status_code == 404
+    for bad, param in (
+        ({"amount": 0, "currency": "usd"}, "amount"),
+        ({"amount": 1005, "currency": "kwd"}, "amount"),
+        ({"amount": 100, "currency": "xyz"}, "currency"),
+        ({"amount": "100", "currency": "usd"}, "amount"),
+    ):
+        response = await api.post(url, json=bad, headers=auth(operator_key))
+        assert response.status_code == 400, bad
+        assert response.json()["error"]["param"] == param
+    other = await api.get("/v1/balance?agent_id=agt_someone", headers=auth(agent_key))
+    assert other.status_code == 403
+    balance = (await api.get(f"/v1/balance?agent_id={me}", headers=auth(operator_key))).json()
+    assert balance["available"] == [] and balance["unlimited"] is True
+
+
+async def test_cli_creates_an_agent_with_a_budget_and_funds_it(
+    pool: Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    runner = CliRunner()
+
+    def invoke(*args: str) -> Any:
+        return runner.invoke(cli, list(args))
+
+    created = await asyncio.to_thread(
+        invoke, "agents", "create", "shopper", "--budget", "5000", "--currency", "eur", "--json"
+    )
+    assert created.exit_code == 0, created.output
+    agent_id = json.loads(created.output)["id"]
+    funded = await asyncio.to_thread(
+        invoke, "agents", "deposit", "shopper", "250", "--currency", "eur"
+    )
+    assert funded.exit_code == 0, funded.output
+    assert "balance 5250 eur" in funded.output
+    missing = await asyncio.to_thread(invoke, "agents", "deposit", "nobody", "250")
+    assert missing.exit_code == 1
+    bad = await asyncio.to_thread(
+        invoke, "agents", "create", "x", "--budget", "15", "--currency", "kwd"
+    )
+    assert bad.exit_code != 0
+    zero = await asyncio.to_thread(invoke, "agents", "create", "frugal", "--budget", "0")
+    assert zero.exit_code == 0, zero.output
+    get_settings.cache_clear()
+    async with pool.connection() as conn:
+        assert await balances(conn, agent_id, "eur") == (5250, 0)
+        assert await agents.find(conn, "x") is None  # refused before anything was created
+        unlimited = [a["name"] for a in await ledger.unlimited_agents(conn)]
+        assert "shopper" not in unlimited and "frugal" not in unlimited
+        await assert_ledger_sound(conn)

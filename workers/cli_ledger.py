@@ -1,0 +1,251 @@
+"""`agentpay prices`, `agentpay review` and `agentpay agents deposit`: the operators' side of
+pricing, risk and budgets, straight against the database."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.settings import get_settings
+
+console = Console()
+T = TypeVar("T")
+
+prices_app = typer.Typer(
+    help="The price catalog: SKU → unit amount per currency.", no_args_is_help=True
+)
+review_app = typer.Typer(
+    help="Payments risk sent to in_review: list them, approve or reject.", no_args_is_help=True
+)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the dev stack keeps its database, logs and stack.json "
+        "[env: AGENTPAY_DATA_DIR; default: .data]",
+        show_default=False,
+    ),
+]
+Currency = Annotated[str, typer.Option(help="Lowercase ISO 4217 currency")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
+
+
+def _run(data_dir: Path | None, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(conn)` in one transaction on the configured database."""
+    from tasks.db import open_pool
+
+    if data_dir is not None:
+        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+
+    async def main() -> T:
+        async with open_pool(
+            get_settings().resolved_database_url(), min_size=1, max_size=1
+        ) as pool:
+            async with pool.connection() as conn, conn.transaction():
+                return await work(conn)
+
+    return asyncio.run(main())
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]{message}[/]")
+    return typer.Exit(1)
+
+
+def _check_currency(currency: str) -> str:
+    from tasks import money
+
+    if currency not in money.CURRENCIES:
+        raise typer.BadParameter(
+            f"unknown currency {currency!r}: use e.g. usd", param_hint="--currency"
+        )
+    return currency
+
+
+# --- prices ------------------------------------------------------------------------------
+
+
+@prices_app.command("set")
+def prices_set(
+    sku: Annotated[str, typer.Argument(help="The SKU")],
+    unit_amount: Annotated[int, typer.Argument(help="Unit amount in minor units (1999 = $19.99)")],
+    currency: Currency = "usd",
+    description: Annotated[str | None, typer.Option(help="What it is")] = None,
+    inactive: Annotated[bool, typer.Option("--inactive", help="Retire it (not on sale)")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Create or replace the price of SKU in a currency."""
+    from tasks import money, pricing
+
+    _check_currency(currency)
+    problem = money.amount_problem(unit_amount, currency)
+    if problem:
+        raise typer.BadParameter(problem, param_hint="UNIT_AMOUNT")
+
+    async def work(conn: Any) -> pricing.Price:
+        return await pricing.set_price(
+            conn, sku, currency, unit_amount, description=description, active=not inactive
+        )
+
+    price = _run(data_dir, work)
+    state = "active" if price.active else "inactive"
+    console.print(f"{price.sku} = {price.unit_amount} {price.currency} ({state})")
+
+
+@prices_app.command("list")
+def prices_list(
+    currency: Annotated[str | None, typer.Option(help="Only this currency")] = None,
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """List the catalog, retired prices included."""
+    from tasks import pricing
+
+    async def work(conn: Any) -> list[pricing.Price]:
+        return await pricing.list_prices(conn, currency=currency)
+
+    prices = _run(data_dir, work)
+    if as_json:
+        typer.echo(json.dumps([p.__dict__ for p in prices]))
+        return
+    table = Table("sku", "currency", "unit amount", "active", "description")
+    for p in prices:
+        table.add_row(
+            p.sku, p.currency, str(p.unit_amount), "yes" if p.active else "no", p.description or ""
+        )
+    console.print(table)
+
+
+# --- review ------------------------------------------------------------------------------
+
+
+@review_app.command("list")
+def review_list(as_json: AsJson = False, data_dir: DataDir = None) -> None:
+    """Payments waiting for an operator, oldest first, with the reasons."""
+    from tasks import risk
+
+    rows = _run(data_dir, lambda conn: risk.in_review(conn, limit=1000))
+    if as_json:
+        out = [
+            {k: r[k] for k in ("id", "agent_id", "amount_total", "currency")}
+            | {"reasons": [x["code"] for x in (r["risk_decision"] or {}).get("reasons", [])]}
+            for r in rows
+        ]
+        typer.echo(json.dumps(out))
+        return
+    table = Table("payment", "agent", "total", "currency", "reasons")
+    for r in rows:
+        reasons = ", ".join(x["code"] for x in (r["risk_decision"] or {}).get("reasons", []))
+        table.add_row(r["id"], r["agent_id"], str(r["amount_total"]), r["currency"], reasons)
+    console.print(table)
+
+
+def _decide(payment_id: str, approve: bool, note: str | None, data_dir: Path | None) -> None:
+    from tasks import risk
+
+    actor = f"operator:cli:{os.environ.get('USER', 'unknown')}"
+
+    async def work(conn: Any) -> dict[str, Any]:
+        return await risk.decide(conn, payment_id, approve=approve, actor=actor, note=note)
+
+    try:
+        payment = _run(data_dir, work)
+    except risk.ReviewError as error:
+        raise _fail(error.message) from None
+    console.print(f"{payment['id']} is {payment['status']}")
+
+
+Note = Annotated[str | None, typer.Option(help="Why (kept in the payment's events)")]
+
+
+@review_app.command("approve")
+def review_approve(
+    payment_id: Annotated[str, typer.Argument(help="The payment id (pay_…)")],
+    note: Note = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Approve an in_review payment: it goes on to be charged."""
+    _decide(payment_id, True, note, data_dir)
+
+
+@review_app.command("reject")
+def review_reject(
+    payment_id: Annotated[str, typer.Argument(help="The payment id (pay_…)")],
+    note: Note = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Reject an in_review payment: it ends rejected and its budget hold is released."""
+    _decide(payment_id, False, note, data_dir)
+
+
+# --- agents deposit ----------------------------------------------------------------------
+
+
+def agents_deposit(
+    name: Annotated[str, typer.Argument(help="The agent's name or id")],
+    amount: Annotated[int, typer.Argument(help="Minor units to add (5000 = $50.00)")],
+    currency: Currency = "usd",
+    description: Annotated[str | None, typer.Option(help="What it is for")] = None,
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Fund an agent's budget. From then on the agent is held to its budget."""
+    from tasks import agents, ledger, money
+
+    _check_currency(currency)
+    problem = money.amount_problem(amount, currency)
+    if problem:
+        raise typer.BadParameter(problem, param_hint="AMOUNT")
+    actor = f"operator:cli:{os.environ.get('USER', 'unknown')}"
+
+    async def work(conn: Any) -> dict[str, Any] | None:
+        agent = await agents.find(conn, name)
+        if agent is None:
+            return None
+        return await ledger.deposit(
+            conn, agent["id"], amount, currency, actor=actor, description=description
+        )
+
+    deposit = _run(data_dir, work)
+    if deposit is None:
+        raise _fail(f"no agent named {name!r}")
+    if as_json:
+        typer.echo(json.dumps(deposit))
+    else:
+        console.print(
+            f"deposited {amount} {currency} to {name}: balance {deposit['balance']} {currency}"
+        )
+
+
+async def open_budget(conn: Any, agent_id: str, amount: int, currency: str) -> None:
+    """`agents create --budget`: hold the new agent to a budget, in its creating
+    transaction."""
+    from tasks import ledger
+
+    await ledger.open_budget(
+        conn, agent_id, amount, currency, actor=f"operator:cli:{os.environ.get('USER', 'unknown')}"
+    )
+
+
+def check_budget(amount: int | None, currency: str) -> None:
+    """Refuse a `--budget` the currency cannot hold before anything is created."""
+    from tasks import money
+
+    if amount is None:
+        return
+    _check_currency(currency)
+    if amount < 0:
+        raise typer.BadParameter("a budget is not negative", param_hint="--budget")
+    problem = money.amount_problem(amount, currency) if amount else None
+    if problem:
+        raise typer.BadParameter(problem, param_hint="--budget")
