@@ -1,7 +1,12 @@
 """Maintenance services that keep the fleet healthy without anyone acting.
 
 Each is a plain async function (testable on its own); `run_maintenance` runs them on an
-interval in every worker process, one process at a time (an advisory lock elects the one).
+interval in every worker process, one process at a time (an advisory lock elects the one):
+- `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue;
+- `sweep_stuck_payments`: a non-final payment with no job is driven on again;
+- `prune_finished_jobs` (every `prune_interval_seconds`): finished procrastinate jobs are
+  deleted after a retention, so the table every claim reads stays small — the history of
+  every payment lives in payment_events.
 """
 
 from __future__ import annotations
@@ -74,23 +79,86 @@ async def sweep_stuck_payments(pool: Pool, older_than: float) -> list[str]:
     return [row["id"] for row in stuck]
 
 
+async def prune_finished_jobs(
+    pool: Pool, *, succeeded_after: float, failed_after: float, batch: int = 5000
+) -> int:
+    """Delete procrastinate jobs that finished longer ago than their retention: succeeded,
+    cancelled or aborted ones after `succeeded_after` seconds, failed ones after
+    `failed_after`. At most `batch` per call; returns how many went (their events go with
+    them). A job retried since it finished is not finished any more, and stays."""
+    pruned = 0
+    for statuses, keep in (
+        (["succeeded", "cancelled", "aborted"], succeeded_after),
+        (["failed"], failed_after),
+    ):
+        async with pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                """WITH old AS (
+                       SELECT j.id FROM procrastinate_events e
+                         JOIN procrastinate_jobs j ON j.id = e.job_id
+                        WHERE e.type IN ('succeeded', 'failed', 'cancelled', 'aborted')
+                          AND e.type::text = ANY(%(statuses)s)
+                          AND e.at < now() - make_interval(secs => %(keep)s)
+                          AND j.status::text = ANY(%(statuses)s)
+                          AND NOT EXISTS (SELECT 1 FROM procrastinate_periodic_defers d
+                                           WHERE d.job_id = j.id)
+                        ORDER BY e.at
+                        LIMIT %(batch)s
+                   )
+                   DELETE FROM procrastinate_jobs j USING old WHERE j.id = old.id
+                   RETURNING j.id""",
+                {"statuses": statuses, "keep": keep, "batch": batch},
+            )
+            pruned += len(await cur.fetchall())
+    if pruned:
+        log.info("pruned finished jobs", extra={"count": pruned})
+    return pruned
+
+
+class Maintenance:
+    """The services' schedule in one process (rescue and sweep every round; pruning every
+    `prune_interval_seconds`)."""
+
+    def __init__(self, app: procrastinate.App, pool: Pool, settings: Settings) -> None:
+        self.app = app
+        self.pool = pool
+        self.settings = settings
+        self._next_prune = 0.0
+
+    async def run_once(self) -> bool:
+        """One round, if no other process is running one; True if it ran."""
+        s = self.settings
+        async with self.pool.connection() as conn, conn.transaction():
+            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (_LOCK_KEY,))
+            row = await cur.fetchone()
+            if not (row and row["mine"]):
+                return False
+            await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
+            await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
+            now = asyncio.get_running_loop().time()
+            if now >= self._next_prune:
+                self._next_prune = now + s.prune_interval_seconds
+                await prune_finished_jobs(
+                    self.pool,
+                    succeeded_after=s.prune_succeeded_after_seconds,
+                    failed_after=s.prune_failed_after_seconds,
+                    batch=s.prune_batch_size,
+                )
+        return True
+
+
 async def run_once(app: procrastinate.App, pool: Pool, settings: Settings) -> bool:
-    """One round of every service, if no other process is running one; True if it ran."""
-    async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (_LOCK_KEY,))
-        row = await cur.fetchone()
-        if not (row and row["mine"]):
-            return False
-        await rescue_stalled_jobs(app, settings.stalled_after_seconds)
-        await sweep_stuck_payments(pool, settings.sweep_after_seconds)
-    return True
+    """One round of every service (pruning included), if no other process is running one;
+    True if it ran."""
+    return await Maintenance(app, pool, settings).run_once()
 
 
 async def run_maintenance(app: procrastinate.App, pool: Pool, settings: Settings) -> None:
     """Forever, every `maintenance_interval_seconds`; errors are logged, never fatal."""
+    maintenance = Maintenance(app, pool, settings)
     while True:
         try:
-            await run_once(app, pool, settings)
+            await maintenance.run_once()
         except Exception:
             log.exception("maintenance round failed; trying again next round")
         await asyncio.sleep(settings.maintenance_interval_seconds)

@@ -1,27 +1,184 @@
 """One role's worker process: procrastinate's Worker on the role's queue, kept alive.
 
-procrastinate's worker stops when the database goes away; this loop starts it again with
-backoff, so a Postgres restart never needs a process restart. SIGTERM/SIGINT stop claiming,
-let running jobs finish (up to `shutdown_grace_seconds`), and exit.
+procrastinate's worker stops when the database goes away (a failed heartbeat, fetch or
+listener stops it; a failed finish leaves its job `doing`); this loop starts it again with
+backoff, so a Postgres restart never needs a process restart, and the stalled-job rescue
+(workers/maintenance.py) puts back any job whose end could not be written. SIGTERM/SIGINT
+stop claiming, let running jobs finish (up to `shutdown_grace_seconds`), and exit.
+
+Around every job (`observe_job`): its log lines carry job_id, payment_id and role; its
+duration and outcome go to the process's Prometheus metrics; a job that fails for good is
+recorded in its payment's events (`job_failed`, with the error) for ops_recent_failures.
+With AGENTPAY_METRICS_PORT set the process serves those metrics, and the latency and errors
+of its provider calls, over HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from procrastinate import exceptions, job_context
 from procrastinate.worker import Worker
+from prometheus_client import Counter, Histogram, start_http_server
 
+from tasks import payments
 from tasks.app import bind
-from tasks.db import open_pool
+from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
+from workers import logs
 from workers.maintenance import run_maintenance
 
 log = logging.getLogger("agentpay.worker")
+
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+JOB_SECONDS = Histogram(
+    "agentpay_job_duration_seconds",
+    "How long each job ran in this worker process, by role, task and outcome",
+    ["role", "task", "outcome"],
+    buckets=_BUCKETS,
+)
+PROVIDER_SECONDS = Histogram(
+    "agentpay_provider_call_duration_seconds",
+    "Latency of each provider call made by this process (SDK retries included)",
+    ["operation", "outcome"],
+    buckets=_BUCKETS,
+)
+PROVIDER_ERRORS = Counter(
+    "agentpay_provider_errors",
+    "Provider calls that raised, by operation and error class",
+    ["operation", "error"],
+)
+
+
+def instrument_provider() -> None:
+    """Time every public call of tasks.provider (each module-level coroutine function) in
+    this process. The roles call them as `provider.<name>(…)`, so wrapping the module's
+    attributes is enough; done once per process."""
+    from tasks import provider
+
+    if getattr(provider, "_agentpay_instrumented", False):
+        return
+    for name, func in list(vars(provider).items()):
+        if (
+            name.startswith("_")
+            or not inspect.iscoroutinefunction(func)
+            or func.__module__ != provider.__name__
+        ):
+            continue
+        setattr(provider, name, _timed(name, func))
+    provider._agentpay_instrumented = True  # type: ignore[attr-defined]
+
+
+def _timed(operation: str, func: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(func)
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await func(*args, **kwargs)
+        except BaseException as error:
+            outcome = type(error).__name__
+            PROVIDER_ERRORS.labels(operation, outcome).inc()
+            raise
+        finally:
+            PROVIDER_SECONDS.labels(operation, outcome).observe(time.perf_counter() - started)
+
+    return timed
+
+
+class _Worker(Worker):
+    """procrastinate's Worker, with its side-task watch fixed.
+
+    procrastinate stops its worker when a side task (heartbeat, LISTEN listener, abort
+    poll) fails — but it watches them with one FIRST_COMPLETED wait, and its periodic
+    deferrer returns at once when no periodic task is registered (ours: none). The watch
+    then ends at start-up, and a listener that lost the database later is never noticed:
+    the worker runs on without LISTEN (polling only) and never reconnects. This watch keeps
+    waiting until a task fails, so the loop in `RoleWorker.run` starts a fresh worker."""
+
+    async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
+        pending = set(side_tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    log.warning(
+                        "a side task of the worker failed; stopping it to start afresh",
+                        extra={"task_name": task.get_name(), "error": repr(error)},
+                    )
+                    self.stop()
+                    return
+
+
+def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
+    """procrastinate worker middleware: log context, duration metrics and the record of a
+    job that failed for good."""
+
+    async def middleware(
+        call_next: Callable[[], Awaitable[Any]],
+        context: job_context.JobContext,
+        worker: Worker,
+    ) -> Any:
+        job = context.job
+        payment_id = job.task_kwargs.get("payment_id")
+        started = time.perf_counter()
+        outcome = "succeeded"
+        with logs.job_context(job.id, payment_id if isinstance(payment_id, str) else None, role):
+            try:
+                return await call_next()
+            except (exceptions.JobAborted, asyncio.CancelledError):
+                outcome = "aborted"
+                raise
+            except Exception as error:
+                task = worker.app.tasks.get(job.task_name)
+                will_retry = task is not None and task.get_retry_exception(exception=error, job=job)
+                outcome = "retry" if will_retry else "failed"
+                if not will_retry and isinstance(payment_id, str):
+                    await _record_failure(pool, role, job, payment_id, error)
+                raise
+            finally:
+                JOB_SECONDS.labels(role, job.task_name, outcome).observe(
+                    time.perf_counter() - started
+                )
+
+    return middleware
+
+
+async def _record_failure(
+    pool: Pool, role: str, job: Any, payment_id: str, error: Exception
+) -> None:
+    try:
+        async with pool.connection() as conn, conn.transaction():
+            payment = await payments.get(conn, payment_id)
+            if payment is None:
+                return
+            await payments.record_event(
+                conn,
+                payment,
+                "job_failed",
+                actor=f"worker:{role}",
+                reason=f"{job.task_name} job failed for good",
+                data={
+                    "job_id": job.id,
+                    "role": role,
+                    "task": job.task_name,
+                    "attempts": job.attempts + 1,
+                    "error_type": type(error).__name__,
+                    "error": logs.scrub(str(error))[:500],
+                },
+            )
+    except Exception:
+        log.exception("could not record the job's failure", extra={"job_id": job.id})
 
 
 class RoleWorker:
@@ -44,6 +201,11 @@ class RoleWorker:
 
     async def run(self) -> None:
         s = self.settings
+        logs.set_role(self.role)
+        instrument_provider()
+        if s.metrics_port:
+            server, _ = start_http_server(s.metrics_port)
+            log.info("serving metrics", extra={"port": server.server_port})
         async with (
             open_pool(
                 s.resolved_database_url(),
@@ -58,7 +220,7 @@ class RoleWorker:
             try:
                 failures = 0
                 while not self._stopping.is_set():
-                    self._worker = Worker(
+                    self._worker = _Worker(
                         app,
                         queues=[self.role],
                         name=self.role,
@@ -69,6 +231,7 @@ class RoleWorker:
                         update_heartbeat_interval=s.heartbeat_seconds,
                         stalled_worker_timeout=s.stalled_after_seconds,
                         listen_notify=True,
+                        worker_middleware=[observe_job(self.role, pool)],
                     )
                     error: Exception | None = None
                     started = time.monotonic()
@@ -80,7 +243,7 @@ class RoleWorker:
                         break
                     # The worker stopped without being asked: it lost the database.
                     failures = 1 if time.monotonic() - started > 60 else failures + 1
-                    delay = random.uniform(0, min(30.0, 0.5 * 2**failures))
+                    delay = random.uniform(0, min(10.0, 0.5 * 2**failures))
                     log.warning(
                         "worker stopped on its own; starting it again",
                         extra={"role": self.role, "error": repr(error), "retry_in": delay},

@@ -1,0 +1,451 @@
+"""Operators: the ops views, `agentpay status`, /metrics and /ops agree; steering commands and
+routes record who acted; pruning keeps the queue table small; claims stay fast under backlog;
+logs carry ids and never secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg.rows import dict_row
+from typer.testing import CliRunner
+
+from tasks import agents, payments
+from tasks.app import bind, defer
+from tasks.db import Pool, open_pool
+from tasks.settings import ROLES, Settings
+from tests.conftest import auth, run_jobs
+from workers import logs
+from workers.cli import app as cli
+from workers.maintenance import Maintenance, prune_finished_jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def _payment(conn: Any, agent_id: str, amount: int = 500) -> dict[str, Any]:
+    p = await payments.insert(
+        conn, agent_id=agent_id, currency="usd", payment_method="pm_card_visa", amount=amount
+    )
+    await defer(conn, "pricing", payment_id=p["id"])
+    return p
+
+
+async def _claim(conn: Any, queue: str) -> int:
+    """Claim one job of `queue` as a (fake) worker; return its id."""
+    cur = await conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
+    worker = await cur.fetchone()
+    cur = await conn.execute(
+        "SELECT id FROM procrastinate_fetch_job_v2(%s::varchar[], %s)", ([queue], worker["id"])
+    )
+    row = await cur.fetchone()
+    assert row and row["id"] is not None
+    job_id: int = row["id"]
+    return job_id
+
+
+async def _build_state(pool: Pool) -> dict[str, Any]:
+    """pricing: 1 waiting, 1 running; risk: 2 waiting, 1 failed; one payment in review; one
+    payment stuck for 10 minutes; one job_failed event."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "ops-agent")
+        first = [await _payment(conn, agent.id) for _ in range(3)]
+    await run_jobs(pool, ("pricing",))
+    async with pool.connection() as conn, conn.transaction():
+        later = [await _payment(conn, agent.id) for _ in range(2)]
+        running = await _claim(conn, "pricing")
+        failed = await _claim(conn, "risk")
+        await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'failed', false)", (failed,))
+        review = await payments.lock(conn, first[1]["id"])
+        assert review is not None
+        await payments.transition(conn, review, "in_review", actor="test", reason="big amount")
+        stuck = await payments.lock(conn, first[2]["id"])
+        assert stuck is not None
+        await payments.record_event(
+            conn,
+            stuck,
+            "job_failed",
+            actor="worker:risk",
+            data={"job_id": failed, "role": "risk", "error": "boom", "error_type": "KeyError"},
+        )
+        # Make `stuck` 10 minutes old (the trigger would set updated_at to now).
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE payment_jobs SET updated_at = now() - interval '10 minutes' WHERE id = %s",
+            (stuck["id"],),
+        )
+    return {
+        "first": first,
+        "later": later,
+        "running_job": running,
+        "failed_job": failed,
+        "review": first[1]["id"],
+        "stuck": first[2]["id"],
+    }
+
+
+def _metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_status_json_metrics_and_views_agree_and_the_page_renders_them(
+    api: httpx.AsyncClient, pool: Pool, database_url: str, operator_key: str, agent_key: str
+) -> None:
+    state = await _build_state(pool)
+
+    async with pool.connection() as conn:
+        views = await (await conn.execute("SELECT * FROM ops_queue_depth")).fetchall()
+        stuck = await (await conn.execute("SELECT * FROM ops_stuck_payments")).fetchall()
+        review = await (await conn.execute("SELECT * FROM ops_review_queue")).fetchall()
+        transitions = await (await conn.execute("SELECT * FROM ops_transition_counts")).fetchall()
+        failures = await (await conn.execute("SELECT * FROM ops_recent_failures")).fetchall()
+    by_role = {v["role"]: v for v in views}
+    assert [v["role"] for v in views] == list(ROLES)
+    expected = {
+        "pricing": (1, 1, 0),
+        "risk": (2, 0, 1),
+        "charge": (0, 0, 0),
+        "reconcile": (0, 0, 0),
+    }
+    for role, (waiting, running, failed) in expected.items():
+        row = by_role[role]
+        assert (row["waiting"], row["running"], row["failed_last_hour"]) == (
+            waiting,
+            running,
+            failed,
+        ), role
+    assert by_role["risk"]["oldest_waiting_seconds"] > 0
+    assert [s["payment_id"] for s in stuck] == [state["stuck"]]
+    assert stuck[0]["waiting_on"] == "fleet" and stuck[0]["last_event_type"] == "job_failed"
+    assert stuck[0]["job_status"] == "todo"
+    assert [r["payment_id"] for r in review] == [state["review"]]
+    assert review[0]["reason"] == "big amount"
+    assert [(f["kind"], f["reason"]) for f in failures] == [("job", "boom")]
+
+    env = {**os.environ, "DATABASE_URL": database_url}
+    out = subprocess.run(
+        [sys.executable, "-m", "workers", "status", "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    metrics = _metrics(response.text)
+
+    for role in ROLES:
+        q = next(q for q in status["queues"] if q["role"] == role)
+        labels = (("role", role),)
+        for column in ("waiting", "scheduled", "running"):
+            assert (
+                q[column] == by_role[role][column] == metrics[(f"agentpay_queue_{column}", labels)]
+            ), (role, column)
+        assert (
+            q["failed_last_hour"]
+            == by_role[role]["failed_last_hour"]
+            == metrics[("agentpay_jobs_failed_last_hour", labels)]
+        )
+        # Ages are measured at each reader's own instant: equal within the test's seconds.
+        assert (
+            abs(
+                q["oldest_waiting_seconds"]
+                - metrics[("agentpay_queue_oldest_waiting_seconds", labels)]
+            )
+            < 30
+        )
+    assert status["stuck_by_waiting_on"]["fleet"] == 1
+    assert metrics[("agentpay_stuck_payments", (("waiting_on", "fleet"),))] == 1
+    assert status["counts"]["review"] == 1 == metrics[("agentpay_review_queue", ())]
+    for t in transitions:
+        labels = (("from", t["from_status"]), ("to", t["to_status"]))
+        assert metrics[("agentpay_payment_transitions_total", labels)] == t["total"]
+    assert {(t["from_status"], t["to_status"]): t["total"] for t in status["transitions"]} == {
+        (t["from_status"], t["to_status"]): t["total"] for t in transitions
+    }
+    assert metrics[("agentpay_recent_failures", (("kind", "job"),))] == 1
+
+    over_http = await api.get("/v1/ops/status", headers=auth(operator_key))
+    assert over_http.status_code == 200
+    assert [(q["role"], q["waiting"], q["running"]) for q in over_http.json()["queues"]] == [
+        (q["role"], q["waiting"], q["running"]) for q in status["queues"]
+    ]
+
+    page = await api.get("/ops", headers=auth(operator_key))
+    assert page.status_code == 200, page.text
+    html = page.text
+    assert 'http-equiv="refresh"' in html
+    assert '<td data-col="role">risk</td><td data-col="waiting">2</td>' in html
+    assert '<td data-col="role">pricing</td><td data-col="waiting">1</td>' in html
+    assert state["stuck"] in html and state["review"] in html and "boom" in html
+    assert "1 payment(s) stuck in the fleet" in html
+    # A browser: HTTP Basic with the key as password.
+    basic = base64.b64encode(f"ops:{operator_key}".encode()).decode()
+    assert (await api.get("/ops", headers={"Authorization": f"Basic {basic}"})).status_code == 200
+    assert (await api.get("/ops", headers=auth(agent_key))).status_code == 403
+    anonymous = await api.get("/ops")
+    assert anonymous.status_code == 401
+    assert "Basic realm=" in anonymous.headers["www-authenticate"]
+    assert anonymous.json()["error"]["code"] == "missing_api_key"
+
+
+async def test_operator_routes_steer_and_record_who_acted(
+    api: httpx.AsyncClient, pool: Pool, operator_key: str, agent_key: str
+) -> None:
+    state = await _build_state(pool)
+    failed, later = state["failed_job"], state["later"][0]["id"]
+
+    r = await api.post(f"/v1/ops/jobs/{failed}/retry", headers=auth(agent_key))
+    assert r.status_code == 403
+    r = await api.post(
+        f"/v1/ops/jobs/{failed}/retry", json={"reason": "fixed"}, headers=auth(operator_key)
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "todo"
+    r = await api.post(f"/v1/ops/jobs/{state['running_job']}/retry", headers=auth(operator_key))
+    assert r.status_code == 409 and r.json()["error"]["type"] == "invalid_request_error"
+    assert (
+        await api.post("/v1/ops/jobs/999999/cancel", headers=auth(operator_key))
+    ).status_code == 404
+
+    r = await api.post(f"/v1/ops/payments/{later}/cancel", headers=auth(operator_key))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "canceled"
+    r = await api.post(f"/v1/ops/payments/{later}/cancel", headers=auth(operator_key))
+    assert r.status_code == 409
+
+    r = await api.get(f"/v1/ops/payments/{later}", headers=auth(operator_key))
+    assert r.status_code == 200
+    timeline = r.json()
+    assert [e["to_status"] for e in timeline["events"]] == ["received", "canceled"]
+    assert timeline["jobs"][0]["task"] == "pricing"
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT type, actor, reason, data->>'job_id' AS job FROM payment_events
+                WHERE actor LIKE 'operator:%%' ORDER BY id"""
+        )
+        events = await cur.fetchall()
+    assert [(e["type"], e["actor"]) for e in events] == [
+        ("operator_job_retry", "operator:operator"),
+        ("transition", "operator:operator"),
+    ]
+    assert events[0]["reason"] == "fixed" and events[0]["job"] == str(failed)
+
+
+def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -> None:
+    async def setup() -> tuple[str, int]:
+        async with open_pool(database_url, min_size=1, max_size=2) as pool, bind(pool):
+            async with pool.connection() as conn, conn.transaction():
+                agent, _ = await agents.create(conn, "cli-agent")
+                p = await _payment(conn, agent.id)
+                q = await _payment(conn, agent.id)
+            async with pool.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT id FROM procrastinate_jobs WHERE args->>'payment_id' = %s", (q["id"],)
+                )
+                row = await cur.fetchone()
+        return p["id"], row["id"]
+
+    payment_id, job_id = asyncio.run(setup())
+    runner = CliRunner()
+    env = {"DATABASE_URL": database_url}
+    result = runner.invoke(
+        cli, ["jobs", "cancel", str(job_id), "--operator", "alice", "--reason", "bad"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    assert "cancelled" in result.output and "operator:alice" in result.output
+    result = runner.invoke(cli, ["payments", "cancel", payment_id, "--operator", "alice"], env=env)
+    assert result.exit_code == 0, result.output
+    assert "canceled" in result.output
+    result = runner.invoke(cli, ["payments", "cancel", payment_id, "--operator", "alice"], env=env)
+    assert result.exit_code == 1  # already canceled: refused
+    result = runner.invoke(cli, ["payments", "cancel", "pay_nope"], env=env)
+    assert result.exit_code == 2
+    result = runner.invoke(cli, ["payments", "show", payment_id], env={**env, "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "received" in result.output and "canceled" in result.output
+    assert "operator:alice" in result.output
+    result = runner.invoke(cli, ["status"], env={**env, "COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pricing" in result.output and "Queues" in result.output
+
+    with psycopg.connect(database_url, row_factory=dict_row) as conn:
+        rows = conn.execute(
+            "SELECT type, actor, to_status FROM payment_events WHERE actor = 'operator:alice'"
+            " ORDER BY id"
+        ).fetchall()
+        job = conn.execute(
+            "SELECT status FROM procrastinate_jobs WHERE id = %s", (job_id,)
+        ).fetchone()
+    assert [(r["type"], r["to_status"]) for r in rows] == [
+        ("operator_job_cancel", "received"),
+        ("transition", "canceled"),
+    ]
+    assert job == {"status": "cancelled"}
+
+
+async def test_pruning_deletes_finished_jobs_after_their_retention(
+    pool: Pool, settings: Settings, agent_key: str, api: httpx.AsyncClient
+) -> None:
+    for _ in range(3):
+        r = await api.post(
+            "/v1/payments",
+            json={"amount": 700, "currency": "usd", "payment_method": "pm_card_visa"},
+            headers=auth(agent_key),
+        )
+        assert r.status_code == 202
+    await run_jobs(pool)
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute("SELECT count(*) AS n FROM procrastinate_jobs")
+        before = (await cur.fetchone())["n"]
+        assert before == 12  # 3 payments x 4 roles
+        # Every job but the reconcile ones finished 2 hours ago.
+        await conn.execute(
+            """UPDATE procrastinate_events SET at = now() - interval '2 hours'
+                WHERE job_id IN (SELECT id FROM procrastinate_jobs
+                                  WHERE queue_name <> 'reconcile')"""
+        )
+        # Two failed jobs: one failed 2 hours ago, one 8 days ago.
+        cur = await conn.execute(
+            "SELECT id FROM procrastinate_jobs WHERE queue_name = 'reconcile' ORDER BY id"
+        )
+        reconcile_ids = [r["id"] for r in await cur.fetchall()]
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET status = 'failed' WHERE id = ANY(%s)",
+            (reconcile_ids[:2],),
+        )
+        for job_id, age in ((reconcile_ids[0], "2 hours"), (reconcile_ids[1], "8 days")):
+            await conn.execute(
+                """UPDATE procrastinate_events SET at = now() - %s::interval - interval '1 s'
+                    WHERE job_id = %s""",
+                (age, job_id),
+            )
+            await conn.execute(
+                """INSERT INTO procrastinate_events (job_id, type, at)
+                   VALUES (%s, 'failed', now() - %s::interval)""",
+                (job_id, age),
+            )
+    events_before = await _count(pool, "payment_events")
+
+    s = settings.model_copy(
+        update={"prune_succeeded_after_seconds": 3600.0, "prune_failed_after_seconds": 86400.0}
+    )
+    from tasks.app import app
+
+    assert await Maintenance(app, pool, s).run_once()
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, queue_name, status::text AS status FROM procrastinate_jobs ORDER BY id"
+        )
+        left = await cur.fetchall()
+    # Kept: the recent reconcile job, and the failed job inside its retention.
+    assert [(r["id"], r["status"]) for r in left] == [
+        (reconcile_ids[0], "failed"),
+        (reconcile_ids[2], "succeeded"),
+    ]
+    assert await _count(pool, "payment_events") == events_before  # the history stays
+    # Nothing left to prune; a second run deletes nothing.
+    assert await prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400) == 0
+
+
+async def _count(pool: Pool, table: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(f"SELECT count(*) AS n FROM {table}")
+        row = await cur.fetchone()
+    n: int = row["n"]
+    return n
+
+
+def test_a_claim_stays_fast_behind_another_queues_backlog(database_url: str) -> None:
+    """20,000 jobs waiting in `pricing`: a claim on `risk` stays within 2x (plus a little
+    for a busy machine) of its time with nothing waiting, and its plan reads the risk
+    queue's own index — also after many claims (the generic-plan trap)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        worker = conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
+        worker_id = worker.fetchone()[0]  # type: ignore[index]
+
+        def claim_times(n: int = 60) -> float:
+            times = []
+            for _ in range(n):
+                conn.execute(
+                    "INSERT INTO procrastinate_jobs (queue_name, task_name) VALUES ('risk', 'risk')"
+                )
+                started = time.perf_counter()
+                row = conn.execute(
+                    "SELECT id FROM procrastinate_fetch_job_v2(%s::varchar[], %s)",
+                    (["risk"], worker_id),
+                ).fetchone()
+                times.append(time.perf_counter() - started)
+                assert row is not None and row[0] is not None
+            return statistics.median(sorted(times)[: n // 2])  # the quieter half
+
+        empty = claim_times()
+        conn.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name)
+               SELECT 'pricing', 'pricing' FROM generate_series(1, 20000)"""
+        )
+        conn.execute("ANALYZE procrastinate_jobs")
+        backlog = claim_times()
+        conn.execute(
+            "INSERT INTO procrastinate_jobs (queue_name, task_name) VALUES ('risk', 'risk')"
+        )
+        plan = "\n".join(
+            r[0]
+            for r in conn.execute(
+                """EXPLAIN (ANALYZE, COSTS OFF) SELECT j.id FROM procrastinate_jobs j
+                    WHERE j.status = 'todo' AND j.queue_name = ANY('{risk}'::varchar[])
+                    ORDER BY j.priority DESC, j.id LIMIT 1"""
+            )
+        )
+    assert "procrastinate_jobs_todo_risk_idx" in plan, plan
+    assert backlog <= 2 * empty + 0.002, (empty, backlog)
+
+
+def test_log_lines_carry_ids_and_never_secrets() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    logger = logging.getLogger("agentpay.test.logs")
+    logger.addHandler(handler)
+    logger.propagate = False
+    logs.set_role("charge")
+    try:
+        with logs.job_context(42, "pay_abc", "charge"):
+            logger.warning(
+                "calling with sk_test_supersecret and Bearer apk_verysecret",
+                extra={
+                    "api_key": "apk_x",
+                    "payment_method": "pm_card_chargeDeclinedInsufficientFunds",
+                    "params": {"stripe_api_key": "sk_live_zzz", "amount": 5},
+                },
+            )
+    finally:
+        logs.set_role(None)
+        logger.removeHandler(handler)
+    line = json.loads(stream.getvalue())
+    assert (line["job_id"], line["payment_id"], line["role"]) == (42, "pay_abc", "charge")
+    text = stream.getvalue()
+    for secret in ("supersecret", "verysecret", "apk_x", "sk_live_zzz", "InsufficientFunds"):
+        assert secret not in text
+    assert line["params"]["amount"] == 5
+    assert line["payment_method"] == "pm_card_…"

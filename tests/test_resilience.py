@@ -1,0 +1,350 @@
+"""The fleet heals itself, with real processes: a SIGKILLed worker's job is rescued, SIGTERM
+lets a running job finish, and a Postgres restart under load needs no process restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from psycopg.rows import dict_row
+
+import schema
+from sandbox.server import SandboxServer
+from tasks import agents, payments
+from tasks.app import defer
+from tasks.db import Pool, open_pool
+from tasks.settings import ROLES, SANDBOX_API_KEY
+from tests.conftest import FAST_ENV, auth, run_jobs, wait_for
+from workers.devstack import free_port
+from workers.pg import EmbeddedPostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(
+    argv: list[str], database_url: str, provider_base: str, **env: str
+) -> subprocess.Popen[bytes]:
+    full_env = {
+        **os.environ,
+        **FAST_ENV,
+        "DATABASE_URL": database_url,
+        "STRIPE_API_BASE": provider_base,
+        "STRIPE_API_KEY": SANDBOX_API_KEY,
+        **env,
+    }
+    # Logs go to a file: a pipe nobody reads would block a chatty process mid-outage.
+    log = tempfile.NamedTemporaryFile(prefix=f"{argv[0]}-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workers", *argv],
+        cwd=ROOT,
+        env=full_env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    LOGS[process.pid] = Path(log.name)
+    log.close()
+    return process
+
+
+LOGS: dict[int, Path] = {}
+
+
+def tail(process: subprocess.Popen[bytes]) -> str:
+    path = LOGS.get(process.pid)
+    return path.read_text(errors="replace")[-3000:] if path else ""
+
+
+def worker(role: str, database_url: str, provider_base: str, **env: str) -> subprocess.Popen[bytes]:
+    return start(["worker", role, "--concurrency", "4"], database_url, provider_base, **env)
+
+
+def sandbox_faults(provider_base: str, **config: Any) -> None:
+    httpx.post(f"{provider_base}/_sandbox/faults", json=config).raise_for_status()
+
+
+def intents_for(provider_base: str, payment_id: str) -> list[dict[str, Any]]:
+    r = httpx.get(
+        f"{provider_base}/v1/payment_intents/search",
+        params={"query": f"metadata['payment_id']:'{payment_id}'"},
+        headers={"Authorization": f"Bearer {SANDBOX_API_KEY}"},
+    )
+    r.raise_for_status()
+    found: list[dict[str, Any]] = r.json()["data"]
+    return found
+
+
+def db(database_url: str) -> psycopg.Connection[dict[str, Any]]:
+    return psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+
+
+def one(conn: psycopg.Connection[dict[str, Any]], sql: str, *params: Any) -> Any:
+    row = conn.execute(sql, params).fetchone()
+    return None if row is None else next(iter(row.values()))
+
+
+async def approved_payment(pool: Pool) -> str:
+    """A visa payment taken through pricing and risk in-process, its charge job waiting."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, f"agent-{time.monotonic_ns()}")
+        p = await payments.insert(
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=1500
+        )
+        await defer(conn, "pricing", payment_id=p["id"])
+    await run_jobs(pool, ("pricing", "risk"))
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (p["id"],))
+        assert (await cur.fetchone()) == {"status": "approved"}
+    payment_id: str = p["id"]
+    return payment_id
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+        return -9
+
+
+async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(
+    pool: Pool, database_url: str, provider_base: str
+) -> None:
+    payment_id = await approved_payment(pool)
+    # The provider answers slowly: the first worker holds the job when it is killed.
+    sandbox_faults(provider_base, delay_ms=1500, paths=["/v1/payment_intents"], count=1)
+    doomed = worker("charge", database_url, provider_base)
+    survivor: subprocess.Popen[bytes] | None = None
+    reconciler = worker("reconcile", database_url, provider_base)
+    try:
+        with db(database_url) as conn:
+            wait_for(
+                lambda: one(
+                    conn,
+                    "SELECT count(*) FROM procrastinate_jobs"
+                    " WHERE queue_name = 'charge' AND status = 'doing'",
+                ),
+                timeout=30,
+                what="the charge job to be held",
+            )
+            doomed.kill()
+            doomed.wait(10)
+            held_by = one(
+                conn, "SELECT worker_id FROM procrastinate_jobs WHERE queue_name = 'charge'"
+            )
+            metrics_port = free_port()
+            survivor = worker(
+                "charge", database_url, provider_base, AGENTPAY_METRICS_PORT=str(metrics_port)
+            )
+            wait_for(
+                lambda: (
+                    one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id)
+                    == "reconciled"
+                ),
+                timeout=60,
+                what="the payment to be reconciled",
+            )
+            job = conn.execute(
+                "SELECT status::text AS status, attempts, worker_id FROM procrastinate_jobs"
+                " WHERE queue_name = 'charge'"
+            ).fetchone()
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+            moves = conn.execute(
+                """SELECT from_status, to_status, count(*) AS n FROM payment_events
+                    WHERE payment_id = %s AND type = 'transition' GROUP BY 1, 2""",
+                (payment_id,),
+            ).fetchall()
+    finally:
+        for p in (doomed, survivor, reconciler):
+            if p is not None:
+                stop(p)
+    assert job is not None and job["status"] == "succeeded"
+    assert job["attempts"] >= 1 and job["worker_id"] != held_by  # rescued, run by the other
+    assert {(m["from_status"], m["to_status"]): m["n"] for m in moves} == {
+        ("received", "priced"): 1,
+        ("priced", "approved"): 1,
+        ("approved", "charging"): 1,
+        ("charging", "succeeded"): 1,
+        ("succeeded", "reconciled"): 1,
+    }
+    intents = intents_for(provider_base, payment_id)
+    assert [i["status"] for i in intents] == ["succeeded"]
+    # The surviving worker served its own metrics: the job it ran and its provider calls.
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+    }
+    key = (("outcome", "succeeded"), ("role", "charge"), ("task", "charge"))
+    assert samples[("agentpay_job_duration_seconds_count", key)] == 1
+    calls = {
+        dict(labels)["operation"]: v
+        for (name, labels), v in samples.items()
+        if name == "agentpay_provider_call_duration_seconds_count"
+    }
+    assert calls.get("retrieve_intent", 0) + calls.get("create_intent", 0) >= 1, calls
+
+
+async def test_sigterm_lets_the_running_job_finish(
+    pool: Pool, database_url: str, provider_base: str
+) -> None:
+    payment_id = await approved_payment(pool)
+    sandbox_faults(provider_base, delay_ms=1500, paths=["/v1/payment_intents"], count=1)
+    charge = worker("charge", database_url, provider_base)
+    try:
+        with db(database_url) as conn:
+            wait_for(
+                lambda: one(
+                    conn,
+                    "SELECT count(*) FROM procrastinate_jobs"
+                    " WHERE queue_name = 'charge' AND status = 'doing'",
+                ),
+                timeout=30,
+                what="the charge job to be held",
+            )
+            charge.send_signal(signal.SIGTERM)
+            code = charge.wait(timeout=30)
+            statuses = conn.execute(
+                "SELECT status::text AS s, count(*) AS n FROM procrastinate_jobs GROUP BY 1"
+            ).fetchall()
+            payment = conn.execute(
+                "SELECT status FROM payment_jobs WHERE id = %s", (payment_id,)
+            ).fetchone()
+    finally:
+        stop(charge)
+    assert code == 0, tail(charge)
+    counts = {r["s"]: r["n"] for r in statuses}
+    assert "doing" not in counts
+    assert payment == {"status": "succeeded"}  # finished, and reconcile deferred
+    assert counts.get("todo") == 1  # that reconcile job
+
+
+@pytest.fixture
+def outage_pg() -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A Postgres of this test's own, to stop and start."""
+    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="apout", dir="/tmp")))
+    url = pg.start()
+    schema.migrate(url)
+    yield pg, url
+    pg.cleanup()
+
+
+async def test_postgres_restart_under_load_needs_no_process_restart(
+    outage_pg: tuple[EmbeddedPostgres, str], sandbox: SandboxServer, provider_base: str
+) -> None:
+    pg, url = outage_pg
+    async with open_pool(url, min_size=1, max_size=1) as p:
+        async with p.connection() as conn, conn.transaction():
+            _, key = await agents.create(conn, "outage-agent")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}"
+    api = start(["api", "--port", str(port)], url, provider_base)
+    fleet = [worker(role, url, provider_base) for role in ROLES]
+    processes = [api, *fleet]
+    pids = [p.pid for p in processes]
+    accepted: list[str] = []
+    readiness: list[int] = []
+    stop_load = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=5) as client:
+            n = 0
+            while not stop_load.is_set():
+                n += 1
+                try:
+                    r = client.post(
+                        f"{api_url}/v1/payments",
+                        json={"amount": 900, "currency": "usd", "payment_method": "pm_card_visa"},
+                        headers={**auth(key), "Idempotency-Key": f"outage-{n}"},
+                    )
+                    if r.status_code == 202:
+                        accepted.append(r.json()["id"])
+                except httpx.HTTPError:
+                    pass
+                try:
+                    readiness.append(client.get(f"{api_url}/readyz").status_code)
+                except httpx.HTTPError:
+                    readiness.append(0)
+                stop_load.wait(0.05)
+
+    sender = threading.Thread(target=load, daemon=True)
+    try:
+        wait_for(lambda: _ready(api_url), timeout=60, what="the API to be ready")
+        sender.start()
+        wait_for(lambda: len(accepted) >= 10, timeout=60, what="payments before the outage")
+        pg.stop_server()
+        outage_started = len(readiness)
+        time.sleep(10)  # the outage itself (not synchronisation)
+        assert all(p.poll() is None for p in processes), "a process died during the outage"
+        pg.start_server()
+        wait_for(
+            lambda: 503 in readiness[outage_started:] and readiness[-1] == 200,
+            timeout=60,
+            what="readiness to go down and come back",
+        )
+        during = len(accepted)
+        wait_for(lambda: len(accepted) >= during + 10, timeout=60, what="payments after")
+        stop_load.set()
+        sender.join(10)
+
+        with db(url) as conn:
+
+            def all_final() -> bool:
+                left = one(
+                    conn,
+                    "SELECT count(*) FROM payment_jobs p JOIN payment_states s USING (status)"
+                    " WHERE NOT s.is_final",
+                )
+                return bool(left == 0)
+
+            wait_for(all_final, timeout=120, what="every payment to reach a final state")
+            # Each worker listens for new jobs again (LISTEN on a fresh connection).
+            wait_for(
+                lambda: (
+                    one(
+                        conn,
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE query LIKE 'LISTEN %%procrastinate%%'",
+                    )
+                    == len(fleet)
+                ),
+                timeout=30,
+                what="every worker to LISTEN again",
+            )
+            rows = conn.execute("SELECT id, status FROM payment_jobs").fetchall()
+            doing = one(conn, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'doing'")
+    finally:
+        stop_load.set()
+        codes = [stop(p) for p in processes]
+    statuses = {r["id"]: r["status"] for r in rows}
+    assert set(accepted) <= set(statuses), "an accepted payment was lost"
+    assert set(statuses.values()) == {"reconciled"}
+    assert doing == 0
+    assert [p.pid for p in processes] == pids
+    # Workers exit 0; uvicorn ends by re-raising the SIGTERM it handled gracefully.
+    assert codes[0] in (0, -signal.SIGTERM), tail(api)
+    assert codes[1:] == [0] * len(fleet), [tail(p) for p in fleet]
+    # Each worker lost the database and started procrastinate's worker again, in-process.
+    for process in fleet:
+        assert "starting it again" in LOGS[process.pid].read_text(), tail(process)
+
+
+def _ready(api_url: str) -> bool:
+    try:
+        return httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,226 @@
+"""Operators' commands: `agentpay status`, `agentpay payments show|cancel`, `agentpay jobs
+retry|cancel`. Each action is recorded in payment_events as `operator:<name>` (the OS user,
+or --operator)."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.db import Conn, open_pool
+from tasks.settings import Settings, get_settings
+
+T = TypeVar("T")
+
+
+class _Console:
+    """A rich Console made when first used by a command (so it sees the terminal and
+    COLUMNS of the moment, not of import time)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(Console(), name)
+
+
+console: Any = _Console()
+
+payments_app = typer.Typer(help="Look at and steer single payments.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Retry or cancel queue jobs.", no_args_is_help=True)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the dev stack keeps its stack.json [env: AGENTPAY_DATA_DIR; default: .data]",
+        show_default=False,
+    ),
+]
+Operator = Annotated[
+    str | None,
+    typer.Option(
+        "--operator",
+        help="Who is acting, recorded as operator:<name> [default: the OS user]",
+        show_default=False,
+    ),
+]
+Reason = Annotated[str | None, typer.Option("--reason", help="Why (kept in the payment events)")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
+
+
+def _settings(data_dir: Path | None) -> Settings:
+    if data_dir is not None:
+        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+    return get_settings()
+
+
+def _actor(operator: str | None) -> str:
+    return f"operator:{operator or os.environ.get('AGENTPAY_OPERATOR') or getpass.getuser()}"
+
+
+def _in_transaction(settings: Settings, work: Callable[[Conn], Awaitable[T]]) -> T:
+    async def run() -> T:
+        async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+            async with pool.connection() as conn, conn.transaction():
+                return await work(conn)
+
+    return asyncio.run(run())
+
+
+def _refused(error: Exception) -> typer.Exit:
+    console.print(f"[red]{getattr(error, 'message', error)}[/]")
+    return typer.Exit(2 if getattr(error, "code", "") == "not_found" else 1)
+
+
+def status(
+    as_json: AsJson = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh in place until Ctrl-C")] = False,
+    every: Annotated[
+        float, typer.Option("--every", min=0.2, help="Seconds between refreshes with --watch")
+    ] = 2.0,
+    data_dir: DataDir = None,
+) -> None:
+    """The fleet at a glance from the ops_* views: queue depth, oldest wait and failures per
+    role, throughput, stuck payments, the review queue, recent failures, reconcile
+    mismatches. The numbers are those of /metrics and the /ops page."""
+    from workers.status import show
+
+    show(_settings(data_dir), Console(), as_json=as_json, watch=every if watch else None)
+
+
+@payments_app.command("show")
+def payments_show(
+    payment_id: Annotated[str, typer.Argument(help="The payment's id (pay_…)")],
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """One payment's timeline: its state, every event (who, from, to, why), its jobs and
+    refunds, and its provider ids."""
+    from api.routes.ops import payment_timeline
+
+    found = _in_transaction(_settings(data_dir), lambda c: payment_timeline(c, payment_id))
+    if found is None:
+        console.print(f"[red]No payment {payment_id}[/]")
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(found, default=str, indent=2))
+        return
+    p = found["payment"]
+    console.print(
+        f"[bold]{p['id']}[/]  {p['status']}  {p['amount_total']} {p['currency']}  "
+        f"agent {p['agent_id']}  method {p['payment_method']}"
+    )
+    console.print(
+        f"provider payment {found['provider']['payment_id'] or '-'}  "
+        f"key {found['provider']['idempotency_key'] or '-'}"
+    )
+    if p["failure"]:
+        console.print(f"[red]failure {p['failure']['code']}: {p['failure']['message']}[/]")
+    events = Table(title="Events", title_justify="left")
+    for column in ("at", "type", "from", "to", "actor", "reason"):
+        events.add_column(column)
+    for e in found["events"]:
+        events.add_row(
+            f"{e['created_at']:%H:%M:%S.%f}"[:-3],
+            e["type"],
+            e["from_status"] or "",
+            e["to_status"] or "",
+            e["actor"],
+            e["reason"] or "",
+        )
+    console.print(events)
+    _print_rows(
+        "Jobs",
+        found["jobs"],
+        ["id", "role", "task", "status", "attempts", "deferred_at", "finished_at"],
+    )
+    if found["refunds"]:
+        _print_rows(
+            "Refunds",
+            found["refunds"],
+            ["id", "amount", "currency", "status", "provider_refund_id"],
+        )
+
+
+def _print_rows(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    console.print(table)
+
+
+@payments_app.command("cancel")
+def payments_cancel(
+    payment_id: Annotated[str, typer.Argument(help="The payment's id (pay_…)")],
+    operator: Operator = None,
+    reason: Reason = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Cancel a payment: at once if it has not reached the provider (received, priced,
+    in_review, approved); through the provider if authorized or requires_action. Other
+    states are refused (exit 1); an unknown id exits 2."""
+    from api.routes.ops import Refused, cancel_payment
+
+    actor = _actor(operator)
+    try:
+        payment = _in_transaction(
+            _settings(data_dir),
+            lambda c: cancel_payment(c, payment_id, actor=actor, reason=reason),
+        )
+    except Refused as error:
+        raise _refused(error) from error
+    console.print(f"{payment['id']}: {payment['status']} (by {actor})")
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    job_id: Annotated[int, typer.Argument(help="The job's id (procrastinate_jobs.id)")],
+    operator: Operator = None,
+    reason: Reason = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Run a job again now: a failed job goes back to its queue; a job waiting for a later
+    time becomes due now. A running job is refused (the stalled-job rescue handles a dead
+    worker's jobs)."""
+    from api.routes.ops import Refused, retry_job
+
+    actor = _actor(operator)
+    try:
+        job = _in_transaction(
+            _settings(data_dir), lambda c: retry_job(c, job_id, actor=actor, reason=reason)
+        )
+    except Refused as error:
+        raise _refused(error) from error
+    console.print(f"job {job['id']} ({job['role']}): {job['status']} (by {actor})")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    job_id: Annotated[int, typer.Argument(help="The job's id (procrastinate_jobs.id)")],
+    operator: Operator = None,
+    reason: Reason = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Cancel a waiting job, or ask a running one to abort. A non-final payment left without
+    a job is driven on again by the stuck-payment sweep: to stop a payment, cancel it."""
+    from api.routes.ops import Refused, cancel_job
+
+    actor = _actor(operator)
+    try:
+        job = _in_transaction(
+            _settings(data_dir), lambda c: cancel_job(c, job_id, actor=actor, reason=reason)
+        )
+    except Refused as error:
+        raise _refused(error) from error
+    state = "abort requested" if job["abort_requested"] else job["status"]
+    console.print(f"job {job['id']} ({job['role']}): {state} (by {actor})")

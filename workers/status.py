@@ -1,0 +1,178 @@
+"""`agentpay status`: the ops views (api/metrics.py `read_snapshot`, the same snapshot /metrics
+and the /ops page render) as rich tables, as JSON, or refreshed in place."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from api.metrics import Snapshot, read_snapshot
+from tasks.db import open_pool
+from tasks.settings import Settings
+
+
+async def fetch(settings: Settings) -> Snapshot:
+    async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            return await read_snapshot(conn, settings)
+
+
+def to_json(snapshot: Snapshot) -> str:
+    return json.dumps(snapshot.as_json(), default=str, indent=2)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: int | None) -> Any:
+    suffix = f" ({total})" if total is not None else ""
+    if not rows:
+        return Text(f"{title}{suffix}: none", style="dim")
+    table = Table(title=f"{title}{suffix}", title_justify="left", expand=False)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c)) for c in columns))
+    return table
+
+
+def render(s: Snapshot, *, limit: int = 10) -> Group:
+    """The snapshot as rich renderables: queues and throughput always, then what needs an
+    operator (stuck payments, the review queue, failures, mismatches), `limit` rows each."""
+    stuck = s.stuck_by_waiting_on()
+    headline = Text.assemble(
+        ("agentpay status ", "bold"),
+        (f"as of {s.at:%Y-%m-%d %H:%M:%S} UTC  ", "dim"),
+        (
+            f"stuck: {stuck['fleet']} fleet, {stuck['operator']} operator, "
+            f"{stuck['agent']} agent  ",
+            "bold red" if stuck["fleet"] else "",
+        ),
+        f"review: {s.counts['review']}  workers: {len(s.workers)}",
+    )
+    queues = Table(title="Queues", title_justify="left")
+    for column in (
+        "role",
+        "waiting",
+        "scheduled",
+        "running",
+        "oldest wait s",
+        "failed 1h",
+        "done 1m",
+        "done 5m",
+        "per s",
+        "p50 s",
+        "p95 s",
+    ):
+        queues.add_column(
+            column, justify="left" if column == "role" else "right", no_wrap=column == "role"
+        )
+    throughput = {t["role"]: t for t in s.throughput}
+    for q in s.queues:
+        t = throughput.get(q["role"], {})
+        queues.add_row(
+            q["role"],
+            _fmt(q["waiting"]),
+            _fmt(q["scheduled"]),
+            _fmt(q["running"]),
+            _fmt(q["oldest_waiting_seconds"]),
+            Text(_fmt(q["failed_last_hour"]), style="red" if q["failed_last_hour"] else ""),
+            _fmt(t.get("succeeded_1m")),
+            _fmt(t.get("succeeded_5m")),
+            _fmt(t.get("per_second_5m")),
+            _fmt(t.get("p50_seconds_5m")),
+            _fmt(t.get("p95_seconds_5m")),
+        )
+    parts: list[Any] = [headline, queues]
+    parts.append(
+        _table(
+            f"Stuck payments (no move for {s.stuck_after_seconds:g}s)",
+            s.stuck[:limit],
+            [
+                "payment_id",
+                "status",
+                "waiting_on",
+                "stuck_seconds",
+                "last_event_type",
+                "last_event_reason",
+                "job_id",
+                "job_status",
+            ],
+            s.counts["stuck"],
+        )
+    )
+    parts.append(
+        _table(
+            "Review queue",
+            s.review[:limit],
+            ["payment_id", "agent_id", "amount_total", "currency", "waiting_seconds", "reason"],
+            s.counts["review"],
+        )
+    )
+    parts.append(
+        _table(
+            "Recent failures (24 h)",
+            s.failures[:limit],
+            ["at", "kind", "payment_id", "role", "job_id", "code", "reason"],
+            s.counts["failures"],
+        )
+    )
+    parts.append(
+        _table(
+            "Reconcile mismatches",
+            s.mismatches[:limit],
+            ["at", "payment_id", "field", "expected", "actual"],
+            s.counts["mismatches"],
+        )
+    )
+    if s.unlimited_agents:
+        names = ", ".join(a.get("name", a.get("id", "?")) for a in s.unlimited_agents)
+        parts.append(Text(f"Agents spending without a budget: {names}", style="yellow"))
+    return Group(*parts)
+
+
+def show(settings: Settings, console: Console, *, as_json: bool, watch: float | None) -> None:
+    """Print once, or (with `watch` seconds) refresh in place until Ctrl-C."""
+    if watch is None:
+        snapshot = asyncio.run(fetch(settings))
+        if as_json:
+            console.print_json(to_json(snapshot)) if console.is_terminal else print(
+                to_json(snapshot)
+            )
+        else:
+            console.print(render(snapshot))
+        return
+    asyncio.run(_watch(settings, console, as_json=as_json, every=watch))
+
+
+async def _watch(settings: Settings, console: Console, *, as_json: bool, every: float) -> None:
+    async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+        if as_json:
+            # One JSON document per line, for scripts that follow the fleet.
+            while True:
+                async with pool.connection() as conn:
+                    snapshot = await read_snapshot(conn, settings)
+                print(json.dumps(snapshot.as_json(), default=str), flush=True)
+                await asyncio.sleep(every)
+        with Live(console=console, auto_refresh=False, screen=False) as live:
+            while True:
+                try:
+                    async with pool.connection() as conn:
+                        snapshot = await read_snapshot(conn, settings)
+                    live.update(render(snapshot), refresh=True)
+                except Exception as error:  # the database is away: say so, keep watching
+                    live.update(
+                        Text(f"cannot read the database: {error}", style="red"), refresh=True
+                    )
+                await asyncio.sleep(every)
