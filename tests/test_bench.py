@@ -1,0 +1,73 @@
+"""`agentpay bench --quick --json`: the whole harness end to end, at tiny sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.report import FIGURES, TARGETS, figure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_bench_reports_every_figure_as_a_positive_number() -> None:
+    data_dir = Path("/tmp") / f"apb{os.getpid()}"  # short: Postgres' socket lives in it
+    shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers",
+                "bench",
+                "--quick",
+                "--json",
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        result = json.loads(done.stdout)
+        assert json.loads((data_dir / "bench.json").read_text()) == result
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+    for path in FIGURES:
+        value = figure(result, path)
+        assert isinstance(value, int | float) and not isinstance(value, bool), (path, value)
+        assert math.isfinite(value) and value > 0, (path, value)
+
+    # Every payment sent made it to the end, and nothing went wrong on the way.
+    assert result["warnings"] == []
+    for k in ("k1", "k2"):
+        pipeline = result["pipeline"][k]
+        assert pipeline["reconciled"] == pipeline["final"] == pipeline["payments"] > 0
+        assert pipeline["stage_jobs_per_second"] == 4 * pipeline["payments_per_second"]
+    assert result["latency"]["final"] == result["latency"]["payments"] > 0
+    assert set(result["memory"]["workers_mb"]) == {
+        f"{role}.{n}" for role in ("pricing", "risk", "charge", "reconcile") for n in (1, 2)
+    }
+    assert result["baseline"]["jobs"] == result["sizes"]["baseline_jobs"]
+
+    # The ratios are the figures divided as the issue says, and every target has a verdict.
+    ratios = result["ratios"]
+    assert math.isclose(
+        ratios["enqueue_vs_pgbench"],
+        result["enqueue"]["requests_per_second"] / result["pgbench"]["tps"],
+    )
+    best = max(p["stage_jobs_per_second"] for p in result["pipeline"].values())
+    assert math.isclose(
+        ratios["pipeline_vs_baseline"], best / result["baseline"]["jobs_per_second"]
+    )
+    assert [t["figure"] for t in result["targets"]] == [t.path for t in TARGETS]
+    assert all(isinstance(t["pass"], bool) for t in result["targets"])
