@@ -101,6 +101,10 @@ _WRITABLE = frozenset(
         "provider_payment_id",
         "failure_code",
         "failure_message",
+        "price_breakdown",
+        "risk_decision",
+        "capture_requested_at",
+        "cancel_requested_at",
     }
 )
 
@@ -182,6 +186,60 @@ async def events(conn: Conn, payment_id: str) -> list[dict[str, Any]]:
     return await cur.fetchall()
 
 
+async def page(
+    conn: Conn,
+    *,
+    agent_id: str | None,
+    limit: int,
+    status: str | None = None,
+    created: dict[str, Any] | None = None,
+    starting_after: Payment | None = None,
+    ending_before: Payment | None = None,
+) -> tuple[list[Payment], bool]:
+    """One page of payments, newest first (by created_at, then id), and whether more follow.
+
+    With `agent_id` only that agent's; `created` bounds created_at (keys gte, gt, lte, lt);
+    `starting_after` pages on to older payments than that one, `ending_before` back to newer
+    ones (the page is still newest first); with both, the page walks down from
+    `starting_after` and stops at `ending_before`."""
+    conditions: list[sql.Composable] = [sql.SQL("TRUE")]
+    params: dict[str, Any] = {"limit": limit + 1}
+    if agent_id is not None:
+        conditions.append(sql.SQL("agent_id = %(agent_id)s"))
+        params["agent_id"] = agent_id
+    if status is not None:
+        conditions.append(sql.SQL("status = %(status)s"))
+        params["status"] = status
+    operators = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
+    for bound, value in (created or {}).items():
+        if value is not None:
+            conditions.append(
+                sql.SQL("created_at {} {}").format(
+                    sql.SQL(operators[bound]), sql.Placeholder(f"created_{bound}")
+                )
+            )
+            params[f"created_{bound}"] = value
+    if starting_after is not None:
+        conditions.append(sql.SQL("(created_at, id) < (%(after_at)s, %(after_id)s)"))
+        params.update(after_at=starting_after["created_at"], after_id=starting_after["id"])
+    if ending_before is not None:
+        conditions.append(sql.SQL("(created_at, id) > (%(before_at)s, %(before_id)s)"))
+        params.update(before_at=ending_before["created_at"], before_id=ending_before["id"])
+    # Paging back walks the index the other way round, then turns the page over.
+    backwards = ending_before is not None and starting_after is None
+    direction = sql.SQL("ASC" if backwards else "DESC")
+    query = sql.SQL(
+        "SELECT * FROM payment_jobs WHERE {} ORDER BY created_at {}, id {} LIMIT %(limit)s"
+    ).format(sql.SQL(" AND ").join(conditions), direction, direction)
+    cur = await conn.execute(query, params)
+    rows = await cur.fetchall()
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    if backwards:
+        rows.reverse()
+    return rows, has_more
+
+
 def public(payment: Payment) -> dict[str, Any]:
     """The payment object of the HTTP contract."""
     failure = None
@@ -204,6 +262,8 @@ def public(payment: Payment) -> dict[str, Any]:
         "failure": failure,
         "description": payment["description"],
         "metadata": payment["metadata"],
+        "breakdown": payment.get("price_breakdown"),
+        "risk": payment.get("risk_decision"),
         "created_at": payment["created_at"],
         "updated_at": payment["updated_at"],
     }

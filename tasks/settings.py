@@ -8,6 +8,7 @@ Values come from the environment (names below) or defaults. The contract's varia
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
@@ -62,10 +63,83 @@ class Settings(BaseSettings):
     # A payment with no job for it that has not moved for this long is driven on again.
     sweep_after_seconds: float = 120.0
     maintenance_interval_seconds: float = 5.0
+    # Operations (workers/maintenance.py, workers/status.py, docs/operations.md).
+    # Finished procrastinate jobs are deleted this long after they finished (the history
+    # stays in payment_events): succeeded/cancelled/aborted ones, and failed ones (kept
+    # longer for operators). At most `prune_batch_size` per round, every
+    # `prune_interval_seconds`. Windows of the ops views (1 h of failures, 15 min of
+    # throughput) need the jobs they count: the floors below keep them.
+    prune_succeeded_after_seconds: float = Field(default=3600.0, ge=900.0)
+    prune_failed_after_seconds: float = Field(default=7 * 86400.0, ge=3600.0)
+    prune_interval_seconds: float = Field(default=60.0, gt=0)
+    prune_batch_size: int = Field(default=5000, ge=1)
+    # A payment that has not moved for this long shows in ops_stuck_payments.
+    stuck_after_seconds: float = Field(default=300.0, gt=0)
+    # A worker process serves its own Prometheus metrics (job durations, provider calls) on
+    # this port when set (0 or unset: not served).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
 
     # Provider calls.
     provider_timeout_seconds: float = 10.0
     provider_max_network_retries: int = 2
+    # Seconds before reconcile looks again at a PaymentIntent that is not settled yet
+    # (processing, or not confirmed), or hands it back to the charge role.
+    provider_recheck_seconds: float = 5.0
+    # Webhook signatures older than this are refused (Stripe's default tolerance).
+    webhook_tolerance_seconds: int = 300
+    # Tests only: the charge task SIGKILLs its own process right after the provider answered
+    # and before the outcome is committed, to prove a crash there charges once.
+    debug_crash_after_provider_call: bool = False
+
+    # Pricing (tasks/pricing.py). Tax is charged on the subtotal (per total, not per line);
+    # the platform fee is a percentage of the subtotal plus a fixed amount per currency
+    # (minor units; currencies not listed have no fixed part). Each is rounded once,
+    # half to even, to the currency's minor units. Defaults: no tax, no fee.
+    tax_rate: Decimal = Field(default=Decimal("0"), ge=0, le=1)
+    fee_percent: Decimal = Field(default=Decimal("0"), ge=0, le=100)
+    fee_fixed: dict[str, int] = Field(default_factory=dict)
+
+    # Risk (tasks/risk.py). Amount limits in minor units per currency; "default" applies to
+    # currencies not listed. Above the review threshold a payment waits in_review for an
+    # operator; above the hard limit it is rejected.
+    risk_review_above: dict[str, int] = Field(
+        default_factory=lambda: {"default": 100_000, "jpy": 150_000, "krw": 1_500_000}
+    )
+    risk_reject_above: dict[str, int] = Field(
+        default_factory=lambda: {"default": 1_000_000, "jpy": 1_500_000, "krw": 15_000_000}
+    )
+    # Velocity: per agent, within a sliding window, at most this many payments (any currency)
+    # and this much money per currency (minor units; "default" for the unlisted).
+    risk_velocity_window_seconds: float = 60.0
+    risk_velocity_max_count: int = 600
+    risk_velocity_max_amount: dict[str, int] = Field(
+        default_factory=lambda: {"default": 10_000_000, "jpy": 15_000_000, "krw": 150_000_000}
+    )
+    # Agents (ids or names) and payment methods whose payments are always rejected.
+    risk_blocked_agents: list[str] = Field(default_factory=list)
+    risk_blocked_payment_methods: list[str] = Field(default_factory=list)
+    # May an agent with no budget (never created with one, never funded) spend at all?
+    allow_unbudgeted_spending: bool = True
+
+    # The agent-facing API (api/, docs/api.md).
+    # Request bodies above this many bytes are refused with 413 before they are parsed
+    # (provider webhooks, under /v1/webhooks/, may be up to `webhook_max_body_bytes`).
+    api_max_body_bytes: int = Field(default=64 * 1024, ge=1024)
+    webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    # JSON bodies nested deeper than this (objects and arrays) are refused with 400.
+    api_max_json_depth: int = Field(default=16, ge=4)
+    # Per-agent token bucket, shared by every API process (kept in Postgres): requests a
+    # second it refills, and the burst it holds. 0 turns rate limiting off.
+    api_rate_limit_per_second: float = Field(default=100.0, ge=0)
+    api_rate_limit_burst: int = Field(default=200, ge=1)
+    # Idempotency keys and their stored responses are kept at least this long (Stripe: 24 h),
+    # then pruned by the API process every `idempotency_prune_interval_seconds`.
+    idempotency_retention_hours: float = Field(default=24.0, ge=24.0)
+    idempotency_prune_interval_seconds: float = Field(default=600.0, gt=0)
+    # Long-poll (GET /v1/payments/{id}/wait): the longest wait a request may ask for, and how
+    # often a waiter re-reads the payment even without a notification (a safety net).
+    long_poll_max_seconds: float = Field(default=60.0, gt=0)
+    long_poll_recheck_seconds: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _stalled_after_shutdown_window(self) -> Settings:

@@ -6,12 +6,14 @@ import asyncio
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from tasks.settings import ROLES, get_settings
+from workers import cli_ledger, cli_ops
+from workers.cli_bench import bench as bench_command
 
 console = Console()
 app = typer.Typer(
@@ -24,6 +26,13 @@ agents_app = typer.Typer(
     help="Create, list and revoke agents and their API keys.", no_args_is_help=True
 )
 app.add_typer(agents_app, name="agents")
+app.command("status")(cli_ops.status)
+app.add_typer(cli_ops.payments_app, name="payments")
+app.add_typer(cli_ops.jobs_app, name="jobs")
+app.command("bench")(bench_command)
+app.add_typer(cli_ledger.prices_app, name="prices")
+app.add_typer(cli_ledger.review_app, name="review")
+agents_app.command("deposit")(cli_ledger.agents_deposit)
 
 DataDir = Annotated[
     Path | None,
@@ -98,6 +107,26 @@ def demo(
         port=port,
         console=console,
     )
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def chaos(
+    payments: Annotated[int, typer.Option(min=1, help="Payments in the mix")] = 300,
+    seconds: Annotated[float, typer.Option(min=5, help="How long the faults last")] = 60,
+    seed: Annotated[int, typer.Option(help="Seed of the mix and of the faults")] = 1,
+    data_dir: DataDir = None,
+) -> None:
+    """Run the dev stack and send a mix of payments (cards, declines, manual captures,
+    cancels, refunds) while killing random workers with SIGKILL, restarting Postgres once and
+    making the sandbox fail 10% of requests and lose 5% of responses. Then stop the faults,
+    let the fleet drain, and check every invariant. Exits non-zero if any check fails."""
+    from workers import logs
+    from workers.chaos import run_chaos
+
+    logs.configure("ERROR")
+    _use_data_dir(data_dir)
+    ok = run_chaos(get_settings(), payments=payments, seconds=seconds, seed=seed, console=console)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -179,19 +208,27 @@ def agents_create(
     operator: Annotated[bool, typer.Option("--operator", help="May use operator routes")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
     data_dir: DataDir = None,
+    budget: Annotated[
+        int | None, typer.Option(help="Hold the agent to a budget of this many minor units")
+    ] = None,
+    currency: Annotated[str, typer.Option(help="Currency of --budget")] = "usd",
 ) -> None:
     """Create an agent and print its API key. The key is shown once; only a hash is kept."""
     from tasks import agents
     from tasks.db import open_pool
 
     _use_data_dir(data_dir)
+    cli_ledger.check_budget(budget, currency)
 
     async def create() -> tuple[agents.Agent, str]:
         async with open_pool(
             get_settings().resolved_database_url(), min_size=1, max_size=1
         ) as pool:
             async with pool.connection() as conn, conn.transaction():
-                return await agents.create(conn, name, is_operator=operator)
+                created = await agents.create(conn, name, is_operator=operator)
+                if budget is not None:
+                    await cli_ledger.open_budget(conn, created[0].id, budget, currency)
+                return created
 
     agent, key = asyncio.run(create())
     if as_json:
@@ -230,3 +267,45 @@ def agents_revoke(
         console.print(f"no live agent named {name!r}")
         raise typer.Exit(1)
     console.print(f"revoked {name}")
+
+
+@agents_app.command("list")
+def agents_list(
+    include_revoked: Annotated[
+        bool, typer.Option("--all/--live", help="Include revoked agents, or only live ones")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """List agents with the prefixes of their live keys (the keys themselves are not kept)."""
+    from rich.table import Table
+
+    from tasks import agents
+    from tasks.db import open_pool
+
+    _use_data_dir(data_dir)
+
+    async def listing() -> list[dict[str, Any]]:
+        async with open_pool(
+            get_settings().resolved_database_url(), min_size=1, max_size=1
+        ) as pool:
+            async with pool.connection() as conn:
+                return await agents.list_all(conn, include_revoked=include_revoked)
+
+    rows = asyncio.run(listing())
+    if as_json:
+        typer.echo(json.dumps(rows, default=str))
+        return
+    table = Table()
+    for column in ("id", "name", "operator", "keys", "created", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            str(row["name"]),
+            "yes" if row["is_operator"] else "",
+            ", ".join(f"{p}…" for p in row["key_prefixes"]),
+            f"{row['created_at']:%Y-%m-%d %H:%M}",
+            f"{row['revoked_at']:%Y-%m-%d %H:%M}" if row["revoked_at"] else "",
+        )
+    console.print(table)

@@ -1,0 +1,387 @@
+"""`agentpay chaos`: run the dev stack, send a mix of payments while killing workers, restarting
+Postgres and making the provider fail, then check that no money went wrong.
+
+The faults: a random worker process is SIGKILLed every few seconds (the stack starts it again,
+as a process manager would), Postgres is stopped and started once, and the sandbox fails 10%
+of requests and loses 5% of responses after they took effect. Then the faults stop, the fleet
+drains, and every invariant is checked and printed with its count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from tasks.db import Pool, open_pool
+from tasks.settings import Settings
+from workers.devstack import DevStack
+
+# Timings that let the fleet heal within a short run.
+CHAOS_ENV = {
+    "AGENTPAY_HEARTBEAT_SECONDS": "1",
+    "AGENTPAY_SHUTDOWN_GRACE_SECONDS": "4",
+    "AGENTPAY_STALLED_AFTER_SECONDS": "8",
+    "AGENTPAY_MAINTENANCE_INTERVAL_SECONDS": "1",
+    "AGENTPAY_POLL_INTERVAL_SECONDS": "1",
+    "AGENTPAY_SWEEP_AFTER_SECONDS": "15",
+}
+
+# scenario → (share of the mix, the state the payment must end in)
+SCENARIOS: dict[str, tuple[int, str]] = {
+    "visa": (40, "reconciled"),
+    "declined": (10, "failed"),
+    "capture": (10, "reconciled"),
+    "release": (8, "canceled"),
+    "hold": (4, "authorized"),
+    "refund_full": (10, "refunded"),
+    "refund_partial": (10, "partially_refunded"),
+    "cancel_early": (8, "canceled"),
+}
+
+PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined"}
+MANUAL = {"capture", "release", "hold"}
+SUCCEEDED_STATES = {"succeeded", "reconciled", "partially_refunded", "refunded"}
+
+
+@dataclass
+class Check:
+    name: str
+    count: int
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class Tracked:
+    scenario: str
+    id: str | None = None
+    error: str | None = None
+
+
+class Api:
+    """HTTP with retries: the chaos run restarts the database under the API."""
+
+    def __init__(self, base_url: str) -> None:
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=15)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        key: str,
+        *,
+        json: Any = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """(status, body) of the first answer that is not a 5xx or 429."""
+        headers = {"Authorization": f"Bearer {key}"}
+        if idempotency_key:
+            headers["Idempotency-Key"] = idempotency_key
+        delay = 0.2
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                response = await self.client.request(method, path, json=json, headers=headers)
+                if response.status_code < 500 and response.status_code != 429:
+                    return response.status_code, response.json()
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{method} {path} kept failing")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], within: float) -> str:
+    deadline = time.monotonic() + within
+    while True:
+        status = (await api.call("GET", f"/v1/payments/{payment_id}", key))[1]["status"]
+        if status in wanted or time.monotonic() > deadline:
+            return str(status)
+        await asyncio.sleep(0.3)
+
+
+async def _play(api: Api, key: str, tracked: Tracked, n: int, within: float) -> None:
+    """One payment's scenario: create it, then act on it as an agent would."""
+    s = tracked.scenario
+    amount = 1000 + n * 10
+    body = {
+        "amount": amount,
+        "currency": "usd",
+        "payment_method": PAYMENT_METHOD.get(s, "pm_card_visa"),
+        "capture_method": "manual" if s in MANUAL else "automatic",
+        "metadata": {"chaos": s},
+    }
+    code, payment = await api.call(
+        "POST", "/v1/payments", key, json=body, idempotency_key=f"chaos-{n}"
+    )
+    if code != 202:
+        raise RuntimeError(f"create refused: {code} {payment}")
+    pid = tracked.id = payment["id"]
+    if s == "cancel_early":
+        code, _ = await api.call(
+            "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"chaos-{n}-c"
+        )
+        if code != 200:
+            # Too late to cancel (already at the provider): an agent's fair outcome.
+            tracked.scenario = "visa"
+    elif s in ("capture", "release"):
+        if await _wait_status(api, key, pid, {"authorized", "failed"}, within) == "authorized":
+            action = "capture" if s == "capture" else "cancel"
+            await _act(api, key, f"/v1/payments/{pid}/{action}", f"chaos-{n}-a")
+    elif s in ("refund_full", "refund_partial"):
+        if await _wait_status(api, key, pid, {"reconciled", "failed"}, within) == "reconciled":
+            refund = amount if s == "refund_full" else amount // 2
+            await _act(api, key, f"/v1/payments/{pid}/refunds", f"chaos-{n}-r", {"amount": refund})
+
+
+async def _act(api: Api, key: str, path: str, idempotency_key: str, json: Any = None) -> None:
+    code, body = await api.call("POST", path, key, json=json, idempotency_key=idempotency_key)
+    if code >= 400:
+        raise RuntimeError(f"POST {path} refused: {code} {body}")
+
+
+class Killer(threading.Thread):
+    """SIGKILLs a random worker every few seconds until stopped."""
+
+    def __init__(self, stack: DevStack, every: tuple[float, float], seed: int) -> None:
+        super().__init__(name="chaos-killer", daemon=True)
+        self.stack = stack
+        self.every = every
+        self.rng = random.Random(seed)
+        self.kills = 0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import signal
+
+        while not self.stopped.wait(self.rng.uniform(*self.every)):
+            victims = [w for w in self.stack.workers() if w.alive()]
+            if victims:
+                self.rng.choice(victims).signal(signal.SIGKILL)
+                self.kills += 1
+
+
+def run_chaos(
+    settings: Settings,
+    *,
+    payments: int,
+    seconds: float,
+    console: Console,
+    seed: int = 1,
+    workers_per_role: int = 2,
+) -> bool:
+    stack = DevStack(settings, port=0, workers_per_role=workers_per_role, env=CHAOS_ENV)
+    with console.status("Starting the stack…"):
+        info = stack.start()
+    try:
+        checks = asyncio.run(_run(stack, info, payments, seconds, console, seed))
+    finally:
+        with console.status("Stopping the stack…"):
+            stack.stop()
+    return _report(console, checks)
+
+
+async def _run(
+    stack: DevStack,
+    info: dict[str, str],
+    n: int,
+    seconds: float,
+    console: Console,
+    seed: int,
+) -> list[Check]:
+    rng = random.Random(seed)
+    names = list(SCENARIOS)
+    plan = [
+        Tracked(rng.choices(names, weights=[SCENARIOS[s][0] for s in names])[0]) for _ in range(n)
+    ]
+    provider = httpx.AsyncClient(base_url=info["provider_base"], timeout=30)
+    api = Api(info["api_url"])
+    key = info["agent_key"]
+    faults = {"error_rate": 0.10, "lose_response_rate": 0.05, "seed": seed}
+    await provider.post("/_sandbox/faults", json=faults)
+    killer = Killer(stack, (2.0, 4.0), seed)
+    killer.start()
+    started = time.monotonic()
+    restarted = asyncio.create_task(_restart_postgres_once(stack, seconds / 3, console))
+
+    async def paced(i: int, tracked: Tracked) -> None:
+        await asyncio.sleep(seconds * i / max(n, 1))
+        try:
+            await _play(api, key, tracked, i, within=seconds + 180)
+        except Exception as error:
+            tracked.error = repr(error)
+
+    players = [asyncio.create_task(paced(i, t)) for i, t in enumerate(plan)]
+    with console.status("Chaos: sending payments, killing workers, failing the provider…"):
+        await asyncio.sleep(seconds)
+        killer.stopped.set()
+        await provider.delete("/_sandbox/faults")
+        await restarted
+    console.print(
+        f"Faults stopped after {time.monotonic() - started:.0f}s: "
+        f"{killer.kills} workers killed, Postgres restarted once"
+        if stack.pg
+        else f"{killer.kills} workers killed (external Postgres: not restarted)"
+    )
+    with console.status("Draining: waiting for every payment to settle…"):
+        await asyncio.gather(*players)
+        async with open_pool(info["database_url"], min_size=1, max_size=2) as pool:
+            await _drain(pool, plan, within=240)
+            checks = await _checks(pool, provider, plan)
+    await provider.aclose()
+    await api.close()
+    return checks
+
+
+async def _restart_postgres_once(stack: DevStack, after: float, console: Console) -> None:
+    if stack.pg is None:
+        return
+    await asyncio.sleep(after)
+    await asyncio.to_thread(stack.pg.stop_server)
+    await asyncio.sleep(5)
+    await asyncio.to_thread(stack.pg.start_server)
+
+
+async def _drain(pool: Pool, plan: list[Tracked], within: float) -> None:
+    """Wait until every tracked payment is in its expected state (or it is too late)."""
+    deadline = time.monotonic() + within
+    wanted = {t.id: SCENARIOS[t.scenario][1] for t in plan if t.id}
+    while time.monotonic() < deadline:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT (SELECT count(*) FROM payment_jobs WHERE id = ANY(%s)
+                             AND status <> ALL(%s)) AS moving,
+                          (SELECT count(*) FROM procrastinate_jobs
+                            WHERE status IN ('todo', 'doing')
+                              AND (scheduled_at IS NULL OR scheduled_at < now())) AS jobs""",
+                (list(wanted), sorted(set(wanted.values()) | {"failed", "rejected", "canceled"})),
+            )
+            row = await cur.fetchone()
+        if row is not None and row["moving"] == 0 and row["jobs"] == 0:
+            return
+        await asyncio.sleep(0.5)
+
+
+async def _all_pages(provider: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    after = None
+    while True:
+        params = {"limit": 100, **({"starting_after": after} if after else {})}
+        page = (
+            await provider.get(
+                path, params=params, headers={"Authorization": "Bearer sk_test_chaos"}
+            )
+        ).json()
+        items += page["data"]
+        if not page.get("has_more") or not page["data"]:
+            return items
+        after = page["data"][-1]["id"]
+
+
+async def _checks(pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]) -> list[Check]:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id, status, amount_refunded FROM payment_jobs")
+        rows = {r["id"]: r for r in await cur.fetchall()}
+        cur = await conn.execute(
+            "SELECT payment_id, from_status, to_status FROM payment_events"
+            " WHERE type <> 'created' AND from_status IS DISTINCT FROM to_status ORDER BY id"
+        )
+        events = await cur.fetchall()
+        cur = await conn.execute("SELECT from_status, to_status FROM payment_transitions")
+        legal = {(r["from_status"], r["to_status"]) for r in await cur.fetchall()}
+        cur = await conn.execute("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")
+        doing = [str(r["id"]) for r in await cur.fetchall()]
+        ledger = await _ledger_checks(conn)
+
+    checks = []
+    final = Check("payments in the state their scenario asked for", len(plan))
+    for t in plan:
+        want = SCENARIOS[t.scenario][1]
+        got = rows[t.id]["status"] if t.id in rows else None
+        if t.error or got != want:
+            final.failures.append(f"{t.id or '-'} ({t.scenario}): {got} ≠ {want} {t.error or ''}")
+    checks.append(final)
+
+    intents = await _all_pages(provider, "/v1/payment_intents")
+    by_payment: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for pi in intents:
+        by_payment[pi.get("metadata", {}).get("payment_id", "?")].append(pi)
+    one = Check("one succeeded PaymentIntent per succeeded payment, none for others", len(rows))
+    for pid, row in rows.items():
+        succeeded = [pi for pi in by_payment.get(pid, []) if pi["status"] == "succeeded"]
+        expected = 1 if row["status"] in SUCCEEDED_STATES else 0
+        if len(succeeded) != expected or len(by_payment.get(pid, [])) > 1:
+            one.failures.append(f"{pid} ({row['status']}): {len(by_payment.get(pid, []))} intents")
+    stray = [pid for pid in by_payment if pid not in rows]
+    one.failures += [f"PaymentIntent for unknown payment {pid}" for pid in stray]
+    checks.append(one)
+
+    refunds = await _all_pages(provider, "/v1/refunds")
+    refund_check = Check("refunds: none made twice, sums match the payments", len(refunds))
+    keys = Counter((r.get("metadata") or {}).get("refund_id") for r in refunds)
+    refund_check.failures += [f"refund {k} made {c} times" for k, c in keys.items() if c > 1]
+    refunded: Counter[str] = Counter()
+    for r in refunds:
+        refunded[(r.get("metadata") or {}).get("payment_id", "?")] += r["amount"]
+    for pid, row in rows.items():
+        if refunded[pid] != row["amount_refunded"]:
+            refund_check.failures.append(
+                f"{pid}: provider {refunded[pid]} ≠ ours {row['amount_refunded']}"
+            )
+    checks.append(refund_check)
+
+    paths = Check("every payment's events form a legal path", len(rows))
+    last: dict[str, str] = {}
+    for e in events:
+        previous = last.get(e["payment_id"], "received")
+        if e["from_status"] != previous or (e["from_status"], e["to_status"]) not in legal:
+            paths.failures.append(
+                f"{e['payment_id']}: {previous} / {e['from_status']} → {e['to_status']}"
+            )
+        last[e["payment_id"]] = e["to_status"]
+    checks.append(paths)
+
+    checks += ledger
+    checks.append(Check("no procrastinate job left doing", len(doing), [f"job {j}" for j in doing]))
+    return checks
+
+
+async def _ledger_checks(conn: Any) -> list[Check]:
+    """The ledger balances per currency, and every account's balance is the sum of its entries."""
+    from tasks import ledger
+
+    audit = getattr(ledger, "audit", None)
+    if audit is None:
+        return []
+    found: list[Check] = await audit(conn)
+    return found
+
+
+def _report(console: Console, checks: list[Check]) -> bool:
+    table = Table(title="Chaos checks")
+    for column in ("check", "count", "result"):
+        table.add_column(column)
+    for check in checks:
+        result = "[green]ok[/]" if check.ok else f"[red]{len(check.failures)} failed[/]"
+        table.add_row(check.name, str(check.count), result)
+    console.print(table)
+    for check in checks:
+        for failure in check.failures[:10]:
+            console.print(f"[red]✗[/] {check.name}: {failure}")
+    return all(check.ok for check in checks)
