@@ -21,6 +21,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from tasks import agents, ledger
 from tasks.db import Pool, open_pool
 from tasks.settings import Settings
 from workers.devstack import DevStack
@@ -45,7 +46,10 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "refund_full": (10, "refunded"),
     "refund_partial": (10, "partially_refunded"),
     "cancel_early": (8, "canceled"),
+    "review_approve": (5, "reconciled"),
+    "review_wait": (3, "in_review"),
 }
+REVIEW_AMOUNT = 150_000  # above the default review threshold (AGENTPAY_RISK_REVIEW_ABOVE)
 
 PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined"}
 MANUAL = {"capture", "release", "hold"}
@@ -108,18 +112,23 @@ class Api:
 
 
 async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], within: float) -> str:
+    """Long-poll the payment until it is in one of `wanted` (or `within` seconds passed)."""
     deadline = time.monotonic() + within
+    query = "&".join(f"status={w}" for w in sorted(wanted))
     while True:
-        status = (await api.call("GET", f"/v1/payments/{payment_id}", key))[1]["status"]
-        if status in wanted or time.monotonic() > deadline:
-            return str(status)
-        await asyncio.sleep(0.3)
+        _, payment = await api.call(
+            "GET", f"/v1/payments/{payment_id}/wait?timeout=30&{query}", key
+        )
+        if payment["status"] in wanted or time.monotonic() > deadline:
+            return str(payment["status"])
 
 
-async def _play(api: Api, key: str, tracked: Tracked, n: int, within: float) -> None:
-    """One payment's scenario: create it, then act on it as an agent would."""
+async def _play(
+    api: Api, key: str, operator_key: str, tracked: Tracked, n: int, within: float
+) -> None:
+    """One payment's scenario: create it, then act on it as an agent (or operator) would."""
     s = tracked.scenario
-    amount = 1000 + n * 10
+    amount = REVIEW_AMOUNT if s.startswith("review") else 1000 + n * 10
     body = {
         "amount": amount,
         "currency": "usd",
@@ -137,13 +146,16 @@ async def _play(api: Api, key: str, tracked: Tracked, n: int, within: float) -> 
         code, _ = await api.call(
             "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"chaos-{n}-c"
         )
-        if code != 200:
+        if code >= 400:
             # Too late to cancel (already at the provider): an agent's fair outcome.
             tracked.scenario = "visa"
     elif s in ("capture", "release"):
         if await _wait_status(api, key, pid, {"authorized", "failed"}, within) == "authorized":
             action = "capture" if s == "capture" else "cancel"
             await _act(api, key, f"/v1/payments/{pid}/{action}", f"chaos-{n}-a")
+    elif s == "review_approve":
+        if await _wait_status(api, key, pid, {"in_review"}, within) == "in_review":
+            await _act(api, operator_key, f"/v1/review/{pid}/approve", f"chaos-{n}-v")
     elif s in ("refund_full", "refund_partial"):
         if await _wait_status(api, key, pid, {"reconciled", "failed"}, within) == "reconciled":
             refund = amount if s == "refund_full" else amount // 2
@@ -212,7 +224,9 @@ async def _run(
     ]
     provider = httpx.AsyncClient(base_url=info["provider_base"], timeout=30)
     api = Api(info["api_url"])
-    key = info["agent_key"]
+    async with open_pool(info["database_url"], min_size=1, max_size=1) as pool:
+        keys = await _create_agents(pool, 4)
+    operator_key = info["operator_key"]
     faults = {"error_rate": 0.10, "lose_response_rate": 0.05, "seed": seed}
     await provider.post("/_sandbox/faults", json=faults)
     killer = Killer(stack, (2.0, 4.0), seed)
@@ -223,7 +237,7 @@ async def _run(
     async def paced(i: int, tracked: Tracked) -> None:
         await asyncio.sleep(seconds * i / max(n, 1))
         try:
-            await _play(api, key, tracked, i, within=seconds + 180)
+            await _play(api, keys[i % len(keys)], operator_key, tracked, i, within=seconds + 180)
         except Exception as error:
             tracked.error = repr(error)
 
@@ -243,10 +257,19 @@ async def _run(
         await asyncio.gather(*players)
         async with open_pool(info["database_url"], min_size=1, max_size=2) as pool:
             await _drain(pool, plan, within=240)
-            checks = await _checks(pool, provider, plan)
+            checks = await check_invariants(pool, provider, plan)
     await provider.aclose()
     await api.close()
     return checks
+
+
+async def _create_agents(pool: Pool, n: int) -> list[str]:
+    keys = []
+    async with pool.connection() as conn, conn.transaction():
+        for i in range(n):
+            _, key = await agents.create(conn, f"chaos-agent-{i + 1}-{time.time_ns()}")
+            keys.append(key)
+    return keys
 
 
 async def _restart_postgres_once(stack: DevStack, after: float, console: Console) -> None:
@@ -294,7 +317,7 @@ async def _all_pages(provider: httpx.AsyncClient, path: str) -> list[dict[str, A
         after = page["data"][-1]["id"]
 
 
-async def _checks(pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]) -> list[Check]:
+async def check_invariants(pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]) -> list[Check]:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT id, status, amount_refunded FROM payment_jobs")
         rows = {r["id"]: r for r in await cur.fetchall()}
@@ -364,13 +387,10 @@ async def _checks(pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]) 
 
 async def _ledger_checks(conn: Any) -> list[Check]:
     """The ledger balances per currency, and every account's balance is the sum of its entries."""
-    from tasks import ledger
-
-    audit = getattr(ledger, "audit", None)
-    if audit is None:
-        return []
-    found: list[Check] = await audit(conn)
-    return found
+    cur = await conn.execute("SELECT count(*) AS n FROM ledger_accounts")
+    row = await cur.fetchone()
+    name = "ledger balances per currency; every balance equals the sum of its entries"
+    return [Check(name, row["n"] if row else 0, await ledger.problems(conn))]
 
 
 def _report(console: Console, checks: list[Check]) -> bool:

@@ -1,0 +1,71 @@
+"""The short chaos run: workers SIGKILLed, Postgres restarted, the provider failing — and every
+invariant still holds."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from tasks import agents, payments
+from tasks.db import Pool
+from tasks.settings import Settings
+from workers.chaos import check_invariants, run_chaos
+
+
+def test_a_short_chaos_run_keeps_every_invariant() -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="apc", dir="/tmp"))  # short: Postgres' socket
+    # Its own embedded Postgres (so it can be restarted) and its own sandbox.
+    settings = Settings(database_url=None, stripe_api_base=None, data_dir=data_dir)
+    out = io.StringIO()
+    try:
+        ok = run_chaos(
+            settings, payments=60, seconds=15, seed=3, console=Console(file=out, width=160)
+        )
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    report = out.getvalue()
+    assert ok, report
+    assert "Postgres restarted once" in report
+    assert "workers killed" in report and " 0 workers killed" not in report
+    for check in (
+        "payments in the state their scenario asked for",
+        "one succeeded PaymentIntent per succeeded payment",
+        "refunds: none made twice",
+        "every payment's events form a legal path",
+        "ledger balances per currency",
+        "no procrastinate job left doing",
+    ):
+        assert check in report
+
+
+async def test_the_checks_catch_a_missing_charge_and_an_illegal_path(
+    pool: Pool, provider_base: str
+) -> None:
+    """The checks are not vacuous: a reconciled payment with no PaymentIntent behind it and an
+    event that skips the state machine are both reported."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "checked")
+        payment = await payments.insert(
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=100
+        )
+        for status in ("priced", "approved", "charging", "succeeded", "reconciled"):
+            await conn.execute(
+                "UPDATE payment_jobs SET status = %s, amount_subtotal = 100, amount_tax = 0,"
+                " amount_fee = 0, amount_total = 100 WHERE id = %s",
+                (status, payment["id"]),
+            )
+        await conn.execute(
+            """INSERT INTO payment_events (payment_id, type, from_status, to_status, actor)
+               VALUES (%s, 'transition', 'reconciled', 'received', 'test')""",
+            (payment["id"],),
+        )
+    async with httpx.AsyncClient(base_url=provider_base) as provider:
+        checks = {c.name: c for c in await check_invariants(pool, provider, [])}
+    assert not checks["one succeeded PaymentIntent per succeeded payment, none for others"].ok
+    assert not checks["every payment's events form a legal path"].ok
+    assert checks["no procrastinate job left doing"].ok
