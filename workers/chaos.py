@@ -317,7 +317,9 @@ async def _all_pages(provider: httpx.AsyncClient, path: str) -> list[dict[str, A
         after = page["data"][-1]["id"]
 
 
-async def check_invariants(pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]) -> list[Check]:
+async def check_invariants(
+    pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]
+) -> list[Check]:
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT id, status, amount_refunded FROM payment_jobs")
         rows = {r["id"]: r for r in await cur.fetchall()}
