@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -43,6 +44,19 @@ def _whole_number(value: Any) -> Any:
 # they stay on the integer, and in the JSON schema as minimum and maximum.)
 MinorUnits = Annotated[StrictInt, Field(ge=1, le=money.MAX_AMOUNT), BeforeValidator(_whole_number)]
 Quantity = Annotated[StrictInt, Field(ge=1, le=10_000), BeforeValidator(_whole_number)]
+
+
+def _known_currency(value: str) -> str:
+    if value not in money.CURRENCIES:
+        raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
+    return value
+
+
+Currency = Annotated[
+    str,
+    Field(min_length=3, max_length=3, description="Lowercase ISO 4217 code, e.g. usd"),
+    AfterValidator(_known_currency),
+]
 
 
 def _not_null(value: Any) -> Any:
@@ -133,12 +147,7 @@ class PaymentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra=_payment_create_schema)
 
     # `currency` comes first so that the amount checks below can see it.
-    currency: str = Field(
-        min_length=3,
-        max_length=3,
-        description="Lowercase ISO 4217 code, e.g. usd",
-        json_schema_extra={"enum": _CURRENCY_ENUM},
-    )
+    currency: Currency = Field(json_schema_extra={"enum": _CURRENCY_ENUM})
     amount: MinorUnits | None = Field(
         default=None,
         description="Minor units, e.g. 1999 = $19.99, 500 = ¥500; three-decimal currencies "
@@ -151,13 +160,6 @@ class PaymentCreate(BaseModel):
     metadata: Metadata = Field(default_factory=dict)
 
     _no_nulls = field_validator("amount", "line_items", mode="before")(_not_null)
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        if value not in money.CURRENCIES:
-            raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
-        return value
 
     @field_validator("amount")
     @classmethod

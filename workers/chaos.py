@@ -21,10 +21,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from tasks import agents, ledger
+from tasks import ledger
 from tasks.db import Pool, open_pool
 from tasks.settings import Settings
-from workers.devstack import DevStack
+from workers.devstack import DevStack, new_agent_keys
 
 # Timings that let the fleet heal within a short run.
 CHAOS_ENV = {
@@ -224,8 +224,7 @@ async def _run(
     ]
     provider = httpx.AsyncClient(base_url=info["provider_base"], timeout=30)
     api = Api(info["api_url"])
-    async with open_pool(info["database_url"], min_size=1, max_size=1) as pool:
-        keys = await _create_agents(pool, 4)
+    keys = await new_agent_keys(info["database_url"], "chaos-agent", 4)
     operator_key = info["operator_key"]
     faults = {"error_rate": 0.10, "lose_response_rate": 0.05, "seed": seed}
     await provider.post("/_sandbox/faults", json=faults)
@@ -261,15 +260,6 @@ async def _run(
     await provider.aclose()
     await api.close()
     return checks
-
-
-async def _create_agents(pool: Pool, n: int) -> list[str]:
-    keys = []
-    async with pool.connection() as conn, conn.transaction():
-        for i in range(n):
-            _, key = await agents.create(conn, f"chaos-agent-{i + 1}-{time.time_ns()}")
-            keys.append(key)
-    return keys
 
 
 async def _restart_postgres_once(stack: DevStack, after: float, console: Console) -> None:

@@ -39,7 +39,7 @@ DataDir = Annotated[
     typer.Option(
         "--data-dir",
         help="Where the dev stack keeps its database, logs and stack.json "
-        "[env: AGENTPAY_DATA_DIR; default: .data]",
+        "(env AGENTPAY_DATA_DIR; default .data)",
         show_default=False,
     ),
 ]
@@ -118,9 +118,10 @@ def chaos(
     data_dir: DataDir = None,
 ) -> None:
     """Run the dev stack and send a mix of payments (cards, declines, manual captures,
-    cancels, refunds) while killing random workers with SIGKILL, restarting Postgres once and
-    making the sandbox fail 10% of requests and lose 5% of responses. Then stop the faults,
-    let the fleet drain, and check every invariant. Exits non-zero if any check fails."""
+    cancels, refunds, reviews) while killing random workers with SIGKILL, restarting
+    Postgres once and making the sandbox fail 10% of requests and lose 5% of responses.
+    Then stop the faults, let the fleet drain, and check every invariant. Exits non-zero
+    if any check fails."""
     from workers import logs
     from workers.chaos import run_chaos
 

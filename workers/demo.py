@@ -14,10 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from api.client import AsyncAgentPay
-from tasks import agents as agents_store
-from tasks.db import Pool, open_pool
+from tasks.db import open_pool
 from tasks.settings import Settings
-from workers.devstack import DevStack
+from workers.devstack import DevStack, new_agent_keys
 
 # What each demo card must end as (status, failure code).
 EXPECTED = {
@@ -57,7 +56,7 @@ def run_demo(
 
 async def _run(info: dict[str, str], n_payments: int, n_agents: int, console: Console) -> bool:
     async with open_pool(info["database_url"], min_size=1, max_size=4) as pool:
-        keys = await _create_agents(pool, n_agents)
+        keys = await new_agent_keys(info["database_url"], "demo-agent", n_agents)
         rng = random.Random(7)
         plan = [
             (keys[i % len(keys)], rng.choice(MIX), rng.randint(100, 50_000))
@@ -89,15 +88,6 @@ async def _run(info: dict[str, str], n_payments: int, n_agents: int, console: Co
             await sender
         elapsed = time.monotonic() - started
     return _summarise(console, plan, ids, final, elapsed)
-
-
-async def _create_agents(pool: Pool, n: int) -> list[str]:
-    keys = []
-    async with pool.connection() as conn, conn.transaction():
-        for i in range(n):
-            _, key = await agents_store.create(conn, f"demo-agent-{i + 1}-{time.time_ns()}")
-            keys.append(key)
-    return keys
 
 
 async def _send(

@@ -256,6 +256,17 @@ async def _dev_keys(database_url: str) -> tuple[str, str]:
     return keys[0], keys[1]
 
 
+async def new_agent_keys(database_url: str, prefix: str, n: int) -> list[str]:
+    """Create `n` agents named `<prefix>-<i>-<time>` and return their keys (demo, chaos)."""
+    keys = []
+    async with open_pool(database_url, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn, conn.transaction():
+            for i in range(n):
+                _, key = await agents.create(conn, f"{prefix}-{i + 1}-{time.time_ns()}")
+                keys.append(key)
+    return keys
+
+
 def run_forever(stack: DevStack) -> None:
     """Block until SIGINT or SIGTERM, then stop the stack."""
     stopped = threading.Event()

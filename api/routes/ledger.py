@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError, not_found
 from api.idempotency import IdempotencyDep
-from api.models import ErrorResponse
+from api.models import Currency, ErrorResponse
 from tasks import agents, ledger, money
 
 router = APIRouter(tags=["ledger"])
@@ -64,15 +64,8 @@ class DepositCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: StrictInt = Field(description="Minor units, e.g. 5000 = $50.00")
-    currency: str = Field(min_length=3, max_length=3, description="Lowercase ISO 4217")
+    currency: Currency
     description: str | None = Field(default=None, max_length=500)
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        if value not in money.CURRENCIES:
-            raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
-        return value
 
 
 class Deposit(BaseModel):

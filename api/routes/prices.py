@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError
 from api.idempotency import IdempotencyDep
-from api.models import ErrorResponse
+from api.models import Currency, ErrorResponse
 from tasks import money, pricing
 
 router = APIRouter(prefix="/v1/prices", tags=["prices"])
@@ -27,17 +27,10 @@ class PriceSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     sku: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
-    currency: str = Field(min_length=3, max_length=3, description="Lowercase ISO 4217")
+    currency: Currency
     unit_amount: StrictInt = Field(description="Minor units, e.g. 1999 = $19.99")
     description: str | None = Field(default=None, max_length=500)
     active: bool = True
-
-    @field_validator("currency")
-    @classmethod
-    def _currency(cls, value: str) -> str:
-        if value not in money.CURRENCIES:
-            raise ValueError("must be a lowercase ISO 4217 currency code such as 'usd'")
-        return value
 
 
 class Price(BaseModel):
