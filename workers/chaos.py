@@ -95,15 +95,17 @@ class Api:
             headers["Idempotency-Key"] = idempotency_key
         delay = 0.2
         deadline = time.monotonic() + 120
+        last = ""
         while True:
             try:
                 response = await self.client.request(method, path, json=json, headers=headers)
                 if response.status_code < 500 and response.status_code != 429:
                     return response.status_code, response.json()
-            except httpx.TransportError:
-                pass
+                last = f"{response.status_code} {response.text[:200]}"
+            except httpx.TransportError as error:
+                last = repr(error)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{method} {path} kept failing")
+                raise TimeoutError(f"{method} {path} kept failing: {last}")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 3.0)
 
