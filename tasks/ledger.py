@@ -6,11 +6,16 @@ Accounts: per agent and currency an `agent_budget` (what the agent may still spe
 `provider_clearing` (what the provider collected for us) and `platform_fees`.
 
 A transaction's entries sum to zero in every currency (checked by Postgres at commit); the
-ledger is append-only (a correction is a new transaction); every entry moves its account's
-balance in one `UPDATE … SET balance = balance + amount` made by a trigger, so a balance is
-always the sum of its entries and concurrent postings never lose an update. Entries of one
-transaction are written in account-id order, so concurrent postings lock rows in the same
-order. Budget and holds accounts can never go below zero (a CHECK in the database).
+ledger is append-only (a correction is a new transaction). An entry on an agent's budget or
+holds account moves that account's materialised balance in one
+`UPDATE … SET balance = balance + amount` made by a trigger, so it is always the sum of its
+entries, concurrent postings never lose an update, and budget and holds accounts can never go
+below zero (a CHECK in the database). Platform accounts (external funding, provider clearing,
+fees) carry no running balance: theirs is the sum of their entries, computed on read
+(`ledger_account_balances`), so postings of different agents never wait on one shared row.
+Entries of one transaction are written in account-id order, so concurrent postings lock rows
+in the same order. Account ids are looked up with a plain SELECT (no lock, no write) and
+inserted only when missing.
 
 Postings of a payment, each at most once (keyed by the payment or refund id):
 - hold (risk, priced → approved | in_review): source -total, agent holds +total; the source
@@ -71,21 +76,60 @@ def _new_id() -> str:
 # --- accounts ----------------------------------------------------------------------------
 
 
+_AGENT_KINDS = (AGENT_BUDGET, AGENT_HOLDS)
+
+
 async def account(conn: Conn, kind: str, currency: str, agent_id: str | None = None) -> int:
     """The id of an account, created on first use."""
-    await conn.execute(
-        """INSERT INTO ledger_accounts (kind, agent_id, currency) VALUES (%s, %s, %s)
-           ON CONFLICT (kind, agent_id, currency) DO NOTHING""",
-        (kind, agent_id, currency),
-    )
+    found = await _find_account(conn, kind, currency, agent_id)
+    return found if found is not None else await _create_account(conn, kind, currency, agent_id)
+
+
+async def _find_account(conn: Conn, kind: str, currency: str, agent_id: str | None) -> int | None:
+    # A plain read: it neither writes nor waits, whatever other postings hold.
     cur = await conn.execute(
         """SELECT id FROM ledger_accounts
            WHERE kind = %s AND agent_id IS NOT DISTINCT FROM %s AND currency = %s""",
         (kind, agent_id, currency),
     )
     row = await cur.fetchone()
-    assert row is not None
-    return int(row["id"])
+    return int(row["id"]) if row else None
+
+
+async def _create_account(conn: Conn, kind: str, currency: str, agent_id: str | None) -> int:
+    # Only for an account not seen yet; a concurrent first use of the same account waits
+    # here for the other's commit and then reads its row.
+    cur = await conn.execute(
+        """INSERT INTO ledger_accounts (kind, agent_id, currency) VALUES (%s, %s, %s)
+           ON CONFLICT (kind, agent_id, currency) DO NOTHING
+           RETURNING id""",
+        (kind, agent_id, currency),
+    )
+    row = await cur.fetchone()
+    if row is not None:
+        return int(row["id"])
+    found = await _find_account(conn, kind, currency, agent_id)
+    assert found is not None
+    return found
+
+
+async def _accounts(conn: Conn, currency: str, agent_id: str, *platform: str) -> dict[str, Any]:
+    """In one read: the agent's budget and holds accounts in `currency` and the named
+    platform accounts of `currency` (kind → id, absent when not created yet), and whether the
+    agent is held to a budget (a budget account in any currency)."""
+    cur = await conn.execute(
+        """SELECT kind, currency, id FROM ledger_accounts
+           WHERE (kind = ANY(%s) AND agent_id = %s)
+              OR (kind = ANY(%s) AND agent_id IS NULL AND currency = %s)""",
+        (list(_AGENT_KINDS), agent_id, list(platform), currency),
+    )
+    found: dict[str, Any] = {"budgeted": False}
+    for row in await cur.fetchall():
+        if row["kind"] == AGENT_BUDGET:
+            found["budgeted"] = True
+        if row["currency"] == currency:
+            found[row["kind"]] = int(row["id"])
+    return found
 
 
 async def is_budgeted(conn: Conn, agent_id: str) -> bool:
@@ -124,36 +168,57 @@ async def post(
     kind: str,
     entries: list[tuple[int, str, int]],
     *,
-    actor: str,
+    actor: str | None,
     reference: str | None = None,
     payment_id: str | None = None,
     agent_id: str | None = None,
     description: str | None = None,
 ) -> str | None:
     """Post one transaction of `entries` (account id, currency, amount; zero amounts are
-    left out). Returns its id, or None when a transaction of this kind and reference was
-    posted before (a posting happens once). The database refuses entries that do not sum to
-    zero per currency (at commit) and a budget or holds account going below zero."""
-    txn_id = _new_id()
-    cur = await conn.execute(
-        """INSERT INTO ledger_transactions (id, kind, reference, payment_id, agent_id,
-                                            description, actor)
-           VALUES (%s, %s, %s, %s, %s, %s, %s)
-           ON CONFLICT (kind, reference) DO NOTHING
-           RETURNING id""",
-        (txn_id, kind, reference, payment_id, agent_id, description, actor),
-    )
-    if await cur.fetchone() is None:
-        return None
+    left out) by `actor` (None: whoever the transaction's current payment transition is by,
+    as set by tasks.payments). Returns its id, or None when a transaction of this kind and
+    reference was posted before (a posting happens once). The database refuses entries that
+    do not sum to zero per currency (at commit) and a budget or holds account going below
+    zero."""
     # One account-id order for every posting: concurrent postings lock rows alike.
-    for account_id, currency, amount in sorted(entries):
-        if amount:
-            await conn.execute(
-                """INSERT INTO ledger_entries (transaction_id, account_id, currency, amount)
-                   VALUES (%s, %s, %s, %s)""",
-                (txn_id, account_id, currency, amount),
-            )
-    return txn_id
+    rows = sorted(e for e in entries if e[2])
+    # The transaction and its entries in one statement (one round trip); no entries are
+    # written when the transaction was posted before.
+    cur = await conn.execute(
+        """WITH txn AS (
+               INSERT INTO ledger_transactions (id, kind, reference, payment_id, agent_id,
+                                                description, actor)
+               -- No actor given: who the current transition is by (set by tasks.payments
+               -- for the trigger).
+               VALUES (%s, %s, %s, %s, %s, %s,
+                       coalesce(%s::text, nullif(current_setting('agentpay.actor', true), ''),
+                                'db:' || session_user))
+               ON CONFLICT (kind, reference) DO NOTHING
+               RETURNING id
+           ), entries AS (
+               INSERT INTO ledger_entries (transaction_id, account_id, currency, amount)
+               SELECT txn.id, e.account_id, e.currency, e.amount
+               FROM txn, unnest(%s::bigint[], %s::text[], %s::bigint[])
+                   WITH ORDINALITY AS e(account_id, currency, amount, n)
+               ORDER BY e.n
+               RETURNING 1
+           )
+           SELECT id FROM txn""",
+        (
+            _new_id(),
+            kind,
+            reference,
+            payment_id,
+            agent_id,
+            description,
+            actor,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+        ),
+    )
+    row = await cur.fetchone()
+    return str(row["id"]) if row else None
 
 
 async def deposit(
@@ -221,31 +286,40 @@ async def hold(
             ok=True, transaction_id=existing, source=await _hold_source_kind(conn, existing)
         )
     agent_id, currency, total = payment["agent_id"], payment["currency"], payment["amount_total"]
-    if await is_budgeted(conn, agent_id):
+    found = await _accounts(conn, currency, agent_id, EXTERNAL_FUNDING)
+    if found["budgeted"]:
         source_kind = AGENT_BUDGET
-        source = await account(conn, AGENT_BUDGET, currency, agent_id)
     elif settings.allow_unbudgeted_spending:
         source_kind = EXTERNAL_FUNDING
-        source = await account(conn, EXTERNAL_FUNDING, currency)
     else:
         return Hold(
             ok=False,
             code="no_budget",
             message="the agent has no budget and agents without one may not spend",
         )
-    holds = await account(conn, AGENT_HOLDS, currency, agent_id)
+    source = found.get(source_kind) or await _create_account(
+        conn, source_kind, currency, agent_id if source_kind == AGENT_BUDGET else None
+    )
+    holds = found.get(AGENT_HOLDS) or await _create_account(conn, AGENT_HOLDS, currency, agent_id)
+
+    async def place() -> str | None:
+        return await post(
+            conn,
+            "hold",
+            [(source, currency, -total), (holds, currency, total)],
+            actor=actor,
+            reference=payment["id"],
+            payment_id=payment["id"],
+            agent_id=agent_id,
+            description="hold for the payment total",
+        )
+
+    if source_kind == EXTERNAL_FUNDING:
+        # Nothing here can go below zero (holds only grow): no savepoint needed.
+        return Hold(ok=True, transaction_id=await place(), source=source_kind)
     try:
         async with conn.transaction():  # a savepoint: a refused hold leaves nothing behind
-            txn_id = await post(
-                conn,
-                "hold",
-                [(source, currency, -total), (holds, currency, total)],
-                actor=actor,
-                reference=payment["id"],
-                payment_id=payment["id"],
-                agent_id=agent_id,
-                description="hold for the payment total",
-            )
+            txn_id = await place()
     except psycopg.errors.CheckViolation as error:
         if error.diag.constraint_name != _NOT_NEGATIVE:
             raise
@@ -259,16 +333,15 @@ async def hold(
     return Hold(ok=True, transaction_id=txn_id, source=source_kind)
 
 
-async def capture(conn: Conn, payment: Payment, *, actor: str) -> str | None:
+async def capture(conn: Conn, payment: Payment, *, actor: str | None) -> str | None:
     """Turn the payment's hold into spending: provider clearing gets total - fee, platform
-    fees the fee. Nothing when there is no open hold."""
+    fees the fee. Nothing when there is no open hold. `actor` None: the transition's."""
     held = await _open_hold(conn, payment["id"])
     if held is None:
         return None
     currency, total = payment["currency"], held["amount"]
     fee = min(int(payment["amount_fee"] or 0), total)
-    clearing = await account(conn, PROVIDER_CLEARING, currency)
-    fees = await account(conn, PLATFORM_FEES, currency)
+    clearing, fees = await _platform_accounts(conn, currency)
     return await post(
         conn,
         "capture",
@@ -285,9 +358,9 @@ async def capture(conn: Conn, payment: Payment, *, actor: str) -> str | None:
     )
 
 
-async def release(conn: Conn, payment: Payment, *, actor: str) -> str | None:
+async def release(conn: Conn, payment: Payment, *, actor: str | None) -> str | None:
     """Give the payment's hold back to where it came from. Nothing when there is no open
-    hold."""
+    hold. `actor` None: the transition's."""
     held = await _open_hold(conn, payment["id"])
     if held is None:
         return None
@@ -309,9 +382,9 @@ async def on_transition(conn: Conn, payment: Payment, from_status: str, to_statu
     and already updated; `payment` holds the new values): reconciled captures the hold,
     rejected / failed / canceled release it."""
     if to_status == "reconciled":
-        await capture(conn, payment, actor=await _actor(conn))
+        await capture(conn, payment, actor=None)
     elif to_status in _RELEASE_ON:
-        await release(conn, payment, actor=await _actor(conn))
+        await release(conn, payment, actor=None)
 
 
 async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> None:
@@ -337,8 +410,7 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
         )
     weights = [captured["total"] - captured["fee"], captured["fee"]]
     fee_part = _fee_share(after, weights, currency) - _fee_share(before, weights, currency)
-    clearing = await account(conn, PROVIDER_CLEARING, currency)
-    fees = await account(conn, PLATFORM_FEES, currency)
+    clearing, fees = await _platform_accounts(conn, currency)
     await post(
         conn,
         "refund",
@@ -347,7 +419,7 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
             (clearing, currency, -(amount - fee_part)),
             (fees, currency, -fee_part),
         ],
-        actor=await _actor(conn),
+        actor=None,
         reference=refund_id,
         payment_id=payment["id"],
         agent_id=payment["agent_id"],
@@ -449,20 +521,33 @@ async def problems(conn: Conn) -> list[str]:
 # --- helpers -----------------------------------------------------------------------------
 
 
-async def _actor(conn: Conn) -> str:
-    """Who the current transition is by (set by tasks.payments for the trigger)."""
+async def _balance(conn: Conn, account_id: int) -> int:
+    """An account's balance: materialised for agent accounts, the sum of the entries for
+    platform accounts (the subquery runs only for those)."""
     cur = await conn.execute(
-        "SELECT coalesce(nullif(current_setting('agentpay.actor', true), ''), "
-        "'db:' || session_user) AS actor"
+        """SELECT CASE WHEN a.kind = ANY(%s) THEN a.balance
+                       ELSE (SELECT coalesce(sum(e.amount), 0) FROM ledger_entries e
+                             WHERE e.account_id = a.id) END AS balance
+           FROM ledger_accounts a WHERE a.id = %s""",
+        (list(_AGENT_KINDS), account_id),
     )
     row = await cur.fetchone()
-    return str(row["actor"]) if row else "unknown"
-
-
-async def _balance(conn: Conn, account_id: int) -> int:
-    cur = await conn.execute("SELECT balance FROM ledger_accounts WHERE id = %s", (account_id,))
-    row = await cur.fetchone()
     return int(row["balance"]) if row else 0
+
+
+async def _platform_accounts(conn: Conn, currency: str) -> tuple[int, int]:
+    """The provider clearing and platform fees accounts of `currency`, in one read."""
+    cur = await conn.execute(
+        """SELECT kind, id FROM ledger_accounts
+           WHERE kind = ANY(%s) AND agent_id IS NULL AND currency = %s""",
+        ([PROVIDER_CLEARING, PLATFORM_FEES], currency),
+    )
+    found = {row["kind"]: int(row["id"]) for row in await cur.fetchall()}
+    clearing = found.get(PROVIDER_CLEARING) or await _create_account(
+        conn, PROVIDER_CLEARING, currency, None
+    )
+    fees = found.get(PLATFORM_FEES) or await _create_account(conn, PLATFORM_FEES, currency, None)
+    return clearing, fees
 
 
 async def _transaction_of(conn: Conn, kind: str, reference: str) -> str | None:
@@ -491,7 +576,10 @@ async def _hold_entries(conn: Conn, payment_id: str) -> dict[str, int] | None:
            WHERE t.kind = 'hold' AND t.reference = %s""",
         (payment_id,),
     )
-    rows = await cur.fetchall()
+    return _hold_from(await cur.fetchall())
+
+
+def _hold_from(rows: list[dict[str, Any]]) -> dict[str, int] | None:
     if not rows:
         return None
     credit = next(r for r in rows if r["amount"] > 0)
@@ -504,16 +592,16 @@ async def _hold_entries(conn: Conn, payment_id: str) -> dict[str, int] | None:
 
 
 async def _open_hold(conn: Conn, payment_id: str) -> dict[str, int] | None:
-    """The payment's hold if it is neither captured nor released yet."""
+    """The payment's hold if it is neither captured nor released yet (one read)."""
     cur = await conn.execute(
-        """SELECT count(*) AS n FROM ledger_transactions
-           WHERE kind IN ('capture', 'release') AND reference = %s""",
-        (payment_id,),
+        """SELECT e.account_id, e.amount FROM ledger_entries e
+           JOIN ledger_transactions t ON t.id = e.transaction_id
+           WHERE t.kind = 'hold' AND t.reference = %s
+             AND NOT EXISTS (SELECT 1 FROM ledger_transactions c
+                             WHERE c.kind IN ('capture', 'release') AND c.reference = %s)""",
+        (payment_id, payment_id),
     )
-    row = await cur.fetchone()
-    if row and row["n"]:
-        return None
-    return await _hold_entries(conn, payment_id)
+    return _hold_from(await cur.fetchall())
 
 
 async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:

@@ -57,6 +57,16 @@ async def balances(conn: Any, agent_id: str, currency: str = "usd") -> tuple[int
     return int(row["available"]), int(row["held"])
 
 
+async def platform_balances(conn: Any, currency: str = "usd") -> dict[str, int]:
+    """The platform accounts' balances in a currency (the sums of their entries)."""
+    cur = await conn.execute(
+        """SELECT kind, balance FROM ledger_account_balances
+           WHERE agent_id IS NULL AND currency = %s ORDER BY kind""",
+        (currency,),
+    )
+    return {r["kind"]: int(r["balance"]) for r in await cur.fetchall()}
+
+
 async def new_agent(pool: Pool, name: str, budget: int | None = None, currency: str = "usd") -> str:
     async with pool.connection() as conn, conn.transaction():
         agent, _ = await agents.create(conn, name)
@@ -242,11 +252,7 @@ async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None
     await move(pool, payment["id"], "charging", "succeeded", "reconciled")
     async with pool.connection() as conn:
         assert await balances(conn, agent_id) == (10_000 - 2252, 0)
-        cur = await conn.execute(
-            """SELECT kind, currency, balance FROM ledger_accounts
-               WHERE agent_id IS NULL ORDER BY kind"""
-        )
-        platform = {r["kind"]: r["balance"] for r in await cur.fetchall()}
+        platform = await platform_balances(conn)
     assert platform == {"external_funding": -10_000, "platform_fees": 88, "provider_clearing": 2164}
 
     async with pool.connection() as conn, conn.transaction():
@@ -258,10 +264,7 @@ async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None
             await ledger.post_refund(conn, locked, refund_id="re_3", amount=10)
     async with pool.connection() as conn:
         assert await balances(conn, agent_id) == (10_000, 0)
-        cur = await conn.execute(
-            "SELECT kind, balance FROM ledger_accounts WHERE agent_id IS NULL ORDER BY kind"
-        )
-        platform = {r["kind"]: r["balance"] for r in await cur.fetchall()}
+        platform = await platform_balances(conn)
         # A full refund reverses the capture exactly, fee included.
         assert platform == {"external_funding": -10_000, "platform_fees": 0, "provider_clearing": 0}
         cur = await conn.execute(
@@ -337,6 +340,100 @@ async def test_200_concurrent_payments_and_deposits_never_lose_an_update(pool: P
         await assert_ledger_sound(conn)
     assert final_held == 0
     assert final_available == 20_000 + sum(deposits) - spent
+
+
+async def test_postings_of_different_agents_never_wait_on_each_other(
+    pool: Pool, fees: None
+) -> None:
+    """Every kind of posting touches the shared platform accounts (external funding,
+    provider clearing, fees), yet one agent's uncommitted postings never make another
+    agent's wait: the platform accounts carry no running balance to lock."""
+    warm = await new_agent(pool, "warm-up")  # creates the platform accounts first
+    first = await priced_payment(pool, warm, 1000)
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, first["id"]) == "approved"
+    await move(pool, first["id"], "charging", "succeeded", "reconciled")
+
+    async def prepared(side: int) -> dict[str, Any]:
+        unbudgeted = await new_agent(pool, f"u{side}")
+        budgeted = await new_agent(pool, f"b{side}", budget=100_000)
+        plan: dict[str, Any] = {"budgeted": budgeted}
+        for name, agent_id, path in (
+            ("hold_u", unbudgeted, ()),
+            ("hold_b", budgeted, ()),
+            ("capture_u", unbudgeted, ("charging", "succeeded")),
+            ("capture_b", budgeted, ("charging", "succeeded")),
+            ("release_b", budgeted, ("charging",)),
+            ("refund_u", unbudgeted, ("charging", "succeeded", "reconciled")),
+        ):
+            payment = await priced_payment(pool, agent_id, 1000 + side)
+            if path:
+                async with pool.connection() as conn, conn.transaction():
+                    assert await risk.advance(conn, payment["id"]) == "approved"
+                await move(pool, payment["id"], *path)
+            plan[name] = payment["id"]
+        return plan
+
+    sides = [await prepared(1), await prepared(2)]
+
+    async def post_everything(conn: Any, plan: dict[str, Any]) -> None:
+        for name in ("hold_u", "hold_b"):
+            assert await risk.advance(conn, plan[name]) == "approved"
+        for name, to in (("capture_u", "reconciled"), ("capture_b", "reconciled")):
+            await payments.transition(conn, await payments.lock(conn, plan[name]), to, actor="t")
+        await payments.transition(
+            conn, await payments.lock(conn, plan["release_b"]), "failed", actor="t"
+        )
+        locked = await payments.lock(conn, plan["refund_u"])
+        await ledger.post_refund(conn, locked, refund_id=f"re_{plan['refund_u']}", amount=500)
+        await ledger.deposit(conn, plan["budgeted"], 700, "usd", actor="test")
+
+    async with pool.connection() as one, one.transaction():
+        await post_everything(one, sides[0])  # left uncommitted while the other side posts
+        async with pool.connection() as two, two.transaction():
+            await two.execute("SET LOCAL lock_timeout = '3s'")  # waiting would raise
+            await post_everything(two, sides[1])
+
+    async with pool.connection() as conn:
+        await assert_ledger_sound(conn)
+        # No running balance on platform accounts: their balance is the sum of their entries.
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM ledger_accounts WHERE agent_id IS NULL AND balance <> 0"
+        )
+        assert (await cur.fetchone())["n"] == 0
+        cur = await conn.execute(
+            """SELECT
+                 coalesce(sum(p.amount_total) FILTER (WHERE p.status = 'reconciled'), 0)
+                     AS captured,
+                 coalesce(sum(p.amount_total) FILTER (WHERE NOT EXISTS (
+                     SELECT 1 FROM ledger_accounts a
+                     WHERE a.kind = 'agent_budget' AND a.agent_id = p.agent_id)), 0)
+                     AS unbudgeted_spent
+               FROM payment_jobs p"""
+        )
+        sums = await cur.fetchone()
+        platform = await platform_balances(conn)
+        cur = await conn.execute(
+            "SELECT kind, actor FROM ledger_transactions WHERE payment_id = ANY(%s)",
+            ([sides[1]["capture_u"], sides[1]["refund_u"]],),
+        )
+        actors = sorted((r["kind"], r["actor"]) for r in await cur.fetchall())
+    # Postings are by whoever made the transition in their transaction (the refund comes
+    # after the transaction's last transition, by "t").
+    assert actors == [
+        ("capture", "t"),
+        ("capture", "test:driver"),
+        ("hold", "worker:risk"),
+        ("hold", "worker:risk"),
+        ("refund", "t"),
+    ]
+    refunded = 2 * 500
+    deposited = 2 * 100_000 + 2 * 700
+    assert platform["provider_clearing"] + platform["platform_fees"] == (
+        sums["captured"] - refunded
+    )
+    assert platform["platform_fees"] > 0
+    assert platform["external_funding"] == -deposited - sums["unbudgeted_spent"] + refunded
 
 
 # --- through the pipeline and the provider -----------------------------------------------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tasks import ledger, payments
+from tasks import agents, ledger, payments, pricing, risk
 from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import auth, run_jobs
@@ -249,3 +250,45 @@ async def test_without_a_budget_an_agent_spends_only_if_the_setting_allows(
     await run_jobs(pool, ("pricing", "risk"))
     payment = await _get(api, agent_key, refused["id"])
     assert (payment["status"], payment["failure"]["code"]) == ("rejected", "no_budget")
+
+
+async def test_risk_steps_of_different_agents_never_wait_on_each_other(pool: Pool) -> None:
+    """Holds of agents without a budget all come out of the one external funding account of
+    their currency, and budgeted agents' holds touch only their own accounts: six risk steps
+    of six agents, each left uncommitted while the next runs under a lock timeout, all
+    decide; committed, the ledger adds up."""
+
+    async def priced(name: str, budget: int | None) -> str:
+        async with pool.connection() as conn, conn.transaction():
+            agent, _ = await agents.create(conn, name)
+            if budget is not None:
+                await ledger.deposit(conn, agent.id, budget, "usd", actor="test")
+            payment = await payments.insert(
+                conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=700
+            )
+            assert await pricing.advance(conn, payment["id"]) == "priced"
+            return str(payment["id"])
+
+    first = await priced("first", None)  # the platform account exists before the race
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, first) == "approved"
+    waiting = [await priced(f"agent-{i}", 1000 if i % 2 else None) for i in range(6)]
+
+    async with AsyncExitStack() as stack:
+        for payment_id in waiting:
+            conn = await stack.enter_async_context(pool.connection())
+            await stack.enter_async_context(conn.transaction())
+            await conn.execute("SET LOCAL lock_timeout = '3s'")  # waiting would raise
+            assert await risk.advance(conn, payment_id) == "approved"
+
+    async with pool.connection() as conn:
+        assert await ledger.problems(conn) == []
+        cur = await conn.execute(
+            """SELECT kind, balance FROM ledger_account_balances
+               WHERE agent_id IS NULL AND currency = 'usd'"""
+        )
+        platform = {r["kind"]: r["balance"] for r in await cur.fetchall()}
+        cur = await conn.execute("SELECT count(*) AS n FROM payment_jobs WHERE status = 'approved'")
+        assert (await cur.fetchone())["n"] == 7
+    # Four unbudgeted holds of 700 and three deposits of 1000 came out of external funding.
+    assert platform == {"external_funding": -4 * 700 - 3 * 1000}
