@@ -18,7 +18,7 @@ from tasks.db import Pool
 _bearer = HTTPBearer(auto_error=False, description="An agent's API key: `Bearer apk_…`")
 
 
-def get_pool(request: Request) -> Pool:
+async def get_pool(request: Request) -> Pool:
     pool: Pool = request.app.state.pool
     return pool
 
@@ -63,20 +63,19 @@ async def current_agent(
         )
     settings = request.app.state.settings
     async with pool.connection() as conn:
-        agent = await agents.authenticate(conn, key)
-        if agent is None:
-            raise ApiError(
-                401,
-                "invalid_api_key",
-                "Invalid or revoked API key",
-                type_="authentication_error",
-                headers=_CHALLENGE,
-            )
-        await ratelimit.take(
+        agent = await ratelimit.authenticate(
             conn,
-            agent.id,
+            key,
             rate=settings.api_rate_limit_per_second,
             burst=settings.api_rate_limit_burst,
+        )
+    if agent is None:
+        raise ApiError(
+            401,
+            "invalid_api_key",
+            "Invalid or revoked API key",
+            type_="authentication_error",
+            headers=_CHALLENGE,
         )
     return agent
 

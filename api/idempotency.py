@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -158,8 +158,10 @@ class Idempotency:
                 self._conn = conn
                 try:
                     # A savepoint: a 4xx raised by the route undoes its writes but keeps the
-                    # key's row, which then stores the error.
-                    async with conn.transaction():
+                    # key's row, which then stores the error. Without a key nothing is
+                    # stored, so the savepoint (two round trips) is left out.
+                    savepoint = conn.transaction() if self.key is not None else nullcontext()
+                    async with savepoint:
                         yield conn
                         if self.key is not None and not self._stored:
                             raise RuntimeError("an idempotent route must end with respond()")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,16 +16,46 @@ Conn = psycopg.AsyncConnection[dict[str, Any]]
 Pool = AsyncConnectionPool[Conn]
 
 
+# A connection back in the pool for less than this long is handed out without a ping.
+CHECK_AFTER_IDLE_SECONDS = 1.0
+
+# When each connection was last connected or given back to its pool (monotonic seconds).
+_idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     # Our own statements run in explicit `conn.transaction()` blocks; a reconnecting pool
     # must never hand out a connection left inside a half-finished transaction.
     await conn.set_autocommit(True)
+    _idle_since[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Ping a connection only if it sat in the pool for a while (or was never used).
+
+    A connection that was in use a moment ago was alive a moment ago; pinging it on every
+    checkout cost a round trip per checkout. A database restart kills connections while
+    they sit idle, so after an outage every idle connection is pinged (and replaced) again;
+    the rare one that died within the last second fails its first statement instead, and
+    psycopg marks it broken so the pool discards it: the request (a 5xx the client retries)
+    or the job (Backoff retries `OperationalError`) is simply tried again."""
+    returned = _idle_since.get(conn)
+    if returned is None or time.monotonic() - returned >= CHECK_AFTER_IDLE_SECONDS:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+class _Pool(AsyncConnectionPool[Conn]):
+    async def putconn(self, conn: Conn) -> None:
+        _idle_since[conn] = time.monotonic()
+        await super().putconn(conn)
 
 
 def make_pool(database_url: str, *, min_size: int = 2, max_size: int = 10, name: str = "") -> Pool:
-    """A pool that checks connections before handing them out, so it survives a database
-    restart: dead connections are replaced, new ones are retried with backoff."""
-    return AsyncConnectionPool(
+    """A pool that survives a database restart: a connection that sat idle for a second
+    or more is checked before it is handed out (dead ones are replaced; new ones are
+    retried with backoff); one given back less than a second ago is handed out as it is
+    (see `_check_if_idle`)."""
+    return _Pool(
         database_url,
         min_size=min_size,
         max_size=max_size,
@@ -31,7 +63,7 @@ def make_pool(database_url: str, *, min_size: int = 2, max_size: int = 10, name:
         name=name or None,
         kwargs={"row_factory": dict_row},
         configure=_configure,
-        check=AsyncConnectionPool.check_connection,
+        check=_check_if_idle,
         reconnect_timeout=24 * 3600,
         timeout=30,
     )

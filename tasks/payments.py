@@ -30,11 +30,21 @@ async def set_event_context(
 ) -> None:
     """Who and why of the next status change in this transaction (read by the trigger)."""
     await conn.execute(
-        """SELECT set_config('agentpay.actor', %s, true),
-                  set_config('agentpay.reason', %s, true),
-                  set_config('agentpay.event_data', %s, true)""",
-        (actor, reason or "", json.dumps(data or {}, default=str)),
+        """SELECT set_config('agentpay.actor', %(_actor)s, true),
+                  set_config('agentpay.reason', %(_reason)s, true),
+                  set_config('agentpay.event_data', %(_data)s, true)""",
+        _event_context(actor=actor, reason=reason, data=data),
     )
+
+
+def _event_context(
+    *, actor: str, reason: str | None, data: dict[str, Any] | None
+) -> dict[str, str]:
+    return {
+        "_actor": actor,
+        "_reason": reason or "",
+        "_data": json.dumps(data or {}, default=str),
+    }
 
 
 async def insert(
@@ -125,25 +135,46 @@ async def transition(
     **columns: Any,
 ) -> Payment:
     """Move a locked payment to `to_status` (and write `columns` with it). The trigger
-    checks the move against the state machine and records the event."""
-    await set_event_context(conn, actor=actor, reason=reason, data=data)
+    checks the move against the state machine and records the event.
+
+    The event context is set by the UPDATE itself (one round trip, not two): what
+    `set_event_context` would set, for the rest of the transaction."""
     from_status = payment["status"]
-    updated = await _update(conn, payment["id"], {"status": to_status, **columns})
+    context = _event_context(actor=actor, reason=reason, data=data)
+    updated = await _update(conn, payment["id"], {"status": to_status, **columns}, context)
     payment.update(updated)
     await ledger.on_transition(conn, updated, from_status, to_status)
     return updated
 
 
-async def _update(conn: Conn, payment_id: str, columns: dict[str, Any]) -> Payment:
+# The UPDATE of a transition sets the event context first: the FROM item is evaluated
+# before any row is updated, so the triggers of the update read it.
+_UPDATE_WITH_CONTEXT = """UPDATE payment_jobs SET {}
+FROM (SELECT set_config('agentpay.actor', %(_actor)s, true),
+             set_config('agentpay.reason', %(_reason)s, true),
+             set_config('agentpay.event_data', %(_data)s, true)) AS _event_context
+WHERE payment_jobs.id = %(_id)s
+RETURNING payment_jobs.*"""
+
+
+async def _update(
+    conn: Conn,
+    payment_id: str,
+    columns: dict[str, Any],
+    context: dict[str, str] | None = None,
+) -> Payment:
     unknown = set(columns) - _WRITABLE - {"status"}
     if unknown:
         raise ValueError(f"not writable: {sorted(unknown)}")
     assignments = sql.SQL(", ").join(
         sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in columns
     )
+    if context is None:
+        query = sql.SQL("UPDATE payment_jobs SET {} WHERE id = %(_id)s RETURNING *")
+    else:
+        query = sql.SQL(_UPDATE_WITH_CONTEXT)
     cur = await conn.execute(
-        sql.SQL("UPDATE payment_jobs SET {} WHERE id = %(_id)s RETURNING *").format(assignments),
-        {**columns, "_id": payment_id},
+        query.format(assignments), {**columns, **(context or {}), "_id": payment_id}
     )
     row = await cur.fetchone()
     if row is None:

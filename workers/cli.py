@@ -166,6 +166,10 @@ def api(
         log_config=None,
         access_log=False,
         lifespan="on",
+        # The C HTTP parser and event loop of uvicorn[standard]: less CPU per request
+        # than h11 on the plain asyncio loop.
+        http="httptools",
+        loop="uvloop",
     )
 
 
