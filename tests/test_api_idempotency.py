@@ -228,3 +228,42 @@ async def test_action_routes_replay_their_answers_including_refusals(
     fresh = await api.post(f"{path}/cancel", headers=auth(agent_key))
     assert fresh.status_code == 409
     assert await counts(pool) == events
+
+
+async def test_operator_decisions_and_steering_replay_their_answers(
+    api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool
+) -> None:
+    """Review decisions and ops actions are POSTs like any other: a retry with the same key
+    gets the first answer back and acts once."""
+    from tests.conftest import run_jobs
+
+    big = {**BODY, "amount": 150_000}  # above the default review threshold
+    created = (await post(api, agent_key, big, "big-1")).json()
+    await run_jobs(pool, ("pricing", "risk"))
+    path = f"/v1/review/{created['id']}/approve"
+    headers = {**auth(operator_key), "Idempotency-Key": "approve-1"}
+    first = await api.post(path, headers=headers)
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "approved"
+    again = await api.post(path, headers=headers)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content
+    other = f"/v1/review/{created['id']}/reject"
+    fresh = await api.post(other, headers={**auth(operator_key), "Idempotency-Key": "reject-1"})
+    assert fresh.status_code == 409  # the opposite decision on a decided payment is refused
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM payment_events WHERE payment_id = %s"
+            " AND to_status = 'approved'",
+            (created["id"],),
+        )
+        assert await cur.fetchone() == {"n": 1}
+
+    cancel = f"/v1/ops/payments/{created['id']}/cancel"
+    headers = {**auth(operator_key), "Idempotency-Key": "ops-cancel-1"}
+    first = await api.post(cancel, headers=headers)
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "canceled"
+    again = await api.post(cancel, headers=headers)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.content == first.content

@@ -12,11 +12,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError
+from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
 from api.models import ErrorResponse, Payment
 from tasks import agents, charge, payments
@@ -219,46 +220,49 @@ class Job(BaseModel):
 
 @router.post("/v1/ops/jobs/{job_id}/retry", response_model=Job, responses=ERRORS)
 async def retry_job_route(
-    job_id: int, operator: OperatorDep, pool: PoolDep, body: Action | None = None
-) -> dict[str, Any]:
-    """Run a failed job again now, or make a job waiting for later due now."""
-    try:
-        async with pool.connection() as conn, conn.transaction():
-            return await retry_job(
+    job_id: int, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
+) -> Response:
+    """Run a job again now: a failed job goes back to its queue; a job scheduled for later
+    becomes due now. A running job is refused."""
+    async with idem.transaction() as conn:
+        try:
+            job = await retry_job(
                 conn, job_id, actor=_actor(operator), reason=body.reason if body else None
             )
-    except Refused as error:
-        raise _raise(error) from error
+        except Refused as error:
+            raise _raise(error) from error
+        return await idem.respond(Job.model_validate(job))
 
 
 @router.post("/v1/ops/jobs/{job_id}/cancel", response_model=Job, responses=ERRORS)
 async def cancel_job_route(
-    job_id: int, operator: OperatorDep, pool: PoolDep, body: Action | None = None
-) -> dict[str, Any]:
+    job_id: int, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
+) -> Response:
     """Cancel a waiting job, or ask a running one to abort."""
-    try:
-        async with pool.connection() as conn, conn.transaction():
-            return await cancel_job(
+    async with idem.transaction() as conn:
+        try:
+            job = await cancel_job(
                 conn, job_id, actor=_actor(operator), reason=body.reason if body else None
             )
-    except Refused as error:
-        raise _raise(error) from error
+        except Refused as error:
+            raise _raise(error) from error
+        return await idem.respond(Job.model_validate(job))
 
 
 @router.post("/v1/ops/payments/{payment_id}/cancel", response_model=Payment, responses=ERRORS)
 async def cancel_payment_route(
-    payment_id: str, operator: OperatorDep, pool: PoolDep, body: Action | None = None
-) -> dict[str, Any]:
+    payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
+) -> Response:
     """Cancel any agent's payment (not yet charged: at once; authorized or requires_action:
     through the provider)."""
-    try:
-        async with pool.connection() as conn, conn.transaction():
+    async with idem.transaction() as conn:
+        try:
             payment = await cancel_payment(
                 conn, payment_id, actor=_actor(operator), reason=body.reason if body else None
             )
-    except Refused as error:
-        raise _raise(error) from error
-    return payments.public(payment)
+        except Refused as error:
+            raise _raise(error) from error
+        return await idem.respond(Payment.model_validate(payments.public(payment)))
 
 
 @router.get("/v1/ops/status", responses=ERRORS)

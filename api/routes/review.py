@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError
+from api.idempotency import Idempotency, IdempotencyDep
 from api.models import ErrorResponse, Payment
 from tasks import payments, risk
 
@@ -50,25 +52,27 @@ async def waiting(
 
 @router.post("/{payment_id}/approve", response_model=Payment, responses=DECISION_ERRORS)
 async def approve(
-    payment_id: str, operator: OperatorDep, pool: PoolDep, body: Decision | None = None
-) -> dict[str, Any]:
+    payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Decision | None = None
+) -> Response:
     """Approve an in_review payment: it goes on to be charged."""
-    return await _decide(payment_id, operator.id, pool, approve=True, body=body)
+    return await _decide(payment_id, operator.id, idem, approve=True, body=body)
 
 
 @router.post("/{payment_id}/reject", response_model=Payment, responses=DECISION_ERRORS)
 async def reject(
-    payment_id: str, operator: OperatorDep, pool: PoolDep, body: Decision | None = None
-) -> dict[str, Any]:
+    payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Decision | None = None
+) -> Response:
     """Reject an in_review payment: it ends `rejected` and its budget hold is released."""
-    return await _decide(payment_id, operator.id, pool, approve=False, body=body)
+    return await _decide(payment_id, operator.id, idem, approve=False, body=body)
 
 
 async def _decide(
-    payment_id: str, operator_id: str, pool: Any, *, approve: bool, body: Decision | None
-) -> dict[str, Any]:
-    try:
-        async with pool.connection() as conn, conn.transaction():
+    payment_id: str, operator_id: str, idem: Idempotency, *, approve: bool, body: Decision | None
+) -> Response:
+    """The decision, in the request's idempotent transaction (a retried decision with the
+    same Idempotency-Key gets the first answer back)."""
+    async with idem.transaction() as conn:
+        try:
             payment = await risk.decide(
                 conn,
                 payment_id,
@@ -76,10 +80,10 @@ async def _decide(
                 actor=f"operator:{operator_id}",
                 note=body.note if body else None,
             )
-    except risk.ReviewError as error:
-        if error.code == "not_found":
-            raise ApiError(404, "resource_missing", "No such payment", param="id") from None
-        raise ApiError(
-            409, "payment_not_in_review", error.message, type_="invalid_request_error"
-        ) from None
-    return payments.public(payment)
+        except risk.ReviewError as error:
+            if error.code == "not_found":
+                raise ApiError(404, "resource_missing", "No such payment", param="id") from None
+            raise ApiError(
+                409, "payment_not_in_review", error.message, type_="invalid_request_error"
+            ) from None
+        return await idem.respond(Payment.model_validate(payments.public(payment)))
