@@ -275,3 +275,43 @@ async def test_a_refund_the_provider_refuses_is_recorded_failed(
     assert listed["data"][0]["failure"]["code"] == "amount_too_large"
     after = await fetch(api, agent_key, payment["id"])
     assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)
+
+
+async def _lose_jobs(pool: Pool, task: str) -> None:
+    """The request's job failed for good (its retries ran out)."""
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET status = 'failed' WHERE task_name = %s"
+            " AND status = 'todo'",
+            (task,),
+        )
+
+
+async def test_the_sweep_re_drives_captures_and_refunds_whose_jobs_are_gone(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    from workers.maintenance import sweep_stuck_requests
+
+    held = await authorized(api, agent_key, pool)
+    paid = await reconciled(api, agent_key, pool)
+    capture = await api.post(f"/v1/payments/{held['id']}/capture", headers=auth(agent_key))
+    assert capture.status_code == 202, capture.text
+    response = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert response.status_code == 202, response.text
+    refund_id = response.json()["id"]
+    await _lose_jobs(pool, "capture")
+    await _lose_jobs(pool, "refund")
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, held["id"]))["status"] == "authorized"  # stuck
+
+    # Nothing is re-driven while its job still exists or it has not waited long enough.
+    assert await sweep_stuck_requests(pool, older_than=3600) == []
+    assert sorted(await sweep_stuck_requests(pool, older_than=0)) == sorted([held["id"], refund_id])
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
+    refunded = await fetch(api, agent_key, paid["id"])
+    assert (refunded["status"], refunded["amount_refunded"]) == ("partially_refunded", 500)
+    assert len(provider_refunds(provider_base, paid["provider_payment_id"])) == 1
+    assert await sweep_stuck_requests(pool, older_than=0) == []

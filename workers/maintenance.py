@@ -79,6 +79,52 @@ async def sweep_stuck_payments(pool: Pool, older_than: float) -> list[str]:
     return [row["id"] for row in stuck]
 
 
+async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
+    """Re-drive what an agent or operator asked for whose job is gone (failed for good after
+    its retries, or lost): a capture or cancel of an `authorized`/`requires_action` payment,
+    and a refund still `pending`. The jobs are idempotent (stable provider keys), so a
+    re-drive never acts twice. Returns what was re-driven (payment ids, refund ids)."""
+    redriven: list[str] = []
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            """SELECT p.id, CASE WHEN p.cancel_requested_at IS NOT NULL THEN 'cancel'
+                                 ELSE 'capture' END AS task
+               FROM payment_jobs p
+               WHERE p.status IN ('authorized', 'requires_action')
+                 AND (p.capture_requested_at IS NOT NULL OR p.cancel_requested_at IS NOT NULL)
+                 AND p.updated_at < now() - make_interval(secs => %s)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM procrastinate_jobs j
+                     WHERE j.args->>'payment_id' = p.id AND j.status IN ('todo', 'doing'))
+               ORDER BY p.updated_at
+               LIMIT 500
+               FOR UPDATE OF p SKIP LOCKED""",
+            (older_than,),
+        )
+        for row in await cur.fetchall():
+            await defer(conn, row["task"], payment_id=row["id"])
+            redriven.append(row["id"])
+        cur = await conn.execute(
+            """SELECT r.id, r.payment_id FROM payment_refunds r
+               WHERE r.status = 'pending'
+                 AND r.updated_at < now() - make_interval(secs => %s)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM procrastinate_jobs j
+                     WHERE j.args->>'payment_id' = r.payment_id
+                       AND j.args->>'refund_id' = r.id AND j.status IN ('todo', 'doing'))
+               ORDER BY r.created_at
+               LIMIT 500
+               FOR UPDATE OF r SKIP LOCKED""",
+            (older_than,),
+        )
+        for row in await cur.fetchall():
+            await defer(conn, "refund", payment_id=row["payment_id"], refund_id=row["id"])
+            redriven.append(row["id"])
+    if redriven:
+        log.warning("re-drove stuck requests", extra={"count": len(redriven)})
+    return redriven
+
+
 async def prune_finished_jobs(
     pool: Pool, *, succeeded_after: float, failed_after: float, batch: int = 5000
 ) -> int:
@@ -135,6 +181,7 @@ class Maintenance:
                 return False
             await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
+            await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             now = asyncio.get_running_loop().time()
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds
