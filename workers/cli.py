@@ -21,6 +21,7 @@ app = typer.Typer(
     help="Payments for AI agents: a Postgres job queue and one worker fleet per role.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstrings are paragraphs: rewrap their lines
 )
 agents_app = typer.Typer(
     help="Create, list and revoke agents and their API keys.", no_args_is_help=True
@@ -63,7 +64,7 @@ def dev(
 ) -> None:
     """Run the whole stack until Ctrl-C: embedded Postgres (unless DATABASE_URL is set), the
     sandbox provider (unless STRIPE_API_BASE is set), migrations, the API and the workers.
-    Writes <data-dir>/stack.json when ready."""
+    Writes `<data-dir>/stack.json` when ready."""
     from workers import logs
     from workers.devstack import DevStack, run_forever
 

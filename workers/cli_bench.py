@@ -31,7 +31,7 @@ def bench(
     enqueue rate and latency, the pipeline's payments/s with 1 and 2 workers per role,
     latency to the final state at 20 payments/s, claim time with a backlog, and peak memory.
     Prints a table of the figures, their ratios and the targets; writes
-    <data-dir>/bench.json. Takes under five minutes on a quiet two-core machine (--quick: well
+    `<data-dir>/bench.json`. Takes under five minutes on a quiet two-core machine (--quick: well
     under one)."""
     from bench import report, runner
     from tasks.settings import get_settings

@@ -47,7 +47,7 @@ Operator = Annotated[
     str | None,
     typer.Option(
         "--operator",
-        help="Who is acting, recorded as operator:<name> [default: the OS user]",
+        help="Who is acting, recorded as operator:NAME (default: the OS user)",
         show_default=False,
     ),
 ]
