@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from tasks.app import TransientError
-from tasks.settings import Settings, get_settings
+from tasks.settings import SANDBOX_API_KEY, Settings, get_settings
 
 if TYPE_CHECKING:
     import stripe
@@ -104,7 +104,11 @@ def _client(api_key: str, api_base: str | None, timeout: float, retries: int) ->
 
 def client(settings: Settings | None = None) -> Any:
     s = settings or get_settings()
-    base = s.stripe_api_base or s.read_stack().get("provider_base")
+    base = s.stripe_api_base
+    if base is None and s.stripe_api_key == SANDBOX_API_KEY:
+        # Only the sandbox key ever goes to the dev stack's sandbox: a real key with no
+        # STRIPE_API_BASE goes to Stripe, whatever a stale stack.json says.
+        base = s.read_stack().get("provider_base")
     return _client(
         s.stripe_api_key, base, s.provider_timeout_seconds, s.provider_max_network_retries
     )
@@ -253,6 +257,17 @@ async def refund(
         result = await client().v1.refunds.create_async(
             params, {"idempotency_key": idempotency_key(payment_id, f"refund:{refund_id}")}
         )
+    except stripe.StripeError as error:
+        raise _translate(error) from error
+    return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))
+
+
+async def retrieve_refund(provider_refund_id: str) -> Refund:
+    """The provider's current view of a refund (a `pending` one settles later)."""
+    import stripe
+
+    try:
+        result = await client().v1.refunds.retrieve_async(provider_refund_id)
     except stripe.StripeError as error:
         raise _translate(error) from error
     return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))

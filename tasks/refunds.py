@@ -6,7 +6,9 @@ the payment's total: what remains is the total minus what was refunded minus wha
 The job calls the provider keyed by our refund id (a retry never refunds twice), then in one
 transaction marks the refund, adds it to the payment's `amount_refunded`, moves the payment
 (`partially_refunded` → `partially_refunded` is no status change: only the amount and an event)
-and posts it to the ledger.
+and posts it to the ledger. Only a refund the provider reports `succeeded` counts as money
+back: a `pending` one stays pending with its provider id, and the job retrieves it again with
+backoff (then the sweep does) until it succeeds or fails.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks import ledger, payments, provider
-from tasks.app import Backoff, app, defer, pool
+from tasks.app import Backoff, TransientError, app, defer, pool
 from tasks.db import Conn
 
 ROLE = "charge"
@@ -195,13 +197,18 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
     refused: provider.Declined | None = None
     result: provider.Refund | None = None
     try:
-        result = await provider.refund(
-            payment_id,
-            payment["provider_payment_id"],
-            refund_id,
-            refund["amount"],
-            refund["reason"],
-        )
+        if refund["provider_refund_id"]:
+            # Made already and still pending at the provider: ask how it stands now (a
+            # replay of the create would only repeat its first answer).
+            result = await provider.retrieve_refund(refund["provider_refund_id"])
+        else:
+            result = await provider.refund(
+                payment_id,
+                payment["provider_payment_id"],
+                refund_id,
+                refund["amount"],
+                refund["reason"],
+            )
     except provider.Declined as error:
         refused = error
     async with pool().connection() as conn, conn.transaction():
@@ -216,7 +223,18 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
         if result.status in ("failed", "canceled"):
             await _fail(conn, locked, refund, f"refund_{result.status}", "the provider refused")
             return "failed"
-        return await _succeed(conn, locked, refund, result)
+        if result.status == "succeeded":
+            return await _succeed(conn, locked, refund, result)
+        # pending / requires_action: not money back yet. Keep it pending, remember the
+        # provider's id, and look again later (the job's backoff, then the sweep).
+        await _mark(
+            conn,
+            refund_id,
+            status="pending",
+            provider_refund_id=result.id,
+            provider_status=result.status,
+        )
+    raise TransientError(f"refund {refund_id} is {result.status} at the provider")
 
 
 def public(refund: Refund) -> dict[str, Any]:

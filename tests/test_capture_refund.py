@@ -315,3 +315,62 @@ async def test_the_sweep_re_drives_captures_and_refunds_whose_jobs_are_gone(
     assert (refunded["status"], refunded["amount_refunded"]) == ("partially_refunded", 500)
     assert len(provider_refunds(provider_base, paid["provider_payment_id"])) == 1
     assert await sweep_stuck_requests(pool, older_than=0) == []
+
+
+async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tasks import provider
+    from tasks.app import TransientError
+
+    paid = await reconciled(api, agent_key, pool)
+    response = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 700}, headers=auth(agent_key)
+    )
+    refund_id = response.json()["id"]
+    answers = iter(["pending", "pending", "succeeded"])
+
+    async def create(*args: Any, **kwargs: Any) -> provider.Refund:
+        return provider.Refund(id="re_slow", status=next(answers), amount=700)
+
+    async def retrieve(provider_refund_id: str) -> provider.Refund:
+        assert provider_refund_id == "re_slow"  # never a second create
+        return provider.Refund(id="re_slow", status=next(answers), amount=700)
+
+    monkeypatch.setattr(provider, "refund", create)
+    monkeypatch.setattr(provider, "retrieve_refund", retrieve)
+    for _ in range(2):
+        with pytest.raises(TransientError, match="pending"):
+            await refunds.refund_payment(paid["id"], refund_id)
+        payment = await fetch(api, agent_key, paid["id"])
+        assert (payment["status"], payment["amount_refunded"]) == ("reconciled", 0)
+        async with pool.connection() as conn:
+            row = await refunds.get(conn, refund_id)
+        assert row is not None
+        assert (row["status"], row["provider_refund_id"]) == ("pending", "re_slow")
+    assert await refunds.refund_payment(paid["id"], refund_id) == "partially_refunded"
+    payment = await fetch(api, agent_key, paid["id"])
+    assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 700)
+
+
+async def test_a_payment_the_provider_moved_on_without_a_webhook_is_caught_up(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Captured at the provider directly (no webhook reaches us): the recheck of payments
+    waiting on a person finds it and reconcile settles it."""
+    from workers.maintenance import recheck_waiting_payments
+
+    held = await authorized(api, agent_key, pool)
+    assert await recheck_waiting_payments(pool, older_than=3600) == []  # not due yet
+    captured = httpx.post(
+        f"{provider_base}/v1/payment_intents/{held['provider_payment_id']}/capture", headers=SK
+    )
+    assert captured.json()["status"] == "succeeded"
+    assert await recheck_waiting_payments(pool, older_than=0) == [held["id"]]
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
+    assert await recheck_waiting_payments(pool, older_than=0) == []  # no longer waiting
