@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     stalled_after_seconds: float = 45.0
     # A payment with no job for it that has not moved for this long is driven on again.
     sweep_after_seconds: float = 120.0
+    # A payment waiting on a person (authorized, requires_action) can still be moved on by the
+    # provider alone (3-D Secure completed, an authorization expired); if no webhook told us,
+    # reconcile looks at the provider after this long, and again each time this long passes.
+    recheck_waiting_after_seconds: float = 900.0
     maintenance_interval_seconds: float = 5.0
     # Operations (workers/maintenance.py, workers/status.py, docs/operations.md).
     # Finished procrastinate jobs are deleted this long after they finished (the history

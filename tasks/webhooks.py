@@ -166,7 +166,8 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
 async def _reconcile_needed(conn: Conn, payment_id: str) -> bool:
     """Whether the payment is in a state reconcile acts on, no reconcile job for it is waiting
     already (it will read the provider after this event anyway), and, while `charging`, no
-    charge job is queued or running for it (that one settles it)."""
+    charge job is waiting for it (that one reads the provider after this event and settles
+    it). A charge job already running may hold an older answer, so it does not count."""
     cur = await conn.execute(
         """SELECT p.status = ANY(%s)
                   AND NOT EXISTS (
@@ -175,7 +176,7 @@ async def _reconcile_needed(conn: Conn, payment_id: str) -> bool:
                          AND j.args->>'payment_id' = p.id)
                   AND NOT (p.status = 'charging' AND EXISTS (
                       SELECT 1 FROM procrastinate_jobs j
-                       WHERE j.status IN ('todo', 'doing') AND j.task_name = 'charge'
+                       WHERE j.status = 'todo' AND j.task_name = 'charge'
                          AND j.args->>'payment_id' = p.id)) AS needed
              FROM payment_jobs p WHERE p.id = %s""",
         (sorted(RECONCILABLE), payment_id),

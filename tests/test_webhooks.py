@@ -187,6 +187,39 @@ async def test_an_event_stored_once_defers_one_reconcile(
     assert await reconcile_jobs(pool, payment["id"]) == 1
 
 
+async def test_an_event_during_a_running_charge_still_defers_a_reconcile(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A charge job already running may hold an older answer (requires_action, say) and
+    commit it after this event: the event must still bring a reconcile. A charge job still
+    waiting reads the provider after the event, so none is needed then."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'charging' WHERE id = %s", (created["id"],)
+        )
+    event = {
+        **EVENT,
+        "data": {
+            "object": {
+                "id": "pi_test",
+                "object": "payment_intent",
+                "metadata": {"payment_id": created["id"]},
+            }
+        },
+    }
+    waiting = await post_event(api, {**event, "id": "evt_while_waiting"})
+    assert waiting.json()["reconcile"] is False  # the waiting charge job will read it
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET status = 'doing' WHERE task_name = 'charge'"
+        )
+    running = await post_event(api, {**event, "id": "evt_while_running"})
+    assert running.json()["reconcile"] is True
+    assert await reconcile_jobs(pool, created["id"]) == 1
+
+
 # --- the sandbox delivering to the API over HTTP -------------------------------------------
 
 

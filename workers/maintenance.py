@@ -79,6 +79,36 @@ async def sweep_stuck_payments(pool: Pool, older_than: float) -> list[str]:
     return [row["id"] for row in stuck]
 
 
+WAITING_ON_A_PERSON = ("authorized", "requires_action")
+
+
+async def recheck_waiting_payments(pool: Pool, older_than: float) -> list[str]:
+    """Payments waiting on a person (an agent's capture, a customer's 3-D Secure) can be moved
+    on by the provider alone. So that a lost or late webhook never leaves one behind, defer a
+    reconcile (it retrieves the PaymentIntent and settles the payment) for each that has not
+    changed, and has not been looked at, for `older_than` seconds."""
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            """SELECT p.id FROM payment_jobs p
+               WHERE p.status = ANY(%(states)s)
+                 AND p.updated_at < now() - make_interval(secs => %(older)s)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM procrastinate_jobs j
+                       JOIN procrastinate_events e ON e.job_id = j.id AND e.type = 'deferred'
+                      WHERE j.args->>'payment_id' = p.id AND j.task_name = 'reconcile'
+                        AND (j.status IN ('todo', 'doing')
+                             OR e.at > now() - make_interval(secs => %(older)s)))
+               ORDER BY p.updated_at
+               LIMIT 500
+               FOR UPDATE OF p SKIP LOCKED""",
+            {"states": list(WAITING_ON_A_PERSON), "older": older_than},
+        )
+        due = [row["id"] for row in await cur.fetchall()]
+        for payment_id in due:
+            await defer(conn, "reconcile", payment_id=payment_id)
+    return due
+
+
 async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     """Re-drive what an agent or operator asked for whose job is gone (failed for good after
     its retries, or lost): a capture or cancel of an `authorized`/`requires_action` payment,
@@ -182,6 +212,7 @@ class Maintenance:
             await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
+            await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
             now = asyncio.get_running_loop().time()
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds
@@ -192,12 +223,6 @@ class Maintenance:
                     batch=s.prune_batch_size,
                 )
         return True
-
-
-async def run_once(app: procrastinate.App, pool: Pool, settings: Settings) -> bool:
-    """One round of every service (pruning included), if no other process is running one;
-    True if it ran."""
-    return await Maintenance(app, pool, settings).run_once()
 
 
 async def run_maintenance(app: procrastinate.App, pool: Pool, settings: Settings) -> None:
