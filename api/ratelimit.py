@@ -22,8 +22,6 @@ from api.errors import ApiError
 from tasks.agents import Agent, hash_key
 from tasks.db import Conn
 
-_TAKE = "SELECT agentpay_take_token(%s, %s, %s) AS wait"
-
 # The agent of a live key, and (when the limit is on) the token taken from its bucket.
 _AUTHENTICATE = """
 SELECT k.key_hash, a.id, a.name, a.is_operator,
@@ -32,15 +30,6 @@ SELECT k.key_hash, a.id, a.name, a.is_operator,
 FROM api_keys k JOIN agents a ON a.id = k.agent_id
 WHERE k.key_hash = %(hash)s AND k.revoked_at IS NULL AND a.revoked_at IS NULL
 """
-
-
-async def take(conn: Conn, agent_id: str, *, rate: float, burst: int) -> None:
-    """Take a token from the agent's bucket, or raise 429 with the seconds to wait."""
-    if rate <= 0:
-        return
-    cur = await conn.execute(_TAKE, (agent_id, rate, float(burst)))
-    row = await cur.fetchone()
-    _refuse_if_waiting(float(row["wait"]) if row else 0.0)
 
 
 async def authenticate(conn: Conn, key: str, *, rate: float, burst: int) -> Agent | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,12 @@ class Agent:
     id: str
     name: str
     is_operator: bool
+
+    @property
+    def actor(self) -> str:
+        """Who acted, as payment_events record it: `operator:<name>` (as the CLI records an
+        operator) or `agent:<id>`."""
+        return f"operator:{self.name}" if self.is_operator else f"agent:{self.id}"
 
 
 def hash_key(key: str) -> bytes:
@@ -49,44 +54,26 @@ async def add_key(conn: Conn, agent_id: str) -> str:
     return key
 
 
-async def authenticate(conn: Conn, key: str) -> Agent | None:
-    """The agent a key belongs to, if the key and the agent are both live."""
-    digest = hash_key(key)
-    cur = await conn.execute(
-        """SELECT k.key_hash, a.id, a.name, a.is_operator
-           FROM api_keys k JOIN agents a ON a.id = k.agent_id
-           WHERE k.key_hash = %s AND k.revoked_at IS NULL AND a.revoked_at IS NULL""",
-        (digest,),
-    )
-    row = await cur.fetchone()
-    # The lookup is by digest; compare it once more in constant time all the same.
-    if row is None or not hmac.compare_digest(bytes(row["key_hash"]), digest):
-        return None
-    return Agent(row["id"], row["name"], row["is_operator"])
-
-
 async def revoke(conn: Conn, name_or_id: str) -> bool:
-    """Revoke an agent and all its keys."""
-    cur = await conn.execute(
-        """UPDATE agents SET revoked_at = now()
-           WHERE (id = %s OR name = %s) AND revoked_at IS NULL RETURNING id""",
-        (name_or_id, name_or_id),
-    )
-    row = await cur.fetchone()
-    if row is None:
+    """Revoke an agent (by id, else by name) and all its keys."""
+    found = await find(conn, name_or_id)
+    if found is None or found["revoked_at"] is not None:
         return False
+    await conn.execute("UPDATE agents SET revoked_at = now() WHERE id = %s", (found["id"],))
     await conn.execute(
         "UPDATE api_keys SET revoked_at = now() WHERE agent_id = %s AND revoked_at IS NULL",
-        (row["id"],),
+        (found["id"],),
     )
     return True
 
 
 async def find(conn: Conn, name_or_id: str) -> dict[str, Any] | None:
+    """The agent with this id, else the one with this name (ids win: names are free text)."""
     cur = await conn.execute(
         """SELECT id, name, is_operator, created_at, revoked_at FROM agents
-           WHERE id = %s OR name = %s""",
-        (name_or_id, name_or_id),
+           WHERE id = %s OR name = %s
+           ORDER BY (id = %s) DESC LIMIT 1""",
+        (name_or_id, name_or_id, name_or_id),
     )
     return await cur.fetchone()
 

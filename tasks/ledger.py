@@ -132,17 +132,6 @@ async def _accounts(conn: Conn, currency: str, agent_id: str, *platform: str) ->
     return found
 
 
-async def is_budgeted(conn: Conn, agent_id: str) -> bool:
-    """Is the agent held to a budget? Yes once it was created with one or funded, in any
-    currency; from then on a currency it has no budget in has a budget of zero."""
-    cur = await conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM ledger_accounts WHERE kind = %s AND agent_id = %s) AS b",
-        (AGENT_BUDGET, agent_id),
-    )
-    row = await cur.fetchone()
-    return bool(row and row["b"])
-
-
 async def unlimited_agents(conn: Conn, settings: Settings | None = None) -> list[dict[str, Any]]:
     """Live agents that may spend without a budget: those never created with a budget nor
     funded — or none at all when `allow_unbudgeted_spending` is off."""

@@ -69,10 +69,6 @@ class RefundList(BaseModel):
     data: list[Refund]
 
 
-def _actor(agent: agents.Agent) -> str:
-    return f"{'operator' if agent.is_operator else 'agent'}:{agent.id}"
-
-
 async def _locked(conn: Conn, payment_id: str, agent: agents.Agent) -> payments.Payment:
     """The payment, locked, if the agent may act on it (its own; operators: any)."""
     if not _ID.match(payment_id):
@@ -95,7 +91,7 @@ async def capture_payment(payment_id: str, agent: AgentDep, idem: IdempotencyDep
     async with idem.transaction() as conn:
         payment = await _locked(conn, payment_id, agent)
         try:
-            payment = await charge.request_capture(conn, payment, actor=_actor(agent))
+            payment = await charge.request_capture(conn, payment, actor=agent.actor)
         except ValueError as error:
             raise _conflict(error) from error
         return await idem.respond(Payment.model_validate(payments.public(payment)), 202)
@@ -115,7 +111,7 @@ async def cancel_payment(
         payment = await _locked(conn, payment_id, agent)
         try:
             payment = await charge.request_cancel(
-                conn, payment, actor=_actor(agent), reason=body.reason if body else None
+                conn, payment, actor=agent.actor, reason=body.reason if body else None
             )
         except ValueError as error:
             raise _conflict(error) from error
@@ -136,7 +132,7 @@ async def create_refund(
         payment = await _locked(conn, payment_id, agent)
         try:
             refund = await refunds.request_refund(
-                conn, payment, amount=body.amount, actor=_actor(agent), reason=body.reason
+                conn, payment, amount=body.amount, actor=agent.actor, reason=body.reason
             )
         except refunds.RefundAmountError as error:
             raise ApiError(400, "amount_invalid", str(error), param="amount") from error

@@ -141,7 +141,7 @@ async def create_deposit(
             agent_id,
             body.amount,
             body.currency,
-            actor=f"operator:{operator.id}",
+            actor=operator.actor,
             description=body.description,
         )
         return await idem.respond(Deposit.model_validate(deposit), 201)

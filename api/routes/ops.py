@@ -20,7 +20,7 @@ from api.errors import ApiError
 from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
 from api.models import ErrorResponse, Payment
-from tasks import agents, charge, payments
+from tasks import charge, payments
 from tasks.db import Conn
 
 router = APIRouter(tags=["operations"])
@@ -191,10 +191,6 @@ async def payment_timeline(conn: Conn, payment_id: str) -> dict[str, Any] | None
     }
 
 
-def _actor(agent: agents.Agent) -> str:
-    return f"operator:{agent.name}"
-
-
 def _raise(error: Refused) -> ApiError:
     if error.code == "not_found":
         return ApiError(404, "resource_missing", error.message, type_="invalid_request_error")
@@ -227,7 +223,7 @@ async def retry_job_route(
     async with idem.transaction() as conn:
         try:
             job = await retry_job(
-                conn, job_id, actor=_actor(operator), reason=body.reason if body else None
+                conn, job_id, actor=operator.actor, reason=body.reason if body else None
             )
         except Refused as error:
             raise _raise(error) from error
@@ -242,7 +238,7 @@ async def cancel_job_route(
     async with idem.transaction() as conn:
         try:
             job = await cancel_job(
-                conn, job_id, actor=_actor(operator), reason=body.reason if body else None
+                conn, job_id, actor=operator.actor, reason=body.reason if body else None
             )
         except Refused as error:
             raise _raise(error) from error
@@ -258,7 +254,7 @@ async def cancel_payment_route(
     async with idem.transaction() as conn:
         try:
             payment = await cancel_payment(
-                conn, payment_id, actor=_actor(operator), reason=body.reason if body else None
+                conn, payment_id, actor=operator.actor, reason=body.reason if body else None
             )
         except Refused as error:
             raise _raise(error) from error

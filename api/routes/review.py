@@ -55,7 +55,7 @@ async def approve(
     payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Decision | None = None
 ) -> Response:
     """Approve an in_review payment: it goes on to be charged."""
-    return await _decide(payment_id, operator.id, idem, approve=True, body=body)
+    return await _decide(payment_id, operator.actor, idem, approve=True, body=body)
 
 
 @router.post("/{payment_id}/reject", response_model=Payment, responses=DECISION_ERRORS)
@@ -63,11 +63,11 @@ async def reject(
     payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Decision | None = None
 ) -> Response:
     """Reject an in_review payment: it ends `rejected` and its budget hold is released."""
-    return await _decide(payment_id, operator.id, idem, approve=False, body=body)
+    return await _decide(payment_id, operator.actor, idem, approve=False, body=body)
 
 
 async def _decide(
-    payment_id: str, operator_id: str, idem: Idempotency, *, approve: bool, body: Decision | None
+    payment_id: str, actor: str, idem: Idempotency, *, approve: bool, body: Decision | None
 ) -> Response:
     """The decision, in the request's idempotent transaction (a retried decision with the
     same Idempotency-Key gets the first answer back)."""
@@ -77,7 +77,7 @@ async def _decide(
                 conn,
                 payment_id,
                 approve=approve,
-                actor=f"operator:{operator_id}",
+                actor=actor,
                 note=body.note if body else None,
             )
         except risk.ReviewError as error:
