@@ -93,9 +93,14 @@ async def get(conn: Conn, payment_id: str, *, agent_id: str | None = None) -> Pa
     return await cur.fetchone()
 
 
-async def lock(conn: Conn, payment_id: str) -> Payment | None:
-    """Read a payment FOR UPDATE: the caller's transaction owns it until commit."""
-    cur = await conn.execute("SELECT * FROM payment_jobs WHERE id = %s FOR UPDATE", (payment_id,))
+async def lock(conn: Conn, payment_id: str, *, agent_id: str | None = None) -> Payment | None:
+    """Read a payment FOR UPDATE (with `agent_id`, only if it belongs to that agent): the
+    caller's transaction owns it until commit."""
+    cur = await conn.execute(
+        """SELECT * FROM payment_jobs WHERE id = %s AND (%s::text IS NULL OR agent_id = %s)
+           FOR UPDATE""",
+        (payment_id, agent_id, agent_id),
+    )
     return await cur.fetchone()
 
 

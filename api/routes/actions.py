@@ -7,7 +7,6 @@ never calls the provider: the answer is 202 with the payment (or the refund) as 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body
@@ -18,6 +17,7 @@ from api.deps import AgentDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
 from api.models import MinorUnits, Payment, SafeText
+from api.routes.payments import visible
 from tasks import agents, charge, payments, refunds
 from tasks.db import Conn
 
@@ -26,10 +26,8 @@ router = APIRouter(prefix="/v1/payments", tags=["payments"])
 ERRORS = responses(400, 401, 404, 409, 413, 429, 500)
 READ_ERRORS = responses(400, 401, 404, 429, 500)
 
+
 # Ids are ours (`pay_` + hex); anything else cannot name a payment.
-_ID = re.compile(r"^[A-Za-z0-9_]{1,64}$")
-
-
 class CancelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,10 +69,7 @@ class RefundList(BaseModel):
 
 async def _locked(conn: Conn, payment_id: str, agent: agents.Agent) -> payments.Payment:
     """The payment, locked, if the agent may act on it (its own; operators: any)."""
-    if not _ID.match(payment_id):
-        raise not_found()
-    found = await payments.get(conn, payment_id, agent_id=None if agent.is_operator else agent.id)
-    payment = await payments.lock(conn, payment_id) if found is not None else None
+    payment = await visible(conn, payment_id, agent, for_update=True)
     if payment is None:
         raise not_found()
     return payment
@@ -144,12 +139,8 @@ async def create_refund(
 @router.get("/{payment_id}/refunds", response_model=RefundList, responses=READ_ERRORS)
 async def list_refunds(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
     """The payment's refunds, oldest first."""
-    if not _ID.match(payment_id):
-        raise not_found()
     async with pool.connection() as conn:
-        payment = await payments.get(
-            conn, payment_id, agent_id=None if agent.is_operator else agent.id
-        )
+        payment = await visible(conn, payment_id, agent)
         if payment is None:
             raise not_found()
         rows = await refunds.for_payment(conn, payment_id)

@@ -40,9 +40,14 @@ def _scope(agent: Agent) -> str | None:
     return None if agent.is_operator else agent.id
 
 
-async def _visible(conn: Conn, payment_id: str, agent: Agent) -> payments.Payment | None:
+async def visible(
+    conn: Conn, payment_id: str, agent: Agent, *, for_update: bool = False
+) -> payments.Payment | None:
+    """The payment if the agent may see it (its own; operators: any), locked if asked."""
     if not _ID.match(payment_id):
         return None
+    if for_update:
+        return await payments.lock(conn, payment_id, agent_id=_scope(agent))
     return await payments.get(conn, payment_id, agent_id=_scope(agent))
 
 
@@ -153,7 +158,7 @@ async def list_payments(
         for name, cursor in (("starting_after", starting_after), ("ending_before", ending_before)):
             if cursor is None:
                 continue
-            found = await _visible(conn, cursor, agent)
+            found = await visible(conn, cursor, agent)
             if found is None:
                 raise ApiError(404, "resource_missing", f"No such payment: {name}", param=name)
             cursors[name] = found
@@ -178,7 +183,7 @@ async def list_payments(
 async def get_payment(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
     """One payment, as it is now."""
     async with pool.connection() as conn:
-        payment = await _visible(conn, payment_id, agent)
+        payment = await visible(conn, payment_id, agent)
     if payment is None:
         raise not_found()
     return payments.public(payment)
@@ -231,7 +236,7 @@ async def wait_for_payment(
             # Cleared before reading: a change from here on sets it again.
             changed.clear()
             async with pool.connection() as conn:
-                payment = await _visible(conn, payment_id, agent)
+                payment = await visible(conn, payment_id, agent)
             if payment is None:
                 raise not_found()
             remaining = deadline - loop.time()
@@ -252,7 +257,7 @@ async def wait_for_payment(
 async def payment_events(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
     """Every transition of the payment, oldest first."""
     async with pool.connection() as conn:
-        payment = await _visible(conn, payment_id, agent)
+        payment = await visible(conn, payment_id, agent)
         if payment is None:
             raise not_found()
         return {"object": "list", "data": await payments.events(conn, payment_id)}
