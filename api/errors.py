@@ -69,13 +69,17 @@ _DESCRIPTIONS = {
 }
 
 
-def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for the given error statuses, all in the one error shape."""
+def responses(
+    *codes: int, described: dict[int, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error statuses, all in the one error shape
+    (`described` overrides the generic description of a status for a route)."""
     from api.models import ErrorResponse
 
     found: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        description = (described or {}).get(code, _DESCRIPTIONS[code])
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": description}
         if code == 429:
             entry["headers"] = {
                 "Retry-After": {

@@ -23,10 +23,8 @@ from psycopg.rows import dict_row
 from bench import load, procfs
 from bench.pgserver import BenchServer, pgbench_tps
 from bench.stats import percentile
-from tasks import agents
-from tasks.db import open_pool
 from tasks.settings import ROLES, Settings
-from workers.devstack import DevStack
+from workers.devstack import DevStack, new_agent_keys
 
 STAGE_JOBS_PER_PAYMENT = 4  # pricing, risk, charge, reconcile
 
@@ -105,18 +103,6 @@ def start_sandbox(port: int, api_port: int, secret: str, log: Path) -> Process:
     return proc
 
 
-async def new_agents(database_url: str, n: int) -> list[str]:
-    """Keys of `n` new agents. Load is spread over agents as a fleet's would be: one agent
-    alone would meet its own rate limit and velocity rules, which are policy, not capacity."""
-    keys = []
-    async with open_pool(database_url, min_size=1, max_size=1) as pool:
-        async with pool.connection() as conn, conn.transaction():
-            for i in range(n):
-                _, key = await agents.create(conn, f"bench-agent-{i + 1}")
-                keys.append(key)
-    return keys
-
-
 # -- 1. pgbench -------------------------------------------------------------------------------
 
 
@@ -164,7 +150,7 @@ def enqueue_stage(
     """POST /v1/payments against the API process alone (no workers): the most it answers
     with `clients` connections, then latency at half that rate, paced."""
     url = server.clone("bench_enqueue")
-    keys = asyncio.run(new_agents(url, clients))
+    keys = asyncio.run(new_agent_keys(url, "bench-agent", clients))
     api = Process.start(
         [sys.executable, "-m", "workers", "api", "--port", str(api_port)],
         log_dir / "enqueue-api.log",
@@ -280,7 +266,7 @@ def pipeline_stage(
     result: dict[str, Any] = {"workers_per_role": k}
     try:
         api_url = info["api_url"]
-        keys = asyncio.run(new_agents(url, clients))
+        keys = asyncio.run(new_agent_keys(url, "bench-agent", clients))
         groups = {
             "api": [stack.children["api"].pid],
             **{role: [c.pid for c in stack.workers(role)] for role in ROLES},

@@ -16,21 +16,26 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
-from api.models import ErrorResponse, Payment
+from api.models import Payment
 from tasks import charge, payments
 from tasks.db import Conn
 
 router = APIRouter(tags=["operations"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    403: {"model": ErrorResponse, "description": "Not an operator"},
-    404: {"model": ErrorResponse, "description": "No such job or payment"},
-    409: {"model": ErrorResponse, "description": "Its state does not allow the action"},
-}
+ERRORS = responses(
+    400,
+    401,
+    403,
+    404,
+    409,
+    413,
+    429,
+    500,
+    described={404: "No such job or payment", 409: "Its state does not allow the action"},
+)
 
 
 # -- the steering actions (shared with the CLI) ----------------------------------------------

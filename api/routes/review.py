@@ -9,23 +9,17 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.idempotency import Idempotency, IdempotencyDep
-from api.models import ErrorResponse, Payment
+from api.models import Payment
 from tasks import payments, risk
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    403: {"model": ErrorResponse, "description": "Not an operator"},
-}
-DECISION_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
-    404: {"model": ErrorResponse, "description": "No such payment"},
-    409: {"model": ErrorResponse, "description": "The payment is not in_review"},
-}
+ERRORS = responses(400, 401, 403, 429, 500)
+DECISION_ERRORS = responses(
+    400, 401, 403, 404, 409, 413, 429, 500, described={409: "The payment is not in_review"}
+)
 
 
 class Decision(BaseModel):
