@@ -264,3 +264,15 @@ async def test_routing_errors_use_the_one_shape(
     response = await api.request(method, path, headers=auth(agent_key))
     assert response.status_code in (404, 405)
     assert_error_shape(response, response.status_code, ())
+
+
+async def test_out_of_range_query_parameters_are_refused_not_crashed_on(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    for path in (
+        "/v1/balance/transactions?starting_after=99999999999999999999",
+        "/v1/prices?currency=%00ab",
+    ):
+        response = await api.get(path, headers=auth(agent_key))
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"

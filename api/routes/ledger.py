@@ -10,19 +10,16 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.deps import AgentDep, OperatorDep, PoolDep
-from api.errors import ApiError, not_found
+from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency, ErrorResponse
+from api.models import Currency
 from tasks import agents, ledger, money
 
 router = APIRouter(tags=["ledger"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    403: {"model": ErrorResponse, "description": "Not allowed"},
-    404: {"model": ErrorResponse, "description": "No such agent"},
-}
+ERRORS = responses(
+    400, 401, 403, 404, 413, 429, 500, described={403: "Not allowed", 404: "No such agent"}
+)
 
 
 class Amount(BaseModel):
@@ -112,7 +109,9 @@ async def list_balance_transactions(
     pool: PoolDep,
     agent_id: str | None = None,
     limit: int = Query(default=50, ge=1, le=500),
-    starting_after: int | None = Query(default=None, description="An entry id: older ones"),
+    starting_after: int | None = Query(
+        default=None, ge=1, le=2**63 - 1, description="An entry id: older ones"
+    ),
 ) -> dict[str, Any]:
     """The caller's statement: every entry on its budget and holds, newest first."""
     whose = await _whose(agent, agent_id, pool)

@@ -9,18 +9,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from api.deps import AgentDep, OperatorDep, PoolDep
-from api.errors import ApiError
+from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency, ErrorResponse
+from api.models import Currency
 from tasks import money, pricing
 
 router = APIRouter(prefix="/v1/prices", tags=["prices"])
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Invalid request"},
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-    403: {"model": ErrorResponse, "description": "Not an operator"},
-}
+ERRORS = responses(400, 401, 403, 413, 429, 500)
 
 
 class PriceSet(BaseModel):
@@ -74,7 +70,7 @@ async def set_price(body: PriceSet, _: OperatorDep, idem: IdempotencyDep) -> Res
 async def list_prices(
     agent: AgentDep,
     pool: PoolDep,
-    currency: str | None = Query(default=None, min_length=3, max_length=3),
+    currency: str | None = Query(default=None, pattern=r"^[a-z]{3}$"),
 ) -> dict[str, Any]:
     """The catalog: what is on sale; operators also see retired (inactive) prices."""
     async with pool.connection() as conn:
