@@ -149,7 +149,11 @@ class Idempotency:
         self._stored = False
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Conn]:
+    async def transaction(self, *, may_refuse: bool = True) -> AsyncIterator[Conn]:
+        """The route's transaction. `may_refuse=False` tells that the route raises no 4xx
+        inside the block (its input was validated before), so no savepoint is needed: two
+        round trips less on the hottest route. A 4xx raised there anyway is answered but
+        not stored (the whole transaction, key included, rolls back)."""
         stored_error: ApiError | None = None
         async with self.pool.connection() as conn:
             async with conn.transaction():
@@ -160,13 +164,14 @@ class Idempotency:
                     # A savepoint: a 4xx raised by the route undoes its writes but keeps the
                     # key's row, which then stores the error. Without a key nothing is
                     # stored, so the savepoint (two round trips) is left out.
-                    savepoint = conn.transaction() if self.key is not None else nullcontext()
+                    with_savepoint = self.key is not None and may_refuse
+                    savepoint = conn.transaction() if with_savepoint else nullcontext()
                     async with savepoint:
                         yield conn
                         if self.key is not None and not self._stored:
                             raise RuntimeError("an idempotent route must end with respond()")
                 except ApiError as error:
-                    if self.key is None or not 400 <= error.status < 500:
+                    if not with_savepoint or not 400 <= error.status < 500:
                         raise
                     body = error_body(error.type, error.code, error.message, error.param)
                     await self._store(conn, error.status, render(body))

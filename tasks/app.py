@@ -17,6 +17,8 @@ from typing import Any
 import procrastinate
 import psycopg
 from procrastinate import jobs, retry
+from procrastinate import sql as procrastinate_sql
+from psycopg.types.json import Jsonb
 
 from tasks.db import Pool
 
@@ -78,15 +80,29 @@ async def bind(process_pool: Pool) -> AsyncIterator[procrastinate.App]:
             await connector.close_async()
 
 
+# procrastinate's own query for deferring jobs, executed on the caller's connection: what
+# `app.configure_task(...).defer_async(...)` runs, without building a Job and a deferrer per
+# call and without reading back the job id nobody uses (a step defers its next job on every
+# payment, so that overhead was paid four times per payment).
+_DEFER_JOBS = procrastinate_sql.queries["defer_jobs"]
+
+
 async def defer(
     conn: Any, task_name: str, *, schedule_in: float | None = None, **task_kwargs: Any
-) -> int:
+) -> None:
     """Defer a job inside the caller's transaction: it exists if and only if the caller
-    commits (design rule 1). Tasks are named after the role that runs them."""
-    deferrer = app.configure_task(
-        task_name,
-        connection=conn,
-        schedule_in={"seconds": schedule_in} if schedule_in else None,
+    commits (design rule 1). Tasks are named after the role that runs them; the job goes to
+    the task's queue with the task's priority and locks, as procrastinate would defer it."""
+    app.perform_import_paths()
+    task = app.tasks[task_name]
+    scheduled_at = datetime.now(UTC) + timedelta(seconds=schedule_in) if schedule_in else None
+    job = (
+        task.queue,
+        task.name,
+        task.priority,
+        task.lock,
+        task.queueing_lock,
+        Jsonb(task_kwargs),
+        scheduled_at,
     )
-    job_id: int = await deferrer.defer_async(**task_kwargs)
-    return job_id
+    await conn.execute(_DEFER_JOBS, {"jobs": [job]})

@@ -137,10 +137,8 @@ async def call_provider(payment: payments.Payment) -> provider.Intent:
 
 
 async def _store_intent_id(payment_id: str, intent_id: str) -> None:
-    async with pool().connection() as conn, conn.transaction():
-        payment = await payments.lock(conn, payment_id)
-        if payment is not None and payment["provider_payment_id"] is None:
-            await payments.update(conn, payment_id, provider_payment_id=intent_id)
+    async with pool().connection() as conn:
+        await payments.store_provider_id(conn, payment_id, intent_id)
 
 
 async def finish(payment_id: str, intent: provider.Intent) -> str | None:

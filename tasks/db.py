@@ -54,14 +54,18 @@ def make_pool(database_url: str, *, min_size: int = 2, max_size: int = 10, name:
     """A pool that survives a database restart: a connection that sat idle for a second
     or more is checked before it is handed out (dead ones are replaced; new ones are
     retried with backoff); one given back less than a second ago is handed out as it is
-    (see `_check_if_idle`)."""
+    (see `_check_if_idle`). A named pool's connections show as `agentpay-<name>` in
+    `pg_stat_activity.application_name`, so operators see which process holds what."""
+    kwargs: dict[str, Any] = {"row_factory": dict_row}
+    if name:
+        kwargs["application_name"] = f"agentpay-{name}"
     return _Pool(
         database_url,
         min_size=min_size,
         max_size=max_size,
         open=False,
         name=name or None,
-        kwargs={"row_factory": dict_row},
+        kwargs=kwargs,
         configure=_configure,
         check=_check_if_idle,
         reconnect_timeout=24 * 3600,

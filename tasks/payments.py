@@ -60,23 +60,29 @@ async def insert(
     metadata: dict[str, str] | None = None,
     payment_id: str | None = None,
 ) -> Payment:
-    await set_event_context(conn, actor=f"agent:{agent_id}", reason="payment requested")
+    # The event context is set by the INSERT itself (one round trip, not two), as in
+    # `transition`: the FROM item is evaluated before the row is inserted.
     cur = await conn.execute(
         """INSERT INTO payment_jobs (id, agent_id, currency, payment_method, capture_method,
                                      amount_requested, line_items, description, metadata)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+            SELECT %(id)s, %(agent_id)s, %(currency)s, %(payment_method)s, %(capture_method)s,
+                   %(amount)s, %(line_items)s, %(description)s, %(metadata)s
+            FROM (SELECT set_config('agentpay.actor', %(_actor)s, true),
+                         set_config('agentpay.reason', %(_reason)s, true),
+                         set_config('agentpay.event_data', %(_data)s, true)) AS _event_context
             RETURNING *""",
-        (
-            payment_id or new_id("pay"),
-            agent_id,
-            currency,
-            payment_method,
-            capture_method,
-            amount,
-            Jsonb(line_items) if line_items is not None else None,
-            description,
-            Jsonb(metadata or {}),
-        ),
+        {
+            "id": payment_id or new_id("pay"),
+            "agent_id": agent_id,
+            "currency": currency,
+            "payment_method": payment_method,
+            "capture_method": capture_method,
+            "amount": amount,
+            "line_items": Jsonb(line_items) if line_items is not None else None,
+            "description": description,
+            "metadata": Jsonb(metadata or {}),
+            **_event_context(actor=f"agent:{agent_id}", reason="payment requested", data=None),
+        },
     )
     row = await cur.fetchone()
     assert row is not None
@@ -127,6 +133,18 @@ _WRITABLE = frozenset(
 async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
     """Write columns of a locked payment (no status change, so no event)."""
     return await _update(conn, payment_id, columns)
+
+
+async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> bool:
+    """Record the provider's id of a payment once, in one statement (its own transaction
+    in autocommit; the UPDATE takes the row lock itself). A payment that already has one
+    keeps it; returns whether this call stored it."""
+    cur = await conn.execute(
+        """UPDATE payment_jobs SET provider_payment_id = %s
+           WHERE id = %s AND provider_payment_id IS NULL""",
+        (provider_payment_id, payment_id),
+    )
+    return cur.rowcount == 1
 
 
 async def transition(

@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     pool_min_size: int = 2
     pool_max_size: int = 10
 
+    # API processes `agentpay api` starts on its port (one Python process uses one core).
+    api_processes: int = Field(default=1, ge=1)
+
     # Workers: jobs one process runs at once, per role.
     pricing_concurrency: int = 10
     risk_concurrency: int = 10

@@ -267,3 +267,36 @@ async def test_operator_decisions_and_steering_replay_their_answers(
     again = await api.post(cancel, headers=headers)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.content == first.content
+
+
+async def test_a_block_declared_without_refusals_keeps_no_savepoint_and_stores_no_4xx(
+    pool: Pool,
+) -> None:
+    """`transaction(may_refuse=False)` (the create-payment route): a 4xx raised there anyway
+    is answered but not stored, and the whole block rolls back, key included, so a retry
+    runs afresh; the default block stores and replays the same refusal."""
+    from api.errors import ApiError
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "agent-refusals")
+
+    def idem() -> idempotency.Idempotency:
+        return idempotency.Idempotency(pool, agent, "k-1", b"h", "POST", "/x", 3600)
+
+    with pytest.raises(ApiError):
+        async with idem().transaction(may_refuse=False) as conn:
+            await conn.execute("UPDATE agents SET name = 'renamed' WHERE id = %s", (agent.id,))
+            raise ApiError(409, "conflict", "refused")
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT name FROM agents WHERE id = %s", (agent.id,))
+        assert (await cur.fetchone()) == {"name": "agent-refusals"}
+    assert (await counts(pool))["keys"] == 0
+
+    with pytest.raises(ApiError):
+        async with idem().transaction() as conn:
+            raise ApiError(409, "conflict", "refused")
+    assert (await counts(pool))["keys"] == 1
+    with pytest.raises(idempotency.Replay) as replay:
+        async with idem().transaction():
+            pass
+    assert replay.value.status == 409

@@ -8,7 +8,7 @@ import httpx
 import psycopg
 import pytest
 
-from tasks import charge, payments, pricing, reconcile, risk
+from tasks import agents, charge, payments, pricing, reconcile, risk
 from tasks.db import Pool
 from tests.conftest import auth, run_jobs
 
@@ -233,3 +233,18 @@ async def test_a_rolled_back_step_leaves_no_transition_and_no_next_job(
     async with pool.connection() as conn:
         payment = await payments.get(conn, created["id"])
     assert payment is not None and payment["status"] == "received"
+
+
+async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
+    """A re-run that got another id (it cannot, with a stable key, but the code must not
+    care) never replaces the stored one."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "agent-store-id")
+        payment = await payments.insert(
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
+        )
+    async with pool.connection() as conn:
+        assert await payments.store_provider_id(conn, payment["id"], "pi_first") is True
+        assert await payments.store_provider_id(conn, payment["id"], "pi_second") is False
+        stored = await payments.get(conn, payment["id"])
+    assert stored is not None and stored["provider_payment_id"] == "pi_first"

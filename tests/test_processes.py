@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -21,6 +22,7 @@ from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import FAST_ENV, auth, wait_for
 from workers.demo import run_demo
+from workers.devstack import new_agent_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,3 +183,76 @@ def _free_port() -> int:
     from workers.devstack import free_port
 
     return free_port()
+
+
+def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_path: Path) -> None:
+    """`agentpay api --processes 2`: two processes answer on one port (each with its own
+    pool, seen in pg_stat_activity), payments are taken, and SIGTERM stops them all."""
+    port = _free_port()
+    env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "workers", "api", "--port", str(port), "--processes", "2"],
+        cwd=ROOT,
+        env={**env, "AGENTPAY_DATA_DIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    children: list[int] = []
+
+    def serving_processes() -> set[int]:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            rows = conn.execute(
+                """SELECT DISTINCT pid FROM pg_stat_activity
+                   WHERE datname = current_database() AND application_name = 'agentpay-api'"""
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=60, what="the API to be ready")
+        (key,) = asyncio.run(new_agent_keys(database_url, "multi-process-agent", 1))
+        for n in range(20):
+            response = httpx.post(
+                f"{base}/v1/payments",
+                json={"amount": 1000 + n, "currency": "usd", "payment_method": "pm_card_visa"},
+                headers=auth(key),
+            )
+            assert response.status_code == 202, response.text
+        # Each process opens its own pool (min_size connections at least): more backends
+        # than one process's pool minimum means both processes are up and connected.
+        wait_for(
+            lambda: len(serving_processes()) >= 2 * Settings().pool_min_size,
+            timeout=30,
+            what="both API processes' pools",
+        )
+        children = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and _parent(int(p.name)) == api.pid
+            and b"spawn_main" in (p / "cmdline").read_bytes()  # not the resource tracker
+        ]
+        assert len(children) == 2, children
+    finally:
+        api.send_signal(signal.SIGTERM)
+        stderr = api.communicate(timeout=60)[1].decode(errors="replace")
+    assert api.returncode == 0, stderr[-2000:]
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM payment_jobs").fetchone()
+    assert row is not None and row[0] == 20
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])

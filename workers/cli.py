@@ -150,9 +150,20 @@ def migrate(data_dir: DataDir = None) -> None:
 def api(
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on")] = 8000,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes serving the port (one Python process uses one core) "
+            "[default: AGENTPAY_API_PROCESSES, 1]",
+            show_default=False,
+        ),
+    ] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Serve the HTTP API (records and enqueues; never calls the provider)."""
+    """Serve the HTTP API (records and enqueues; never calls the provider). With
+    `--processes N`, N processes share the port under one supervisor that restarts any
+    that dies."""
     import uvicorn
 
     from workers import logs
@@ -164,7 +175,8 @@ def api(
         factory=True,
         host=host,
         port=port,
-        log_config=None,
+        workers=processes or get_settings().api_processes,
+        log_config=logs.dict_config(),
         access_log=False,
         lifespan="on",
         # The C HTTP parser and event loop of uvicorn[standard]: less CPU per request

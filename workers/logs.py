@@ -12,8 +12,8 @@ import contextlib
 import contextvars
 import json
 import logging
+import logging.config
 import re
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -97,13 +97,29 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+def dict_config(level: str = "INFO") -> dict[str, Any]:
+    """The logging set-up of every agentpay process, for `logging.config.dictConfig` (uvicorn
+    applies it again in each API process it spawns): JSON lines on stderr."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "workers.logs.JsonFormatter"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+        "loggers": {
+            # procrastinate logs every job start/end at INFO; keep them for debugging only.
+            "procrastinate": {"level": "WARNING"},
+            "httpx": {"level": "WARNING"},
+            "stripe": {"level": "WARNING"},
+        },
+    }
+
+
 def configure(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    # procrastinate logs every job start/end at INFO; keep them for debugging only.
-    logging.getLogger("procrastinate").setLevel("WARNING")
-    logging.getLogger("httpx").setLevel("WARNING")
-    logging.getLogger("stripe").setLevel("WARNING")
+    logging.config.dictConfig(dict_config(level))

@@ -65,7 +65,7 @@ async def create_payment(body: PaymentCreate, agent: AgentDep, idem: Idempotency
     """Record a payment and enqueue its pricing, atomically. The pipeline runs from there.
 
     Send an `Idempotency-Key` to make retries safe: a retry gets the first response back."""
-    async with idem.transaction() as conn:
+    async with idem.transaction(may_refuse=False) as conn:
         payment = await payments.insert(
             conn,
             agent_id=agent.id,
