@@ -17,8 +17,9 @@ own retries: retried by the job with backoff, resolved by retrieve), or `Provide
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from tasks.app import TransientError
@@ -90,16 +91,37 @@ def idempotency_key(payment_id: str, operation: str) -> str:
     return f"agentpay:{payment_id}:{operation}"
 
 
-@lru_cache
-def _client(api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
-    import stripe
+# One SDK client per event loop and configuration: its HTTP session (aiohttp) belongs to
+# the loop it was opened on. The SDK's aiohttp client costs about a third of the CPU per call
+# of its httpx client (measured against the sandbox: 0.5 ms against 1.6 to 1.8 ms, SDK
+# included), and a payment makes three calls.
+_clients: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[Any, ...], tuple[Any, Any]]
+] = weakref.WeakKeyDictionary()
 
-    return stripe.StripeClient(
-        api_key,
-        base_addresses={"api": api_base} if api_base else None,
-        max_network_retries=retries,
-        http_client=stripe.HTTPXClient(timeout=timeout, allow_sync_methods=True),
-    )
+
+def _client(api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
+    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
+    key = (api_key, api_base, timeout, retries)
+    if key not in per_loop:
+        import aiohttp
+        import stripe
+
+        http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timeout))
+        sdk = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base} if api_base else None,
+            max_network_retries=retries,
+            http_client=http,
+        )
+        per_loop[key] = (sdk, http)
+    return per_loop[key][0]
+
+
+async def close() -> None:
+    """Close this event loop's provider connections (a worker does as it stops)."""
+    for _, http in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await http.close_async()
 
 
 def client(settings: Settings | None = None) -> Any:

@@ -22,7 +22,7 @@ from psycopg import sql
 import schema
 from api.app import create_app
 from sandbox.server import SandboxServer
-from tasks import agents
+from tasks import agents, provider
 from tasks.app import bind
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
@@ -143,6 +143,13 @@ def sandbox() -> Iterator[SandboxServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def provider_connections() -> AsyncIterator[None]:
+    """The provider SDK's connections this process opened, closed when the tests end."""
+    yield
+    await provider.close()
 
 
 @pytest.fixture

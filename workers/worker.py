@@ -30,7 +30,7 @@ from procrastinate import exceptions, job_context
 from procrastinate.worker import Worker
 from prometheus_client import Counter, Histogram, start_http_server
 
-from tasks import payments
+from tasks import payments, provider
 from tasks.app import bind
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
@@ -70,6 +70,7 @@ def instrument_provider() -> None:
     for name, func in list(vars(provider).items()):
         if (
             name.startswith("_")
+            or name == "close"  # closes connections; not a call to the provider
             or not inspect.iscoroutinefunction(func)
             or func.__module__ != provider.__name__
         ):
@@ -254,6 +255,7 @@ class RoleWorker:
                 maintenance.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintenance
+                await provider.close()
 
 
 async def run_role(role: str, *, concurrency: int | None = None) -> None:
