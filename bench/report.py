@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.stages import STAGE_JOBS_PER_PAYMENT
+
 # Every figure a complete run reports, as paths into the JSON (all positive numbers).
 FIGURES = (
     "pgbench.tps",
@@ -32,6 +34,11 @@ FIGURES = (
     "ratios.pipeline_vs_baseline",
     "ratios.enqueue_vs_pgbench",
     "ratios.claim_largest_vs_smallest",
+    "cpu_budget.baseline_ms_per_job",
+    "cpu_budget.pipeline_ms_per_stage_job",
+    "cpu_budget.pipeline_target_ms_per_stage_job",
+    "cpu_budget.enqueue_ms_per_request",
+    "cpu_budget.enqueue_target_ms_per_request",
 )
 
 
@@ -134,6 +141,23 @@ def derive(result: dict[str, Any]) -> None:
         "claim_largest_vs_smallest": _div(backlog["largest_ms"], backlog["smallest_ms"]),
     }
     result["targets"] = [target.check(result) for target in TARGETS]
+    result["cpu_budget"] = _cpu_budget(result, best)
+
+
+def _cpu_budget(result: dict[str, Any], best: dict[str, Any]) -> dict[str, float]:
+    """What the figures cost in CPU, and what the two throughput targets allow: with every
+    core busy, a rate of R per second leaves (cores x 1000 / R) CPU ms for each unit."""
+    cores = float(result["machine"].get("nproc") or 1)
+    base, enq = result["baseline"], result["enqueue"]
+    base_ms = 1000 * (base["worker_cpu_seconds"] + (base.get("postgres_cpu_seconds") or 0.0))
+    pipeline_ms = sum(ms for group, ms in best["cpu_ms_per_payment"].items() if group != "bench")
+    return {
+        "baseline_ms_per_job": _div(base_ms, base["jobs"]),
+        "pipeline_ms_per_stage_job": pipeline_ms / STAGE_JOBS_PER_PAYMENT,
+        "pipeline_target_ms_per_stage_job": _div(cores * 1000, 1.5 * base["jobs_per_second"]),
+        "enqueue_ms_per_request": sum(enq.get("cpu_ms_per_request", {}).values()) or math.nan,
+        "enqueue_target_ms_per_request": _div(cores * 1000, 0.4 * result["pgbench"]["tps"]),
+    }
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -198,6 +222,31 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     table.add_row("ratio", "enqueue/s ÷ pgbench TPS", _f(ratios["enqueue_vs_pgbench"], 3))
     table.add_row(
         "ratio", "claim at largest ÷ smallest backlog", _f(ratios["claim_largest_vs_smallest"], 2)
+    )
+    budget = result["cpu_budget"]
+    table.add_section()
+    table.add_row(
+        "CPU",
+        "ms per no-op job, baseline (worker + Postgres)",
+        _f(budget["baseline_ms_per_job"], 2),
+    )
+    table.add_row(
+        "",
+        f"ms per stage-job, pipeline k={result['pipeline_best_k']} (all processes)",
+        _f(budget["pipeline_ms_per_stage_job"], 2),
+    )
+    table.add_row(
+        "",
+        "ms per stage-job the 1.5x target allows",
+        _f(budget["pipeline_target_ms_per_stage_job"], 2),
+    )
+    table.add_row(
+        "",
+        f"ms per POST (API x{enq.get('api_processes', 1)} + Postgres + load)",
+        _f(budget["enqueue_ms_per_request"], 2),
+    )
+    table.add_row(
+        "", "ms per POST the 0.4x target allows", _f(budget["enqueue_target_ms_per_request"], 2)
     )
     console.print(table)
 

@@ -119,10 +119,13 @@ def pgbench_stage(server: BenchServer, *, clients: int, seconds: int) -> dict[st
 
 
 def baseline_stage(server: BenchServer, *, jobs: int, concurrency: int = 10) -> dict[str, Any]:
-    """Plain procrastinate with a no-op task: one process, `concurrency` jobs at once."""
-    url = server.clone("bench_baseline")
+    """Plain procrastinate with a no-op task: one process, `concurrency` jobs at once, on a
+    database holding procrastinate's own schema only."""
+    url = server.create("bench_baseline")
+    pid = server.postmaster_pid
     done = subprocess.run(
-        [sys.executable, "-m", "bench.noop", url, str(jobs), str(concurrency)],
+        [sys.executable, "-m", "bench.noop", url, str(jobs), str(concurrency)]
+        + ([str(pid)] if pid else []),
         capture_output=True,
         text=True,
         timeout=300,
@@ -146,13 +149,24 @@ def enqueue_stage(
     seconds: float,
     paced_seconds: float,
     log_dir: Path,
+    api_processes: int = 1,
 ) -> dict[str, Any]:
-    """POST /v1/payments against the API process alone (no workers): the most it answers
-    with `clients` connections, then latency at half that rate, paced."""
+    """POST /v1/payments against the API alone (no workers), served by `api_processes`
+    processes: the most it answers with `clients` connections, then latency at half that
+    rate, paced."""
     url = server.clone("bench_enqueue")
     keys = asyncio.run(new_agent_keys(url, "bench-agent", clients))
     api = Process.start(
-        [sys.executable, "-m", "workers", "api", "--port", str(api_port)],
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "api",
+            "--port",
+            str(api_port),
+            "--processes",
+            str(api_processes),
+        ],
         log_dir / "enqueue-api.log",
         {"DATABASE_URL": url, "AGENTPAY_DATA_DIR": str(log_dir)},
     )
@@ -161,18 +175,28 @@ def enqueue_stage(
         _wait_http(f"{api_url}/readyz", api.process, api.log)
         # A short warm-up: connections opened, code paths imported, caches filled.
         asyncio.run(load.closed_loop(api_url, keys, clients=clients, count=clients * 5))
+        api_pids = [api.pid, *procfs.children(api.pid)]
+        meter = procfs.CpuMeter(
+            {"api": api_pids, "load": [os.getpid()]}, postmaster=server.postmaster_pid
+        )
+        meter.start()
         full = asyncio.run(load.closed_loop(api_url, keys, clients=clients, seconds=seconds))
+        cpu = meter.stop()
         rate = len(full.ids) / full.elapsed
         half = asyncio.run(
             load.paced(api_url, keys, rate=rate / 2, seconds=paced_seconds, connections=clients)
         )
-        api_peak = procfs.peak_rss_mb(api.pid)
+        api_peak = max((procfs.peak_rss_mb(pid) or 0.0) for pid in api_pids)
     finally:
         api.stop()
         server.drop("bench_enqueue")
     return {
         "requests_per_second": rate,
         "clients": clients,
+        "api_processes": api_processes,
+        "cpu_ms_per_request": {
+            group: 1000 * used / max(1, len(full.ids)) for group, used in cpu.items()
+        },
         "requests": len(full.ids),
         "errors": full.errors + half.errors,
         "first_error": full.first_error or half.first_error,
