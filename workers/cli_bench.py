@@ -29,8 +29,9 @@ def bench(
     """Measure agentpay on this machine, in one run on one Postgres (embedded unless
     DATABASE_URL is set): pgbench's commit ceiling, plain procrastinate's no-op jobs/s, the
     enqueue rate and latency, the pipeline's payments/s with 1 and 2 workers per role,
-    latency to the final state at 20 payments/s, claim time with a backlog, and peak memory.
-    Prints a table of the figures, their ratios and the targets; writes
+    latency to the final state at 20 payments/s, claim time with a backlog, and peak memory;
+    with the CPU the throughput figures cost and what the targets allow. Prints a table of
+    the figures, their ratios and the targets; writes
     `<data-dir>/bench.json`. Takes under five minutes on a quiet two-core machine (--quick: well
     under one)."""
     from bench import report, runner
