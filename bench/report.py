@@ -225,29 +225,21 @@ def print_table(result: dict[str, Any], console: Console) -> None:
     )
     budget = result["cpu_budget"]
     table.add_section()
-    table.add_row(
-        "CPU",
-        "ms per no-op job, baseline (worker + Postgres)",
-        _f(budget["baseline_ms_per_job"], 2),
+    rows = (
+        ("baseline_ms_per_job", "ms per no-op job, baseline (worker + Postgres)"),
+        (
+            "pipeline_ms_per_stage_job",
+            f"ms per stage-job, pipeline k={result['pipeline_best_k']} (all processes)",
+        ),
+        ("pipeline_target_ms_per_stage_job", "ms per stage-job the 1.5x target allows"),
+        (
+            "enqueue_ms_per_request",
+            f"ms per POST (API x{enq.get('api_processes', 1)} + Postgres + load)",
+        ),
+        ("enqueue_target_ms_per_request", "ms per POST the 0.4x target allows"),
     )
-    table.add_row(
-        "",
-        f"ms per stage-job, pipeline k={result['pipeline_best_k']} (all processes)",
-        _f(budget["pipeline_ms_per_stage_job"], 2),
-    )
-    table.add_row(
-        "",
-        "ms per stage-job the 1.5x target allows",
-        _f(budget["pipeline_target_ms_per_stage_job"], 2),
-    )
-    table.add_row(
-        "",
-        f"ms per POST (API x{enq.get('api_processes', 1)} + Postgres + load)",
-        _f(budget["enqueue_ms_per_request"], 2),
-    )
-    table.add_row(
-        "", "ms per POST the 0.4x target allows", _f(budget["enqueue_target_ms_per_request"], 2)
-    )
+    for i, (key, label) in enumerate(rows):
+        table.add_row("CPU" if i == 0 else "", label, _f(budget[key], 2))
     console.print(table)
 
     verdicts = Table(title="Targets (issue 7)")
