@@ -248,3 +248,31 @@ async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
         assert await payments.store_provider_id(conn, payment["id"], "pi_second") is False
         stored = await payments.get(conn, payment["id"])
     assert stored is not None and stored["provider_payment_id"] == "pi_first"
+
+
+async def test_defer_writes_the_job_procrastinate_would(pool: Pool) -> None:
+    """`tasks.app.defer` runs procrastinate's own query: the task's queue and name, its
+    arguments, and with `schedule_in` a start time that far ahead; only if the caller
+    commits."""
+    from tasks.app import defer
+
+    async with pool.connection() as conn, conn.transaction():
+        await defer(conn, "capture", payment_id="pay_x")
+        await defer(conn, "reconcile", payment_id="pay_y", schedule_in=60)
+    with pytest.raises(RuntimeError):
+        async with pool.connection() as conn, conn.transaction():
+            await defer(conn, "risk", payment_id="pay_z")
+            raise RuntimeError("rolled back")
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT queue_name, task_name, args, status, priority,
+                      extract(epoch FROM scheduled_at - now()) AS due_in
+               FROM procrastinate_jobs ORDER BY id"""
+        )
+        rows = await cur.fetchall()
+    assert [(r["queue_name"], r["task_name"], r["args"], r["status"]) for r in rows] == [
+        ("charge", "capture", {"payment_id": "pay_x"}, "todo"),
+        ("reconcile", "reconcile", {"payment_id": "pay_y"}, "todo"),
+    ]
+    assert rows[0]["due_in"] is None and rows[0]["priority"] == 0
+    assert 55 < rows[1]["due_in"] <= 60
