@@ -185,6 +185,32 @@ def _free_port() -> int:
     return free_port()
 
 
+def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> None:
+    """A process manager's stop (SIGTERM) ends `agentpay api` with status 0 after a graceful
+    shutdown, not by dying of the signal."""
+    port = _free_port()
+    api = subprocess.Popen(
+        [sys.executable, "-m", "workers", "api", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url, "AGENTPAY_DATA_DIR": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, timeout=60, what="the API to be ready")
+    finally:
+        api.send_signal(signal.SIGTERM)
+        stderr = api.communicate(timeout=60)[1].decode(errors="replace")
+    assert api.returncode == 0, stderr[-2000:]
+
+
 def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_path: Path) -> None:
     """`agentpay api --processes 2`: two processes answer on one port (each with its own
     pool, seen in pg_stat_activity), payments are taken, and SIGTERM stops them all."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -170,6 +172,9 @@ def api(
 
     _use_data_dir(data_dir)
     logs.configure()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again so the process
+    # "dies of it" (exit status -15). A stop that was asked for is a clean exit: status 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "api.app:create_app",
         factory=True,
