@@ -33,6 +33,12 @@ DEFAULT_TOLERANCE = 300
 
 # Event types that can say something about a payment's PaymentIntent.
 HANDLED_PREFIXES = ("payment_intent.", "charge.")
+# Events that report no outcome: an intent now exists, nothing more. Stored like the others,
+# but they never bring a reconcile — the charge job that created the intent settles it, and
+# a charge left without a job is re-driven by the stuck-payment sweep. (Stripe sends one per
+# payment, usually while the charge job is running: each used to cost a reconcile job and a
+# provider call for nothing.)
+NO_OUTCOME = frozenset({"payment_intent.created"})
 
 
 class SignatureError(ValueError):
@@ -157,7 +163,12 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
     if await cur.fetchone() is None:
         return {"duplicate": True, "payment_id": payment_id, "reconcile": False}
     deferred = False
-    if handled and payment_id is not None and await _reconcile_needed(conn, payment_id):
+    if (
+        handled
+        and payment_id is not None
+        and event_type not in NO_OUTCOME
+        and await _reconcile_needed(conn, payment_id)
+    ):
         await defer(conn, "reconcile", payment_id=payment_id)
         deferred = True
     return {"duplicate": False, "payment_id": payment_id, "reconcile": deferred}

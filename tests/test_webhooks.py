@@ -220,6 +220,52 @@ async def test_an_event_during_a_running_charge_still_defers_a_reconcile(
     assert await reconcile_jobs(pool, created["id"]) == 1
 
 
+async def test_an_intent_created_event_is_stored_but_brings_no_reconcile(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """`payment_intent.created` reports no outcome: stored and tied to its payment, but no
+    reconcile job, even while the charge job runs (when an outcome event would bring one)."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'charging' WHERE id = %s", (created["id"],)
+        )
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET status = 'doing' WHERE task_name = 'charge'"
+        )
+    intent = {
+        "id": "pi_test",
+        "object": "payment_intent",
+        "metadata": {"payment_id": created["id"]},
+    }
+    answer = await post_event(
+        api,
+        {
+            **EVENT,
+            "id": "evt_created",
+            "type": "payment_intent.created",
+            "data": {"object": intent},
+        },
+    )
+    assert answer.json() == {
+        "received": True,
+        "id": "evt_created",
+        "duplicate": False,
+        "payment_id": created["id"],
+        "reconcile": False,
+    }
+    assert [(e["type"], e["payment_id"], e["handled"]) for e in await stored(pool)] == [
+        ("payment_intent.created", created["id"], True)
+    ]
+    assert await reconcile_jobs(pool, created["id"]) == 0
+    outcome = await post_event(
+        api,
+        {**EVENT, "id": "evt_succeeded", "data": {"object": {**intent, "status": "succeeded"}}},
+    )
+    assert outcome.json()["reconcile"] is True
+
+
 # --- the sandbox delivering to the API over HTTP -------------------------------------------
 
 
