@@ -196,15 +196,8 @@ def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_for(ready, timeout=60, what="the API to be ready")
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), timeout=60, what="the API")
     finally:
         api.send_signal(signal.SIGTERM)
         stderr = api.communicate(timeout=60)[1].decode(errors="replace")
@@ -235,14 +228,7 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
         return {row[0] for row in rows}
 
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout=60, what="the API to be ready")
+        wait_for(lambda: _ready(base), timeout=60, what="the API")
         (key,) = asyncio.run(new_agent_keys(database_url, "multi-process-agent", 1))
         for n in range(20):
             response = httpx.post(
@@ -251,8 +237,8 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
                 headers=auth(key),
             )
             assert response.status_code == 202, response.text
-        # Each process opens its own pool (min_size connections at least): more backends
-        # than one process's pool minimum means both processes are up and connected.
+        # Each process opens its own pool (min_size connections at least): two pools'
+        # minimum of backends means both processes are up and connected.
         wait_for(
             lambda: len(serving_processes()) >= 2 * Settings().pool_min_size,
             timeout=30,
@@ -263,7 +249,7 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
             for p in Path("/proc").iterdir()
             if p.name.isdigit()
             and _parent(int(p.name)) == api.pid
-            and b"spawn_main" in (p / "cmdline").read_bytes()  # not the resource tracker
+            and b"spawn_main" in _cmdline(int(p.name))  # not the resource tracker
         ]
         assert len(children) == 2, children
     finally:
@@ -274,6 +260,20 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
     with psycopg.connect(database_url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM payment_jobs").fetchone()
     assert row is not None and row[0] == 20
+
+
+def _ready(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _parent(pid: int) -> int | None:
