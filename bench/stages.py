@@ -149,24 +149,13 @@ def enqueue_stage(
     seconds: float,
     paced_seconds: float,
     log_dir: Path,
-    api_processes: int = 1,
 ) -> dict[str, Any]:
-    """POST /v1/payments against the API alone (no workers), served by `api_processes`
-    processes: the most it answers with `clients` connections, then latency at half that
-    rate, paced."""
+    """POST /v1/payments against the API alone (no workers): the most it answers with
+    `clients` connections, then latency at half that rate, paced."""
     url = server.clone("bench_enqueue")
     keys = asyncio.run(new_agent_keys(url, "bench-agent", clients))
     api = Process.start(
-        [
-            sys.executable,
-            "-m",
-            "workers",
-            "api",
-            "--port",
-            str(api_port),
-            "--processes",
-            str(api_processes),
-        ],
+        [sys.executable, "-m", "workers", "api", "--port", str(api_port)],
         log_dir / "enqueue-api.log",
         {"DATABASE_URL": url, "AGENTPAY_DATA_DIR": str(log_dir)},
     )
@@ -175,6 +164,7 @@ def enqueue_stage(
         _wait_http(f"{api_url}/readyz", api.process, api.log)
         # A short warm-up: connections opened, code paths imported, caches filled.
         asyncio.run(load.closed_loop(api_url, keys, clients=clients, count=clients * 5))
+        # With AGENTPAY_API_PROCESSES set, the API's own processes are children of this one.
         api_pids = [api.pid, *procfs.children(api.pid)]
         meter = procfs.CpuMeter(
             {"api": api_pids, "load": [os.getpid()]}, postmaster=server.postmaster_pid
@@ -193,7 +183,6 @@ def enqueue_stage(
     return {
         "requests_per_second": rate,
         "clients": clients,
-        "api_processes": api_processes,
         "cpu_ms_per_request": {
             group: 1000 * used / max(1, len(full.ids)) for group, used in cpu.items()
         },
