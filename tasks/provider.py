@@ -91,37 +91,43 @@ def idempotency_key(payment_id: str, operation: str) -> str:
     return f"agentpay:{payment_id}:{operation}"
 
 
-# One SDK client per event loop and configuration: its HTTP session (aiohttp) belongs to
-# the loop it was opened on. The SDK's aiohttp client costs about a third of the CPU per call
-# of its httpx client (measured against the sandbox: 0.5 ms against 1.6 to 1.8 ms, SDK
-# included), and a payment makes three calls.
-_clients: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[Any, ...], tuple[Any, Any]]
-] = weakref.WeakKeyDictionary()
+class _Clients:
+    """One SDK client per event loop and configuration: its HTTP session (aiohttp) belongs to
+    the loop it was opened on. The SDK's aiohttp client costs about a third of the CPU per
+    call of its httpx client (measured against the sandbox: 0.5 ms against 1.6 to 1.8 ms,
+    SDK included), and a payment makes three calls."""
+
+    def __init__(self) -> None:
+        self._by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[Any, ...], tuple[Any, Any]]
+        ] = weakref.WeakKeyDictionary()
+
+    def get(self, api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
+        per_loop = self._by_loop.setdefault(asyncio.get_running_loop(), {})
+        key = (api_key, api_base, timeout, retries)
+        if key not in per_loop:
+            import aiohttp
+            import stripe
+
+            http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timeout))
+            sdk = stripe.StripeClient(
+                api_key,
+                base_addresses={"api": api_base} if api_base else None,
+                max_network_retries=retries,
+                http_client=http,
+            )
+            per_loop[key] = (sdk, http)
+        return per_loop[key][0]
+
+    async def close(self) -> None:
+        """Close this event loop's provider connections (a worker does as it stops)."""
+        for _, http in self._by_loop.pop(asyncio.get_running_loop(), {}).values():
+            await http.close_async()
 
 
-def _client(api_key: str, api_base: str | None, timeout: float, retries: int) -> Any:
-    per_loop = _clients.setdefault(asyncio.get_running_loop(), {})
-    key = (api_key, api_base, timeout, retries)
-    if key not in per_loop:
-        import aiohttp
-        import stripe
-
-        http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timeout))
-        sdk = stripe.StripeClient(
-            api_key,
-            base_addresses={"api": api_base} if api_base else None,
-            max_network_retries=retries,
-            http_client=http,
-        )
-        per_loop[key] = (sdk, http)
-    return per_loop[key][0]
-
-
-async def close() -> None:
-    """Close this event loop's provider connections (a worker does as it stops)."""
-    for _, http in _clients.pop(asyncio.get_running_loop(), {}).values():
-        await http.close_async()
+# Not a module-level function: every public coroutine function here is a provider call
+# (workers.worker.instrument_provider times each), and closing connections is not one.
+connections = _Clients()
 
 
 def client(settings: Settings | None = None) -> Any:
@@ -131,7 +137,7 @@ def client(settings: Settings | None = None) -> Any:
         # Only the sandbox key ever goes to the dev stack's sandbox: a real key with no
         # STRIPE_API_BASE goes to Stripe, whatever a stale stack.json says.
         base = s.read_stack().get("provider_base")
-    return _client(
+    return connections.get(
         s.stripe_api_key, base, s.provider_timeout_seconds, s.provider_max_network_retries
     )
 

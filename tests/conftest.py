@@ -149,7 +149,7 @@ def sandbox() -> Iterator[SandboxServer]:
 async def provider_connections() -> AsyncIterator[None]:
     """The provider SDK's connections this process opened, closed when the tests end."""
     yield
-    await provider.close()
+    await provider.connections.close()
 
 
 @pytest.fixture

@@ -70,7 +70,6 @@ def instrument_provider() -> None:
     for name, func in list(vars(provider).items()):
         if (
             name.startswith("_")
-            or name == "close"  # closes connections; not a call to the provider
             or not inspect.iscoroutinefunction(func)
             or func.__module__ != provider.__name__
         ):
@@ -255,7 +254,7 @@ class RoleWorker:
                 maintenance.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintenance
-                await provider.close()
+                await provider.connections.close()
 
 
 async def run_role(role: str, *, concurrency: int | None = None) -> None:
