@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -233,6 +235,25 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert json_depth('{"a": "\\"[[[["}') == 1
     assert json_depth("[]") == 1
     assert json_depth("") == 0
+    # An unterminated string runs to the end: its brackets nest nothing either.
+    assert json_depth('[{"a": "[[[[') == 2
+
+
+def test_json_depth_is_linear_on_unterminated_strings() -> None:
+    """A body of escaped quotes that never closes is scanned once, not once per quote (that
+    took seconds for 64 KiB and would take minutes for a 1 MiB webhook body, holding the event
+    loop). Run apart, so that a quadratic scan is stopped by the timeout, not waited for."""
+    code = "import sys; from api.limits import json_depth; print(json_depth(sys.stdin.read()))"
+    body = '["' + '\\"' * (512 * 1024)  # [" then \" 512 Ki times: 1 MiB, never closed
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=body,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert done.stdout.strip() == "1"
 
 
 async def test_an_unexpected_error_discloses_nothing(
