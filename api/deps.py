@@ -26,17 +26,28 @@ async def get_pool(request: Request) -> Pool:
 PoolDep = Annotated[Pool, Depends(get_pool)]
 
 
-# Browsers (the /ops page) are offered Basic too: the key as the password, as Stripe takes it.
-_CHALLENGE = {"WWW-Authenticate": 'Bearer, Basic realm="agentpay", charset="UTF-8"'}
+# Browsers (the /ops page) may use Basic too: the key as the password, as Stripe takes it.
+# Only to read: a browser sends cached Basic credentials with any cross-site form POST, so a
+# page an operator visits could otherwise refund or cancel payments in their name (CSRF).
+# Bearer headers are never sent by a browser on its own.
+READING = frozenset({"GET", "HEAD"})
+_BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="agentpay"'}
+_READING_CHALLENGE = {
+    "WWW-Authenticate": 'Bearer realm="agentpay", Basic realm="agentpay", charset="UTF-8"'
+}
+
+
+def _challenge(request: Request) -> dict[str, str]:
+    return _READING_CHALLENGE if request.method in READING else _BEARER_CHALLENGE
 
 
 def presented_key(request: Request) -> str | None:
-    """The API key of `Authorization: Bearer <key>`, or of HTTP Basic (key as the password,
-    or as the user name with an empty password)."""
+    """The API key of `Authorization: Bearer <key>`, or, on GET and HEAD only, of HTTP Basic
+    (key as the password, or as the user name with an empty password)."""
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer":
         return value.strip() or None
-    if scheme.lower() == "basic":
+    if scheme.lower() == "basic" and request.method in READING:
         try:
             user, _, password = base64.b64decode(value.strip()).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError):
@@ -54,12 +65,15 @@ async def current_agent(
     (api/ratelimit.py). 401 without a live key, 429 over the limit."""
     key = presented_key(request)
     if key is None:
+        basic = request.headers.get("authorization", "").lower().startswith("basic ")
         raise ApiError(
             401,
             "missing_api_key",
-            "Provide an API key: Authorization: Bearer <key>",
+            "HTTP Basic is accepted for reading (GET) only; send Authorization: Bearer <key>"
+            if basic and request.method not in READING
+            else "Provide an API key: Authorization: Bearer <key>",
             type_="authentication_error",
-            headers=_CHALLENGE,
+            headers=_challenge(request),
         )
     settings = request.app.state.settings
     async with pool.connection() as conn:
@@ -75,7 +89,7 @@ async def current_agent(
             "invalid_api_key",
             "Invalid or revoked API key",
             type_="authentication_error",
-            headers=_CHALLENGE,
+            headers=_challenge(request),
         )
     return agent
 

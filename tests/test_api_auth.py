@@ -3,6 +3,7 @@ operator routes for operator keys, revocation, and the `agentpay agents` command
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import Any
@@ -62,6 +63,22 @@ async def test_every_v1_route_needs_a_valid_key(
             # Bearer first; Basic is offered too, for browsers on the operators' page.
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert response.json()["error"]["type"] == "authentication_error"
+
+
+async def test_basic_auth_reads_but_never_acts(
+    api: httpx.AsyncClient, pool: Pool, operator_key: str
+) -> None:
+    """A browser sends cached Basic credentials with any cross-site form POST: Basic may read
+    (the /ops page), never act, and only a GET is offered it."""
+    basic = {"Authorization": "Basic " + base64.b64encode(f"ops:{operator_key}".encode()).decode()}
+    assert (await api.get("/v1/payments", headers=basic)).status_code == 200
+    before = await world(pool)
+    created = await api.post("/v1/payments", json=BODY, headers=basic)
+    assert created.status_code == 401, created.text
+    assert "Basic" not in created.headers["WWW-Authenticate"]
+    assert "reading (GET) only" in created.json()["error"]["message"]
+    assert await world(pool) == before
+    assert "Basic" in (await api.get("/v1/payments")).headers["WWW-Authenticate"]
 
 
 async def test_a_revoked_key_is_refused(api: httpx.AsyncClient, pool: Pool) -> None:
