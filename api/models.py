@@ -21,9 +21,23 @@ from pydantic import (
 
 from tasks import money
 
-# Postgres text and jsonb cannot hold NUL characters; refuse them in every string we store.
+# Postgres text and jsonb cannot hold NUL characters, nor lone surrogates (JSON may escape
+# one: "\ud800"); refuse both in every string we store. The pattern check refuses both.
 NO_NUL = r"^[^\u0000]*$"
 SafeText = Annotated[str, Field(pattern=NO_NUL)]
+
+
+def storable(text: str) -> bool:
+    """Whether Postgres can store `text` (what SafeText checks, for strings without it)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # The catalog's SKU format (schema/migrations/0004_ledger.sql: prices.sku).
 SKU_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$"
 METADATA_MAX_KEYS = 50
@@ -177,12 +191,14 @@ class PaymentCreate(BaseModel):
         cls, value: list[LineItem] | None, info: ValidationInfo
     ) -> list[LineItem] | None:
         currency = info.data.get("currency")
-        # Catalog (sku) lines are priced, and checked, by the pricing role.
-        if value is not None and currency is not None and not any(i.sku for i in value):
-            total = sum((i.unit_amount or 0) * i.quantity for i in value)
+        # Catalog (sku) lines are priced, and their total checked, by the pricing role; the
+        # custom lines alone must already be chargeable.
+        custom = [i for i in value or () if i.sku is None]
+        if custom and currency is not None:
+            total = sum((i.unit_amount or 0) * i.quantity for i in custom)
             problem = money.amount_problem(total, currency)
             if problem:
-                raise ValueError(f"line items total: {problem}")
+                raise ValueError(f"custom line items total: {problem}")
         return value
 
     @field_validator("metadata")
@@ -195,8 +211,8 @@ class PaymentCreate(BaseModel):
                 raise ValueError(f"metadata keys are 1 to {METADATA_KEY_MAX} characters")
             if len(item) > METADATA_VALUE_MAX:
                 raise ValueError(f"metadata values are at most {METADATA_VALUE_MAX} characters")
-            if "\x00" in key or "\x00" in item:
-                raise ValueError("metadata cannot contain NUL characters")
+            if not storable(key) or not storable(item):
+                raise ValueError("metadata must be valid Unicode without NUL characters")
         return value
 
     @model_validator(mode="after")

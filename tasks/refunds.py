@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import ledger, payments, provider
+from tasks import ledger, money, payments, provider
 from tasks.app import Backoff, TransientError, app, defer, pool
 from tasks.db import Conn
 
@@ -52,7 +52,8 @@ async def request_refund(
 ) -> Refund:
     """Ask for a refund of `amount` (None: all that remains) of a payment the caller locked;
     returns the refund record. Raises ValueError when the payment's state does not allow a
-    refund, RefundAmountError (a ValueError) when the amount does not fit."""
+    refund (or, with no amount given, nothing remains), RefundAmountError (a ValueError) when
+    the amount does not fit."""
     if payment["status"] not in REFUNDABLE:
         raise ValueError(
             "Only a reconciled (or partially refunded) payment can be refunded; "
@@ -63,9 +64,10 @@ async def request_refund(
         - payment["amount_refunded"]
         - await pending_amount(conn, payment["id"])
     )
-    if remaining <= 0:
-        raise RefundAmountError("Nothing remains to refund on this payment.")
     if amount is None:
+        if remaining <= 0:
+            # Nothing asked for in particular: the payment's state is what is wrong.
+            raise ValueError("Nothing remains to refund on this payment.")
         amount = remaining
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise RefundAmountError("The refund amount must be a positive integer (minor units).")
@@ -73,6 +75,9 @@ async def request_refund(
         raise RefundAmountError(
             f"Refund amount ({amount}) is greater than what remains refundable ({remaining})."
         )
+    problem = money.amount_problem(amount, payment["currency"])
+    if problem:
+        raise RefundAmountError(f"Refund amount: {problem}.")
     cur = await conn.execute(
         """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor)
            VALUES (%s, %s, %s, %s, %s, %s) RETURNING *""",

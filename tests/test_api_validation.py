@@ -61,6 +61,19 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("metadata value not a string", {**GOOD, "metadata": {"k": {"nested": "v"}}}),
     ("NUL in the description", {**GOOD, "description": "a\u0000b"}),
     ("NUL in metadata", {**GOOD, "metadata": {"k\u0000": "v"}}),
+    ("lone surrogate in metadata", {**GOOD, "metadata": {"k": "\ud800"}}),
+    ("lone surrogate in a metadata key", {**GOOD, "metadata": {"\udfff": "v"}}),
+    (
+        "custom lines too large beside a catalog line",
+        {
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "line_items": [
+                {"sku": "widget"},
+                {"description": "x", "unit_amount": 99_999_999, "quantity": 10},
+            ],
+        },
+    ),
     ("not an object", [GOOD]),
 ]
 
@@ -106,6 +119,37 @@ async def test_bad_bodies_are_refused_and_leave_nothing_behind(
         )
         assert response.status_code == 400, (what, response.text)
         assert_error_shape(response, 400, (agent_key,))
+    assert await snapshot(pool) == before
+
+
+async def test_operator_text_that_postgres_cannot_store_is_refused(
+    api: httpx.AsyncClient, operator_key: str, pool: Pool
+) -> None:
+    """Notes, reasons and descriptions of operators' requests: NUL or a lone surrogate is a
+    400 naming the field, never a 500 from the database."""
+    before = await snapshot(pool)
+    for bad in ("a\u0000b", "\ud800"):
+        for path, body, param in (
+            ("/v1/review/pay_x/approve", {"note": bad}, "note"),
+            ("/v1/ops/payments/pay_x/cancel", {"reason": bad}, "reason"),
+            (
+                "/v1/agents/agt_x/deposits",
+                {"amount": 100, "currency": "usd", "description": bad},
+                "description",
+            ),
+            (
+                "/v1/prices",
+                {"sku": "s1", "currency": "usd", "unit_amount": 100, "description": bad},
+                "description",
+            ),
+        ):
+            response = await api.post(
+                path,
+                content=json.dumps(body).encode(),
+                headers={**auth(operator_key), "Content-Type": "application/json"},
+            )
+            assert_error_shape(response, 400, (operator_key,))
+            assert response.json()["error"]["param"] == param, (path, response.text)
     assert await snapshot(pool) == before
 
 

@@ -207,6 +207,27 @@ async def test_partial_then_full_refund(
     assert nothing.status_code == 409
 
 
+async def test_refund_amounts_follow_the_currency_and_nothing_left_is_a_conflict(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    kwd = await create(api, agent_key, amount=2000, currency="kwd")
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, kwd["id"]))["status"] == "reconciled"
+    odd = await api.post(
+        f"/v1/payments/{kwd['id']}/refunds", json={"amount": 5}, headers=auth(agent_key)
+    )
+    assert odd.status_code == 400, odd.text
+    assert odd.json()["error"]["param"] == "amount" and "end in 0" in odd.text
+    # All of it pending: a refund of "what remains" finds nothing — the payment's state.
+    whole = await api.post(f"/v1/payments/{kwd['id']}/refunds", headers=auth(agent_key))
+    assert whole.status_code == 202 and whole.json()["amount"] == 2000
+    again = await api.post(f"/v1/payments/{kwd['id']}/refunds", headers=auth(agent_key))
+    assert again.status_code == 409, again.text
+    assert again.json()["error"]["param"] is None
+    async with pool.connection() as conn:
+        assert [r["amount"] for r in await refunds.for_payment(conn, kwd["id"])] == [2000]
+
+
 async def test_refund_before_reconcile_is_refused_and_leaves_nothing(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

@@ -539,10 +539,15 @@ async def test_deposits_are_for_operators_and_checked(
         response = await api.post(url, json=bad, headers=auth(operator_key))
         assert response.status_code == 400, bad
         assert response.json()["error"]["param"] == param
+    # A whole float is a whole number, as for payments.
+    whole = await api.post(
+        url, json={"amount": 1000.0, "currency": "usd"}, headers=auth(operator_key)
+    )
+    assert whole.status_code == 201, whole.text
     other = await api.get("/v1/balance?agent_id=agt_someone", headers=auth(agent_key))
     assert other.status_code == 403
     balance = (await api.get(f"/v1/balance?agent_id={me}", headers=auth(operator_key))).json()
-    assert balance["available"] == [] and balance["unlimited"] is True
+    assert balance["available"] == [{"amount": 1000, "currency": "usd"}]
 
 
 async def test_cli_creates_an_agent_with_a_budget_and_funds_it(

@@ -237,14 +237,14 @@ async def test_only_operators_set_prices_and_bad_prices_are_refused(
     assert bad.status_code == 400
     assert bad.json()["error"]["param"] == "unit_amount"
     assert (await api.get("/v1/prices", headers=auth(agent_key))).json()["data"] == []
-    retired = {**body, "active": False}
+    retired = {**body, "unit_amount": 100.0, "active": False}  # a whole float is whole
     assert (
         await api.post("/v1/prices", json=retired, headers=auth(operator_key))
     ).status_code == 200
     # Agents see what is on sale; operators see the retired price too.
     assert (await api.get("/v1/prices", headers=auth(agent_key))).json()["data"] == []
     listed = (await api.get("/v1/prices", headers=auth(operator_key))).json()["data"]
-    assert [(p["sku"], p["active"]) for p in listed] == [("w", False)]
+    assert [(p["sku"], p["unit_amount"], p["active"]) for p in listed] == [("w", 100, False)]
 
 
 def test_prices_cli_sets_and_lists_the_catalog(

@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency
+from api.models import Currency, MinorUnits, SafeText
 from tasks import agents, ledger, money
 
 router = APIRouter(tags=["ledger"])
@@ -60,9 +60,9 @@ class BalanceTransactionList(BaseModel):
 class DepositCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    amount: StrictInt = Field(description="Minor units, e.g. 5000 = $50.00")
+    amount: MinorUnits = Field(description="Minor units, e.g. 5000 = $50.00")
     currency: Currency
-    description: str | None = Field(default=None, max_length=500)
+    description: SafeText | None = Field(default=None, max_length=500)
 
 
 class Deposit(BaseModel):

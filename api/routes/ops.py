@@ -19,7 +19,7 @@ from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
-from api.models import Payment
+from api.models import Payment, SafeText
 from tasks import charge, payments
 from tasks.db import Conn
 
@@ -205,7 +205,9 @@ def _raise(error: Refused) -> ApiError:
 class Action(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(default=None, max_length=500, description="Why (kept in events)")
+    reason: SafeText | None = Field(
+        default=None, max_length=500, description="Why (kept in events)"
+    )
 
 
 class Job(BaseModel):

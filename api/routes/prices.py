@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency
+from api.models import Currency, MinorUnits, SafeText
 from tasks import money, pricing
 
 router = APIRouter(prefix="/v1/prices", tags=["prices"])
@@ -24,8 +24,8 @@ class PriceSet(BaseModel):
 
     sku: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     currency: Currency
-    unit_amount: StrictInt = Field(description="Minor units, e.g. 1999 = $19.99")
-    description: str | None = Field(default=None, max_length=500)
+    unit_amount: MinorUnits = Field(description="Minor units, e.g. 1999 = $19.99")
+    description: SafeText | None = Field(default=None, max_length=500)
     active: bool = True
 
 

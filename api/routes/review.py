@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import Idempotency, IdempotencyDep
-from api.models import Payment
+from api.models import Payment, SafeText
 from tasks import payments, risk
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
@@ -25,7 +25,7 @@ DECISION_ERRORS = responses(
 class Decision(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    note: str | None = Field(default=None, max_length=500, description="Why (kept in events)")
+    note: SafeText | None = Field(default=None, max_length=500, description="Why (kept in events)")
 
 
 class ReviewList(BaseModel):
