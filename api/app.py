@@ -99,6 +99,9 @@ def _document_as_it_behaves(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+API_DB_WAIT_SECONDS = 5.0
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -109,6 +112,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             min_size=settings.pool_min_size,
             max_size=settings.pool_max_size,
             name="api",
+            # A request waits this long for a connection, then gets a 503 with Retry-After
+            # (api/errors.py), rather than hanging while the database is away.
+            timeout=API_DB_WAIT_SECONDS,
         ) as pool:
             app.state.pool = pool
             pruner = asyncio.create_task(prune_idempotency_keys(pool, settings))

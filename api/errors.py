@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -65,8 +66,13 @@ _DESCRIPTIONS = {
     413: "The body is larger than the server accepts",
     429: "Too many requests from this agent: wait Retry-After seconds",
     500: "An internal error (nothing about it is disclosed)",
-    503: "A dependency (the database, a secret) is not available",
+    503: "The database is not available (or a secret is not set): try again after "
+    "Retry-After seconds, with the same Idempotency-Key",
 }
+
+# How long a client should wait before trying again after a 503.
+RETRY_AFTER_SECONDS = 1
+
 
 
 def responses(
@@ -77,10 +83,11 @@ def responses(
     from api.models import ErrorResponse
 
     found: dict[int | str, dict[str, Any]] = {}
-    for code in codes:
+    # Every route that answers with an error needs the database, which can be away.
+    for code in (*codes, 503):
         description = (described or {}).get(code, _DESCRIPTIONS[code])
         entry: dict[str, Any] = {"model": ErrorResponse, "description": description}
-        if code == 429:
+        if code in (429, 503):
             entry["headers"] = {
                 "Retry-After": {
                     "description": "Seconds to wait before trying again",
@@ -137,6 +144,24 @@ def install(app: FastAPI) -> None:
             error_body(type_, code, message),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def _database_unavailable(_: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        # The server is down or restarting, no connection came free in time (PoolTimeout), or
+        # a transient refusal (lock or statement timeout, deadlock, serialization failure).
+        # The transaction was rolled back, or its commit's fate is unknown: the same request
+        # with the same Idempotency-Key is the safe way on.
+        log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(
+            error_body(
+                "api_error",
+                "database_unavailable",
+                "The database is not available at the moment; try again after Retry-After "
+                "seconds, with the same Idempotency-Key.",
+            ),
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
     @app.exception_handler(Exception)

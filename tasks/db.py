@@ -50,12 +50,20 @@ class _Pool(AsyncConnectionPool[Conn]):
         await super().putconn(conn)
 
 
-def make_pool(database_url: str, *, min_size: int = 2, max_size: int = 10, name: str = "") -> Pool:
+def make_pool(
+    database_url: str,
+    *,
+    min_size: int = 2,
+    max_size: int = 10,
+    name: str = "",
+    timeout: float = 30.0,
+) -> Pool:
     """A pool that survives a database restart: a connection that sat idle for a second
     or more is checked before it is handed out (dead ones are replaced; new ones are
     retried with backoff); one given back less than a second ago is handed out as it is
     (see `_check_if_idle`). A named pool's connections show as `agentpay-<name>` in
-    `pg_stat_activity.application_name`, so operators see which process holds what."""
+    `pg_stat_activity.application_name`, so operators see which process holds what.
+    `timeout`: how long a checkout waits for a connection before `PoolTimeout`."""
     kwargs: dict[str, Any] = {"row_factory": dict_row}
     if name:
         kwargs["application_name"] = f"agentpay-{name}"
@@ -69,7 +77,7 @@ def make_pool(database_url: str, *, min_size: int = 2, max_size: int = 10, name:
         configure=_configure,
         check=_check_if_idle,
         reconnect_timeout=24 * 3600,
-        timeout=30,
+        timeout=timeout,
     )
 
 

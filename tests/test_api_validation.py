@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from api.limits import json_depth
@@ -298,6 +299,31 @@ def test_json_depth_is_linear_on_unterminated_strings() -> None:
         check=True,
     )
     assert done.stdout.strip() == "1"
+
+
+async def test_a_database_away_is_a_503_to_retry(
+    api: httpx.AsyncClient, agent_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres down or restarting, no connection free in time, a transient refusal: a 503
+    with Retry-After (the client retries with its Idempotency-Key), never a 500."""
+    import psycopg_pool
+
+    import api.routes.payments as routes
+
+    for error in (
+        psycopg.OperationalError("server closed the connection unexpectedly: secret-host"),
+        psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec"),
+    ):
+
+        async def away(*args: Any, exc: Exception = error, **kwargs: Any) -> Any:
+            raise exc
+
+        monkeypatch.setattr(routes.payments, "insert", away)
+        response = await api.post("/v1/payments", json=GOOD, headers=auth(agent_key))
+        assert_error_shape(response, 503, ("secret-host", "PoolTimeout"))
+        assert response.headers["Retry-After"] == "1"
+        assert response.json()["error"]["code"] == "database_unavailable"
+        assert "Idempotency-Key" in response.json()["error"]["message"]
 
 
 async def test_an_unexpected_error_discloses_nothing(

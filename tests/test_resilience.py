@@ -257,11 +257,12 @@ async def test_postgres_restart_under_load_needs_no_process_restart(
     processes = [api, *fleet]
     pids = [p.pid for p in processes]
     accepted: list[str] = []
+    refused: list[tuple[int, str | None]] = []  # (status, Retry-After) of the other answers
     readiness: list[int] = []
     stop_load = threading.Event()
 
     def load() -> None:
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=15) as client:
             n = 0
             while not stop_load.is_set():
                 n += 1
@@ -273,6 +274,8 @@ async def test_postgres_restart_under_load_needs_no_process_restart(
                     )
                     if r.status_code == 202:
                         accepted.append(r.json()["id"])
+                    else:
+                        refused.append((r.status_code, r.headers.get("Retry-After")))
                 except httpx.HTTPError:
                     pass
                 try:
@@ -299,7 +302,11 @@ async def test_postgres_restart_under_load_needs_no_process_restart(
         during = len(accepted)
         wait_for(lambda: len(accepted) >= during + 10, timeout=60, what="payments after")
         stop_load.set()
-        sender.join(10)
+        sender.join(20)
+        # While the database was away, POSTs were told to come back (503 + Retry-After),
+        # never answered with a 500.
+        assert (503, "1") in refused, refused
+        assert {status for status, _ in refused} <= {503, 429}, refused
 
         with db(url) as conn:
 
