@@ -27,7 +27,7 @@ from tasks import agents, payments
 from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings
-from tests.conftest import auth, run_jobs
+from tests.conftest import async_wait_for, auth, run_jobs
 from workers import logs
 from workers.cli import app as cli
 from workers.maintenance import Maintenance, prune_finished_jobs
@@ -366,6 +366,49 @@ async def test_pruning_deletes_finished_jobs_after_their_retention(
     assert await _count(pool, "payment_events") == events_before  # the history stays
     # Nothing left to prune; a second run deletes nothing.
     assert await prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400) == 0
+
+
+async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> None:
+    """The prune reads a failed job as old enough; an operator's retry of it commits before
+    the prune deletes it: the job stays, back in the queue."""
+    from api.routes.ops import retry_job
+
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)
+               VALUES ('reconcile', 'reconcile', 'failed', '{"payment_id": "pay_gone"}')
+               RETURNING id"""
+        )
+        job_id = (await cur.fetchone())["id"]
+        await conn.execute(
+            """INSERT INTO procrastinate_events (job_id, type, at)
+               VALUES (%s, 'failed', now() - interval '8 days')""",
+            (job_id,),
+        )
+    async with pool.connection() as operator, operator.transaction():
+        await retry_job(operator, job_id, actor="operator:test", reason="fixed")
+        pid = operator.info.backend_pid
+        prune = asyncio.create_task(
+            prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400)
+        )
+        async with pool.connection() as watcher:
+
+            async def prune_waits() -> bool:
+                cur = await watcher.execute(
+                    """SELECT count(*) AS n FROM pg_stat_activity
+                        WHERE %s = ANY(pg_blocking_pids(pid))""",
+                    (pid,),
+                )
+                return bool((await cur.fetchone())["n"]) or prune.done()
+
+            await async_wait_for(prune_waits, what="the prune to wait for the retried job")
+    await prune
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
+        )
+        assert await cur.fetchone() == {"status": "todo"}
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE id = %s", (job_id,))
 
 
 async def _count(pool: Pool, table: str) -> int:

@@ -181,7 +181,10 @@ async def prune_finished_jobs(
                         ORDER BY e.at
                         LIMIT %(batch)s
                    )
-                   DELETE FROM procrastinate_jobs j USING old WHERE j.id = old.id
+                   -- The status again: a job retried since the CTE read it (an operator's
+                   -- retry commits in between) is re-checked here, on its new row, and stays.
+                   DELETE FROM procrastinate_jobs j USING old
+                    WHERE j.id = old.id AND j.status::text = ANY(%(statuses)s)
                    RETURNING j.id""",
                 {"statuses": statuses, "keep": keep, "batch": batch},
             )
