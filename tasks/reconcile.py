@@ -98,14 +98,17 @@ async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provid
     return "reconciled"
 
 
-async def _charge_job_waiting(conn: Conn, payment_id: str) -> bool:
-    """Whether a "charge" job for the payment is queued or running (it will settle it)."""
+async def _job_waiting(
+    conn: Conn, task: str, payment_id: str, statuses: tuple[str, ...] = ("todo", "doing")
+) -> bool:
+    """Whether a `task` job for the payment is in one of `statuses` (queued or running: it
+    will act on the payment)."""
     cur = await conn.execute(
         """SELECT EXISTS (
                SELECT 1 FROM procrastinate_jobs
-                WHERE task_name = 'charge' AND args->>'payment_id' = %s
-                  AND status IN ('todo', 'doing')) AS waiting""",
-        (payment_id,),
+                WHERE task_name = %s AND args->>'payment_id' = %s
+                  AND status::text = ANY(%s)) AS waiting""",
+        (task, payment_id, list(statuses)),
     )
     row = await cur.fetchone()
     return bool(row and row["waiting"])
@@ -128,7 +131,7 @@ async def _resolve_charging(
             await defer(conn, ROLE, payment_id=payment["id"], schedule_in=recheck)
             return None
     # Not created, not confirmed: the charge role (idempotent) goes on, unless it already is.
-    if not await _charge_job_waiting(conn, payment["id"]):
+    if not await _job_waiting(conn, "charge", payment["id"]):
         await defer(conn, "charge", payment_id=payment["id"], schedule_in=recheck)
     return None
 
@@ -150,8 +153,15 @@ async def reconcile_payment(payment_id: str) -> Any:
             return None
         status = locked["status"]
         if status != payment["status"]:
-            # Moved on while we asked the provider: that intent is stale, and whoever moved
-            # the payment deferred what follows.
+            # Moved on while we asked the provider: that intent may be older than the new
+            # state, so it settles nothing. A move into `succeeded` deferred a reconcile; a
+            # move into another state reconcile acts on (`charging` → `requires_action` or
+            # `authorized`, as the charge job finished) deferred nothing, while the provider
+            # may be past it already (the webhook that brought us here said so): look again.
+            if status in RECONCILABLE and not await _job_waiting(
+                conn, ROLE, payment_id, ("todo",)
+            ):
+                await defer(conn, ROLE, payment_id=payment_id)
             return None
         if status == "succeeded" and intent is not None:
             return await finish_succeeded(conn, locked, intent)

@@ -395,3 +395,40 @@ async def test_a_payment_the_provider_moved_on_without_a_webhook_is_caught_up(
     await run_jobs(pool)
     assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
     assert await recheck_waiting_payments(pool, older_than=0) == []  # no longer waiting
+
+
+async def test_a_reconcile_that_read_a_state_since_left_looks_again(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A webhook's reconcile read the payment while `charging`; the charge job then moved it
+    to `requires_action`, though the customer had already authenticated. The reconcile's
+    answer is stale for the new state, so it settles nothing, but it must not drop the news:
+    another reconcile settles the payment from the provider."""
+    from tasks import reconcile
+
+    created = await create(api, agent_key, payment_method="pm_card_authenticationRequired")
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "requires_action"
+    authenticated = httpx.post(
+        f"{provider_base}/_sandbox/payment_intents/{payment['provider_payment_id']}/authenticate",
+        json={"outcome": "succeed"},
+    )
+    assert authenticated.json()["status"] == "succeeded", authenticated.text
+
+    real_get = reconcile.payments.get
+
+    async def read_before_the_charge_job_finished(conn: Any, payment_id: str) -> Any:
+        found = await real_get(conn, payment_id)
+        return {**found, "status": "charging"}
+
+    monkeypatch.setattr(reconcile.payments, "get", read_before_the_charge_job_finished)
+    assert await reconcile.reconcile_payment.func(payment["id"]) is None
+    monkeypatch.setattr(reconcile.payments, "get", real_get)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "requires_action"
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
