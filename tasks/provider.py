@@ -142,10 +142,12 @@ def client(settings: Settings | None = None) -> Any:
     )
 
 
-def _translate(error: stripe.StripeError) -> Exception:
+def _translate(error: stripe.StripeError, *, reading: bool = False) -> Exception:
     """What a provider error means for us: a decline (recorded failure), an unknown outcome
     (retried with the same key, or resolved by retrieve), or a permanent error (not retried:
-    a bad key, our bug)."""
+    a bad key, our bug). `reading`: the call only looks (retrieve, search) — the provider
+    refusing a read (no such object: a key of another account, a lost object) says nothing
+    about the payment's outcome, so it is never a decline."""
     import stripe
 
     if isinstance(error, stripe.CardError):
@@ -164,18 +166,18 @@ def _translate(error: stripe.StripeError) -> Exception:
     if isinstance(error, stripe.IdempotencyError):
         # Same key, other parameters: a bug of ours, never fixed by retrying.
         return ProviderError(f"IdempotencyError: {error.user_message or error}")
-    if isinstance(error, stripe.InvalidRequestError):
+    if isinstance(error, stripe.InvalidRequestError) and not reading:
         return Declined(error.code or "invalid_request", error.user_message or str(error))
     return ProviderError(f"{type(error).__name__}: {error.user_message or error}")
 
 
-async def _call(method: Any, *args: Any, **kwargs: Any) -> Intent:
+async def _call(method: Any, *args: Any, reading: bool = False) -> Intent:
     import stripe
 
     try:
-        pi = await method(*args, **kwargs)
+        pi = await method(*args)
     except stripe.StripeError as error:
-        raise _translate(error) from error
+        raise _translate(error, reading=reading) from error
     return Intent.from_stripe(pi)
 
 
@@ -207,7 +209,7 @@ async def confirm_intent(payment_id: str, intent_id: str) -> Intent:
 
 
 async def retrieve_intent(intent_id: str) -> Intent:
-    return await _call(client().v1.payment_intents.retrieve_async, intent_id)
+    return await _call(client().v1.payment_intents.retrieve_async, intent_id, reading=True)
 
 
 # Which of several intents found for one payment tells its story best (there should be one).
@@ -229,7 +231,7 @@ async def find_intent(payment_id: str) -> Intent | None:
             {"query": f"metadata['payment_id']:'{escaped}'", "limit": 10}
         )
     except stripe.StripeError as error:
-        raise _translate(error) from error
+        raise _translate(error, reading=True) from error
     intents = [Intent.from_stripe(pi) for pi in result.data]
     if not intents:
         return None
@@ -297,5 +299,5 @@ async def retrieve_refund(provider_refund_id: str) -> Refund:
     try:
         result = await client().v1.refunds.retrieve_async(provider_refund_id)
     except stripe.StripeError as error:
-        raise _translate(error) from error
+        raise _translate(error, reading=True) from error
     return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))

@@ -250,6 +250,39 @@ async def test_errors_not_worth_retrying_are_not_retried(
     assert intents_of(provider_base, created["id"]) == []
 
 
+async def test_an_intent_the_provider_does_not_know_is_no_decline(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A stored intent id the provider answers 404 for (a key of another account, a lost
+    object) says nothing about what the customer paid: the charge job fails and is recorded,
+    the payment stays `charging` with its hold — it is not failed and released — and a
+    reconcile leaves it there too."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_jobs SET provider_payment_id = 'pi_unknown_here' WHERE id = %s",
+            (created["id"],),
+        )
+    await run_jobs(pool, ("charge",))
+    with pytest.raises(provider.ProviderError):
+        await reconcile.reconcile_payment(created["id"])
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'charge'"
+        )
+        assert await cur.fetchone() == {"status": "failed", "attempts": 1}
+        payment = await payments.get(conn, created["id"])
+        cur = await conn.execute(
+            "SELECT kind FROM ledger_transactions WHERE payment_id = %s ORDER BY kind",
+            (created["id"],),
+        )
+        kinds = [r["kind"] for r in await cur.fetchall()]
+    assert payment is not None
+    assert (payment["status"], payment["failure_code"]) == ("charging", None)
+    assert kinds == ["hold"]
+
+
 def start_charge_worker(database_url: str, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "workers", "worker", "charge", "--concurrency", "2"],
