@@ -292,6 +292,29 @@ async def refund(
     return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))
 
 
+async def find_refund(intent_id: str, refund_id: str) -> Refund | None:
+    """The provider's refund made for our `refund_id` (in its metadata), or None.
+
+    Asked before a refund is made: a create whose answer was lost — or that the provider
+    keeps answering with a saved error for its key's lifetime (24 hours at Stripe) — may
+    have refunded already, and once the key has expired a second create would refund again.
+    Listing a PaymentIntent's refunds is consistent at once (unlike search)."""
+    import stripe
+
+    params: dict[str, Any] = {"payment_intent": intent_id, "limit": 100}
+    try:
+        while True:
+            page = await client().v1.refunds.list_async(params)
+            for item in (entry.to_dict() for entry in page.data):
+                if (item.get("metadata") or {}).get("refund_id") == refund_id:
+                    return Refund(id=item["id"], status=item["status"], amount=int(item["amount"]))
+            if not page.has_more or not page.data:
+                return None
+            params["starting_after"] = page.data[-1]["id"]
+    except stripe.StripeError as error:
+        raise _translate(error, reading=True) from error
+
+
 async def retrieve_refund(provider_refund_id: str) -> Refund:
     """The provider's current view of a refund (a `pending` one settles later)."""
     import stripe

@@ -158,9 +158,7 @@ async def reconcile_payment(payment_id: str) -> Any:
             # move into another state reconcile acts on (`charging` → `requires_action` or
             # `authorized`, as the charge job finished) deferred nothing, while the provider
             # may be past it already (the webhook that brought us here said so): look again.
-            if status in RECONCILABLE and not await _job_waiting(
-                conn, ROLE, payment_id, ("todo",)
-            ):
+            if status in RECONCILABLE and not await _job_waiting(conn, ROLE, payment_id, ("todo",)):
                 await defer(conn, ROLE, payment_id=payment_id)
             return None
         if status == "succeeded" and intent is not None:

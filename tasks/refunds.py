@@ -3,7 +3,9 @@
 `request_refund` records a refund of ours (`payment_refunds`, status `pending`) and defers the
 "refund" job (charge queue) in the caller's transaction. Requests never add up to more than
 the payment's total: what remains is the total minus what was refunded minus what is pending.
-The job calls the provider keyed by our refund id (a retry never refunds twice), then in one
+The job first looks for a provider refund carrying our refund id in its metadata (an earlier
+try may have made it and lost the answer), else calls the provider keyed by our refund id (a
+retry never refunds twice, even once the provider has forgotten the key), then in one
 transaction marks the refund, adds it to the payment's `amount_refunded`, moves the payment
 (`partially_refunded` → `partially_refunded` is no status change: only the amount and an event)
 and posts it to the ledger. Only a refund the provider reports `succeeded` counts as money
@@ -207,13 +209,17 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
             # replay of the create would only repeat its first answer).
             result = await provider.retrieve_refund(refund["provider_refund_id"])
         else:
-            result = await provider.refund(
-                payment_id,
-                payment["provider_payment_id"],
-                refund_id,
-                refund["amount"],
-                refund["reason"],
-            )
+            # Made already by an earlier try whose answer never came? Then that is the one
+            # (never a second refund, even after the provider forgot the call's key).
+            result = await provider.find_refund(payment["provider_payment_id"], refund_id)
+            if result is None:
+                result = await provider.refund(
+                    payment_id,
+                    payment["provider_payment_id"],
+                    refund_id,
+                    refund["amount"],
+                    refund["reason"],
+                )
     except provider.Declined as error:
         refused = error
     async with pool().connection() as conn, conn.transaction():

@@ -274,6 +274,39 @@ async def test_a_refund_whose_commit_failed_is_retried_without_refunding_twice(
     assert after["amount_refunded"] == 900
 
 
+async def test_a_refund_made_by_an_earlier_try_is_found_not_made_again(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """An earlier try refunded at the provider, but its answer was lost and the call's key
+    is gone (Stripe forgets keys after 24 hours; until then it may replay a saved 500): the
+    job finds the provider's refund by our refund id and makes no second one."""
+    payment = await reconciled(api, agent_key, pool)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        assert locked is not None
+        refund = await refunds.request_refund(conn, locked, amount=600, actor="test")
+    earlier = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={
+            "payment_intent": payment["provider_payment_id"],
+            "amount": "600",
+            "metadata[payment_id]": payment["id"],
+            "metadata[refund_id]": refund["id"],
+        },
+        headers={**SK, "Idempotency-Key": "a-key-the-provider-has-forgotten"},
+    ).json()
+    assert earlier["status"] == "succeeded"
+    await run_jobs(pool)
+    at_provider = provider_refunds(provider_base, payment["provider_payment_id"])
+    assert [r["id"] for r in at_provider] == [earlier["id"]]
+    async with pool.connection() as conn:
+        mine = await refunds.get(conn, refund["id"])
+    assert mine is not None
+    assert (mine["status"], mine["provider_refund_id"]) == ("succeeded", earlier["id"])
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 600)
+
+
 async def test_a_refund_the_provider_refuses_is_recorded_failed(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
