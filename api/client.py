@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -226,6 +227,11 @@ def _list_params(
     return params
 
 
+def _segment(value: str) -> str:
+    """An id as one path segment: an id like "../agents" or "x?y" cannot reach another route."""
+    return quote(value, safe="")
+
+
 def _new_key() -> str:
     return f"agentpay-py-{uuid.uuid4()}"
 
@@ -331,7 +337,9 @@ class AsyncAgentPay(_Base):
         return self._parse(response, Payment)
 
     async def get_payment(self, payment_id: str) -> Payment:
-        return self._parse(await self.request("GET", f"/v1/payments/{payment_id}"), Payment)
+        return self._parse(
+            await self.request("GET", f"/v1/payments/{_segment(payment_id)}"), Payment
+        )
 
     async def list_payments(
         self,
@@ -382,7 +390,7 @@ class AsyncAgentPay(_Base):
                 params["status"] = sorted(targets)
             response = await self.request(
                 "GET",
-                f"/v1/payments/{payment_id}/wait",
+                f"/v1/payments/{_segment(payment_id)}/wait",
                 params=params,
                 timeout=wait + self.timeout,
             )
@@ -393,7 +401,7 @@ class AsyncAgentPay(_Base):
     async def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
         """Capture an `authorized` (manual capture) payment."""
         response = await self.request(
-            "POST", f"/v1/payments/{payment_id}/capture", idempotency_key=idempotency_key
+            "POST", f"/v1/payments/{_segment(payment_id)}/capture", idempotency_key=idempotency_key
         )
         return self._parse(response, Payment)
 
@@ -402,7 +410,7 @@ class AsyncAgentPay(_Base):
     ) -> Payment:
         response = await self.request(
             "POST",
-            f"/v1/payments/{payment_id}/cancel",
+            f"/v1/payments/{_segment(payment_id)}/cancel",
             json={"reason": reason} if reason is not None else None,
             idempotency_key=idempotency_key,
         )
@@ -420,7 +428,7 @@ class AsyncAgentPay(_Base):
         body = {k: v for k, v in (("amount", amount), ("reason", reason)) if v is not None}
         response = await self.request(
             "POST",
-            f"/v1/payments/{payment_id}/refunds",
+            f"/v1/payments/{_segment(payment_id)}/refunds",
             json=body or None,
             idempotency_key=idempotency_key,
         )
@@ -524,7 +532,7 @@ class AgentPay(_Base):
         return self._parse(response, Payment)
 
     def get_payment(self, payment_id: str) -> Payment:
-        return self._parse(self.request("GET", f"/v1/payments/{payment_id}"), Payment)
+        return self._parse(self.request("GET", f"/v1/payments/{_segment(payment_id)}"), Payment)
 
     def list_payments(
         self,
@@ -564,7 +572,7 @@ class AgentPay(_Base):
                 params["status"] = sorted(targets)
             response = self.request(
                 "GET",
-                f"/v1/payments/{payment_id}/wait",
+                f"/v1/payments/{_segment(payment_id)}/wait",
                 params=params,
                 timeout=wait + self.timeout,
             )
@@ -574,7 +582,7 @@ class AgentPay(_Base):
 
     def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
         response = self.request(
-            "POST", f"/v1/payments/{payment_id}/capture", idempotency_key=idempotency_key
+            "POST", f"/v1/payments/{_segment(payment_id)}/capture", idempotency_key=idempotency_key
         )
         return self._parse(response, Payment)
 
@@ -583,7 +591,7 @@ class AgentPay(_Base):
     ) -> Payment:
         response = self.request(
             "POST",
-            f"/v1/payments/{payment_id}/cancel",
+            f"/v1/payments/{_segment(payment_id)}/cancel",
             json={"reason": reason} if reason is not None else None,
             idempotency_key=idempotency_key,
         )
@@ -600,7 +608,7 @@ class AgentPay(_Base):
         body = {k: v for k, v in (("amount", amount), ("reason", reason)) if v is not None}
         response = self.request(
             "POST",
-            f"/v1/payments/{payment_id}/refunds",
+            f"/v1/payments/{_segment(payment_id)}/refunds",
             json=body or None,
             idempotency_key=idempotency_key,
         )

@@ -74,7 +74,6 @@ _DESCRIPTIONS = {
 RETRY_AFTER_SECONDS = 1
 
 
-
 def responses(
     *codes: int, described: dict[int, str] | None = None
 ) -> dict[int | str, dict[str, Any]]:

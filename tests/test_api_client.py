@@ -117,6 +117,37 @@ async def test_retries_429_and_5xx_honouring_retry_after() -> None:
     assert 0 <= delays[1] <= client.backoff * 2
 
 
+async def test_an_id_stays_one_path_segment() -> None:
+    """An id an agent made up ("../agents", "x?y") names no other route."""
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path)
+        return httpx.Response(
+            404,
+            json={
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "resource_missing",
+                    "message": "No such payment",
+                    "param": "id",
+                }
+            },
+        )
+
+    async with AsyncAgentPay(
+        "http://x", "apk_k", transport=httpx.MockTransport(handler), max_retries=0
+    ) as client:
+        for made_up in ("../agents", "x?y", "a/b#c"):
+            with pytest.raises(AgentPayError):
+                await client.get_payment(made_up)
+    assert seen == [
+        b"/v1/payments/..%2Fagents",
+        b"/v1/payments/x%3Fy",
+        b"/v1/payments/a%2Fb%23c",
+    ]
+
+
 async def test_gives_up_after_max_retries_and_does_not_retry_4xx() -> None:
     calls = 0
 
