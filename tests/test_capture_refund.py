@@ -465,3 +465,30 @@ async def test_a_reconcile_that_read_a_state_since_left_looks_again(
     assert (await fetch(api, agent_key, payment["id"]))["status"] == "requires_action"
     await run_jobs(pool)
     assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+
+async def test_a_partial_capture_made_at_the_provider_is_a_recorded_mismatch(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Captured for less at the provider directly (a partial capture in the Dashboard): the
+    intent's amount is unchanged, but what was collected is not what the payment says."""
+    from workers.maintenance import recheck_waiting_payments
+
+    held = await authorized(api, agent_key, pool)
+    captured = httpx.post(
+        f"{provider_base}/v1/payment_intents/{held['provider_payment_id']}/capture",
+        data={"amount_to_capture": "1000"},
+        headers=SK,
+    ).json()
+    assert (captured["status"], captured["amount_received"]) == ("succeeded", 1000)
+    assert await recheck_waiting_payments(pool, older_than=0) == [held["id"]]
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
+            (held["id"],),
+        )
+        assert await cur.fetchall() == [
+            {"field": "amount_received", "expected": 3000, "actual": 1000}
+        ]
