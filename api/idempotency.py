@@ -114,11 +114,20 @@ def render(body: Any) -> str:
     )
 
 
+def _number(text: str) -> float | int:
+    """A JSON number with a fraction or exponent: whole ones are the integers validation
+    takes them for (`2000.0` is `2000`, see api/models.py)."""
+    value = float(text)
+    return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+
+
 def fingerprint(method: str, path: str, body: bytes) -> bytes:
-    """SHA-256 of the request: method, path and the JSON body with its keys sorted (so the
-    same parameters in another order or spacing are the same request)."""
+    """SHA-256 of the request: method, path and the JSON body with its keys sorted and whole
+    numbers as integers (so the same parameters in another order, spacing or spelling —
+    `2000.0` — are the same request); no body is the empty object, as validation reads it."""
     try:
-        canonical = json.dumps(json.loads(body), sort_keys=True, separators=(",", ":"))
+        parsed = json.loads(body, parse_float=_number) if body.strip() else {}
+        canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
         content = canonical.encode()
     except ValueError:
         content = body

@@ -57,7 +57,23 @@ async def test_same_key_same_body_replays_the_stored_response(
     assert again.status_code == 202
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.content == first.content
+    # So is the amount spelled as a whole float (validation reads 2500.0 as 2500).
+    whole = await post(api, agent_key, {**BODY, "amount": 2500.0}, "order-1")
+    assert whole.headers.get("Idempotent-Replayed") == "true", whole.text
+    assert whole.content == first.content
     assert await counts(pool) == {"payments": 1, "events": 1, "jobs": 1, "keys": 1}
+    # An empty body and an empty object ask the same (here: cancel with no reason).
+    pid = first.json()["id"]
+    cancel = await api.post(
+        f"/v1/payments/{pid}/cancel", headers={**auth(agent_key), "Idempotency-Key": "c-1"}
+    )
+    assert cancel.status_code == 202
+    empty_object = await api.post(
+        f"/v1/payments/{pid}/cancel",
+        json={},
+        headers={**auth(agent_key), "Idempotency-Key": "c-1"},
+    )
+    assert empty_object.headers.get("Idempotent-Replayed") == "true", empty_object.text
 
 
 async def test_twenty_concurrent_copies_create_one_payment_and_get_one_body(
