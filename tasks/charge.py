@@ -239,17 +239,22 @@ async def request_cancel(
 
 
 async def _act(
-    payment_id: str, states: frozenset[str], call: Any
+    payment_id: str, states: frozenset[str], call: Any, *, action: str
 ) -> tuple[provider.Intent, provider.Declined | None] | None:
-    """Run a provider action on a payment in one of `states`; when the provider refuses it,
-    the intent as it now is. None if the payment is not in those states."""
+    """Run a provider action on a payment in one of `states` whose `action` was requested
+    (keyed by the request's time); when the provider refuses it, the intent as it now is.
+    None if the payment is not in those states or the request was withdrawn."""
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] not in states or not payment["provider_payment_id"]:
         return None
+    requested_at = payment[f"{action}_requested_at"]
+    if requested_at is None:
+        return None
     intent_id = payment["provider_payment_id"]
+    request = f"{requested_at.timestamp():.6f}"
     try:
-        return await call(payment_id, intent_id), None
+        return await call(payment_id, intent_id, request), None
     except provider.Declined as refused:
         # Not possible any more (already captured, canceled, expired): the intent decides.
         return await provider.retrieve_intent(intent_id), refused
@@ -286,9 +291,9 @@ async def _settle_action(
 
 @app.task(name="capture", queue=ROLE, retry=Backoff(max_attempts=12))
 async def capture_payment(payment_id: str) -> Any:
-    """authorized → succeeded (+ reconcile): capture the PaymentIntent, keyed per payment."""
+    """authorized → succeeded (+ reconcile): capture the PaymentIntent, keyed per request."""
     states = frozenset({"authorized"})
-    acted = await _act(payment_id, states, provider.capture_intent)
+    acted = await _act(payment_id, states, provider.capture_intent, action="capture")
     if acted is None:
         return None
     return await _settle_action(payment_id, states, *acted, action="capture")
@@ -296,8 +301,8 @@ async def capture_payment(payment_id: str) -> Any:
 
 @app.task(name="cancel", queue=ROLE, retry=Backoff(max_attempts=12))
 async def cancel_payment(payment_id: str) -> Any:
-    """authorized | requires_action → canceled: cancel the PaymentIntent, keyed per payment."""
-    acted = await _act(payment_id, CANCEL_AT_PROVIDER, provider.cancel_intent)
+    """authorized | requires_action → canceled: cancel the PaymentIntent, keyed per request."""
+    acted = await _act(payment_id, CANCEL_AT_PROVIDER, provider.cancel_intent, action="cancel")
     if acted is None:
         return None
     return await _settle_action(payment_id, CANCEL_AT_PROVIDER, *acted, action="cancel")

@@ -238,21 +238,27 @@ async def find_intent(payment_id: str) -> Intent | None:
     return min(intents, key=lambda i: _RANK.get(i.status, 9))
 
 
-async def capture_intent(payment_id: str, intent_id: str) -> Intent:
+async def capture_intent(payment_id: str, intent_id: str, request: str) -> Intent:
+    """Capture the intent; `request` names the request this call carries out (one
+    key per request: a retry repeats its call, while a request made again after a refusal
+    is a new call, not a replay of the refusal the provider keeps for the key's lifetime)."""
     return await _call(
         client().v1.payment_intents.capture_async,
         intent_id,
         {},
-        {"idempotency_key": idempotency_key(payment_id, "capture")},
+        {"idempotency_key": idempotency_key(payment_id, f"capture:{request}")},
     )
 
 
-async def cancel_intent(payment_id: str, intent_id: str) -> Intent:
+async def cancel_intent(payment_id: str, intent_id: str, request: str) -> Intent:
+    """Cancel the intent; `request` names the request this call carries out (one
+    key per request: a retry repeats its call, while a request made again after a refusal
+    is a new call, not a replay of the refusal the provider keeps for the key's lifetime)."""
     return await _call(
         client().v1.payment_intents.cancel_async,
         intent_id,
         {},
-        {"idempotency_key": idempotency_key(payment_id, "cancel")},
+        {"idempotency_key": idempotency_key(payment_id, f"cancel:{request}")},
     )
 
 

@@ -79,6 +79,36 @@ async def test_manual_capture_waits_in_authorized_then_capture_moves_it_on(
     assert refused.json()["error"]["code"] == "payment_unexpected_state"
 
 
+async def test_a_capture_asked_for_again_after_a_refusal_is_a_new_call(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider keeps a refusal under its key (24 hours at Stripe) and replays it: a
+    capture asked for again after a refusal must be another call, with its own key, while
+    every retry of one request repeats that request's call."""
+    from tasks import provider
+
+    payment = await authorized(api, agent_key, pool)
+    real = provider.capture_intent
+    requests: list[str] = []
+
+    async def refuse_the_first(payment_id: str, intent_id: str, request: str) -> Any:
+        requests.append(request)
+        if len(requests) == 1:
+            raise provider.Declined("processing_error", "try again later")
+        return await real(payment_id, intent_id, request)
+
+    monkeypatch.setattr(provider, "capture_intent", refuse_the_first)
+    for _ in range(2):
+        asked = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+        assert asked.status_code == 202, asked.text
+        await run_jobs(pool)
+    async with pool.connection() as conn:
+        events = [e["type"] for e in await payments.events(conn, payment["id"])]
+    assert events.count("capture_failed") == 1
+    assert len(requests) == 2 and requests[0] != requests[1]
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+
 async def test_cancel_releases_an_authorized_payment(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
