@@ -268,11 +268,24 @@ REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 
 @dataclass(frozen=True)
 class Refund:
-    """What agentpay needs to know of a provider Refund."""
+    """What agentpay needs to know of a provider Refund. `refund_id`: ours, from its metadata
+    (None for a refund made outside agentpay, e.g. in the Dashboard)."""
 
     id: str
     status: str
     amount: int
+    refund_id: str | None = None
+
+    @classmethod
+    def from_stripe(cls, refund: Any) -> Refund:
+        data = refund if isinstance(refund, dict) else refund.to_dict()
+        ours = (data.get("metadata") or {}).get("refund_id")
+        return cls(
+            id=data["id"],
+            status=data["status"],
+            amount=int(data["amount"]),
+            refund_id=ours if isinstance(ours, str) else None,
+        )
 
 
 async def refund(
@@ -295,7 +308,25 @@ async def refund(
         )
     except stripe.StripeError as error:
         raise _translate(error) from error
-    return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))
+    return Refund.from_stripe(result)
+
+
+async def list_refunds(intent_id: str) -> list[Refund]:
+    """Every refund of a PaymentIntent at the provider, ours and any made elsewhere. Listing
+    is consistent at once (unlike search)."""
+    import stripe
+
+    found: list[Refund] = []
+    params: dict[str, Any] = {"payment_intent": intent_id, "limit": 100}
+    try:
+        while True:
+            page = await client().v1.refunds.list_async(params)
+            found.extend(Refund.from_stripe(item) for item in page.data)
+            if not page.has_more or not page.data:
+                return found
+            params["starting_after"] = page.data[-1]["id"]
+    except stripe.StripeError as error:
+        raise _translate(error, reading=True) from error
 
 
 async def find_refund(intent_id: str, refund_id: str) -> Refund | None:
@@ -303,22 +334,8 @@ async def find_refund(intent_id: str, refund_id: str) -> Refund | None:
 
     Asked before a refund is made: a create whose answer was lost — or that the provider
     keeps answering with a saved error for its key's lifetime (24 hours at Stripe) — may
-    have refunded already, and once the key has expired a second create would refund again.
-    Listing a PaymentIntent's refunds is consistent at once (unlike search)."""
-    import stripe
-
-    params: dict[str, Any] = {"payment_intent": intent_id, "limit": 100}
-    try:
-        while True:
-            page = await client().v1.refunds.list_async(params)
-            for item in (entry.to_dict() for entry in page.data):
-                if (item.get("metadata") or {}).get("refund_id") == refund_id:
-                    return Refund(id=item["id"], status=item["status"], amount=int(item["amount"]))
-            if not page.has_more or not page.data:
-                return None
-            params["starting_after"] = page.data[-1]["id"]
-    except stripe.StripeError as error:
-        raise _translate(error, reading=True) from error
+    have refunded already, and once the key has expired a second create would refund again."""
+    return next((r for r in await list_refunds(intent_id) if r.refund_id == refund_id), None)
 
 
 async def retrieve_refund(provider_refund_id: str) -> Refund:
@@ -329,4 +346,4 @@ async def retrieve_refund(provider_refund_id: str) -> Refund:
         result = await client().v1.refunds.retrieve_async(provider_refund_id)
     except stripe.StripeError as error:
         raise _translate(error, reading=True) from error
-    return Refund(id=result["id"], status=result["status"], amount=int(result["amount"]))
+    return Refund.from_stripe(result)

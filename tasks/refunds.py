@@ -20,6 +20,7 @@ from typing import Any
 from tasks import ledger, money, payments, provider
 from tasks.app import Backoff, TransientError, app, defer, pool
 from tasks.db import Conn
+from tasks.settings import get_settings
 
 ROLE = "charge"
 ACTOR = f"worker:{ROLE}"
@@ -154,9 +155,13 @@ async def _fail(conn: Conn, payment: payments.Payment, refund: Refund, code: str
 
 
 async def _succeed(
-    conn: Conn, payment: payments.Payment, refund: Refund, result: provider.Refund
+    conn: Conn,
+    payment: payments.Payment,
+    refund: Refund,
+    result: provider.Refund,
+    *,
+    reason: str = "refund confirmed by the provider",
 ) -> str:
-    reason = "refund confirmed by the provider"
     # Who and why, for the transition's event and the ledger's posting alike.
     await payments.set_event_context(conn, actor=ACTOR, reason=reason)
     await _mark(
@@ -181,14 +186,7 @@ async def _succeed(
         )
     else:
         payment.update(await payments.update(conn, payment["id"], amount_refunded=refunded))
-        await payments.record_event(
-            conn,
-            payment,
-            "refund",
-            actor=ACTOR,
-            reason="refund confirmed by the provider",
-            data=data,
-        )
+        await payments.record_event(conn, payment, "refund", actor=ACTOR, reason=reason, data=data)
     await ledger.post_refund(conn, payment, refund_id=refund["id"], amount=refund["amount"])
     return to
 
@@ -246,6 +244,79 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
             provider_status=result.status,
         )
     raise TransientError(f"refund {refund_id} is {result.status} at the provider")
+
+
+# --- refunds made outside agentpay ----------------------------------------------------------
+
+SYNC_TASK = "sync_refunds"
+# Webhook events that say a payment's refunds changed at the provider.
+REFUND_EVENTS = frozenset(
+    {"charge.refunded", "charge.refund.updated", "refund.created", "refund.updated"}
+)
+# Where a refund made elsewhere can be taken in; `succeeded` waits for reconcile first.
+SYNCABLE = REFUNDABLE | {"succeeded"}
+OUTSIDE_ACTOR = "provider"
+
+
+@app.task(name=SYNC_TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def sync_refunds(payment_id: str) -> Any:
+    """Take in refunds made at the provider outside agentpay (the Dashboard, Stripe's API
+    with another key): each provider refund of the payment's intent that carries none of our
+    refund ids and has succeeded is recorded as a refund (actor `provider`) and counted as
+    ours are — `amount_refunded`, the payment's status, the ledger. Deferred by the refund
+    webhooks; safe to run any number of times (a provider refund is taken in once, by its
+    id). Ours are left to their own jobs; a pending one of theirs is taken in when a later
+    event says it succeeded. Returns how many were taken in."""
+    async with pool().connection() as conn:
+        payment = await payments.get(conn, payment_id)
+    if payment is None or payment["status"] not in SYNCABLE or not payment["provider_payment_id"]:
+        return None
+    if payment["status"] == "succeeded":
+        # Not reconciled yet (a refund cannot come before): look again once it is.
+        async with pool().connection() as conn:
+            await defer(
+                conn,
+                SYNC_TASK,
+                payment_id=payment_id,
+                schedule_in=get_settings().provider_recheck_seconds,
+            )
+        return None
+    outside = [
+        r
+        for r in await provider.list_refunds(payment["provider_payment_id"])
+        if r.refund_id is None and r.status == "succeeded"
+    ]
+    taken = 0
+    async with pool().connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment_id)
+        if locked is None or locked["status"] not in REFUNDABLE:
+            return None
+        for result in outside:
+            cur = await conn.execute(
+                """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor,
+                                                status, provider_refund_id, provider_status)
+                   VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)
+                   ON CONFLICT (provider_refund_id) DO NOTHING
+                   RETURNING *""",
+                (
+                    payments.new_id("rfd"),
+                    payment_id,
+                    result.amount,
+                    locked["currency"],
+                    "made at the provider",
+                    OUTSIDE_ACTOR,
+                    result.id,
+                    result.status,
+                ),
+            )
+            refund = await cur.fetchone()
+            if refund is None:
+                continue  # taken in already
+            await _succeed(
+                conn, locked, refund, result, reason="refunded at the provider, outside agentpay"
+            )
+            taken += 1
+    return taken
 
 
 def public(refund: Refund) -> dict[str, Any]:

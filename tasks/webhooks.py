@@ -11,8 +11,9 @@ a payment we know defers "reconcile" for it, unless that cannot change anything:
 is in a state reconcile does not act on, or a reconcile (or, while charging, a charge) job for
 it is already waiting. Reconcile reads the provider's
 PaymentIntent itself and never trusts the event's copy of it, so duplicates have one effect
-and events out of order cannot move a payment backwards. Event types we do not act on are
-stored and ignored.
+and events out of order cannot move a payment backwards. A refund event (`charge.refunded`,
+`refund.created`, …) also defers the sync of refunds made outside agentpay, which lists the
+provider's refunds itself. Event types we do not act on are stored and ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
+from tasks import refunds
 from tasks.app import defer
 from tasks.db import Conn
 from tasks.reconcile import RECONCILABLE
@@ -32,7 +34,7 @@ SCHEME = "v1"
 DEFAULT_TOLERANCE = 300
 
 # Event types that can say something about a payment's PaymentIntent.
-HANDLED_PREFIXES = ("payment_intent.", "charge.")
+HANDLED_PREFIXES = ("payment_intent.", "charge.", "refund.")
 # Events that report no outcome: an intent now exists, nothing more. Stored like the others,
 # but they never bring a reconcile — the charge job that created the intent settles it, and
 # a charge left without a job is re-driven by the stuck-payment sweep. (Stripe sends one per
@@ -136,8 +138,10 @@ async def _payment_for(conn: Conn, intent_id: str | None, payment_id: str | None
 
 async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
     """Store a verified event once and, the first time, defer reconcile for its payment when
-    that can change anything (see `_reconcile_needed`). Returns {"duplicate": bool,
-    "payment_id": str | None, "reconcile": bool}. Runs in the caller's transaction."""
+    that can change anything (see `_reconcile_needed`), and for a refund event the sync of
+    refunds made outside agentpay (`tasks.refunds.sync_refunds`). Returns {"duplicate": bool,
+    "payment_id": str | None, "reconcile": bool, "sync_refunds": bool}. Runs in the caller's
+    transaction."""
     event_type = str(event["type"])
     intent_id = _intent_id(event)
     handled = event_type.startswith(HANDLED_PREFIXES)
@@ -161,8 +165,13 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
         ),
     )
     if await cur.fetchone() is None:
-        return {"duplicate": True, "payment_id": payment_id, "reconcile": False}
-    deferred = False
+        return {
+            "duplicate": True,
+            "payment_id": payment_id,
+            "reconcile": False,
+            "sync_refunds": False,
+        }
+    deferred = synced = False
     if (
         handled
         and payment_id is not None
@@ -171,7 +180,35 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
     ):
         await defer(conn, "reconcile", payment_id=payment_id)
         deferred = True
-    return {"duplicate": False, "payment_id": payment_id, "reconcile": deferred}
+    if (
+        payment_id is not None
+        and event_type in refunds.REFUND_EVENTS
+        and await _sync_needed(conn, payment_id)
+    ):
+        await defer(conn, refunds.SYNC_TASK, payment_id=payment_id)
+        synced = True
+    return {
+        "duplicate": False,
+        "payment_id": payment_id,
+        "reconcile": deferred,
+        "sync_refunds": synced,
+    }
+
+
+async def _sync_needed(conn: Conn, payment_id: str) -> bool:
+    """Whether a refund event can bring refunds made elsewhere: the payment can hold them
+    (or will, once reconciled) and no sync job for it is waiting already."""
+    cur = await conn.execute(
+        """SELECT p.status = ANY(%s)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs j
+                       WHERE j.status = 'todo' AND j.task_name = %s
+                         AND j.args->>'payment_id' = p.id) AS needed
+             FROM payment_jobs p WHERE p.id = %s""",
+        (sorted(refunds.SYNCABLE), refunds.SYNC_TASK, payment_id),
+    )
+    row = await cur.fetchone()
+    return bool(row and row["needed"])
 
 
 async def _reconcile_needed(conn: Conn, payment_id: str) -> bool:

@@ -19,7 +19,7 @@ from sandbox.webhooks import sign_payload
 from tasks import charge, payments, webhooks
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import WEBHOOK_SECRET, async_wait_for, run_jobs, wait_for
+from tests.conftest import WEBHOOK_SECRET, async_wait_for, auth, run_jobs, wait_for
 from tests.test_pipeline import create, fetch
 from workers.devstack import free_port
 
@@ -254,6 +254,7 @@ async def test_an_intent_created_event_is_stored_but_brings_no_reconcile(
         "duplicate": False,
         "payment_id": created["id"],
         "reconcile": False,
+        "sync_refunds": False,
     }
     assert [(e["type"], e["payment_id"], e["handled"]) for e in await stored(pool)] == [
         ("payment_intent.created", created["id"], True)
@@ -264,6 +265,71 @@ async def test_an_intent_created_event_is_stored_but_brings_no_reconcile(
         {**EVENT, "id": "evt_succeeded", "data": {"object": {**intent, "status": "succeeded"}}},
     )
     assert outcome.json()["reconcile"] is True
+
+
+async def test_a_refund_made_outside_agentpay_is_taken_in_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Refunded in the Dashboard: the refund event brings a sync that records the provider's
+    refund as one of the payment's (amount, status, ledger), once, beside agentpay's own."""
+    from tasks import refunds
+    from tests.test_capture_refund import SK, provider_refunds, reconciled
+    from tests.test_ledger import assert_ledger_sound
+
+    payment = await reconciled(api, agent_key, pool)
+    pid, intent_id = payment["id"], payment["provider_payment_id"]
+    ours = await api.post(
+        f"/v1/payments/{pid}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert ours.status_code == 202
+    await run_jobs(pool)
+    outside = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": intent_id, "amount": "300"},
+        headers=SK,
+    ).json()
+    assert outside["status"] == "succeeded"
+    charge = {"id": "ch_x", "object": "charge", "payment_intent": intent_id, "metadata": {}}
+    event = {**EVENT, "id": "evt_refunded", "type": "charge.refunded", "data": {"object": charge}}
+    answers = [(await post_event(api, event)).json() for _ in range(2)]
+    assert [(a["duplicate"], a["sync_refunds"]) for a in answers] == [(False, True), (True, False)]
+    updated = await post_event(
+        api,
+        {
+            **event,
+            "id": "evt_updated",
+            "type": "refund.updated",
+            "data": {"object": {**outside, "object": "refund"}},
+        },
+    )
+    assert updated.json()["payment_id"] == pid
+    assert updated.json()["sync_refunds"] is False  # one is waiting already
+    await run_jobs(pool)
+
+    after = await fetch(api, agent_key, pid)
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 800)
+    async with pool.connection() as conn:
+        rows = await refunds.for_payment(conn, pid)
+        assert await refunds.sync_refunds.func(pid) == 0  # taken in once
+    assert [(r["amount"], r["status"]) for r in rows] == [(500, "succeeded"), (300, "succeeded")]
+    assert rows[0]["actor"] != "provider" and rows[1]["actor"] == "provider"
+    assert rows[1]["provider_refund_id"] == outside["id"]
+    # What remains is what the provider has not refunded.
+    rest = await api.post(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))
+    assert rest.status_code == 202 and rest.json()["amount"] == 1200
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, pid)
+    assert (after["status"], after["amount_refunded"]) == ("refunded", 2000)
+    assert sum(r["amount"] for r in provider_refunds(provider_base, intent_id)) == 2000
+    async with pool.connection() as conn:
+        await assert_ledger_sound(conn)
+        cur = await conn.execute(
+            "SELECT sum(amount) AS n FROM ledger_transactions t JOIN ledger_entries e"
+            " ON e.transaction_id = t.id WHERE t.payment_id = %s AND t.kind = 'refund'"
+            " AND e.amount > 0",
+            (pid,),
+        )
+        assert (await cur.fetchone())["n"] == 2000  # every refund went back to its source
 
 
 # --- the sandbox delivering to the API over HTTP -------------------------------------------
