@@ -155,6 +155,9 @@ class _Base:
 
     @staticmethod
     def _retryable(response: httpx.Response) -> bool:
+        if response.status_code == 409:
+            # The same key was in progress elsewhere: the same request again is safe.
+            return response.headers.get("Retry-After") is not None
         return response.status_code in RETRY_STATUSES or response.status_code >= 500
 
     @staticmethod

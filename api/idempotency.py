@@ -233,7 +233,15 @@ class Idempotency:
                     param=HEADER,
                 )
             raise Replay(row["response_status"], row["body"])
-        raise ApiError(409, "idempotency_key_busy", "Try again.", type_="idempotency_error")
+        raise ApiError(
+            409,
+            "idempotency_key_busy",
+            "Another request with this Idempotency-Key was in progress; send this one again, "
+            "with the same key, after Retry-After seconds.",
+            type_="idempotency_error",
+            param=HEADER,
+            headers={"Retry-After": "1"},
+        )
 
 
 async def idempotency(

@@ -117,6 +117,44 @@ async def test_retries_429_and_5xx_honouring_retry_after() -> None:
     assert 0 <= delays[1] <= client.backoff * 2
 
 
+async def test_a_busy_key_is_retried_and_a_reused_key_is_not() -> None:
+    """409 with Retry-After (the same key in progress elsewhere) is sent again with the same
+    key; a 409 without it (the key reused for another request) is the caller's to fix."""
+    error = {"type": "idempotency_error", "param": "Idempotency-Key", "message": "m"}
+    listed = {"object": "list", "data": [], "has_more": False, "url": "/v1/payments"}
+    for first, retried in (
+        (
+            httpx.Response(
+                409,
+                headers={"Retry-After": "0"},
+                json={"error": {**error, "code": "idempotency_key_busy"}},
+            ),
+            True,
+        ),
+        (httpx.Response(409, json={"error": {**error, "code": "idempotency_key_reused"}}), False),
+    ):
+        seen: list[httpx.Request] = []
+
+        def handler(
+            request: httpx.Request, first: httpx.Response = first, seen: list[httpx.Request] = seen
+        ) -> httpx.Response:
+            seen.append(request)
+            return first if len(seen) == 1 else httpx.Response(200, json=listed)
+
+        async def no_wait(seconds: float) -> None:
+            return None
+
+        async with AsyncAgentPay(
+            "http://x", "apk_k", transport=httpx.MockTransport(handler), sleep=no_wait
+        ) as client:
+            if retried:
+                assert (await client.list_payments()).data == []
+            else:
+                with pytest.raises(AgentPayError):
+                    await client.list_payments()
+        assert len(seen) == (2 if retried else 1)
+
+
 async def test_an_id_stays_one_path_segment() -> None:
     """An id an agent made up ("../agents", "x?y") names no other route."""
     seen: list[bytes] = []

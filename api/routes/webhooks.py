@@ -2,8 +2,9 @@
 
 The signature is checked (tasks/webhooks.py: Stripe's scheme, without loading stripe), the
 event is stored once by its id and reconcile (for a refund event, also the sync of refunds
-made outside agentpay) is deferred for its payment, in one short transaction; the answer goes back at once. A bad or stale signature is a 400 in the usual
-error shape; an event type we do not act on is stored and answered 200.
+made outside agentpay) is deferred for its payment, in one short transaction; the answer goes
+back at once. A bad or stale signature is a 400 in the usual error shape; an event type we do
+not act on is stored and answered 200.
 """
 
 from __future__ import annotations
