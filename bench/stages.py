@@ -141,6 +141,15 @@ def baseline_stage(server: BenchServer, *, jobs: int, concurrency: int = 10) -> 
 # -- 3. enqueue ---------------------------------------------------------------------------------
 
 
+# The per-agent rate limit stays on (every POST still takes its token: that is part of the
+# cost measured) but so high that it never refuses: the stage measures capacity, not policy
+# (with the default 100/s an agent, a fast machine answers four clients faster than that).
+UNBINDING_RATE_LIMIT = {
+    "AGENTPAY_API_RATE_LIMIT_PER_SECOND": "1000000",
+    "AGENTPAY_API_RATE_LIMIT_BURST": "1000000",
+}
+
+
 def enqueue_stage(
     server: BenchServer,
     *,
@@ -157,7 +166,7 @@ def enqueue_stage(
     api = Process.start(
         [sys.executable, "-m", "workers", "api", "--port", str(api_port)],
         log_dir / "enqueue-api.log",
-        {"DATABASE_URL": url, "AGENTPAY_DATA_DIR": str(log_dir)},
+        {"DATABASE_URL": url, "AGENTPAY_DATA_DIR": str(log_dir), **UNBINDING_RATE_LIMIT},
     )
     api_url = f"http://127.0.0.1:{api_port}"
     try:

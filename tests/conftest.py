@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -76,10 +77,12 @@ class PgServer:
         self.external = os.environ.get("DATABASE_URL")
         self.embedded: EmbeddedPostgres | None = None
         self._counter = itertools.count()
+        self._dir: Path | None = None
 
     def start(self) -> None:
         if not self.external:
-            self.embedded = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="ap")))
+            self._dir = Path(tempfile.mkdtemp(prefix="ap"))
+            self.embedded = EmbeddedPostgres(self._dir)
             self.embedded.start()
 
     @property
@@ -117,6 +120,8 @@ class PgServer:
     def stop(self) -> None:
         if self.embedded:
             self.embedded.cleanup()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)  # ~70 MB a session otherwise
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ run do), and gone once let go of."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from workers.pg import EmbeddedPostgres
 
 
 def test_a_restarted_server_answers_again_and_stops_with_its_owner() -> None:
-    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="appg")))
+    data_dir = Path(tempfile.mkdtemp(prefix="appg"))
+    pg = EmbeddedPostgres(data_dir)
     url = pg.start()
     try:
         pg.stop_server()
@@ -27,3 +29,4 @@ def test_a_restarted_server_answers_again_and_stops_with_its_owner() -> None:
     assert not (pg.pgdata / "postmaster.pid").exists()
     with pytest.raises(psycopg.OperationalError):
         psycopg.connect(url, connect_timeout=2)
+    shutil.rmtree(data_dir)

@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,6 +170,7 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
     finally:
         dev.send_signal(signal.SIGTERM)
         output = dev.communicate(timeout=60)[0].decode(errors="replace")
+        shutil.rmtree(data_dir, ignore_errors=True)
     assert dev.returncode == 0, output
     assert not stack_file.exists()
     # Nothing it started is left running: the API port is free again.

@@ -4,6 +4,7 @@ lets a running job finish, and a Postgres restart under load needs no process re
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,11 +237,13 @@ async def test_sigterm_lets_the_running_job_finish(
 @pytest.fixture
 def outage_pg() -> Iterator[tuple[EmbeddedPostgres, str]]:
     """A Postgres of this test's own, to stop and start."""
-    pg = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="apout", dir="/tmp")))
+    data_dir = Path(tempfile.mkdtemp(prefix="apout", dir="/tmp"))
+    pg = EmbeddedPostgres(data_dir)
     url = pg.start()
     schema.migrate(url)
     yield pg, url
     pg.cleanup()
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 async def test_postgres_restart_under_load_needs_no_process_restart(
