@@ -195,6 +195,8 @@ class RoleWorker:
 
     def stop(self) -> None:
         """Stop claiming; running jobs finish; `run()` returns."""
+        if not self._stopping.is_set():
+            log.info("stopping: no new jobs; running ones may finish", extra={"role": self.role})
         self._stopping.set()
         if self._worker is not None:
             self._worker.stop()
@@ -255,6 +257,7 @@ class RoleWorker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await maintenance
                 await provider.connections.close()
+        log.info("stopped", extra={"role": self.role})
 
 
 async def run_role(role: str, *, concurrency: int | None = None) -> None:
