@@ -62,6 +62,14 @@ def start(
 LOGS: dict[int, Path] = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _remove_logs() -> Iterator[None]:
+    """The processes' log files go once the module's tests are done (they are read on failure)."""
+    yield
+    for path in LOGS.values():
+        path.unlink(missing_ok=True)
+
+
 def tail(process: subprocess.Popen[bytes]) -> str:
     path = LOGS.get(process.pid)
     return path.read_text(errors="replace")[-3000:] if path else ""
