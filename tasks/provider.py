@@ -238,28 +238,24 @@ async def find_intent(payment_id: str) -> Intent | None:
     return min(intents, key=lambda i: _RANK.get(i.status, 9))
 
 
-async def capture_intent(payment_id: str, intent_id: str, request: str) -> Intent:
-    """Capture the intent; `request` names the request this call carries out (one
-    key per request: a retry repeats its call, while a request made again after a refusal
-    is a new call, not a replay of the refusal the provider keeps for the key's lifetime)."""
+async def _intent_action(action: str, payment_id: str, intent_id: str, request: str) -> Intent:
+    """Capture or cancel an intent. `request` names the request this call carries out: one
+    key per request, so a retry repeats its call while the action asked for again after a
+    refusal is a new call, not a replay of the refusal the provider keeps for 24 hours."""
     return await _call(
-        client().v1.payment_intents.capture_async,
+        getattr(client().v1.payment_intents, f"{action}_async"),
         intent_id,
         {},
-        {"idempotency_key": idempotency_key(payment_id, f"capture:{request}")},
+        {"idempotency_key": idempotency_key(payment_id, f"{action}:{request}")},
     )
+
+
+async def capture_intent(payment_id: str, intent_id: str, request: str) -> Intent:
+    return await _intent_action("capture", payment_id, intent_id, request)
 
 
 async def cancel_intent(payment_id: str, intent_id: str, request: str) -> Intent:
-    """Cancel the intent; `request` names the request this call carries out (one
-    key per request: a retry repeats its call, while a request made again after a refusal
-    is a new call, not a replay of the refusal the provider keeps for the key's lifetime)."""
-    return await _call(
-        client().v1.payment_intents.cancel_async,
-        intent_id,
-        {},
-        {"idempotency_key": idempotency_key(payment_id, f"cancel:{request}")},
-    )
+    return await _intent_action("cancel", payment_id, intent_id, request)
 
 
 # The refund reasons Stripe accepts; any other reason of ours stays in our records only.
