@@ -3,6 +3,8 @@ lets a running job finish, and a Postgres restart under load needs no process re
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -128,6 +130,26 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
         process.kill()
         process.wait(5)
         return -9
+
+
+async def test_a_stop_that_hangs_reports_what_it_waits_for(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past the grace period a stopping worker logs each task it still waits on, down to
+    the await it is stuck in."""
+    from workers import worker as role_worker
+
+    async def stuck_job() -> None:
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(stuck_job(), name="stuck-job")
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR, logger="agentpay.worker"):
+        role_worker._report_slow_stop()
+    task.cancel()
+    [record] = [r for r in caplog.records if r.message == "still stopping after the grace period"]
+    [stuck] = [t for t in record.tasks if t.startswith("stuck-job:")]  # type: ignore[attr-defined]
+    assert "stuck_job (test_resilience.py:" in stuck and "-> sleep (" in stuck
 
 
 async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(

@@ -181,6 +181,26 @@ async def _record_failure(
         log.exception("could not record the job's failure", extra={"job_id": job.id})
 
 
+# Seconds a stop may take beyond the shutdown grace before the process reports its tasks.
+STOP_SLACK_SECONDS = 10.0
+
+
+def _report_slow_stop() -> None:
+    """Log every task the process still waits on, with its stack (a stop that hangs)."""
+    stacks = []
+    for task in asyncio.all_tasks():
+        where = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:  # down the chain of awaits, to where it waits
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is not None:
+                name = frame.f_code.co_filename.rsplit("/", 1)[-1]
+                where.append(f"{frame.f_code.co_name} ({name}:{frame.f_lineno})")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        stacks.append(f"{task.get_name()}: {' -> '.join(where) or 'done'}")
+    log.error("still stopping after the grace period", extra={"tasks": stacks})
+
+
 class RoleWorker:
     def __init__(
         self, role: str, *, concurrency: int | None = None, settings: Settings | None = None
@@ -197,6 +217,11 @@ class RoleWorker:
         """Stop claiming; running jobs finish; `run()` returns."""
         if not self._stopping.is_set():
             log.info("stopping: no new jobs; running ones may finish", extra={"role": self.role})
+            # A stop should take the grace period and a few seconds more; if it takes
+            # longer, say what the process is still waiting for.
+            asyncio.get_running_loop().call_later(
+                self.settings.shutdown_grace_seconds + STOP_SLACK_SECONDS, _report_slow_stop
+            )
         self._stopping.set()
         if self._worker is not None:
             self._worker.stop()
