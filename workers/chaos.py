@@ -279,13 +279,19 @@ async def _drain(pool: Pool, plan: list[Tracked], within: float) -> None:
     wanted = {t.id: SCENARIOS[t.scenario][1] for t in plan if t.id}
     while time.monotonic() < deadline:
         async with pool.connection() as conn:
+            # Each payment in its own scenario's state (a refund retried later with backoff
+            # leaves its payment `reconciled`: that is not the end of a refund scenario),
+            # or in a final state it cannot leave; and no job due now.
             cur = await conn.execute(
-                """SELECT (SELECT count(*) FROM payment_jobs WHERE id = ANY(%s)
-                             AND status <> ALL(%s)) AS moving,
+                """SELECT (SELECT count(*) FROM payment_jobs p
+                             JOIN unnest(%s::text[], %s::text[]) AS w(id, wanted) USING (id)
+                            WHERE p.status <> w.wanted
+                              AND p.status NOT IN ('failed', 'rejected', 'canceled',
+                                                   'refunded')) AS moving,
                           (SELECT count(*) FROM procrastinate_jobs
                             WHERE status IN ('todo', 'doing')
                               AND (scheduled_at IS NULL OR scheduled_at < now())) AS jobs""",
-                (list(wanted), sorted(set(wanted.values()) | {"failed", "rejected", "canceled"})),
+                (list(wanted), list(wanted.values())),
             )
             row = await cur.fetchone()
         if row is not None and row["moving"] == 0 and row["jobs"] == 0:
