@@ -304,6 +304,33 @@ def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -
     assert job == {"status": "cancelled"}
 
 
+async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(
+    pool: Pool,
+) -> None:
+    """A payment whose job failed for good does not change, so its age alone would have the
+    sweep re-drive it every maintenance round: it waits a sweep period after each failure."""
+    from workers.maintenance import sweep_stuck_payments
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "failing-agent")
+        payment = await _payment(conn, agent.id)
+        job_id = await _claim(conn, "pricing")
+        await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'failed', false)", (job_id,))
+        await conn.execute("SET LOCAL session_replication_role = replica")  # no triggers
+        await conn.execute(
+            "UPDATE payment_jobs SET updated_at = now() - interval '1 hour' WHERE id = %s",
+            (payment["id"],),
+        )
+    assert await sweep_stuck_payments(pool, older_than=600) == []  # failed a moment ago
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE procrastinate_events SET at = now() - interval '1 hour' WHERE job_id = %s",
+            (job_id,),
+        )
+    assert await sweep_stuck_payments(pool, older_than=600) == [payment["id"]]
+    assert await sweep_stuck_payments(pool, older_than=600) == []  # its new job waits
+
+
 async def test_pruning_deletes_finished_jobs_after_their_retention(
     pool: Pool, settings: Settings, agent_key: str, api: httpx.AsyncClient
 ) -> None:

@@ -16,6 +16,7 @@ import logging
 from datetime import UTC, datetime
 
 import procrastinate
+from psycopg import sql
 
 from tasks.app import defer
 from tasks.db import Pool
@@ -55,21 +56,33 @@ async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> l
     return rescued
 
 
+# No job for the payment waiting or running, and none of its jobs failed within the last
+# `older_than` seconds: a job that fails for good (a bad key, a bug) is run again once per
+# sweep period, not every maintenance round. (The payment itself does not change when its
+# job fails, so its `updated_at` alone says nothing about the last try.)
+_NO_JOB_LATELY = sql.SQL("""NOT EXISTS (
+                     SELECT 1 FROM procrastinate_jobs j
+                     WHERE j.args->>'payment_id' = p.id
+                       AND (j.status IN ('todo', 'doing')
+                            OR (j.status = 'failed' AND EXISTS (
+                                SELECT 1 FROM procrastinate_events e
+                                 WHERE e.job_id = j.id AND e.type = 'failed'
+                                   AND e.at > now() - make_interval(secs => %(older)s)))))""")
+
+
 async def sweep_stuck_payments(pool: Pool, older_than: float) -> list[str]:
     """Re-drive payments that sit in a non-final state longer than `older_than` seconds with
     no job waiting or running for them (a job that failed for good, a lost deferral)."""
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            """SELECT p.id, p.status FROM payment_jobs p
-               WHERE p.status = ANY(%s)
-                 AND p.updated_at < now() - make_interval(secs => %s)
-                 AND NOT EXISTS (
-                     SELECT 1 FROM procrastinate_jobs j
-                     WHERE j.args->>'payment_id' = p.id AND j.status IN ('todo', 'doing'))
+            sql.SQL("""SELECT p.id, p.status FROM payment_jobs p
+               WHERE p.status = ANY(%(states)s)
+                 AND p.updated_at < now() - make_interval(secs => %(older)s)
+                 AND {no_job_lately}
                ORDER BY p.updated_at
                LIMIT 500
-               FOR UPDATE OF p SKIP LOCKED""",
-            (list(NEXT_ROLE), older_than),
+               FOR UPDATE OF p SKIP LOCKED""").format(no_job_lately=_NO_JOB_LATELY),
+            {"states": list(NEXT_ROLE), "older": older_than},
         )
         stuck = await cur.fetchall()
         for row in stuck:
@@ -117,19 +130,17 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     redriven: list[str] = []
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            """SELECT p.id, CASE WHEN p.cancel_requested_at IS NOT NULL THEN 'cancel'
+            sql.SQL("""SELECT p.id, CASE WHEN p.cancel_requested_at IS NOT NULL THEN 'cancel'
                                  ELSE 'capture' END AS task
                FROM payment_jobs p
                WHERE p.status IN ('authorized', 'requires_action')
                  AND (p.capture_requested_at IS NOT NULL OR p.cancel_requested_at IS NOT NULL)
-                 AND p.updated_at < now() - make_interval(secs => %s)
-                 AND NOT EXISTS (
-                     SELECT 1 FROM procrastinate_jobs j
-                     WHERE j.args->>'payment_id' = p.id AND j.status IN ('todo', 'doing'))
+                 AND p.updated_at < now() - make_interval(secs => %(older)s)
+                 AND {no_job_lately}
                ORDER BY p.updated_at
                LIMIT 500
-               FOR UPDATE OF p SKIP LOCKED""",
-            (older_than,),
+               FOR UPDATE OF p SKIP LOCKED""").format(no_job_lately=_NO_JOB_LATELY),
+            {"older": older_than},
         )
         for row in await cur.fetchall():
             await defer(conn, row["task"], payment_id=row["id"])
@@ -140,12 +151,16 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
                  AND r.updated_at < now() - make_interval(secs => %s)
                  AND NOT EXISTS (
                      SELECT 1 FROM procrastinate_jobs j
-                     WHERE j.args->>'payment_id' = r.payment_id
-                       AND j.args->>'refund_id' = r.id AND j.status IN ('todo', 'doing'))
+                     WHERE j.args->>'payment_id' = r.payment_id AND j.args->>'refund_id' = r.id
+                       AND (j.status IN ('todo', 'doing')
+                            OR (j.status = 'failed' AND EXISTS (
+                                SELECT 1 FROM procrastinate_events e
+                                 WHERE e.job_id = j.id AND e.type = 'failed'
+                                   AND e.at > now() - make_interval(secs => %s)))))
                ORDER BY r.created_at
                LIMIT 500
                FOR UPDATE OF r SKIP LOCKED""",
-            (older_than,),
+            (older_than, older_than),
         )
         for row in await cur.fetchall():
             await defer(conn, "refund", payment_id=row["payment_id"], refund_id=row["id"])
