@@ -54,3 +54,17 @@ def test_sandbox_and_schema_import_nothing_of_ours() -> None:
     for package in ("sandbox", "schema"):
         for path in (ROOT / package).rglob("*.py"):
             assert not imported_modules(path) & ours, path
+
+
+def test_the_procfile_runs_each_role_alone_and_serves_on_every_interface() -> None:
+    """One process type per role (each scales alone); the web process listens on every
+    interface, or a platform's router could not reach it (`agentpay api` alone binds
+    127.0.0.1)."""
+    from tasks.settings import ROLES
+
+    lines = dict(
+        line.split(": ", 1) for line in (ROOT / "Procfile").read_text().splitlines() if line
+    )
+    assert set(lines) == {"web", *ROLES}
+    assert all(lines[role] == f"agentpay worker {role}" for role in ROLES)
+    assert "agentpay api --host 0.0.0.0 --port ${PORT:-8000}" in lines["web"]
