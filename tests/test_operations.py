@@ -331,6 +331,33 @@ async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(
     assert await sweep_stuck_payments(pool, older_than=600) == []  # its new job waits
 
 
+async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
+    pool: Pool, settings: Settings
+) -> None:
+    """A worker killed mid-job: maintenance puts its job back and removes its row, so no
+    dead worker is counted as stalled for ever; a live worker's row stays."""
+    from tasks.app import app
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "dead-worker-agent")
+        await _payment(conn, agent.id)
+        job_id = await _claim(conn, "pricing")  # claimed by a fake worker
+        await conn.execute(
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour'"
+        )
+        cur = await conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
+        alive = (await cur.fetchone())["id"]
+    s = settings.model_copy(update={"stalled_after_seconds": 60.0})
+    assert await Maintenance(app, pool, s).run_once()
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM procrastinate_workers")
+        assert [r["id"] for r in await cur.fetchall()] == [alive]
+        cur = await conn.execute(
+            "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
+        )
+        assert await cur.fetchone() == {"status": "todo"}
+
+
 async def test_pruning_deletes_finished_jobs_after_their_retention(
     pool: Pool, settings: Settings, agent_key: str, api: httpx.AsyncClient
 ) -> None:

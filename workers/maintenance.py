@@ -228,6 +228,9 @@ class Maintenance:
             if not (row and row["mine"]):
                 return False
             await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
+            # Their workers are gone: without this their rows stay until some worker starts,
+            # and `agentpay status` and the `stalled` gauge count them as stalled workers.
+            await self.app.job_manager.prune_stalled_workers(s.stalled_after_seconds)
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
