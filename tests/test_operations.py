@@ -465,6 +465,29 @@ async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> 
         await conn.execute("DELETE FROM procrastinate_jobs WHERE id = %s", (job_id,))
 
 
+async def test_pruning_keeps_a_job_that_failed_again_lately(pool: Pool) -> None:
+    """Failed 8 days ago, retried, failed again a moment ago: its retention starts again."""
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            """INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)
+               VALUES ('reconcile', 'reconcile', 'failed', '{"payment_id": "pay_again"}')
+               RETURNING id"""
+        )
+        job_id = (await cur.fetchone())["id"]
+        await conn.execute(
+            """INSERT INTO procrastinate_events (job_id, type, at)
+               VALUES (%s, 'failed', now() - interval '8 days'), (%s, 'failed', now())""",
+            (job_id, job_id),
+        )
+    assert await prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400) == 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE id = %s", (job_id,)
+        )
+        assert await cur.fetchone() == {"n": 1}
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE id = %s", (job_id,))
+
+
 async def _count(pool: Pool, table: str) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute(f"SELECT count(*) AS n FROM {table}")

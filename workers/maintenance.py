@@ -191,6 +191,11 @@ async def prune_finished_jobs(
                           AND e.type::text = ANY(%(statuses)s)
                           AND e.at < now() - make_interval(secs => %(keep)s)
                           AND j.status::text = ANY(%(statuses)s)
+                          -- Finished long ago and not since (a job retried and finished
+                          -- again has a newer event: its retention starts again).
+                          AND NOT EXISTS (SELECT 1 FROM procrastinate_events n
+                                           WHERE n.job_id = j.id
+                                             AND n.at >= now() - make_interval(secs => %(keep)s))
                           AND NOT EXISTS (SELECT 1 FROM procrastinate_periodic_defers d
                                            WHERE d.job_id = j.id)
                         ORDER BY e.at
