@@ -358,6 +358,42 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
         assert await cur.fetchone() == {"status": "todo"}
 
 
+async def test_stuck_requests_wait_on_the_fleet(pool: Pool) -> None:
+    """A capture asked for and a refund left pending are the fleet's to move (the alert on
+    waiting_on = 'fleet' must see them); an authorized payment nobody asked to capture waits
+    on its agent."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "requests-agent")
+        asked, refunding, holding = [await _payment(conn, agent.id) for _ in range(3)]
+        await conn.execute("SET LOCAL session_replication_role = replica")  # states by hand
+        old = "now() - interval '1 hour'"
+        await conn.execute(
+            f"""UPDATE payment_jobs SET status = 'authorized', updated_at = {old},
+                       capture_requested_at = CASE WHEN id = %s THEN now() END
+                 WHERE id = ANY(%s)""",
+            (asked["id"], [asked["id"], holding["id"]]),
+        )
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'reconciled', amount_total = 500 WHERE id = %s",
+            (refunding["id"],),
+        )
+        await conn.execute(
+            f"""INSERT INTO payment_refunds (id, payment_id, amount, currency, actor, updated_at)
+                VALUES ('rfd_stuck', %s, 500, 'usd', 'test', {old})""",
+            (refunding["id"],),
+        )
+        await conn.execute("DELETE FROM procrastinate_jobs")
+        cur = await conn.execute(
+            "SELECT payment_id, status, waiting_on FROM ops_stuck_payments ORDER BY status"
+        )
+        rows = await cur.fetchall()
+    assert {r["payment_id"]: (r["status"], r["waiting_on"]) for r in rows} == {
+        asked["id"]: ("authorized", "fleet"),
+        holding["id"]: ("authorized", "agent"),
+        refunding["id"]: ("reconciled", "fleet"),
+    }
+
+
 async def test_pruning_deletes_finished_jobs_after_their_retention(
     pool: Pool, settings: Settings, agent_key: str, api: httpx.AsyncClient
 ) -> None:
