@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 from typer.testing import CliRunner
@@ -302,6 +303,31 @@ def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -
         ("transition", "canceled"),
     ]
     assert job == {"status": "cancelled"}
+
+
+async def test_retrying_a_failed_job_gives_it_whole_retries_unless_its_work_is_back(
+    pool: Pool,
+) -> None:
+    """An operator's retry of a failed job: refused while another job already does the same
+    work (the sweep may have put it back: two would race); else the job is back with its
+    attempts at 0 (a job that had used them all would fail for good at its first glitch)."""
+    from api.routes.ops import Refused, retry_job
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "retry-agent")
+        payment = await _payment(conn, agent.id)
+        job_id = await _claim(conn, "pricing")
+        await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'failed', false)", (job_id,))
+        await conn.execute("UPDATE procrastinate_jobs SET attempts = 12 WHERE id = %s", (job_id,))
+        await defer(conn, "pricing", payment_id=payment["id"])  # the sweep's re-drive
+    with pytest.raises(Refused) as refused:
+        async with pool.connection() as conn, conn.transaction():
+            await retry_job(conn, job_id, actor="operator:test")
+    assert refused.value.code == "conflict"
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE id <> %s", (job_id,))
+        job = await retry_job(conn, job_id, actor="operator:test")
+    assert (job["status"], job["attempts"]) == ("todo", 0)
 
 
 async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(

@@ -84,14 +84,33 @@ async def _record_job_action(
 async def retry_job(
     conn: Conn, job_id: int, *, actor: str, reason: str | None = None
 ) -> dict[str, Any]:
-    """Run a job again now: a failed job goes back to the queue; a waiting job scheduled for
-    later becomes due now. A running job is refused (if its worker died, the stalled-job
-    rescue puts it back by itself). Runs in the caller's transaction."""
+    """Run a job again now: a failed job goes back to the queue with its retries whole (unless
+    another job already does the same work: refused); a waiting job scheduled for later
+    becomes due now. A running job is refused (if its worker died, the stalled-job rescue
+    puts it back by itself). Runs in the caller's transaction."""
     job = await _lock_job(conn, job_id)
     if job["status"] == "failed":
+        cur = await conn.execute(
+            """SELECT o.id FROM procrastinate_jobs o, procrastinate_jobs j
+                WHERE j.id = %s AND o.id <> j.id AND o.task_name = j.task_name
+                  AND o.args = j.args AND o.status IN ('todo', 'doing')
+                LIMIT 1""",
+            (job_id,),
+        )
+        other = await cur.fetchone()
+        if other is not None:
+            # The sweep (or someone) has put the same work back already: two would race.
+            raise Refused(
+                "conflict",
+                f"Job {other['id']} already does this work (waiting or running); "
+                f"job {job_id} stays failed.",
+            )
+        # Back in the queue with its retries whole again: procrastinate counts the failed
+        # tries, and a job that used them all would fail for good at its first glitch.
         await conn.execute(
             "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", (job_id,)
         )
+        await conn.execute("UPDATE procrastinate_jobs SET attempts = 0 WHERE id = %s", (job_id,))
     elif job["status"] == "todo":
         await conn.execute(
             "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE id = %s", (job_id,)
