@@ -324,10 +324,20 @@ async def test_retrying_a_failed_job_gives_it_whole_retries_unless_its_work_is_b
         async with pool.connection() as conn, conn.transaction():
             await retry_job(conn, job_id, actor="operator:test")
     assert refused.value.code == "conflict"
+
+    async def failed_last_hour() -> int:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT failed_last_hour AS n FROM ops_queue_depth WHERE role = 'pricing'"
+            )
+            return int((await cur.fetchone())["n"])
+
+    assert await failed_last_hour() == 1
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("DELETE FROM procrastinate_jobs WHERE id <> %s", (job_id,))
         job = await retry_job(conn, job_id, actor="operator:test")
     assert (job["status"], job["attempts"]) == ("todo", 0)
+    assert await failed_last_hour() == 0  # retried after the fix: the alert clears
 
 
 async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(

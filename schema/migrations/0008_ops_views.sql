@@ -5,6 +5,10 @@
 -- `agentpay_stuck_payments{waiting_on="fleet"}` alert covers them, as docs/operations.md
 -- says. Same columns as before; a payment with a pending refund is stuck since that refund
 -- last changed.
+--
+-- And ops_queue_depth.failed_last_hour counts jobs that failed within the hour and are still
+-- failed (it counted failure events: a job that failed twice counted twice, and one an
+-- operator had retried after fixing the cause kept the alert firing for the hour).
 
 CREATE OR REPLACE VIEW ops_stuck_payments AS
 WITH candidates AS (
@@ -54,3 +58,43 @@ SELECT p.id AS payment_id,
        ORDER BY j.id DESC LIMIT 1
   ) job ON true
  ORDER BY p.since;
+
+CREATE OR REPLACE VIEW ops_queue_depth AS
+WITH live AS (
+    SELECT queue_name,
+           count(*) FILTER (WHERE status = 'todo'
+                              AND (scheduled_at IS NULL OR scheduled_at <= now())) AS waiting,
+           count(*) FILTER (WHERE status = 'todo' AND scheduled_at > now()) AS scheduled,
+           count(*) FILTER (WHERE status = 'doing') AS running,
+           min(id) FILTER (WHERE status = 'todo' AND scheduled_at IS NULL) AS oldest_id,
+           min(scheduled_at) FILTER (WHERE status = 'todo' AND scheduled_at <= now())
+               AS oldest_scheduled_at
+      FROM procrastinate_jobs
+     WHERE status IN ('todo', 'doing')
+     GROUP BY queue_name
+), failed AS (
+    SELECT j.queue_name, count(DISTINCT j.id) AS failed_last_hour
+      FROM procrastinate_events e
+      JOIN procrastinate_jobs j ON j.id = e.job_id
+     WHERE e.type = 'failed'
+       AND e.at > now() - interval '1 hour'
+       AND j.status = 'failed'
+     GROUP BY j.queue_name
+), queues AS (
+    SELECT role AS queue_name, position FROM ops_roles
+    UNION
+    SELECT queue_name, 100 FROM live WHERE queue_name NOT IN (SELECT role FROM ops_roles)
+)
+SELECT q.queue_name AS role,
+       coalesce(l.waiting, 0)::bigint AS waiting,
+       coalesce(l.scheduled, 0)::bigint AS scheduled,
+       coalesce(l.running, 0)::bigint AS running,
+       coalesce(extract(epoch FROM now() - least(
+           (SELECT e.at FROM procrastinate_events e
+             WHERE e.job_id = l.oldest_id AND e.type = 'deferred' ORDER BY e.id LIMIT 1),
+           l.oldest_scheduled_at)), 0)::double precision AS oldest_waiting_seconds,
+       coalesce(f.failed_last_hour, 0)::bigint AS failed_last_hour
+  FROM queues q
+  LEFT JOIN live l ON l.queue_name = q.queue_name
+  LEFT JOIN failed f ON f.queue_name = q.queue_name
+ ORDER BY q.position, q.queue_name;
