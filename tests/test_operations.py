@@ -209,6 +209,39 @@ async def test_status_json_metrics_and_views_agree_and_the_page_renders_them(
     assert anonymous.json()["error"]["code"] == "missing_api_key"
 
 
+async def test_status_watch_json_keeps_watching_through_a_database_blip(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status --watch --json` follows the fleet for scripts: a read that fails (the
+    database restarting) is said on stderr, and the next tick prints a snapshot again."""
+    from workers import status
+
+    real = status.read_snapshot
+    reads = 0
+
+    async def blip_once(conn: Any, s: Settings) -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 1:
+            raise psycopg.OperationalError("the database system is shutting down")
+        return await real(conn, s)
+
+    class Enough(Exception):
+        pass
+
+    async def tick(seconds: float) -> None:
+        if reads >= 2:
+            raise Enough
+
+    monkeypatch.setattr(status, "read_snapshot", blip_once)
+    monkeypatch.setattr(status.asyncio, "sleep", tick)
+    with pytest.raises(Enough):
+        await status._watch(settings, status.Console(), as_json=True, every=0.01)
+    out, err = capsys.readouterr()
+    assert "cannot read the database: the database system is shutting down" in err
+    assert "queues" in json.loads(out.strip().splitlines()[-1])
+
+
 async def test_operator_routes_steer_and_record_who_acted(
     api: httpx.AsyncClient, pool: Pool, operator_key: str, agent_key: str
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 from rich.console import Console, Group
@@ -161,9 +162,13 @@ async def _watch(settings: Settings, console: Console, *, as_json: bool, every: 
         if as_json:
             # One JSON document per line, for scripts that follow the fleet.
             while True:
-                async with pool.connection() as conn:
-                    snapshot = await read_snapshot(conn, settings)
-                print(json.dumps(snapshot.as_json(), default=str), flush=True)
+                try:
+                    async with pool.connection() as conn:
+                        snapshot = await read_snapshot(conn, settings)
+                except Exception as error:  # the database is away: say so, keep watching
+                    print(f"cannot read the database: {error}", file=sys.stderr, flush=True)
+                else:
+                    print(json.dumps(snapshot.as_json(), default=str), flush=True)
                 await asyncio.sleep(every)
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
