@@ -181,10 +181,14 @@ class Settings(BaseSettings):
         url = self.read_stack().get("database_url")
         if url:
             return url
-        raise RuntimeError(
+        raise NoDatabase(
             "No database: set DATABASE_URL, or start the dev stack (`agentpay dev`) "
             f"so that {self.stack_file} exists."
         )
+
+
+class NoDatabase(RuntimeError):
+    """No database is configured: no DATABASE_URL, and no dev stack in the data dir."""
 
 
 @lru_cache

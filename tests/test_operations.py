@@ -242,6 +242,22 @@ async def test_status_watch_json_keeps_watching_through_a_database_blip(
     assert "queues" in json.loads(out.strip().splitlines()[-1])
 
 
+def test_steering_without_a_database_says_so_and_exits_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No DATABASE_URL and no dev stack: one line and exit code 3, not a traceback (and not
+    1 or 2, which mean refused and not found)."""
+    from tasks.settings import get_settings
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["jobs", "retry", "1", "--data-dir", str(tmp_path)])
+    get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "Cannot reach the database: No database" in result.output
+    assert "Traceback" not in result.output
+
+
 async def test_operator_routes_steer_and_record_who_acted(
     api: httpx.AsyncClient, pool: Pool, operator_key: str, agent_key: str
 ) -> None:

@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from tasks.db import Conn, open_pool
-from tasks.settings import Settings, get_settings
+from tasks.settings import NoDatabase, Settings, get_settings
 
 T = TypeVar("T")
 
@@ -66,13 +67,25 @@ def _actor(operator: str | None) -> str:
     return f"operator:{operator or os.environ.get('AGENTPAY_OPERATOR') or getpass.getuser()}"
 
 
+# Exit code when the database cannot be reached (0 done, 1 refused, 2 not found).
+NO_DATABASE = 3
+
+
 def _in_transaction(settings: Settings, work: Callable[[Conn], Awaitable[T]]) -> T:
+    """Run `work` in one transaction; no database (none configured, or not answering within
+    10 s) is a one-line error and exit code 3, not a traceback."""
+
     async def run() -> T:
-        async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+        url = settings.resolved_database_url()
+        async with open_pool(url, min_size=1, max_size=1, timeout=10) as pool:
             async with pool.connection() as conn, conn.transaction():
                 return await work(conn)
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (NoDatabase, psycopg.OperationalError) as error:
+        console.print(f"[red]Cannot reach the database: {error}[/]")
+        raise typer.Exit(NO_DATABASE) from error
 
 
 def _refused(error: Exception) -> typer.Exit:
