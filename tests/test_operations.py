@@ -548,18 +548,7 @@ async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> 
     the prune deletes it: the job stays, back in the queue."""
     from api.routes.ops import retry_job
 
-    async with pool.connection() as conn, conn.transaction():
-        cur = await conn.execute(
-            """INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)
-               VALUES ('reconcile', 'reconcile', 'failed', '{"payment_id": "pay_gone"}')
-               RETURNING id"""
-        )
-        job_id = (await cur.fetchone())["id"]
-        await conn.execute(
-            """INSERT INTO procrastinate_events (job_id, type, at)
-               VALUES (%s, 'failed', now() - interval '8 days')""",
-            (job_id,),
-        )
+    job_id = await _failed_job(pool, "8 days")
     async with pool.connection() as operator, operator.transaction():
         await retry_job(operator, job_id, actor="operator:test", reason="fixed")
         pid = operator.info.backend_pid
@@ -586,20 +575,27 @@ async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> 
         await conn.execute("DELETE FROM procrastinate_jobs WHERE id = %s", (job_id,))
 
 
-async def test_pruning_keeps_a_job_that_failed_again_lately(pool: Pool) -> None:
-    """Failed 8 days ago, retried, failed again a moment ago: its retention starts again."""
+async def _failed_job(pool: Pool, *failed_ago: str) -> int:
+    """A failed reconcile job that failed that long ago (each a Postgres interval)."""
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             """INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)
-               VALUES ('reconcile', 'reconcile', 'failed', '{"payment_id": "pay_again"}')
+               VALUES ('reconcile', 'reconcile', 'failed', '{"payment_id": "pay_gone"}')
                RETURNING id"""
         )
-        job_id = (await cur.fetchone())["id"]
-        await conn.execute(
-            """INSERT INTO procrastinate_events (job_id, type, at)
-               VALUES (%s, 'failed', now() - interval '8 days'), (%s, 'failed', now())""",
-            (job_id, job_id),
-        )
+        job_id: int = (await cur.fetchone())["id"]
+        for ago in failed_ago:
+            await conn.execute(
+                """INSERT INTO procrastinate_events (job_id, type, at)
+                   VALUES (%s, 'failed', now() - %s::interval)""",
+                (job_id, ago),
+            )
+    return job_id
+
+
+async def test_pruning_keeps_a_job_that_failed_again_lately(pool: Pool) -> None:
+    """Failed 8 days ago, retried, failed again a moment ago: its retention starts again."""
+    job_id = await _failed_job(pool, "8 days", "0 s")
     assert await prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400) == 0
     async with pool.connection() as conn:
         cur = await conn.execute(
