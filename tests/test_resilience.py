@@ -139,17 +139,21 @@ async def test_a_stop_that_hangs_reports_what_it_waits_for(
     the await it is stuck in."""
     from workers import worker as role_worker
 
+    started = asyncio.Event()
+    never = asyncio.Event()
+
     async def stuck_job() -> None:
-        await asyncio.sleep(3600)
+        started.set()
+        await never.wait()
 
     task = asyncio.create_task(stuck_job(), name="stuck-job")
-    await asyncio.sleep(0)
+    await started.wait()
     with caplog.at_level(logging.ERROR, logger="agentpay.worker"):
         role_worker._report_slow_stop()
     task.cancel()
     [record] = [r for r in caplog.records if r.message == "still stopping after the grace period"]
     [stuck] = [t for t in record.tasks if t.startswith("stuck-job:")]  # type: ignore[attr-defined]
-    assert "stuck_job (test_resilience.py:" in stuck and "-> sleep (" in stuck
+    assert "stuck_job (test_resilience.py:" in stuck and "-> wait (locks.py:" in stuck
 
 
 async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(
