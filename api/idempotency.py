@@ -43,7 +43,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from api.deps import AgentDep, PoolDep
-from api.errors import ApiError, error_body
+from api.errors import RETRY_AFTER_SECONDS, ApiError, error_body
+from api.models import whole_number
 from tasks.agents import Agent
 from tasks.db import Conn, Pool
 
@@ -114,11 +115,9 @@ def render(body: Any) -> str:
     )
 
 
-def _number(text: str) -> float | int:
-    """A JSON number with a fraction or exponent: whole ones are the integers validation
-    takes them for (`2000.0` is `2000`, see api/models.py)."""
-    value = float(text)
-    return int(value) if value.is_integer() and abs(value) <= 2**53 else value
+def _json_number(text: str) -> Any:
+    """A JSON number with a fraction or exponent: a whole one is the integer validation reads."""
+    return whole_number(float(text))
 
 
 def fingerprint(method: str, path: str, body: bytes) -> bytes:
@@ -126,7 +125,7 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
     numbers as integers (so the same parameters in another order, spacing or spelling —
     `2000.0` — are the same request); no body is the empty object, as validation reads it."""
     try:
-        parsed = json.loads(body, parse_float=_number) if body.strip() else {}
+        parsed = json.loads(body, parse_float=_json_number) if body.strip() else {}
         canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
         content = canonical.encode()
     except ValueError:
@@ -240,7 +239,7 @@ class Idempotency:
             "with the same key, after Retry-After seconds.",
             type_="idempotency_error",
             param=HEADER,
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
 
 

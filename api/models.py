@@ -45,7 +45,7 @@ METADATA_KEY_MAX = 40
 METADATA_VALUE_MAX = 500
 
 
-def _whole_number(value: Any) -> Any:
+def whole_number(value: Any) -> Any:
     """JSON has one number type: 2000.0 is the integer 2000 (JSON Schema agrees), 19.99 is
     not an integer, and neither are strings or booleans (StrictInt refuses those)."""
     if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
@@ -56,8 +56,8 @@ def _whole_number(value: Any) -> Any:
 # Minor units the provider can charge at once, and a line's quantity: strict integers,
 # except that a whole float is whole. (The bounds come before the BeforeValidator so that
 # they stay on the integer, and in the JSON schema as minimum and maximum.)
-MinorUnits = Annotated[StrictInt, Field(ge=1, le=money.MAX_AMOUNT), BeforeValidator(_whole_number)]
-Quantity = Annotated[StrictInt, Field(ge=1, le=10_000), BeforeValidator(_whole_number)]
+MinorUnits = Annotated[StrictInt, Field(ge=1, le=money.MAX_AMOUNT), BeforeValidator(whole_number)]
+Quantity = Annotated[StrictInt, Field(ge=1, le=10_000), BeforeValidator(whole_number)]
 
 
 def _known_currency(value: str) -> str:
