@@ -31,6 +31,7 @@ from tasks.settings import ROLES, Settings
 from tests.conftest import async_wait_for, auth, run_jobs
 from workers import logs
 from workers.cli import app as cli
+from workers.devstack import free_port
 from workers.maintenance import Maintenance, prune_finished_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,8 +243,24 @@ async def test_status_watch_json_keeps_watching_through_a_database_blip(
     assert "queues" in json.loads(out.strip().splitlines()[-1])
 
 
-def test_steering_without_a_database_says_so_and_exits_3(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["jobs", "retry", "1"],
+        ["payments", "show", "pay_x"],
+        ["status"],
+        ["status", "--watch", "--json"],
+        ["agents", "list"],
+        ["agents", "create", "a1"],
+        ["prices", "list"],
+        ["review", "approve", "pay_x"],
+        ["migrate"],
+        ["worker", "pricing"],
+        ["api"],
+    ],
+)
+def test_without_a_database_a_command_says_so_and_exits_3(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No DATABASE_URL and no dev stack: one line and exit code 3, not a traceback (and not
     1 or 2, which mean refused and not found)."""
@@ -251,10 +268,25 @@ def test_steering_without_a_database_says_so_and_exits_3(
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     get_settings.cache_clear()
-    result = CliRunner().invoke(cli, ["jobs", "retry", "1", "--data-dir", str(tmp_path)])
+    result = CliRunner().invoke(cli, [*command, "--data-dir", str(tmp_path)])
     get_settings.cache_clear()
     assert result.exit_code == 3, result.output
-    assert "Cannot reach the database: No database" in result.output
+    assert "The database is not available: No database" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_database_that_does_not_answer_is_exit_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A configured database that refuses connections: the same one line and exit code 3."""
+    from tasks.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port()}/none")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(cli, ["migrate", "--data-dir", str(tmp_path)])
+    get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "The database is not available" in result.output
     assert "Traceback" not in result.output
 
 

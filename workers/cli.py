@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +14,7 @@ from rich.console import Console
 from tasks.settings import ROLES, get_settings
 from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
+from workers.cli_common import AsJson, DataDir, database_errors, on_database, settings_for
 
 console = Console()
 app = typer.Typer(
@@ -37,22 +36,6 @@ app.add_typer(cli_ledger.prices_app, name="prices")
 app.add_typer(cli_ledger.review_app, name="review")
 agents_app.command("deposit")(cli_ledger.agents_deposit)
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Where the dev stack keeps its database, logs and stack.json "
-        "(env AGENTPAY_DATA_DIR; default .data)",
-        show_default=False,
-    ),
-]
-
-
-def _use_data_dir(data_dir: Path | None) -> None:
-    if data_dir is not None:
-        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
-        get_settings.cache_clear()
-
 
 def main() -> None:
     app()
@@ -71,8 +54,7 @@ def dev(
     from workers.devstack import DevStack, run_forever
 
     logs.configure("WARNING")
-    _use_data_dir(data_dir)
-    settings = get_settings()
+    settings = settings_for(data_dir)
     stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
     with console.status("Starting the stack…"):
         info = stack.start()
@@ -101,9 +83,8 @@ def demo(
     from workers.demo import run_demo
 
     logs.configure("WARNING")
-    _use_data_dir(data_dir)
     ok = run_demo(
-        get_settings(),
+        settings_for(data_dir),
         payments=payments,
         agents=agents,
         workers_per_role=workers_per_role,
@@ -129,8 +110,9 @@ def chaos(
     from workers.chaos import run_chaos
 
     logs.configure("ERROR")
-    _use_data_dir(data_dir)
-    ok = run_chaos(get_settings(), payments=payments, seconds=seconds, seed=seed, console=console)
+    ok = run_chaos(
+        settings_for(data_dir), payments=payments, seconds=seconds, seed=seed, console=console
+    )
     raise typer.Exit(0 if ok else 1)
 
 
@@ -139,8 +121,9 @@ def migrate(data_dir: DataDir = None) -> None:
     """Apply the database migrations that have not been applied yet (safe to run again)."""
     import schema
 
-    _use_data_dir(data_dir)
-    applied = schema.migrate(get_settings().resolved_database_url())
+    settings = settings_for(data_dir)
+    with database_errors():
+        applied = schema.migrate(settings.resolved_database_url())
     if applied:
         for name in applied:
             console.print(f"applied {name}")
@@ -170,7 +153,9 @@ def api(
 
     from workers import logs
 
-    _use_data_dir(data_dir)
+    settings = settings_for(data_dir)
+    with database_errors():  # not configured: say so now, not in every request
+        settings.resolved_database_url()
     logs.configure()
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again so the process
     # "dies of it" (exit status -15). A stop that was asked for is a clean exit: status 0.
@@ -180,7 +165,7 @@ def api(
         factory=True,
         host=host,
         port=port,
-        workers=processes or get_settings().api_processes,
+        workers=processes or settings.api_processes,
         log_config=logs.dict_config(),
         access_log=False,
         lifespan="on",
@@ -206,7 +191,8 @@ def worker(
 
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
-    _use_data_dir(data_dir)
+    with database_errors():  # not configured: say so now
+        settings_for(data_dir).resolved_database_url()
     logs.configure()
     asyncio.run(run_role(role, concurrency=concurrency))
 
@@ -229,7 +215,7 @@ def sandbox(
 def agents_create(
     name: Annotated[str, typer.Argument(help="A unique name for the agent")],
     operator: Annotated[bool, typer.Option("--operator", help="May use operator routes")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    as_json: AsJson = False,
     data_dir: DataDir = None,
     budget: Annotated[
         int | None, typer.Option(help="Hold the agent to a budget of this many minor units")
@@ -238,22 +224,16 @@ def agents_create(
 ) -> None:
     """Create an agent and print its API key. The key is shown once; only a hash is kept."""
     from tasks import agents
-    from tasks.db import open_pool
 
-    _use_data_dir(data_dir)
     cli_ledger.check_budget(budget, currency)
 
-    async def create() -> tuple[agents.Agent, str]:
-        async with open_pool(
-            get_settings().resolved_database_url(), min_size=1, max_size=1
-        ) as pool:
-            async with pool.connection() as conn, conn.transaction():
-                created = await agents.create(conn, name, is_operator=operator)
-                if budget is not None:
-                    await cli_ledger.open_budget(conn, created[0].id, budget, currency)
-                return created
+    async def create(conn: Any) -> tuple[agents.Agent, str]:
+        created = await agents.create(conn, name, is_operator=operator)
+        if budget is not None:
+            await cli_ledger.open_budget(conn, created[0].id, budget, currency)
+        return created
 
-    agent, key = asyncio.run(create())
+    agent, key = on_database(data_dir, create)
     if as_json:
         typer.echo(
             json.dumps(
@@ -275,18 +255,8 @@ def agents_revoke(
 ) -> None:
     """Revoke an agent and every key it has."""
     from tasks import agents
-    from tasks.db import open_pool
 
-    _use_data_dir(data_dir)
-
-    async def revoke() -> bool:
-        async with open_pool(
-            get_settings().resolved_database_url(), min_size=1, max_size=1
-        ) as pool:
-            async with pool.connection() as conn, conn.transaction():
-                return await agents.revoke(conn, name)
-
-    if not asyncio.run(revoke()):
+    if not on_database(data_dir, lambda conn: agents.revoke(conn, name)):
         console.print(f"no live agent named {name!r}")
         raise typer.Exit(1)
     console.print(f"revoked {name}")
@@ -297,25 +267,19 @@ def agents_list(
     include_revoked: Annotated[
         bool, typer.Option("--all/--live", help="Include revoked agents, or only live ones")
     ] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    as_json: AsJson = False,
     data_dir: DataDir = None,
 ) -> None:
     """List agents with the prefixes of their live keys (the keys themselves are not kept)."""
     from rich.table import Table
 
     from tasks import agents
-    from tasks.db import open_pool
 
-    _use_data_dir(data_dir)
-
-    async def listing() -> list[dict[str, Any]]:
-        async with open_pool(
-            get_settings().resolved_database_url(), min_size=1, max_size=1
-        ) as pool:
-            async with pool.connection() as conn:
-                return await agents.list_all(conn, include_revoked=include_revoked)
-
-    rows = asyncio.run(listing())
+    rows = on_database(
+        data_dir,
+        lambda conn: agents.list_all(conn, include_revoked=include_revoked),
+        transaction=False,
+    )
     if as_json:
         typer.echo(json.dumps(rows, default=str))
         return

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -35,14 +34,11 @@ def bench(
     `<data-dir>/bench.json`. Takes under five minutes on a quiet two-core machine (--quick: well
     under one)."""
     from bench import report, runner
-    from tasks.settings import get_settings
     from workers import logs
+    from workers.cli_common import settings_for
 
     logs.configure("WARNING")
-    if data_dir is not None:
-        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
-        get_settings.cache_clear()
-    settings = get_settings()
+    settings = settings_for(data_dir)
     console = Console(stderr=as_json)
     with console.status("benchmarking…") as status:
         result = runner.run(

@@ -3,21 +3,17 @@ pricing, risk and budgets, straight against the database."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.settings import get_settings
+from workers.cli_common import REFUSED, AsJson, DataDir, Operator, on_database, operator_actor
 
 console = Console()
-T = TypeVar("T")
 
 prices_app = typer.Typer(
     help="The price catalog: SKU → unit amount per currency.", no_args_is_help=True
@@ -26,40 +22,12 @@ review_app = typer.Typer(
     help="Payments risk sent to in_review: list them, approve or reject.", no_args_is_help=True
 )
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Where the dev stack keeps its database, logs and stack.json "
-        "[env: AGENTPAY_DATA_DIR; default: .data]",
-        show_default=False,
-    ),
-]
 Currency = Annotated[str, typer.Option(help="Lowercase ISO 4217 currency")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
-
-
-def _run(data_dir: Path | None, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `work(conn)` in one transaction on the configured database."""
-    from tasks.db import open_pool
-
-    if data_dir is not None:
-        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
-        get_settings.cache_clear()
-
-    async def main() -> T:
-        async with open_pool(
-            get_settings().resolved_database_url(), min_size=1, max_size=1
-        ) as pool:
-            async with pool.connection() as conn, conn.transaction():
-                return await work(conn)
-
-    return asyncio.run(main())
 
 
 def _fail(message: str) -> typer.Exit:
     console.print(f"[red]{message}[/]")
-    return typer.Exit(1)
+    return typer.Exit(REFUSED)
 
 
 def _check_currency(currency: str) -> str:
@@ -97,7 +65,7 @@ def prices_set(
             conn, sku, currency, unit_amount, description=description, active=not inactive
         )
 
-    price = _run(data_dir, work)
+    price = on_database(data_dir, work)
     state = "active" if price.active else "inactive"
     console.print(f"{price.sku} = {price.unit_amount} {price.currency} ({state})")
 
@@ -114,7 +82,7 @@ def prices_list(
     async def work(conn: Any) -> list[pricing.Price]:
         return await pricing.list_prices(conn, currency=currency)
 
-    prices = _run(data_dir, work)
+    prices = on_database(data_dir, work)
     if as_json:
         typer.echo(json.dumps([p.__dict__ for p in prices]))
         return
@@ -134,7 +102,7 @@ def review_list(as_json: AsJson = False, data_dir: DataDir = None) -> None:
     """Payments waiting for an operator, oldest first, with the reasons."""
     from tasks import risk
 
-    rows = _run(data_dir, lambda conn: risk.in_review(conn, limit=1000))
+    rows = on_database(data_dir, lambda conn: risk.in_review(conn, limit=1000))
     if as_json:
         out = [
             {k: r[k] for k in ("id", "agent_id", "amount_total", "currency")}
@@ -150,16 +118,18 @@ def review_list(as_json: AsJson = False, data_dir: DataDir = None) -> None:
     console.print(table)
 
 
-def _decide(payment_id: str, approve: bool, note: str | None, data_dir: Path | None) -> None:
+def _decide(
+    payment_id: str, approve: bool, note: str | None, operator: str | None, data_dir: Path | None
+) -> None:
     from tasks import risk
 
-    actor = f"operator:cli:{os.environ.get('USER', 'unknown')}"
+    actor = operator_actor(operator)
 
     async def work(conn: Any) -> dict[str, Any]:
         return await risk.decide(conn, payment_id, approve=approve, actor=actor, note=note)
 
     try:
-        payment = _run(data_dir, work)
+        payment = on_database(data_dir, work)
     except risk.ReviewError as error:
         raise _fail(error.message) from None
     console.print(f"{payment['id']} is {payment['status']}")
@@ -172,20 +142,22 @@ Note = Annotated[str | None, typer.Option(help="Why (kept in the payment's event
 def review_approve(
     payment_id: Annotated[str, typer.Argument(help="The payment id (pay_…)")],
     note: Note = None,
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
     """Approve an in_review payment: it goes on to be charged."""
-    _decide(payment_id, True, note, data_dir)
+    _decide(payment_id, True, note, operator, data_dir)
 
 
 @review_app.command("reject")
 def review_reject(
     payment_id: Annotated[str, typer.Argument(help="The payment id (pay_…)")],
     note: Note = None,
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
     """Reject an in_review payment: it ends rejected and its budget hold is released."""
-    _decide(payment_id, False, note, data_dir)
+    _decide(payment_id, False, note, operator, data_dir)
 
 
 # --- agents deposit ----------------------------------------------------------------------
@@ -197,6 +169,7 @@ def agents_deposit(
     currency: Currency = "usd",
     description: Annotated[str | None, typer.Option(help="What it is for")] = None,
     as_json: AsJson = False,
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
     """Fund an agent's budget. From then on the agent is held to its budget."""
@@ -206,7 +179,7 @@ def agents_deposit(
     problem = money.amount_problem(amount, currency)
     if problem:
         raise typer.BadParameter(problem, param_hint="AMOUNT")
-    actor = f"operator:cli:{os.environ.get('USER', 'unknown')}"
+    actor = operator_actor(operator)
 
     async def work(conn: Any) -> dict[str, Any] | None:
         agent = await agents.find(conn, name)
@@ -216,7 +189,7 @@ def agents_deposit(
             conn, agent["id"], amount, currency, actor=actor, description=description
         )
 
-    deposit = _run(data_dir, work)
+    deposit = on_database(data_dir, work)
     if deposit is None:
         raise _fail(f"no agent named {name!r}")
     if as_json:
@@ -232,9 +205,7 @@ async def open_budget(conn: Any, agent_id: str, amount: int, currency: str) -> N
     transaction."""
     from tasks import ledger
 
-    await ledger.open_budget(
-        conn, agent_id, amount, currency, actor=f"operator:cli:{os.environ.get('USER', 'unknown')}"
-    )
+    await ledger.open_budget(conn, agent_id, amount, currency, actor=operator_actor(None))
 
 
 def check_budget(amount: int | None, currency: str) -> None:

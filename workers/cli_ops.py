@@ -4,23 +4,24 @@ or --operator)."""
 
 from __future__ import annotations
 
-import asyncio
-import getpass
 import json
-import os
-from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-import psycopg
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks.db import Conn, open_pool
-from tasks.settings import NoDatabase, Settings, get_settings
-
-T = TypeVar("T")
+from workers.cli_common import (
+    NOT_FOUND,
+    REFUSED,
+    AsJson,
+    DataDir,
+    Operator,
+    database_errors,
+    on_database,
+    operator_actor,
+    settings_for,
+)
 
 
 class _Console:
@@ -36,61 +37,12 @@ console: Any = _Console()
 payments_app = typer.Typer(help="Look at and steer single payments.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Retry or cancel queue jobs.", no_args_is_help=True)
 
-DataDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Where the dev stack keeps its stack.json [env: AGENTPAY_DATA_DIR; default: .data]",
-        show_default=False,
-    ),
-]
-Operator = Annotated[
-    str | None,
-    typer.Option(
-        "--operator",
-        help="Who is acting, recorded as operator:NAME (default: the OS user)",
-        show_default=False,
-    ),
-]
 Reason = Annotated[str | None, typer.Option("--reason", help="Why (kept in the payment events)")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
-
-
-def _settings(data_dir: Path | None) -> Settings:
-    if data_dir is not None:
-        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
-        get_settings.cache_clear()
-    return get_settings()
-
-
-def _actor(operator: str | None) -> str:
-    return f"operator:{operator or os.environ.get('AGENTPAY_OPERATOR') or getpass.getuser()}"
-
-
-# Exit code when the database cannot be reached (0 done, 1 refused, 2 not found).
-NO_DATABASE = 3
-
-
-def _in_transaction(settings: Settings, work: Callable[[Conn], Awaitable[T]]) -> T:
-    """Run `work` in one transaction; no database (none configured, or not answering within
-    10 s) is a one-line error and exit code 3, not a traceback."""
-
-    async def run() -> T:
-        url = settings.resolved_database_url()
-        async with open_pool(url, min_size=1, max_size=1, timeout=10) as pool:
-            async with pool.connection() as conn, conn.transaction():
-                return await work(conn)
-
-    try:
-        return asyncio.run(run())
-    except (NoDatabase, psycopg.OperationalError) as error:
-        console.print(f"[red]Cannot reach the database: {error}[/]")
-        raise typer.Exit(NO_DATABASE) from error
 
 
 def _refused(error: Exception) -> typer.Exit:
     console.print(f"[red]{getattr(error, 'message', error)}[/]")
-    return typer.Exit(2 if getattr(error, "code", "") == "not_found" else 1)
+    return typer.Exit(NOT_FOUND if getattr(error, "code", "") == "not_found" else REFUSED)
 
 
 def status(
@@ -106,7 +58,8 @@ def status(
     mismatches. The numbers are those of /metrics and the /ops page."""
     from workers.status import show
 
-    show(_settings(data_dir), Console(), as_json=as_json, watch=every if watch else None)
+    with database_errors():
+        show(settings_for(data_dir), Console(), as_json=as_json, watch=every if watch else None)
 
 
 @payments_app.command("show")
@@ -119,10 +72,10 @@ def payments_show(
     refunds, and its provider ids."""
     from api.routes.ops import payment_timeline
 
-    found = _in_transaction(_settings(data_dir), lambda c: payment_timeline(c, payment_id))
+    found = on_database(data_dir, lambda c: payment_timeline(c, payment_id))
     if found is None:
         console.print(f"[red]No payment {payment_id}[/]")
-        raise typer.Exit(2)
+        raise typer.Exit(NOT_FOUND)
     if as_json:
         typer.echo(json.dumps(found, default=str, indent=2))
         return
@@ -184,11 +137,10 @@ def payments_cancel(
     states are refused (exit 1); an unknown id exits 2."""
     from api.routes.ops import Refused, cancel_payment
 
-    actor = _actor(operator)
+    actor = operator_actor(operator)
     try:
-        payment = _in_transaction(
-            _settings(data_dir),
-            lambda c: cancel_payment(c, payment_id, actor=actor, reason=reason),
+        payment = on_database(
+            data_dir, lambda c: cancel_payment(c, payment_id, actor=actor, reason=reason)
         )
     except Refused as error:
         raise _refused(error) from error
@@ -207,11 +159,9 @@ def jobs_retry(
     worker's jobs)."""
     from api.routes.ops import Refused, retry_job
 
-    actor = _actor(operator)
+    actor = operator_actor(operator)
     try:
-        job = _in_transaction(
-            _settings(data_dir), lambda c: retry_job(c, job_id, actor=actor, reason=reason)
-        )
+        job = on_database(data_dir, lambda c: retry_job(c, job_id, actor=actor, reason=reason))
     except Refused as error:
         raise _refused(error) from error
     console.print(f"job {job['id']} ({job['role']}): {job['status']} (by {actor})")
@@ -228,11 +178,9 @@ def jobs_cancel(
     a job is driven on again by the stuck-payment sweep: to stop a payment, cancel it."""
     from api.routes.ops import Refused, cancel_job
 
-    actor = _actor(operator)
+    actor = operator_actor(operator)
     try:
-        job = _in_transaction(
-            _settings(data_dir), lambda c: cancel_job(c, job_id, actor=actor, reason=reason)
-        )
+        job = on_database(data_dir, lambda c: cancel_job(c, job_id, actor=actor, reason=reason))
     except Refused as error:
         raise _refused(error) from error
     state = "abort requested" if job["abort_requested"] else job["status"]

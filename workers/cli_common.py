@@ -1,0 +1,92 @@
+"""What the `agentpay` commands share: the --data-dir and --json options, the exit codes, and
+one way to run work on the database, where no database is one line and exit code 3, not a
+traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import psycopg
+import typer
+from rich.console import Console
+
+from tasks.db import Conn, open_pool
+from tasks.settings import NoDatabase, Settings, get_settings
+
+T = TypeVar("T")
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        help="Where the dev stack keeps its database, logs and stack.json "
+        "[env: AGENTPAY_DATA_DIR; default: .data]",
+        show_default=False,
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON")]
+Operator = Annotated[
+    str | None,
+    typer.Option(
+        "--operator",
+        help="Who is acting, recorded as operator:NAME "
+        "[env: AGENTPAY_OPERATOR; default: the OS user]",
+        show_default=False,
+    ),
+]
+
+# Exit codes: 0 done, 1 refused (by the payment's or job's state, or a name taken), 2 not
+# found (and Click's usage errors), 3 the database is not available.
+REFUSED = 1
+NOT_FOUND = 2
+NO_DATABASE = 3
+
+
+def operator_actor(operator: str | None) -> str:
+    """How an operator's action is recorded in payment_events and ledger entries."""
+    return f"operator:{operator or os.environ.get('AGENTPAY_OPERATOR') or getpass.getuser()}"
+
+
+def settings_for(data_dir: Path | None) -> Settings:
+    """The settings, with --data-dir (when given) in place of AGENTPAY_DATA_DIR."""
+    if data_dir is not None:
+        os.environ["AGENTPAY_DATA_DIR"] = str(data_dir)
+        get_settings.cache_clear()
+    return get_settings()
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """No database configured, none answering (10 s), or a transient refusal (lock or
+    statement timeout, serialization failure): one line on stderr and exit code 3. Nothing
+    was changed; the same command can simply be run again."""
+    try:
+        yield
+    except (NoDatabase, psycopg.OperationalError) as error:
+        Console(stderr=True).print(f"[red]The database is not available: {error}[/]")
+        raise typer.Exit(NO_DATABASE) from error
+
+
+def on_database(
+    data_dir: Path | None, work: Callable[[Conn], Awaitable[T]], *, transaction: bool = True
+) -> T:
+    """Run `work(conn)` on the configured database, in one transaction unless told not to."""
+    settings = settings_for(data_dir)
+
+    async def run() -> T:
+        url = settings.resolved_database_url()
+        async with open_pool(url, min_size=1, max_size=1, timeout=10) as pool:
+            async with pool.connection() as conn:
+                if not transaction:
+                    return await work(conn)
+                async with conn.transaction():
+                    return await work(conn)
+
+    with database_errors():
+        return asyncio.run(run())
