@@ -20,7 +20,7 @@ from rich.console import Console
 from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool
-from tasks.settings import Settings
+from tasks.settings import ROLES, Settings
 from tests.conftest import FAST_ENV, auth, wait_for
 from workers.demo import run_demo
 from workers.devstack import new_agent_keys
@@ -134,6 +134,8 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STRIPE_API_BASE")}
     env.update(FAST_ENV)
     port = _free_port()
+    metrics_base = _free_port()
+    env["AGENTPAY_METRICS_PORT"] = str(metrics_base)
     dev = subprocess.Popen(
         [sys.executable, "-m", "workers", "dev", "--port", str(port), "--data-dir", str(data_dir)],
         cwd=ROOT,
@@ -167,6 +169,13 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
             return bool(r.json()["status"] == "reconciled")
 
         wait_for(reconciled, timeout=60, what="the payment to be reconciled")
+        # AGENTPAY_METRICS_PORT set for the whole stack: every worker serves its metrics on
+        # a port of its own, instead of all but one failing to bind the same port.
+        ports = dict(pair.split("=") for pair in stack["worker_metrics_ports"].split())
+        assert sorted(ports) == sorted(f"{role}.1" for role in ROLES)
+        for name, metrics_port in ports.items():
+            scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+            assert "agentpay_job_duration_seconds" in scraped, name
     finally:
         dev.send_signal(signal.SIGTERM)
         output = dev.communicate(timeout=60)[0].decode(errors="replace")

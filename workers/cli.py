@@ -64,6 +64,8 @@ def dev(
     console.print(f"  workers      {workers_per_role} per role ({', '.join(ROLES)})")
     console.print(f"  stack file   {settings.stack_file}  (keys for the dev agent and operator)")
     console.print(f"  logs         {settings.data_dir / 'logs'}")
+    if "worker_metrics_ports" in info:
+        console.print(f"  metrics      {info['worker_metrics_ports']}  (worker=port)")
     console.print("Press Ctrl-C to stop.")
     run_forever(stack)
 

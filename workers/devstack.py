@@ -48,6 +48,7 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     _log: IO[bytes] | None = field(default=None, repr=False)
@@ -55,7 +56,11 @@ class Child:
     def start(self, env: dict[str, str]) -> None:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            self.argv, env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            self.argv,
+            env={**env, **self.env},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
 
     @property
@@ -153,10 +158,20 @@ class DevStack:
         }
         cli = [sys.executable, "-m", "workers"]
         self._add(Child("api", [*cli, "api", "--port", str(self.port)], self._log_path("api")))
+        # With AGENTPAY_METRICS_PORT set, each worker serves its metrics on a port of its
+        # own, counting up from it (one port would be taken by the first worker only).
+        metrics_ports: list[str] = []
         for role in ROLES:
             for n in range(1, self.workers_per_role + 1):
                 name = f"{role}.{n}"
-                self._add(Child(name, [*cli, "worker", role], self._log_path(name)))
+                env = {}
+                if self.settings.metrics_port:
+                    port = self.settings.metrics_port + len(metrics_ports)
+                    env["AGENTPAY_METRICS_PORT"] = str(port)
+                    metrics_ports.append(f"{name}={port}")
+                self._add(Child(name, [*cli, "worker", role], self._log_path(name), env=env))
+        if metrics_ports:
+            self.info["worker_metrics_ports"] = " ".join(metrics_ports)
         for child in self.children.values():
             child.start(self.env)
         try:
