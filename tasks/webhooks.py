@@ -35,12 +35,27 @@ DEFAULT_TOLERANCE = 300
 
 # Event types that can say something about a payment's PaymentIntent.
 HANDLED_PREFIXES = ("payment_intent.", "charge.", "refund.")
-# Events that report no outcome: an intent now exists, nothing more. Stored like the others,
-# but they never bring a reconcile — the charge job that created the intent settles it, and
-# a charge left without a job is re-driven by the stuck-payment sweep. (Stripe sends one per
-# payment, usually while the charge job is running: each used to cost a reconcile job and a
-# provider call for nothing.)
-NO_OUTCOME = frozenset({"payment_intent.created"})
+# Events that bring no news reconcile could act on. Stored like the others, but they never
+# bring a reconcile. `payment_intent.created`: an intent now exists, nothing more — the charge
+# job that created it settles it, and a charge left without a job is re-driven by the
+# stuck-payment sweep (Stripe sends one per payment, usually while the charge job runs). The
+# charge events: Stripe sends them beside the `payment_intent.*` event of the same outcome
+# (`charge.succeeded` with `payment_intent.succeeded`, `charge.captured` with the capture's,
+# `charge.expired` with `payment_intent.canceled`, …), and an endpoint subscribed to every
+# event (`stripe listen` by default) receives both: each would cost a reconcile job and a
+# provider call for nothing. `charge.refunded` is not among them: it is how a refund made in
+# the Dashboard shows.
+NO_OUTCOME = frozenset(
+    {
+        "payment_intent.created",
+        "charge.succeeded",
+        "charge.captured",
+        "charge.pending",
+        "charge.failed",
+        "charge.updated",
+        "charge.expired",
+    }
+)
 
 
 class SignatureError(ValueError):

@@ -220,10 +220,15 @@ async def test_an_event_during_a_running_charge_still_defers_a_reconcile(
     assert await reconcile_jobs(pool, created["id"]) == 1
 
 
-async def test_an_intent_created_event_is_stored_but_brings_no_reconcile(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+@pytest.mark.parametrize(
+    "event_type",
+    ["payment_intent.created", "charge.succeeded", "charge.captured", "charge.updated"],
+)
+async def test_an_event_without_news_is_stored_but_brings_no_reconcile(
+    event_type: str, api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
-    """`payment_intent.created` reports no outcome: stored and tied to its payment, but no
+    """`payment_intent.created` reports no outcome, and a charge event repeats the outcome
+    of a `payment_intent.*` event sent beside it: stored and tied to their payment, but no
     reconcile job, even while the charge job runs (when an outcome event would bring one)."""
     created = await create(api, agent_key)
     await run_jobs(pool, ("pricing", "risk"))
@@ -239,25 +244,31 @@ async def test_an_intent_created_event_is_stored_but_brings_no_reconcile(
         "object": "payment_intent",
         "metadata": {"payment_id": created["id"]},
     }
+    charge = {
+        "id": "ch_test",
+        "object": "charge",
+        "payment_intent": "pi_test",
+        "metadata": {"payment_id": created["id"]},
+    }
     answer = await post_event(
         api,
         {
             **EVENT,
-            "id": "evt_created",
-            "type": "payment_intent.created",
-            "data": {"object": intent},
+            "id": "evt_no_news",
+            "type": event_type,
+            "data": {"object": intent if event_type.startswith("payment_intent.") else charge},
         },
     )
     assert answer.json() == {
         "received": True,
-        "id": "evt_created",
+        "id": "evt_no_news",
         "duplicate": False,
         "payment_id": created["id"],
         "reconcile": False,
         "sync_refunds": False,
     }
     assert [(e["type"], e["payment_id"], e["handled"]) for e in await stored(pool)] == [
-        ("payment_intent.created", created["id"], True)
+        (event_type, created["id"], True)
     ]
     assert await reconcile_jobs(pool, created["id"]) == 0
     outcome = await post_event(
