@@ -29,7 +29,7 @@ from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, SANDBOX_API_KEY
-from tests.conftest import FAST_ENV, auth, run_jobs, wait_for
+from tests.conftest import FAST_ENV, async_wait_for, auth, run_jobs, wait_for
 from workers.devstack import free_port
 from workers.pg import EmbeddedPostgres
 
@@ -154,6 +154,130 @@ async def test_a_stop_that_hangs_reports_what_it_waits_for(
     [record] = [r for r in caplog.records if r.message == "still stopping after the grace period"]
     [stuck] = [t for t in record.tasks if t.startswith("stuck-job:")]  # type: ignore[attr-defined]
     assert "stuck_job (test_resilience.py:" in stuck and "-> wait (locks.py:" in stuck
+
+
+async def _received_payment(pool: Pool) -> tuple[str, int]:
+    """A payment with its pricing job waiting: (payment id, job id)."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, f"agent-{time.monotonic_ns()}")
+        p = await payments.insert(
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=700
+        )
+        await defer(conn, "pricing", payment_id=p["id"])
+        cur = await conn.execute(
+            "SELECT id FROM procrastinate_jobs WHERE args->>'payment_id' = %s", (p["id"],)
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return p["id"], row["id"]
+
+
+def _cut_connections(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """Make writing a job's outcome meet a lost connection `times` times; returns the list
+    the tries are counted in."""
+    from procrastinate import exceptions
+
+    from tasks.app import app
+
+    tries: list[int] = []
+    finish = app.job_manager.finish_job
+
+    async def cut(**kwargs: Any) -> None:
+        tries.append(1)
+        if len(tries) <= times:
+            try:
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+            except psycopg.OperationalError as error:
+                raise exceptions.ConnectorException() from error
+        await finish(**kwargs)
+
+    monkeypatch.setattr(app.job_manager, "finish_job", cut)
+    return tries
+
+
+async def _status(pool: Pool, sql: str, *params: Any) -> Any:
+    async with pool.connection() as conn:
+        cur = await conn.execute(sql, params)
+        row = await cur.fetchone()
+    return None if row is None else next(iter(row.values()))
+
+
+async def test_a_jobs_outcome_lost_on_a_cut_connection_is_written_again(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write of a job's outcome meets a cut connection twice: it is tried again, and the
+    job ends `succeeded` instead of staying `doing` under a live worker."""
+    from tasks.app import app
+    from workers.worker import _Worker
+
+    payment_id, job_id = await _received_payment(pool)
+    tries = _cut_connections(monkeypatch, times=2)
+    worker = _Worker(app, queues=["pricing"], wait=False, install_signal_handlers=False)
+    await asyncio.wait_for(worker.run(), 30)
+    assert len(tries) == 3
+    sql = "SELECT status::text FROM procrastinate_jobs WHERE id = %s"
+    assert await _status(pool, sql, job_id) == "succeeded"
+    sql = "SELECT status FROM payment_jobs WHERE id = %s"
+    assert await _status(pool, sql, payment_id) == "priced"
+
+
+async def test_a_worker_that_cannot_write_a_jobs_outcome_stops_so_the_job_is_rescued(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database keeps refusing the outcome: the worker stops on its own (a waiting worker
+    would otherwise hold the job `doing` for ever, heartbeating) and, unregistered, leaves
+    the job to the stalled-job rescue, which puts it back in its queue."""
+    from tasks.app import app
+    from workers import worker as role_worker
+    from workers.maintenance import rescue_stalled_jobs
+
+    monkeypatch.setattr(role_worker, "PERSIST_ATTEMPTS", 2)
+    _, job_id = await _received_payment(pool)
+    _cut_connections(monkeypatch, times=1000)
+    worker = role_worker._Worker(
+        app, queues=["pricing"], install_signal_handlers=False, listen_notify=False
+    )
+    await asyncio.wait_for(worker.run(), 30)  # it waits for jobs until it stops itself
+    job = "SELECT status::text, worker_id FROM procrastinate_jobs WHERE id = %s"
+    async with pool.connection() as conn:
+        cur = await conn.execute(job, (job_id,))
+        assert await cur.fetchone() == {"status": "doing", "worker_id": None}
+    assert await rescue_stalled_jobs(app, stalled_after=60) == [job_id]
+    sql = "SELECT status::text FROM procrastinate_jobs WHERE id = %s"
+    assert await _status(pool, sql, job_id) == "todo"
+
+
+async def test_a_job_cut_off_by_the_shutdown_grace_goes_back_to_its_queue(
+    pool: Pool, provider_base: str
+) -> None:
+    """A stop whose grace ends while a job still runs (the provider is slow): the job is
+    retried, not ended `aborted` (which only an operator's cancel should do); nothing but a
+    sweep minutes later would have moved its payment on."""
+    from tasks.app import app
+    from workers.worker import _Worker, observe_job
+
+    payment_id = await approved_payment(pool)
+    sandbox_faults(provider_base, delay_ms=3000, paths=["/v1/payment_intents"], count=1)
+    worker = _Worker(
+        app,
+        queues=["charge"],
+        install_signal_handlers=False,
+        listen_notify=False,
+        shutdown_graceful_timeout=0.2,
+        worker_middleware=[observe_job("charge", pool)],
+    )
+    running = asyncio.create_task(worker.run())
+    job = "SELECT status::text FROM procrastinate_jobs WHERE args->>'payment_id' = %s"
+    job += " AND task_name = 'charge'"
+    await async_wait_for(
+        lambda: _status(pool, job + " AND status = 'doing'", payment_id),
+        what="the charge job to run",
+    )
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    assert await _status(pool, job, payment_id) == "todo"
+    sql = "SELECT status FROM payment_jobs WHERE id = %s"
+    assert await _status(pool, sql, payment_id) == "charging"
 
 
 async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(

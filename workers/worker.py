@@ -1,10 +1,11 @@
 """One role's worker process: procrastinate's Worker on the role's queue, kept alive.
 
 procrastinate's worker stops when the database goes away (a failed heartbeat, fetch or
-listener stops it; a failed finish leaves its job `doing`); this loop starts it again with
-backoff, so a Postgres restart never needs a process restart, and the stalled-job rescue
-(workers/maintenance.py) puts back any job whose end could not be written. SIGTERM/SIGINT
-stop claiming, let running jobs finish (up to `shutdown_grace_seconds`), and exit.
+listener stops it, and so does a job's outcome that cannot be written even when tried
+again); this loop starts it again with backoff, so a Postgres restart never needs a process
+restart, and the stalled-job rescue (workers/maintenance.py) puts back any job whose end
+could not be written. SIGTERM/SIGINT stop claiming, let running jobs finish (up to
+`shutdown_grace_seconds`; a job still running then goes back to its queue), and exit.
 
 Around every job (`observe_job`): its log lines carry job_id, payment_id and role; its
 duration and outcome go to the process's Prometheus metrics; a job that fails for good is
@@ -26,12 +27,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import psycopg
 from procrastinate import exceptions, job_context
 from procrastinate.worker import Worker
 from prometheus_client import Counter, Histogram, start_http_server
 
 from tasks import payments, provider
-from tasks.app import bind
+from tasks.app import TransientError, bind
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
 from workers import logs
@@ -119,6 +121,66 @@ class _Worker(Worker):
                     self.stop()
                     return
 
+    async def _persist_job_status(
+        self,
+        job: Any,
+        status: Any,
+        retry_decision: Any,
+        context: job_context.JobContext,
+        job_result: Any,
+    ) -> None:
+        """procrastinate writes a job's outcome once. If that write meets a connection cut at
+        that moment, the job stays `doing` under this worker, which is alive and heartbeating,
+        so no rescue looks at it, and neither does any sweep: its payment would be stuck. So
+        the write is tried again; if the database stays away, this worker stops (the loop in
+        `RoleWorker.run` starts a fresh one): unregistered, or with its heartbeat left to go
+        stale, its job is put back in its queue by the stalled-job rescue."""
+        for attempt in range(PERSIST_ATTEMPTS):
+            try:
+                await super()._persist_job_status(
+                    job=job,
+                    status=status,
+                    retry_decision=retry_decision,
+                    context=context,
+                    job_result=job_result,
+                )
+                return
+            except Exception as error:
+                if not _lost_connection(error):
+                    if attempt == 0:
+                        raise
+                    # An earlier try may have been written before its answer was lost:
+                    # the job is no longer `doing`, which is what was wanted.
+                    log.warning(
+                        "the job's outcome was written by an earlier try",
+                        extra={"job_id": job.id, "error": repr(error)},
+                    )
+                    return
+                log.warning(
+                    "could not write the job's outcome; trying again",
+                    extra={"job_id": job.id, "attempt": attempt + 1, "error": repr(error)},
+                )
+                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+        log.error(
+            "could not write the job's outcome; stopping the worker so that the job is rescued",
+            extra={"job_id": job.id},
+        )
+        self.stop()
+
+
+# Tries at writing a job's outcome before the worker gives up and stops (~6 s in all).
+PERSIST_ATTEMPTS = 6
+
+
+def _lost_connection(error: BaseException) -> bool:
+    """A psycopg connection-level error, as raised or as wrapped by procrastinate."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, psycopg.OperationalError):
+            return True
+        cause = cause.__cause__
+    return False
+
 
 def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
     """procrastinate worker middleware: log context, duration metrics and the record of a
@@ -136,7 +198,13 @@ def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
         with logs.job_context(job.id, payment_id if isinstance(payment_id, str) else None, role):
             try:
                 return await call_next()
-            except (exceptions.JobAborted, asyncio.CancelledError):
+            except (exceptions.JobAborted, asyncio.CancelledError) as error:
+                if context.abort_reason() == job_context.AbortReason.SHUTDOWN:
+                    # Cut off at the end of the shutdown grace: the job goes back to its
+                    # queue (its steps are safe to run again) instead of ending `aborted`,
+                    # which only an operator's cancel should do.
+                    outcome = "retry"
+                    raise TransientError("the worker stopped before the job finished") from error
                 outcome = "aborted"
                 raise
             except Exception as error:
