@@ -444,6 +444,9 @@ async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(
             "UPDATE procrastinate_events SET at = now() - interval '1 hour' WHERE job_id = %s",
             (job_id,),
         )
+        # A refund sync waiting (it re-defers itself while a payment is `succeeded`) drives
+        # no step: it does not hide the payment from the sweep.
+        await defer(conn, "sync_refunds", payment_id=payment["id"], schedule_in=5)
     assert await sweep_stuck_payments(pool, older_than=600) == [payment["id"]]
     assert await sweep_stuck_payments(pool, older_than=600) == []  # its new job waits
 
