@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same in every process that migrates.
@@ -69,7 +70,11 @@ def _procrastinate_schema() -> str:
 def migrate(database_url: str) -> list[str]:
     """Apply what is missing; return the names applied (empty when up to date)."""
     applied: list[str] = []
-    with psycopg.connect(database_url, autocommit=True) as conn:
+    # A server that does not answer is an error within 10 s, not after the OS's TCP timeout
+    # (a libpq parameter of the URL, if it has one, wins).
+    params = conninfo_to_dict(database_url)
+    params.setdefault("connect_timeout", 10)
+    with psycopg.connect(make_conninfo("", **params), autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
         try:
             conn.execute(_CREATE_LEDGER)

@@ -198,7 +198,13 @@ def test_agents_commands_create_list_and_revoke(database_url: str, cli_env: Any)
     revoked = runner.invoke(app, ["agents", "revoke", "cli-agent"])
     assert revoked.exit_code == 0
     again = runner.invoke(app, ["agents", "revoke", "cli-agent"])
-    assert again.exit_code == 1
+    assert again.exit_code == 2  # no live agent of that name: not found
+    taken = runner.invoke(app, ["agents", "create", "cli-agent"])
+    assert taken.exit_code == 1, taken.output  # refused: the name is taken, even revoked
+    assert "exists already" in taken.output and "Traceback" not in taken.output
+    for unknown in (["agents", "deposit", "nobody", "100"], ["review", "approve", "pay_none"]):
+        missing = runner.invoke(app, unknown)
+        assert missing.exit_code == 2, missing.output
     listed = json.loads(runner.invoke(app, ["agents", "list", "--json"]).stdout)
     assert next(a for a in listed if a["name"] == "cli-agent")["revoked_at"] is not None
     live = runner.invoke(app, ["agents", "list"])

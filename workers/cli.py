@@ -8,13 +8,22 @@ import signal
 import sys
 from typing import Annotated, Any
 
+import psycopg
 import typer
 from rich.console import Console
 
 from tasks.settings import ROLES, get_settings
 from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
-from workers.cli_common import AsJson, DataDir, database_errors, on_database, settings_for
+from workers.cli_common import (
+    NOT_FOUND,
+    REFUSED,
+    AsJson,
+    DataDir,
+    database_errors,
+    on_database,
+    settings_for,
+)
 
 console = Console()
 app = typer.Typer(
@@ -25,7 +34,7 @@ app = typer.Typer(
     rich_markup_mode="markdown",  # docstrings are paragraphs: rewrap their lines
 )
 agents_app = typer.Typer(
-    help="Create, list and revoke agents and their API keys.", no_args_is_help=True
+    help="Create, list, fund and revoke agents and their API keys.", no_args_is_help=True
 )
 app.add_typer(agents_app, name="agents")
 app.command("status")(cli_ops.status)
@@ -235,7 +244,11 @@ def agents_create(
             await cli_ledger.open_budget(conn, created[0].id, budget, currency)
         return created
 
-    agent, key = on_database(data_dir, create)
+    try:
+        agent, key = on_database(data_dir, create)
+    except psycopg.errors.UniqueViolation:
+        console.print(f"[red]an agent named {name!r} exists already (names are never reused)[/]")
+        raise typer.Exit(REFUSED) from None
     if as_json:
         typer.echo(
             json.dumps(
@@ -260,7 +273,7 @@ def agents_revoke(
 
     if not on_database(data_dir, lambda conn: agents.revoke(conn, name)):
         console.print(f"no live agent named {name!r}")
-        raise typer.Exit(1)
+        raise typer.Exit(NOT_FOUND)
     console.print(f"revoked {name}")
 
 

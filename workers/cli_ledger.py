@@ -11,7 +11,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from workers.cli_common import REFUSED, AsJson, DataDir, Operator, on_database, operator_actor
+from workers.cli_common import (
+    NOT_FOUND,
+    REFUSED,
+    AsJson,
+    DataDir,
+    Operator,
+    on_database,
+    operator_actor,
+)
 
 console = Console()
 
@@ -25,9 +33,9 @@ review_app = typer.Typer(
 Currency = Annotated[str, typer.Option(help="Lowercase ISO 4217 currency")]
 
 
-def _fail(message: str) -> typer.Exit:
+def _fail(message: str, code: int = REFUSED) -> typer.Exit:
     console.print(f"[red]{message}[/]")
-    return typer.Exit(REFUSED)
+    return typer.Exit(code)
 
 
 def _check_currency(currency: str) -> str:
@@ -131,7 +139,7 @@ def _decide(
     try:
         payment = on_database(data_dir, work)
     except risk.ReviewError as error:
-        raise _fail(error.message) from None
+        raise _fail(error.message, NOT_FOUND if error.code == "not_found" else REFUSED) from None
     console.print(f"{payment['id']} is {payment['status']}")
 
 
@@ -191,7 +199,7 @@ def agents_deposit(
 
     deposit = on_database(data_dir, work)
     if deposit is None:
-        raise _fail(f"no agent named {name!r}")
+        raise _fail(f"no agent named {name!r}", NOT_FOUND)
     if as_json:
         typer.echo(json.dumps(deposit))
     else:

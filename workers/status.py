@@ -19,7 +19,9 @@ from tasks.settings import Settings
 
 
 async def fetch(settings: Settings) -> Snapshot:
-    async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+    async with open_pool(
+        settings.resolved_database_url(), min_size=1, max_size=1, timeout=10
+    ) as pool:
         async with pool.connection() as conn:
             return await read_snapshot(conn, settings)
 
