@@ -154,9 +154,10 @@ def jobs_retry(
     reason: Reason = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Run a job again now: a failed job goes back to its queue; a job waiting for a later
-    time becomes due now. A running job is refused (the stalled-job rescue handles a dead
-    worker's jobs)."""
+    """Run a job again now: a failed job goes back to its queue with its retries whole; a job
+    waiting for a later time becomes due now. Refused (exit 1): a running job (the stalled-job
+    rescue handles a dead worker's jobs), and a failed one while another job already does the
+    same work (e.g. the sweep's re-drive)."""
     from api.routes.ops import Refused, retry_job
 
     actor = operator_actor(operator)
