@@ -3,7 +3,9 @@
 One configuration is active at a time (``POST /_sandbox/faults`` replaces it). Each matching
 request draws one number from the configuration's RNG (seeded with ``seed``): below
 ``error_rate`` it fails, below ``error_rate + lose_response_rate`` its response is lost.
-``delay_ms`` delays every matching request. With ``count`` the configuration applies to the
+``error_saved`` makes an error one that happened after the endpoint began, as Stripe's
+rare 500s do: it is saved under the request's idempotency key and replayed to every retry
+with that key (without effect either way). ``delay_ms`` delays every matching request. With ``count`` the configuration applies to the
 next ``count`` matching requests only and then clears itself, which makes tests deterministic.
 """
 
@@ -49,6 +51,7 @@ def _opt_strings(data: Mapping[str, Any], name: str) -> tuple[str, ...] | None:
 class FaultConfig:
     error_rate: float = 0.0
     error_should_retry: bool | None = None
+    error_saved: bool = False
     delay_ms: int = 0
     lose_response_rate: float = 0.0
     lose_response_as: LoseAs = "disconnect"
@@ -61,6 +64,7 @@ class FaultConfig:
         {
             "error_rate",
             "error_should_retry",
+            "error_saved",
             "delay_ms",
             "lose_response_rate",
             "lose_response_as",
@@ -84,6 +88,9 @@ class FaultConfig:
         should_retry = data.get("error_should_retry")
         if should_retry is not None and not isinstance(should_retry, bool):
             raise ValueError("error_should_retry must be true, false or null")
+        saved = data.get("error_saved", False)
+        if not isinstance(saved, bool):
+            raise ValueError("error_saved must be true or false")
         lose_as = data.get("lose_response_as", "disconnect")
         if lose_as not in ("disconnect", "500"):
             raise ValueError('lose_response_as must be "disconnect" or "500"')
@@ -91,6 +98,7 @@ class FaultConfig:
         return cls(
             error_rate=error_rate,
             error_should_retry=should_retry,
+            error_saved=saved,
             delay_ms=_opt_int(data, "delay_ms", 0) or 0,
             lose_response_rate=lose_rate,
             lose_response_as=lose_as,
@@ -104,6 +112,7 @@ class FaultConfig:
         return {
             "error_rate": self.error_rate,
             "error_should_retry": self.error_should_retry,
+            "error_saved": self.error_saved,
             "delay_ms": self.delay_ms,
             "lose_response_rate": self.lose_response_rate,
             "lose_response_as": self.lose_response_as,
@@ -123,6 +132,7 @@ class FaultConfig:
 class FaultDecision:
     error: bool = False
     should_retry: bool | None = None
+    error_saved: bool = False
     lose_response: bool = False
     lose_as: LoseAs = "disconnect"
     delay_ms: int = 0
@@ -188,6 +198,7 @@ class FaultInjector:
             return FaultDecision(
                 error=error,
                 should_retry=config.error_should_retry,
+                error_saved=config.error_saved,
                 lose_response=lose,
                 lose_as=config.lose_response_as,
                 delay_ms=config.delay_ms,

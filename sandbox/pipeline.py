@@ -95,7 +95,7 @@ def _json(status: int, body: dict[str, Any] | str, headers: dict[str, str]) -> R
     return Response(payload, status, headers, media_type="application/json")
 
 
-def _fault_error(decision: FaultDecision) -> StripeAPIError:
+def _fault_error(decision: FaultDecision, *, saved: bool = False) -> StripeAPIError:
     headers = {}
     if decision.should_retry is not None:
         headers["Stripe-Should-Retry"] = "true" if decision.should_retry else "false"
@@ -103,7 +103,7 @@ def _fault_error(decision: FaultDecision) -> StripeAPIError:
         500,
         "api_error",
         "An unknown error occurred while processing your request (injected by the sandbox).",
-        store=False,
+        store=saved,
         headers=headers,
     )
 
@@ -140,13 +140,12 @@ async def _run(
         return _json(400, error.body(), headers)
 
     decision = state.faults.decide(method, path)
-    if decision.error:
+    key = request.headers.get("idempotency-key") if method == "POST" else None
+    if decision.error and not (decision.error_saved and key):
         if decision.delay_ms:
             await asyncio.sleep(decision.delay_ms / 1000)
         fault = _fault_error(decision)
         return _json(fault.status, fault.body(), {**headers, **fault.headers})
-
-    key = request.headers.get("idempotency-key") if method == "POST" else None
     if key:
         outcome = state.idempotency.begin(api_key, key, method, path, params)
         if outcome.kind == "replay":
@@ -203,6 +202,8 @@ async def _run(
         store = True
         extra_headers: dict[str, str] = {}
         try:
+            if decision.error:  # error_saved: the endpoint began, failed, and keeps the failure
+                raise _fault_error(decision, saved=True)
             status, body = 200, handler(call)
         except StripeAPIError as exc:
             status, body, store, extra_headers = exc.status, exc.body(), exc.store, exc.headers

@@ -115,11 +115,8 @@ async def call_provider(payment: payments.Payment) -> provider.Intent:
             await _store_intent_id(payment["id"], intent.id)
         else:
             intent = await provider.retrieve_intent(payment["provider_payment_id"])
-        if (
-            intent.status in ("requires_confirmation", "requires_payment_method")
-            and outcome(intent) is None
-        ):
-            intent = await provider.confirm_intent(payment["id"], intent.id)
+        if _unconfirmed(intent):
+            intent = await _confirm(payment["id"], intent.id)
     except provider.Declined as declined:
         if declined.intent is not None:
             return declined.intent
@@ -134,6 +131,30 @@ async def call_provider(payment: payments.Payment) -> provider.Intent:
             failure_message=declined.message,
         )
     return intent
+
+
+async def _confirm(payment_id: str, intent_id: str) -> provider.Intent:
+    """Confirm the intent. A refusal that is no decline (no intent in the answer: e.g.
+    `payment_intent_unexpected_state`, because another try, under another key, or someone
+    in the Dashboard confirmed it meanwhile) is no outcome: the intent as it now is says what
+    happened, and only while it still waits to be confirmed does the refusal stand (recorded
+    as a failure)."""
+    try:
+        return await provider.confirm_intent(payment_id, intent_id)
+    except provider.Declined as refused:
+        if refused.intent is not None:
+            raise
+        current = await provider.retrieve_intent(intent_id)
+        if _unconfirmed(current):
+            raise
+        return current
+
+
+def _unconfirmed(intent: provider.Intent) -> bool:
+    """Still waiting to be confirmed: never confirmed, or declined by no one yet."""
+    return intent.status in ("requires_confirmation", "requires_payment_method") and (
+        outcome(intent) is None
+    )
 
 
 async def _store_intent_id(payment_id: str, intent_id: str) -> None:

@@ -5,6 +5,11 @@ Pointing agentpay at real Stripe test mode is a matter of settings: set `STRIPE_
 idempotency key derived from the payment id and the operation (design rule 3), so a retried
 call can never act twice.
 
+Stripe keeps a server error that happened once a call began under the call's key, and
+answers every retry with that key with it, for the key's 24 hours. Such a replayed failure
+moves the call to a key derived from the failed request (`_keyed`): only for calls that
+cannot act twice under two keys.
+
 `stripe` is imported by the functions that call it, not when this module is imported: the
 modules that only record requests (`tasks.charge.request_cancel`, used by the API) import
 this one for its types, and the API process must never load the SDK.
@@ -18,7 +23,9 @@ own retries: retried by the job with backoff, resolved by retrieve), or `Provide
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +34,8 @@ from tasks.settings import SANDBOX_API_KEY, Settings, get_settings
 
 if TYPE_CHECKING:
     import stripe
+
+log = logging.getLogger("agentpay.provider")
 
 
 @dataclass(frozen=True)
@@ -181,6 +190,66 @@ async def _call(method: Any, *args: Any, reading: bool = False) -> Intent:
     return Intent.from_stripe(pi)
 
 
+# How many times one call moves on to a derived key (each after a replayed failure).
+REKEYS = 3
+
+
+def _saved_failure(error: Any) -> str | None:
+    """The id of the request whose server error the provider saved under the key and has
+    just replayed (`Idempotent-Replayed: true`, `Original-Request`); None for any other
+    error."""
+    headers = {str(k).lower(): v for k, v in dict(getattr(error, "headers", None) or {}).items()}
+    if (getattr(error, "http_status", None) or 0) < 500:
+        return None
+    if str(headers.get("idempotent-replayed", "")).lower() != "true":
+        return None
+    return str(headers.get("original-request") or "replayed")
+
+
+async def _keyed(
+    method: Any,
+    *args: Any,
+    key: str,
+    look_first: Callable[[], Awaitable[Any]] | None = None,
+) -> Any:
+    """`method(*args, {"idempotency_key": key})`; when the provider replays a server error it
+    saved under `key`, the call is made again under a key derived from the failed request's
+    id — the same for every worker that gets that answer, so concurrent tries still share one
+    key. Without this the payment would wait for the key to expire (24 hours at Stripe).
+
+    Only for calls that cannot act twice under two keys: the PaymentIntent's own state
+    refuses a second confirm, capture or cancel; a second create makes at most an intent that
+    is never confirmed; a refund is looked for first (`look_first`: what the failed call made
+    after all, or None)."""
+    import stripe
+
+    for rekeyed in range(REKEYS + 1):
+        try:
+            return await method(*args, {"idempotency_key": key})
+        except stripe.StripeError as error:
+            failed = _saved_failure(error)
+            if failed is None or rekeyed == REKEYS:
+                raise
+            log.warning(
+                "the provider replays a failure saved under the key; calling again under a "
+                "derived key",
+                extra={"idempotency_key": key, "original_request": failed},
+            )
+            if look_first is not None and (found := await look_first()) is not None:
+                return found
+            key = f"{key}:after:{failed}"
+    raise AssertionError("unreachable")
+
+
+async def _keyed_intent(method: Any, *args: Any, key: str) -> Intent:
+    import stripe
+
+    try:
+        return Intent.from_stripe(await _keyed(method, *args, key=key))
+    except stripe.StripeError as error:
+        raise _translate(error) from error
+
+
 async def create_intent(payment: dict[str, Any]) -> Intent:
     """Create (not confirm) the PaymentIntent of a payment."""
     params = {
@@ -192,19 +261,19 @@ async def create_intent(payment: dict[str, Any]) -> Intent:
         "description": payment["description"] or f"agentpay {payment['id']}",
         "metadata": {"payment_id": payment["id"], "agent_id": payment["agent_id"]},
     }
-    return await _call(
+    return await _keyed_intent(
         client().v1.payment_intents.create_async,
         params,
-        {"idempotency_key": idempotency_key(payment["id"], "create")},
+        key=idempotency_key(payment["id"], "create"),
     )
 
 
 async def confirm_intent(payment_id: str, intent_id: str) -> Intent:
-    return await _call(
+    return await _keyed_intent(
         client().v1.payment_intents.confirm_async,
         intent_id,
         {},
-        {"idempotency_key": idempotency_key(payment_id, "confirm")},
+        key=idempotency_key(payment_id, "confirm"),
     )
 
 
@@ -242,11 +311,11 @@ async def _intent_action(action: str, payment_id: str, intent_id: str, request: 
     """Capture or cancel an intent. `request` names the request this call carries out: one
     key per request, so a retry repeats its call while the action asked for again after a
     refusal is a new call, not a replay of the refusal the provider keeps for 24 hours."""
-    return await _call(
+    return await _keyed_intent(
         getattr(client().v1.payment_intents, f"{action}_async"),
         intent_id,
         {},
-        {"idempotency_key": idempotency_key(payment_id, f"{action}:{request}")},
+        key=idempotency_key(payment_id, f"{action}:{request}"),
     )
 
 
@@ -299,12 +368,15 @@ async def refund(
     import stripe
 
     try:
-        result = await client().v1.refunds.create_async(
-            params, {"idempotency_key": idempotency_key(payment_id, f"refund:{refund_id}")}
+        result = await _keyed(
+            client().v1.refunds.create_async,
+            params,
+            key=idempotency_key(payment_id, f"refund:{refund_id}"),
+            look_first=lambda: find_refund(intent_id, refund_id),
         )
     except stripe.StripeError as error:
         raise _translate(error) from error
-    return Refund.from_stripe(result)
+    return result if isinstance(result, Refund) else Refund.from_stripe(result)
 
 
 async def list_refunds(intent_id: str) -> list[Refund]:

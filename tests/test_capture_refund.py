@@ -337,6 +337,34 @@ async def test_a_refund_made_by_an_earlier_try_is_found_not_made_again(
     assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 600)
 
 
+async def test_a_refund_whose_key_replays_a_saved_500_is_made_once_under_a_derived_key(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The provider saved a 500 under the refund's key (as Stripe does with an error met once
+    the call began) and replays it to every retry for 24 hours: the refund is looked for, not
+    found, and made under a key derived from the failed request, once."""
+    payment = await reconciled(api, agent_key, pool)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        assert locked is not None
+        refund = await refunds.request_refund(conn, locked, amount=700, actor="test")
+    httpx.post(
+        f"{provider_base}/_sandbox/faults",
+        json={
+            "error_rate": 1,
+            "error_saved": True,
+            "count": 1,
+            "paths": ["/v1/refunds"],
+            "methods": ["POST"],
+        },
+    ).raise_for_status()
+    assert await refunds.refund_payment(payment["id"], refund["id"]) == "partially_refunded"
+    at_provider = provider_refunds(provider_base, payment["provider_payment_id"])
+    assert [(r["amount"], r["metadata"]["refund_id"]) for r in at_provider] == [(700, refund["id"])]
+    after = await fetch(api, agent_key, payment["id"])
+    assert after["amount_refunded"] == 700
+
+
 async def test_a_refund_the_provider_refuses_is_recorded_failed(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

@@ -141,6 +141,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "methods": ["POST"],
     },
     "lost retrieves": {"lose_response_rate": 1, "count": 4, "methods": ["GET"]},
+    # As Stripe does with a 500 met once the call began: saved under the key and replayed to
+    # every retry with it for the key's 24 hours. The call moves on to a derived key.
+    "500s saved under the key": {
+        "error_rate": 1,
+        "error_saved": True,
+        "count": 6,
+        "methods": ["POST"],
+    },
     "a seeded mix of everything": {
         "error_rate": 0.25,
         "lose_response_rate": 0.25,
@@ -248,6 +256,37 @@ async def test_errors_not_worth_retrying_are_not_retried(
         payment = await payments.get(conn, created["id"])
     assert payment is not None and payment["status"] == "charging"
     assert intents_of(provider_base, created["id"]) == []
+
+
+async def test_a_confirm_refused_because_the_intent_was_confirmed_meanwhile_is_no_failure(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between what the charge job last read of the intent and its confirm, the intent was
+    confirmed elsewhere (another try under a derived key, the Dashboard): the provider
+    refuses the confirm (`payment_intent_unexpected_state`). That refusal is no decline: the
+    payment follows the intent, `succeeded`, and is not recorded `failed` with its hold
+    released while the customer paid."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    real_create = provider.create_intent
+
+    async def create_then_confirmed_elsewhere(payment: Any) -> provider.Intent:
+        intent = await real_create(payment)
+        confirmed = httpx.post(
+            f"{provider_base}/v1/payment_intents/{intent.id}/confirm", headers=SK
+        )
+        assert confirmed.json()["status"] == "succeeded"
+        return intent  # as the create answered: requires_confirmation
+
+    monkeypatch.setattr(provider, "create_intent", create_then_confirmed_elsewhere)
+    await run_jobs(pool, ("charge",))
+    payment = await fetch(api, agent_key, created["id"])
+    assert (payment["status"], payment["failure"]) == ("succeeded", None)
+    assert [i["status"] for i in intents_of(provider_base, created["id"])] == ["succeeded"]
 
 
 async def test_an_intent_the_provider_does_not_know_is_no_decline(

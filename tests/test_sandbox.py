@@ -544,6 +544,32 @@ def test_fault_500_without_header_is_retried_by_default(
         sdk(server).v1.refunds.list()
 
 
+def test_a_saved_fault_500_is_replayed_to_every_retry_with_its_key(
+    server: SandboxServer, control: httpx.Client
+) -> None:
+    """`error_saved`: like Stripe's 500 met once the call began, kept under the key and given
+    back, marked as a replay of the first request, to every retry with it; nothing is made,
+    and another key goes through."""
+    client = sdk(server)
+    t = tag()
+    params = card_params(metadata={"tag": t})
+    control.post(
+        "/_sandbox/faults", json={"error_rate": 1, "error_saved": True, "count": 1}
+    ).raise_for_status()
+    with pytest.raises(stripe.APIError) as first:
+        client.v1.payment_intents.create(params, {"idempotency_key": f"saved-{t}"})
+    with pytest.raises(stripe.APIError) as again:
+        client.v1.payment_intents.create(params, {"idempotency_key": f"saved-{t}"})
+    assert again.value.http_status == 500
+    assert again.value.headers is not None
+    assert again.value.headers["Idempotent-Replayed"] == "true"
+    assert first.value.headers is not None
+    assert again.value.headers["Original-Request"] == first.value.headers["Request-Id"]
+    assert intents_tagged(client, t) == []
+    made = client.v1.payment_intents.create(params, {"idempotency_key": f"other-{t}"})
+    assert [p.id for p in intents_tagged(client, t)] == [made.id]
+
+
 def test_fault_delay(server: SandboxServer, control: httpx.Client) -> None:
     client = sdk(server)
     pi = client.v1.payment_intents.create(card_params())
