@@ -5,8 +5,9 @@ request draws one number from the configuration's RNG (seeded with ``seed``): be
 ``error_rate`` it fails, below ``error_rate + lose_response_rate`` its response is lost.
 ``error_saved`` makes an error one that happened after the endpoint began, as Stripe's
 rare 500s do: it is saved under the request's idempotency key and replayed to every retry
-with that key (without effect either way). ``delay_ms`` delays every matching request. With ``count`` the configuration applies to the
-next ``count`` matching requests only and then clears itself, which makes tests deterministic.
+with that key (without effect either way). ``delay_ms`` delays every matching request. With
+``count`` the configuration applies to the next ``count`` matching requests only and then
+clears itself, which makes tests deterministic.
 """
 
 from __future__ import annotations

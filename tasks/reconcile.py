@@ -16,6 +16,7 @@ Webhooks and the maintenance sweep defer this task; it is safe to run any number
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -28,6 +29,7 @@ from tasks.settings import get_settings
 
 ROLE = "reconcile"
 ACTOR = f"worker:{ROLE}"
+log = logging.getLogger("agentpay.reconcile")
 
 # The states reconcile acts on; anything else is left alone.
 RECONCILABLE = frozenset({"succeeded", "charging", "authorized", "requires_action"})
@@ -141,6 +143,21 @@ async def _resolve_charging(
     return None
 
 
+async def _search(payment_id: str) -> provider.Intent | None:
+    """The intent of a payment whose intent id was never stored, by search. Search refused
+    (not offered to every account, e.g. Stripe's accounts in India) is the same as not found:
+    the keyed create gives back the intent the lost call made, never a second one while the
+    key lives (24 hours at Stripe), and an intent we never stored was never confirmed."""
+    try:
+        return await provider.find_intent(payment_id)
+    except provider.ProviderError as error:
+        log.warning(
+            "search for the payment's intent refused; going on with the keyed create",
+            extra={"payment_id": payment_id, "error": str(error)},
+        )
+        return None
+
+
 @app.task(name=ROLE, queue=ROLE, retry=Backoff(max_attempts=12))
 async def reconcile_payment(payment_id: str) -> Any:
     async with pool().connection() as conn:
@@ -151,7 +168,7 @@ async def reconcile_payment(payment_id: str) -> Any:
     if payment["provider_payment_id"]:
         intent = await provider.retrieve_intent(payment["provider_payment_id"])
     elif payment["status"] == "charging":
-        intent = await provider.find_intent(payment_id)
+        intent = await _search(payment_id)
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
         if locked is None:

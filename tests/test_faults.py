@@ -210,6 +210,37 @@ async def test_an_unknown_create_outcome_is_resolved_by_search_never_a_second_in
     await assert_exactly_once(api, agent_key, pool, provider_base, [created])
 
 
+async def test_a_refused_search_hands_the_payment_to_the_keyed_create(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    quick: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, on an account the provider offers no search to: the refused search is not
+    found, not a failed reconcile (which the sweep would re-drive into the same refusal for
+    ever); the keyed create gives back the intent the lost call made, and it is charged
+    once."""
+    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "0")
+    get_settings.cache_clear()
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(provider_base, lose_response_rate=1, count=1, paths=["/v1/payment_intents"])
+    with pytest.raises(provider.Unknown):
+        await charge.charge_payment(created["id"])
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
+
+    async def no_search(payment_id: str) -> provider.Intent | None:
+        raise provider.ProviderError("InvalidRequestError: search is not available")
+
+    monkeypatch.setattr(provider, "find_intent", no_search)
+    assert await reconcile.reconcile_payment(created["id"]) is None  # handed to charge
+    await drain(pool)
+    await assert_exactly_once(api, agent_key, pool, provider_base, [created])
+
+
 async def test_unknown_outcomes_leave_the_payment_charging_until_resolved(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, quick: None
 ) -> None:
