@@ -112,7 +112,12 @@ async def call_provider(payment: payments.Payment) -> provider.Intent:
     try:
         if payment["provider_payment_id"] is None:
             intent = await provider.create_intent(payment)
-            await _store_intent_id(payment["id"], intent.id)
+            stored = await _store_intent_id(payment["id"], intent.id)
+            if stored != intent.id:
+                # Another intent became the payment's meanwhile (reconcile found the one an
+                # earlier, lost create made, after its key had expired): go on with that one;
+                # this one is never confirmed.
+                intent = await provider.retrieve_intent(stored)
         else:
             intent = await provider.retrieve_intent(payment["provider_payment_id"])
         if _unconfirmed(intent):
@@ -157,9 +162,9 @@ def _unconfirmed(intent: provider.Intent) -> bool:
     )
 
 
-async def _store_intent_id(payment_id: str, intent_id: str) -> None:
+async def _store_intent_id(payment_id: str, intent_id: str) -> str:
     async with pool().connection() as conn:
-        await payments.store_provider_id(conn, payment_id, intent_id)
+        return await payments.store_provider_id(conn, payment_id, intent_id)
 
 
 async def finish(payment_id: str, intent: provider.Intent) -> str | None:

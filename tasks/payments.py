@@ -135,16 +135,23 @@ async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
     return await _update(conn, payment_id, columns)
 
 
-async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> bool:
+async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str:
     """Record the provider's id of a payment once, in one statement (its own transaction
     in autocommit; the UPDATE takes the row lock itself). A payment that already has one
-    keeps it; returns whether this call stored it."""
+    keeps it. Returns the id the payment now has: this one, or the one stored before."""
     cur = await conn.execute(
-        """UPDATE payment_jobs SET provider_payment_id = %s
-           WHERE id = %s AND provider_payment_id IS NULL""",
-        (provider_payment_id, payment_id),
+        """WITH stored AS (
+               UPDATE payment_jobs SET provider_payment_id = %(new)s
+                WHERE id = %(id)s AND provider_payment_id IS NULL
+            RETURNING provider_payment_id)
+           SELECT provider_payment_id FROM stored
+           UNION ALL
+           SELECT provider_payment_id FROM payment_jobs
+            WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM stored)""",
+        {"new": provider_payment_id, "id": payment_id},
     )
-    return cur.rowcount == 1
+    row = await cur.fetchone()
+    return str(row["provider_payment_id"]) if row else provider_payment_id
 
 
 async def transition(

@@ -320,6 +320,49 @@ async def test_a_confirm_refused_because_the_intent_was_confirmed_meanwhile_is_n
     assert [i["status"] for i in intents_of(provider_base, created["id"])] == ["succeeded"]
 
 
+async def test_a_create_that_loses_the_race_to_store_confirms_the_stored_intent_only(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An earlier create's answer was lost and its key has expired, so this charge job's
+    create makes a second intent; meanwhile reconcile found the first by search and stored
+    it. The job goes on with the stored intent: only that one is confirmed, the other stays
+    unconfirmed, and the customer is charged once."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    priced = await fetch(api, agent_key, created["id"])
+    earlier = httpx.post(
+        f"{provider_base}/v1/payment_intents",
+        data={
+            "amount": str(priced["amount_total"]),
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "payment_method_types[0]": "card",
+            "metadata[payment_id]": created["id"],
+        },
+        headers={**SK, "Idempotency-Key": "a-key-the-provider-has-forgotten"},
+    ).json()
+    assert earlier["status"] == "requires_confirmation", earlier
+    real_create = provider.create_intent
+
+    async def create_while_reconcile_stores_the_earlier(payment: Any) -> provider.Intent:
+        intent = await real_create(payment)
+        async with pool.connection() as conn:
+            await payments.store_provider_id(conn, created["id"], earlier["id"])
+        return intent
+
+    monkeypatch.setattr(provider, "create_intent", create_while_reconcile_stores_the_earlier)
+    await run_jobs(pool, ("charge",))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded", payment["failure"]
+    statuses = {i["id"]: i["status"] for i in intents_of(provider_base, created["id"])}
+    assert statuses.pop(earlier["id"]) == "succeeded"
+    assert list(statuses.values()) == ["requires_confirmation"]
+
+
 async def test_an_intent_the_provider_does_not_know_is_no_decline(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

@@ -244,8 +244,8 @@ async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
             conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
         )
     async with pool.connection() as conn:
-        assert await payments.store_provider_id(conn, payment["id"], "pi_first") is True
-        assert await payments.store_provider_id(conn, payment["id"], "pi_second") is False
+        assert await payments.store_provider_id(conn, payment["id"], "pi_first") == "pi_first"
+        assert await payments.store_provider_id(conn, payment["id"], "pi_second") == "pi_first"
         stored = await payments.get(conn, payment["id"])
     assert stored is not None and stored["provider_payment_id"] == "pi_first"
 
