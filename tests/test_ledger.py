@@ -571,7 +571,7 @@ async def test_cli_creates_an_agent_with_a_budget_and_funds_it(
     assert funded.exit_code == 0, funded.output
     assert "balance 5250 eur" in funded.output
     missing = await asyncio.to_thread(invoke, "agents", "deposit", "nobody", "250")
-    assert missing.exit_code == 1
+    assert missing.exit_code == 2  # not found
     bad = await asyncio.to_thread(
         invoke, "agents", "create", "x", "--budget", "15", "--currency", "kwd"
     )
