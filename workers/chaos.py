@@ -3,8 +3,9 @@ Postgres and making the provider fail, then check that no money went wrong.
 
 The faults: a random worker process is SIGKILLed every few seconds (the stack starts it again,
 as a process manager would), Postgres is stopped and started once, and the sandbox fails 10%
-of requests and loses 5% of responses after they took effect. Then the faults stop, the fleet
-drains, and every invariant is checked and printed with its count.
+of requests (a failed call with an idempotency key keeps failing under that key, as Stripe
+replays a saved 500) and loses 5% of responses after they took effect. Then the faults stop,
+the fleet drains, and every invariant is checked and printed with its count.
 """
 
 from __future__ import annotations
@@ -228,7 +229,9 @@ async def _run(
     api = Api(info["api_url"])
     keys = await new_agent_keys(info["database_url"], "chaos-agent", 4)
     operator_key = info["operator_key"]
-    faults = {"error_rate": 0.10, "lose_response_rate": 0.05, "seed": seed}
+    # A failed call with an idempotency key is saved under it and replayed to its retries, as
+    # Stripe does with a 500 met once the call began (`error_saved`): the harder case.
+    faults = {"error_rate": 0.10, "error_saved": True, "lose_response_rate": 0.05, "seed": seed}
     await provider.post("/_sandbox/faults", json=faults)
     killer = Killer(stack, (2.0, 4.0), seed)
     killer.start()
