@@ -136,22 +136,26 @@ async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
 
 
 async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str:
-    """Record the provider's id of a payment once, in one statement (its own transaction
-    in autocommit; the UPDATE takes the row lock itself). A payment that already has one
-    keeps it. Returns the id the payment now has: this one, or the one stored before."""
+    """Record the provider's id of a payment once (the UPDATE takes the row lock itself). A
+    payment that already has one keeps it. Returns the id the payment now has: this one, or
+    the one stored before — read by a statement of its own, since an UPDATE that waited for
+    another transaction storing one still reads the row as it was before that commit."""
     cur = await conn.execute(
-        """WITH stored AS (
-               UPDATE payment_jobs SET provider_payment_id = %(new)s
-                WHERE id = %(id)s AND provider_payment_id IS NULL
-            RETURNING provider_payment_id)
-           SELECT provider_payment_id FROM stored
-           UNION ALL
-           SELECT provider_payment_id FROM payment_jobs
-            WHERE id = %(id)s AND NOT EXISTS (SELECT 1 FROM stored)""",
-        {"new": provider_payment_id, "id": payment_id},
+        """UPDATE payment_jobs SET provider_payment_id = %s
+           WHERE id = %s AND provider_payment_id IS NULL""",
+        (provider_payment_id, payment_id),
+    )
+    if cur.rowcount == 1:
+        return provider_payment_id
+    cur = await conn.execute(
+        "SELECT provider_payment_id FROM payment_jobs WHERE id = %s", (payment_id,)
     )
     row = await cur.fetchone()
-    return str(row["provider_payment_id"]) if row else provider_payment_id
+    return (
+        str(row["provider_payment_id"])
+        if row and row["provider_payment_id"]
+        else provider_payment_id
+    )
 
 
 async def transition(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
@@ -10,7 +11,7 @@ import pytest
 
 from tasks import agents, charge, payments, pricing, reconcile, risk
 from tasks.db import Pool
-from tests.conftest import auth, run_jobs
+from tests.conftest import async_wait_for, auth, run_jobs
 
 
 async def create(api: httpx.AsyncClient, key: str, **body: Any) -> dict[str, Any]:
@@ -248,6 +249,38 @@ async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
         assert await payments.store_provider_id(conn, payment["id"], "pi_second") == "pi_first"
         stored = await payments.get(conn, payment["id"])
     assert stored is not None and stored["provider_payment_id"] == "pi_first"
+
+
+async def test_storing_the_provider_id_while_another_stores_one_returns_the_other(
+    pool: Pool,
+) -> None:
+    """Reconcile stores an id in its transaction; the charge job's store waits for it and,
+    once it commits, returns that id — not a stale read of the row without one."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "agent-store-race")
+        payment = await payments.insert(
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
+        )
+    async with pool.connection() as first, pool.connection() as second:
+        async with first.transaction():
+            await first.execute(
+                "UPDATE payment_jobs SET provider_payment_id = 'pi_found' WHERE id = %s",
+                (payment["id"],),
+            )
+            waiting = asyncio.create_task(
+                payments.store_provider_id(second, payment["id"], "pi_created")
+            )
+
+            async def blocked() -> bool:
+                cur = await first.execute(
+                    "SELECT count(*) AS n FROM pg_locks"
+                    " WHERE NOT granted AND locktype = 'transactionid'"
+                )
+                row = await cur.fetchone()
+                return bool(row and row["n"])
+
+            await async_wait_for(blocked, what="the second store to wait for the lock")
+        assert await asyncio.wait_for(waiting, 10) == "pi_found"
 
 
 async def test_defer_writes_the_job_procrastinate_would(pool: Pool) -> None:

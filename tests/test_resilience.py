@@ -172,9 +172,12 @@ async def _received_payment(pool: Pool) -> tuple[str, int]:
     return p["id"], row["id"]
 
 
-def _cut_connections(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
-    """Make writing a job's outcome meet a lost connection `times` times; returns the list
-    the tries are counted in."""
+def _cut_connections(
+    monkeypatch: pytest.MonkeyPatch, times: int, *, after_writing: bool = False
+) -> list[int]:
+    """Make writing a job's outcome meet a lost connection `times` times (`after_writing`:
+    the write went through, its answer was lost); returns the list the tries are counted
+    in."""
     from procrastinate import exceptions
 
     from tasks.app import app
@@ -185,6 +188,8 @@ def _cut_connections(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
     async def cut(**kwargs: Any) -> None:
         tries.append(1)
         if len(tries) <= times:
+            if after_writing:
+                await finish(**kwargs)
             try:
                 raise psycopg.OperationalError("server closed the connection unexpectedly")
             except psycopg.OperationalError as error:
@@ -221,6 +226,23 @@ async def test_a_jobs_outcome_lost_on_a_cut_connection_is_written_again(
     assert await _status(pool, sql, payment_id) == "priced"
 
 
+async def test_an_outcome_written_before_its_answer_was_lost_is_not_written_again(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The write went through and only its answer was lost: the job is no longer this
+    worker's `doing` job (another worker may run it by now), so it is not written over."""
+    from tasks.app import app
+    from workers.worker import _Worker
+
+    _, job_id = await _received_payment(pool)
+    tries = _cut_connections(monkeypatch, times=1, after_writing=True)
+    worker = _Worker(app, queues=["pricing"], wait=False, install_signal_handlers=False)
+    await asyncio.wait_for(worker.run(), 30)
+    assert len(tries) == 1
+    sql = "SELECT status::text FROM procrastinate_jobs WHERE id = %s"
+    assert await _status(pool, sql, job_id) == "succeeded"
+
+
 async def test_a_worker_that_cannot_write_a_jobs_outcome_stops_so_the_job_is_rescued(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -231,11 +253,14 @@ async def test_a_worker_that_cannot_write_a_jobs_outcome_stops_so_the_job_is_res
     from workers import worker as role_worker
     from workers.maintenance import rescue_stalled_jobs
 
-    monkeypatch.setattr(role_worker, "PERSIST_ATTEMPTS", 2)
     _, job_id = await _received_payment(pool)
     _cut_connections(monkeypatch, times=1000)
     worker = role_worker._Worker(
-        app, queues=["pricing"], install_signal_handlers=False, listen_notify=False
+        app,
+        queues=["pricing"],
+        install_signal_handlers=False,
+        listen_notify=False,
+        stalled_worker_timeout=2,  # it tries for half of that
     )
     await asyncio.wait_for(worker.run(), 30)  # it waits for jobs until it stops itself
     job = "SELECT status::text, worker_id FROM procrastinate_jobs WHERE id = %s"
@@ -247,16 +272,25 @@ async def test_a_worker_that_cannot_write_a_jobs_outcome_stops_so_the_job_is_res
     assert await _status(pool, sql, job_id) == "todo"
 
 
+@pytest.mark.parametrize("last_attempt", [False, True], ids=["retried", "on-its-last-attempt"])
 async def test_a_job_cut_off_by_the_shutdown_grace_goes_back_to_its_queue(
-    pool: Pool, provider_base: str
+    pool: Pool, provider_base: str, last_attempt: bool
 ) -> None:
     """A stop whose grace ends while a job still runs (the provider is slow): the job is
     retried, not ended `aborted` (which only an operator's cancel should do); nothing but a
-    sweep minutes later would have moved its payment on."""
+    sweep minutes later would have moved its payment on. On its last attempt it fails for
+    good, and that is recorded in its payment's events like any failure."""
     from tasks.app import app
     from workers.worker import _Worker, observe_job
 
     payment_id = await approved_payment(pool)
+    if last_attempt:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE procrastinate_jobs SET attempts = 11 WHERE task_name = 'charge'"
+                " AND args->>'payment_id' = %s",
+                (payment_id,),
+            )
     sandbox_faults(provider_base, delay_ms=3000, paths=["/v1/payment_intents"], count=1)
     worker = _Worker(
         app,
@@ -275,9 +309,11 @@ async def test_a_job_cut_off_by_the_shutdown_grace_goes_back_to_its_queue(
     )
     worker.stop()
     await asyncio.wait_for(running, 30)
-    assert await _status(pool, job, payment_id) == "todo"
+    assert await _status(pool, job, payment_id) == ("failed" if last_attempt else "todo")
     sql = "SELECT status FROM payment_jobs WHERE id = %s"
     assert await _status(pool, sql, payment_id) == "charging"
+    sql = "SELECT count(*) FROM payment_events WHERE payment_id = %s AND type = 'job_failed'"
+    assert await _status(pool, sql, payment_id) == (1 if last_attempt else 0)
 
 
 async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(

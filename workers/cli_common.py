@@ -64,8 +64,9 @@ def settings_for(data_dir: Path | None) -> Settings:
 @contextmanager
 def database_errors() -> Iterator[None]:
     """No database configured, none answering (10 s), or a transient refusal (lock or
-    statement timeout, serialization failure): one line on stderr and exit code 3. Nothing
-    was changed; the same command can simply be run again."""
+    statement timeout, serialization failure): one line on stderr and exit code 3. The
+    command's transaction was rolled back — unless the connection broke during its commit,
+    when it may have gone through: look before running a deposit or a create again."""
     try:
         yield
     except (NoDatabase, psycopg.OperationalError) as error:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import random
 import signal
@@ -132,44 +133,60 @@ class _Worker(Worker):
         """procrastinate writes a job's outcome once. If that write meets a connection cut at
         that moment, the job stays `doing` under this worker, which is alive and heartbeating,
         so no rescue looks at it, and neither does any sweep: its payment would be stuck. So
-        the write is tried again; if the database stays away, this worker stops (the loop in
-        `RoleWorker.run` starts a fresh one): unregistered, or with its heartbeat left to go
-        stale, its job is put back in its queue by the stalled-job rescue."""
-        for attempt in range(PERSIST_ATTEMPTS):
+        the write is tried again, each try bounded in time, while the job is still this
+        worker's (an earlier try may have been written, its answer lost, and the job claimed
+        by another worker since). If the database stays away for half the stalled-worker
+        timeout, this worker stops (the loop in `RoleWorker.run` starts a fresh one):
+        unregistered, or with its heartbeat left to go stale, its job is put back in its queue
+        by the stalled-job rescue — before which this worker has given up writing over it."""
+        deadline = time.monotonic() + self.stalled_worker_timeout / 2
+        for attempt in itertools.count():
             try:
-                await super()._persist_job_status(
-                    job=job,
-                    status=status,
-                    retry_decision=retry_decision,
-                    context=context,
-                    job_result=job_result,
+                if attempt and not await self._still_mine(job.id):
+                    return  # an earlier try was written; what happens now is not ours
+                await asyncio.wait_for(
+                    super()._persist_job_status(
+                        job=job,
+                        status=status,
+                        retry_decision=retry_decision,
+                        context=context,
+                        job_result=job_result,
+                    ),
+                    PERSIST_TRY_SECONDS,
                 )
                 return
             except Exception as error:
-                if not _lost_connection(error):
-                    if attempt == 0:
-                        raise
-                    # An earlier try may have been written before its answer was lost:
-                    # the job is no longer `doing`, which is what was wanted.
-                    log.warning(
-                        "the job's outcome was written by an earlier try",
-                        extra={"job_id": job.id, "error": repr(error)},
-                    )
-                    return
+                if not (_lost_connection(error) or isinstance(error, TimeoutError)):
+                    raise
+                pause = min(2.0, 0.1 * 2**attempt)
+                if time.monotonic() + pause >= deadline:
+                    break
                 log.warning(
                     "could not write the job's outcome; trying again",
                     extra={"job_id": job.id, "attempt": attempt + 1, "error": repr(error)},
                 )
-                await asyncio.sleep(min(2.0, 0.1 * 2**attempt))
+                await asyncio.sleep(pause)
         log.error(
             "could not write the job's outcome; stopping the worker so that the job is rescued",
             extra={"job_id": job.id},
         )
         self.stop()
 
+    async def _still_mine(self, job_id: int) -> bool:
+        row = await asyncio.wait_for(
+            self.app.connector.execute_query_one_async(
+                "SELECT status = 'doing' AND worker_id = %(worker)s AS mine"
+                " FROM procrastinate_jobs WHERE id = %(id)s",
+                id=job_id,
+                worker=self.worker_id,
+            ),
+            PERSIST_TRY_SECONDS,
+        )
+        return bool(row and row["mine"])
 
-# Tries at writing a job's outcome before the worker gives up and stops (~6 s in all).
-PERSIST_ATTEMPTS = 6
+
+# How long one try at writing a job's outcome may take (the pool would wait 30 s).
+PERSIST_TRY_SECONDS = 2.0
 
 
 def _lost_connection(error: BaseException) -> bool:
@@ -195,24 +212,32 @@ def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
         payment_id = job.task_kwargs.get("payment_id")
         started = time.perf_counter()
         outcome = "succeeded"
+
+        async def failed(error: Exception) -> str:
+            """Whether procrastinate will retry the job; a job that fails for good is
+            recorded in its payment's events."""
+            task = worker.app.tasks.get(job.task_name)
+            if task is not None and task.get_retry_exception(exception=error, job=job):
+                return "retry"
+            if isinstance(payment_id, str):
+                await _record_failure(pool, role, job, payment_id, error)
+            return "failed"
+
         with logs.job_context(job.id, payment_id if isinstance(payment_id, str) else None, role):
             try:
                 return await call_next()
-            except (exceptions.JobAborted, asyncio.CancelledError) as error:
-                if context.abort_reason() == job_context.AbortReason.SHUTDOWN:
-                    # Cut off at the end of the shutdown grace: the job goes back to its
-                    # queue (its steps are safe to run again) instead of ending `aborted`,
-                    # which only an operator's cancel should do.
-                    outcome = "retry"
-                    raise TransientError("the worker stopped before the job finished") from error
-                outcome = "aborted"
-                raise
+            except (exceptions.JobAborted, asyncio.CancelledError) as aborted:
+                if context.abort_reason() != job_context.AbortReason.SHUTDOWN:
+                    outcome = "aborted"
+                    raise
+                # Cut off at the end of the shutdown grace: the job goes back to its queue
+                # (its steps are safe to run again) instead of ending `aborted`, which only
+                # an operator's cancel should do.
+                cut_off = TransientError("the worker stopped before the job finished")
+                outcome = await failed(cut_off)
+                raise cut_off from aborted
             except Exception as error:
-                task = worker.app.tasks.get(job.task_name)
-                will_retry = task is not None and task.get_retry_exception(exception=error, job=job)
-                outcome = "retry" if will_retry else "failed"
-                if not will_retry and isinstance(payment_id, str):
-                    await _record_failure(pool, role, job, payment_id, error)
+                outcome = await failed(error)
                 raise
             finally:
                 JOB_SECONDS.labels(role, job.task_name, outcome).observe(
