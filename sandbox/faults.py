@@ -5,9 +5,10 @@ request draws one number from the configuration's RNG (seeded with ``seed``): be
 ``error_rate`` it fails, below ``error_rate + lose_response_rate`` its response is lost.
 ``error_saved`` makes an error one that happened after the endpoint began, as Stripe's
 rare 500s do: it is saved under the request's idempotency key and replayed to every retry
-with that key (without effect either way). ``delay_ms`` delays every matching request. With
-``count`` the configuration applies to the next ``count`` matching requests only and then
-clears itself, which makes tests deterministic.
+with that key — without effect, or with ``error_after_effect`` after the request took full
+effect (its result is lost, the 500 kept in its place). ``delay_ms`` delays every matching
+request. With ``count`` the configuration applies to the next ``count`` matching requests
+only and then clears itself, which makes tests deterministic.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class FaultConfig:
     error_rate: float = 0.0
     error_should_retry: bool | None = None
     error_saved: bool = False
+    error_after_effect: bool = False
     delay_ms: int = 0
     lose_response_rate: float = 0.0
     lose_response_as: LoseAs = "disconnect"
@@ -66,6 +68,7 @@ class FaultConfig:
             "error_rate",
             "error_should_retry",
             "error_saved",
+            "error_after_effect",
             "delay_ms",
             "lose_response_rate",
             "lose_response_as",
@@ -90,8 +93,11 @@ class FaultConfig:
         if should_retry is not None and not isinstance(should_retry, bool):
             raise ValueError("error_should_retry must be true, false or null")
         saved = data.get("error_saved", False)
-        if not isinstance(saved, bool):
-            raise ValueError("error_saved must be true or false")
+        after_effect = data.get("error_after_effect", False)
+        if not isinstance(saved, bool) or not isinstance(after_effect, bool):
+            raise ValueError("error_saved and error_after_effect must be true or false")
+        if after_effect and not saved:
+            raise ValueError("error_after_effect needs error_saved")
         lose_as = data.get("lose_response_as", "disconnect")
         if lose_as not in ("disconnect", "500"):
             raise ValueError('lose_response_as must be "disconnect" or "500"')
@@ -100,6 +106,7 @@ class FaultConfig:
             error_rate=error_rate,
             error_should_retry=should_retry,
             error_saved=saved,
+            error_after_effect=after_effect,
             delay_ms=_opt_int(data, "delay_ms", 0) or 0,
             lose_response_rate=lose_rate,
             lose_response_as=lose_as,
@@ -114,6 +121,7 @@ class FaultConfig:
             "error_rate": self.error_rate,
             "error_should_retry": self.error_should_retry,
             "error_saved": self.error_saved,
+            "error_after_effect": self.error_after_effect,
             "delay_ms": self.delay_ms,
             "lose_response_rate": self.lose_response_rate,
             "lose_response_as": self.lose_response_as,
@@ -134,6 +142,7 @@ class FaultDecision:
     error: bool = False
     should_retry: bool | None = None
     error_saved: bool = False
+    error_after_effect: bool = False
     lose_response: bool = False
     lose_as: LoseAs = "disconnect"
     delay_ms: int = 0
@@ -200,6 +209,7 @@ class FaultInjector:
                 error=error,
                 should_retry=config.error_should_retry,
                 error_saved=config.error_saved,
+                error_after_effect=config.error_after_effect,
                 lose_response=lose,
                 lose_as=config.lose_response_as,
                 delay_ms=config.delay_ms,

@@ -202,9 +202,12 @@ async def _run(
         store = True
         extra_headers: dict[str, str] = {}
         try:
-            if decision.error:  # error_saved: the endpoint began, failed, and keeps the failure
+            if decision.error and not decision.error_after_effect:
+                # error_saved: the endpoint began, failed, and keeps the failure
                 raise _fault_error(decision, saved=True)
             status, body = 200, handler(call)
+            if decision.error:  # error_after_effect: it took effect; a 500 is kept instead
+                raise _fault_error(decision, saved=True)
         except StripeAPIError as exc:
             status, body, store, extra_headers = exc.status, exc.body(), exc.store, exc.headers
         except Exception:

@@ -218,9 +218,9 @@ async def _keyed(
     key. Without this the payment would wait for the key to expire (24 hours at Stripe).
 
     Only for calls that cannot act twice under two keys: the PaymentIntent's own state
-    refuses a second confirm, capture or cancel; a second create makes at most an intent that
-    is never confirmed; a refund is looked for first (`look_first`: what the failed call made
-    after all, or None)."""
+    refuses a second confirm, capture or cancel; a refund is looked for first (`look_first`:
+    what the failed call made after all, or None); so is an intent, by search, and a second
+    create makes at most an intent that is never confirmed."""
     import stripe
 
     for rekeyed in range(REKEYS + 1):
@@ -241,13 +241,19 @@ async def _keyed(
     raise AssertionError("unreachable")
 
 
-async def _keyed_intent(method: Any, *args: Any, key: str) -> Intent:
+async def _keyed_intent(
+    method: Any,
+    *args: Any,
+    key: str,
+    look_first: Callable[[], Awaitable[Intent | None]] | None = None,
+) -> Intent:
     import stripe
 
     try:
-        return Intent.from_stripe(await _keyed(method, *args, key=key))
+        result = await _keyed(method, *args, key=key, look_first=look_first)
     except stripe.StripeError as error:
         raise _translate(error) from error
+    return result if isinstance(result, Intent) else Intent.from_stripe(result)
 
 
 async def create_intent(payment: dict[str, Any]) -> Intent:
@@ -265,7 +271,17 @@ async def create_intent(payment: dict[str, Any]) -> Intent:
         client().v1.payment_intents.create_async,
         params,
         key=idempotency_key(payment["id"], "create"),
+        look_first=lambda: _found_intent(payment["id"]),
     )
+
+
+async def _found_intent(payment_id: str) -> Intent | None:
+    """An intent the failed create made after all, as far as search shows it (search lags,
+    and some accounts have none: then a second, never confirmed intent is the price)."""
+    try:
+        return await find_intent(payment_id)
+    except ProviderError:
+        return None
 
 
 async def confirm_intent(payment_id: str, intent_id: str) -> Intent:

@@ -337,12 +337,14 @@ async def test_a_refund_made_by_an_earlier_try_is_found_not_made_again(
     assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 600)
 
 
+@pytest.mark.parametrize("after_effect", [False, True], ids=["no-effect", "after-effect"])
 async def test_a_refund_whose_key_replays_a_saved_500_is_made_once_under_a_derived_key(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, after_effect: bool
 ) -> None:
     """The provider saved a 500 under the refund's key (as Stripe does with an error met once
-    the call began) and replays it to every retry for 24 hours: the refund is looked for, not
-    found, and made under a key derived from the failed request, once."""
+    the call began) and replays it to every retry for 24 hours: the refund is looked for and
+    made under a key derived from the failed request if the failed call made none — once
+    either way."""
     payment = await reconciled(api, agent_key, pool)
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment["id"])
@@ -353,6 +355,7 @@ async def test_a_refund_whose_key_replays_a_saved_500_is_made_once_under_a_deriv
         json={
             "error_rate": 1,
             "error_saved": True,
+            "error_after_effect": after_effect,
             "count": 1,
             "paths": ["/v1/refunds"],
             "methods": ["POST"],

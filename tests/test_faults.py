@@ -149,6 +149,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "count": 6,
         "methods": ["POST"],
     },
+    # The same, after the call took effect: the derived key's call must not act again.
+    "500s saved after the call took effect": {
+        "error_rate": 1,
+        "error_saved": True,
+        "error_after_effect": True,
+        "count": 6,
+        "methods": ["POST"],
+    },
     "a seeded mix of everything": {
         "error_rate": 0.25,
         "lose_response_rate": 0.25,
