@@ -83,6 +83,7 @@ class AgentPayError(Exception):
         param: str | None = None,
         *,
         response: httpx.Response | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
@@ -91,6 +92,10 @@ class AgentPayError(Exception):
         self.message = message
         self.param = param
         self.response = response
+        # The Idempotency-Key the request was sent with (the client makes one for a POST
+        # without): send the same request again with it, never a new one, when the outcome
+        # is unknown (a 5xx, or no answer at all).
+        self.idempotency_key = idempotency_key or _sent_key(response)
 
     @classmethod
     def from_response(cls, response: httpx.Response) -> AgentPayError:
@@ -115,10 +120,35 @@ class AgentPayError(Exception):
 
 
 class AgentPayConnectionError(AgentPayError):
-    """The server could not be reached (or answered nothing) after every retry."""
+    """The server could not be reached (or answered nothing) after every retry. The request
+    may have been done: send it again with `idempotency_key`."""
 
-    def __init__(self, error: httpx.TransportError) -> None:
-        super().__init__(0, "api_connection_error", type(error).__name__, str(error) or "")
+    def __init__(self, error: httpx.TransportError, idempotency_key: str | None = None) -> None:
+        super().__init__(
+            0,
+            "api_connection_error",
+            type(error).__name__,
+            str(error) or "",
+            idempotency_key=idempotency_key,
+        )
+
+
+def _sent_key(response: httpx.Response | None) -> str | None:
+    try:
+        return None if response is None else response.request.headers.get("Idempotency-Key")
+    except RuntimeError:  # a response built without its request
+        return None
+
+
+def _wait_targets(status: str | Iterable[str] | None) -> list[str] | None:
+    """The states a wait stops at; None: the server's default (a settled state). One state
+    may be given as a string; an empty collection would never be met, so it is refused."""
+    if status is None:
+        return None
+    wanted = sorted({status} if isinstance(status, str) else set(status))
+    if not wanted:
+        raise ValueError("status: name at least one state, or leave it out for the default")
+    return wanted
 
 
 class _Base:
@@ -303,7 +333,7 @@ class AsyncAgentPay(_Base):
                 )
             except httpx.TransportError as error:
                 if attempt >= self.max_retries:
-                    raise AgentPayConnectionError(error) from error
+                    raise AgentPayConnectionError(error, idempotency_key) from error
                 await self._sleep(self.delay(attempt, None))
             else:
                 if not self._retryable(response) or attempt >= self.max_retries:
@@ -378,19 +408,20 @@ class AsyncAgentPay(_Base):
         payment_id: str,
         *,
         timeout: float = 60.0,  # noqa: ASYNC109 - the server waits; this bounds the wait
-        status: Iterable[str] | None = None,
+        status: str | Iterable[str] | None = None,
     ) -> Payment:
         """Wait (long-polling, not hammering) until the payment is in one of `status` (by
         default a final state, or succeeded, authorized, requires_action), or `timeout`
         seconds pass. Returns the payment as it is then: check its `status`."""
-        targets = set(status) if status is not None else set(SETTLED_STATES)
+        wanted = _wait_targets(status)
+        targets = set(wanted) if wanted is not None else set(SETTLED_STATES)
         deadline = time.monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             wait = min(remaining, MAX_POLL_SECONDS)
             params: dict[str, Any] = {"timeout": round(wait, 3)}
-            if status is not None:
-                params["status"] = sorted(targets)
+            if wanted is not None:
+                params["status"] = wanted
             response = await self.request(
                 "GET",
                 f"/v1/payments/{_segment(payment_id)}/wait",
@@ -501,7 +532,7 @@ class AgentPay(_Base):
                 )
             except httpx.TransportError as error:
                 if attempt >= self.max_retries:
-                    raise AgentPayConnectionError(error) from error
+                    raise AgentPayConnectionError(error, idempotency_key) from error
                 self._sleep(self.delay(attempt, None))
             else:
                 if not self._retryable(response) or attempt >= self.max_retries:
@@ -562,17 +593,18 @@ class AgentPay(_Base):
             after = page.data[-1].id
 
     def wait_for_payment(
-        self, payment_id: str, *, timeout: float = 60.0, status: Iterable[str] | None = None
+        self, payment_id: str, *, timeout: float = 60.0, status: str | Iterable[str] | None = None
     ) -> Payment:
         """See `AsyncAgentPay.wait_for_payment`."""
-        targets = set(status) if status is not None else set(SETTLED_STATES)
+        wanted = _wait_targets(status)
+        targets = set(wanted) if wanted is not None else set(SETTLED_STATES)
         deadline = time.monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             wait = min(remaining, MAX_POLL_SECONDS)
             params: dict[str, Any] = {"timeout": round(wait, 3)}
-            if status is not None:
-                params["status"] = sorted(targets)
+            if wanted is not None:
+                params["status"] = wanted
             response = self.request(
                 "GET",
                 f"/v1/payments/{_segment(payment_id)}/wait",

@@ -241,6 +241,66 @@ async def test_gives_up_after_max_retries_and_does_not_retry_4xx() -> None:
             await client.get_payment("pay_1")
 
 
+async def test_a_request_given_up_on_tells_the_key_to_send_it_again_with(
+    asgi: httpx.ASGITransport, agent_key: str, pool: Pool
+) -> None:
+    """Every answer lost, retries spent: the payment was made, the agent cannot know. The
+    error carries the key the client made for the POST; the same request sent again with it
+    is the same payment, not a second one. A 5xx carries its key too."""
+    transport = DropFirstResponse(asgi, drops=3)
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async with AsyncAgentPay(
+        "http://agentpay.test", agent_key, transport=transport, sleep=no_sleep, max_retries=2
+    ) as client:
+        with pytest.raises(AgentPayConnectionError) as lost:
+            await client.create_payment(amount=500, currency="usd", payment_method="pm_card_visa")
+        key = lost.value.idempotency_key
+        assert key is not None and set(transport.keys) == {key}
+        again = await client.create_payment(
+            amount=500, currency="usd", payment_method="pm_card_visa", idempotency_key=key
+        )
+    assert await count_payments(pool) == 1
+    assert again.status == "received"
+
+    def failing(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            500,
+            json={"error": {"type": "api_error", "code": "boom", "message": "x", "param": None}},
+        )
+
+    async with AsyncAgentPay(
+        "http://x", "k", transport=httpx.MockTransport(failing), max_retries=0
+    ) as client:
+        with pytest.raises(AgentPayError) as raised:
+            await client.create_payment(
+                amount=500, currency="usd", payment_method="pm_card_visa", idempotency_key="k-1"
+            )
+    assert raised.value.idempotency_key == "k-1"
+
+
+async def test_a_wait_takes_one_state_as_a_string_and_refuses_none_at_all(
+    asgi: httpx.ASGITransport, agent_key: str, pool: Pool
+) -> None:
+    """`status="reconciled"` is one state (it was sent as its letters, a 400); an empty
+    collection is refused at once (it was sent as none, the server's default answered at
+    once and never matched: the client polled until its timeout)."""
+    async with AsyncAgentPay("http://agentpay.test", agent_key, transport=asgi) as client:
+        created = await client.create_payment(
+            amount=500, currency="usd", payment_method="pm_card_visa"
+        )
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE payment_jobs SET status = 'canceled' WHERE id = %s", (created.id,)
+            )
+        payment = await client.wait_for_payment(created.id, status="canceled", timeout=5)
+        assert payment.status == "canceled"
+        with pytest.raises(ValueError, match="at least one state"):
+            await client.wait_for_payment(created.id, status=[], timeout=5)
+
+
 @contextlib.contextmanager
 def live_api(settings: Settings) -> Iterator[str]:
     """The API served by uvicorn on 127.0.0.1 (its own pool, lifespan and all) in a thread."""
