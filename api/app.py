@@ -100,6 +100,12 @@ def _document_as_it_behaves(app: FastAPI) -> None:
 
 
 API_DB_WAIT_SECONDS = 5.0
+# Every API connection's session: a statement waits at most this long for a row lock (a
+# duplicate request whose first is still running gets `idempotency_key_busy`, any other a
+# 503 to retry: a request never hangs on a lock), and a transaction left idle this long —
+# its API process died mid-request, out of the database's sight — is ended, releasing
+# what it held (an Idempotency-Key, a payment row).
+API_SESSION = {"lock_timeout": "3s", "idle_in_transaction_session_timeout": "30s"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -115,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # A request waits this long for a connection, then gets a 503 with Retry-After
             # (api/errors.py), rather than hanging while the database is away.
             timeout=API_DB_WAIT_SECONDS,
+            session=API_SESSION,
         ) as pool:
             app.state.pool = pool
             pruner = asyncio.create_task(prune_idempotency_keys(pool, settings))

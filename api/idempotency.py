@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, nullcontext
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
@@ -213,9 +214,12 @@ class Idempotency:
             "retention": self.retention_seconds,
         }
         # A concurrent first request holds the row: this waits until it commits (or rolls
-        # back, and then the row is ours).
+        # back, and then the row is ours) — at most the session's lock_timeout, then busy.
         for _ in range(3):
-            cur = await conn.execute(_CLAIM, params)
+            try:
+                cur = await conn.execute(_CLAIM, params)
+            except psycopg.errors.LockNotAvailable:
+                break
             if await cur.fetchone() is not None:
                 return
             cur = await conn.execute(_STORED, (self.agent.id, self.key))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,11 +23,18 @@ CHECK_AFTER_IDLE_SECONDS = 1.0
 _idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
-async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
-    # Our own statements run in explicit `conn.transaction()` blocks; a reconnecting pool
-    # must never hand out a connection left inside a half-finished transaction.
-    await conn.set_autocommit(True)
-    _idle_since[conn] = time.monotonic()
+def _configurer(
+    session: dict[str, str],
+) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
+    async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+        # Our own statements run in explicit `conn.transaction()` blocks; a reconnecting
+        # pool must never hand out a connection left inside a half-finished transaction.
+        await conn.set_autocommit(True)
+        for name, value in session.items():
+            await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        _idle_since[conn] = time.monotonic()
+
+    return configure
 
 
 async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -57,13 +64,15 @@ def make_pool(
     max_size: int = 10,
     name: str = "",
     timeout: float = 30.0,
+    session: dict[str, str] | None = None,
 ) -> Pool:
     """A pool that survives a database restart: a connection that sat idle for a second
     or more is checked before it is handed out (dead ones are replaced; new ones are
     retried with backoff); one given back less than a second ago is handed out as it is
     (see `_check_if_idle`). A named pool's connections show as `agentpay-<name>` in
     `pg_stat_activity.application_name`, so operators see which process holds what.
-    `timeout`: how long a checkout waits for a connection before `PoolTimeout`."""
+    `timeout`: how long a checkout waits for a connection before `PoolTimeout`. `session`:
+    settings each connection gets when it connects (e.g. {"lock_timeout": "3s"})."""
     kwargs: dict[str, Any] = {"row_factory": dict_row}
     if name:
         kwargs["application_name"] = f"agentpay-{name}"
@@ -74,7 +83,7 @@ def make_pool(
         open=False,
         name=name or None,
         kwargs=kwargs,
-        configure=_configure,
+        configure=_configurer(session or {}),
         check=_check_if_idle,
         reconnect_timeout=24 * 3600,
         timeout=timeout,

@@ -88,6 +88,38 @@ async def test_twenty_concurrent_copies_create_one_payment_and_get_one_body(
     assert await counts(pool) == {"payments": 1, "events": 1, "jobs": 1, "keys": 1}
 
 
+async def test_a_duplicate_of_a_request_still_running_is_told_busy_not_left_waiting(
+    settings: Any, database_url: str, agent_key: str
+) -> None:
+    """The first request holds its key and does not finish (its API process hangs, or died
+    out of the database's sight): a duplicate waits the lock timeout, then gets 409
+    `idempotency_key_busy` with Retry-After — it used to wait as long as the first one
+    held on, and duplicates piling up took every connection of the API's pool."""
+    from api.app import API_SESSION, create_app
+    from tasks.db import open_pool
+
+    with psycopg.connect(database_url) as holder:
+        agent_id = holder.execute(
+            "SELECT agent_id FROM api_keys WHERE key_hash = %s", (agents.hash_key(agent_key),)
+        ).fetchone()
+        assert agent_id is not None
+        holder.execute(
+            "INSERT INTO idempotency_keys (agent_id, key, request_method, request_path,"
+            " request_hash) VALUES (%s, 'held-key', 'POST', '/v1/payments', '\\x00')",
+            (agent_id[0],),
+        )
+        async with open_pool(database_url, min_size=1, max_size=2, session=API_SESSION) as p:
+            app = create_app(settings)
+            app.state.pool = p
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as api:
+                answer = await asyncio.wait_for(post(api, agent_key, BODY, "held-key"), 20)
+                assert answer.status_code == 409, answer.text
+                assert answer.json()["error"]["code"] == "idempotency_key_busy"
+                assert answer.headers["Retry-After"] == "1"
+        holder.rollback()
+
+
 async def test_same_key_with_another_body_is_refused_and_changes_nothing(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:
