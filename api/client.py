@@ -33,7 +33,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from api.models import SETTLED_STATES, Payment, PaymentList
+from api.models import Payment, PaymentList, wait_is_over
 
 __all__ = [
     "AgentPay",
@@ -411,10 +411,10 @@ class AsyncAgentPay(_Base):
         status: str | Iterable[str] | None = None,
     ) -> Payment:
         """Wait (long-polling, not hammering) until the payment is in one of `status` (by
-        default a final state, or succeeded, authorized, requires_action), or `timeout`
+        default a settled state — final, or succeeded, authorized, requires_action,
+        partially_refunded — with no capture, cancel or refund pending), or `timeout`
         seconds pass. Returns the payment as it is then: check its `status`."""
         wanted = _wait_targets(status)
-        targets = set(wanted) if wanted is not None else set(SETTLED_STATES)
         deadline = time.monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - time.monotonic())
@@ -429,7 +429,10 @@ class AsyncAgentPay(_Base):
                 timeout=wait + self.timeout,
             )
             payment = self._parse(response, Payment)
-            if payment.status in targets or time.monotonic() >= deadline:
+            if (
+                wait_is_over(payment.status, payment.pending_action, wanted)
+                or time.monotonic() >= deadline
+            ):
                 return payment
 
     async def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
@@ -597,7 +600,6 @@ class AgentPay(_Base):
     ) -> Payment:
         """See `AsyncAgentPay.wait_for_payment`."""
         wanted = _wait_targets(status)
-        targets = set(wanted) if wanted is not None else set(SETTLED_STATES)
         deadline = time.monotonic() + timeout
         while True:
             remaining = max(0.0, deadline - time.monotonic())
@@ -612,7 +614,10 @@ class AgentPay(_Base):
                 timeout=wait + self.timeout,
             )
             payment = self._parse(response, Payment)
-            if payment.status in targets or time.monotonic() >= deadline:
+            if (
+                wait_is_over(payment.status, payment.pending_action, wanted)
+                or time.monotonic() >= deadline
+            ):
                 return payment
 
     def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -262,6 +263,15 @@ SETTLED_STATES: frozenset[str] = frozenset(
 )
 
 
+def wait_is_over(status: str, pending_action: str | None, wanted: Collection[str] | None) -> bool:
+    """Whether a long-poll answers now: the payment is in a state asked for or, by default,
+    in a settled state with nothing asked for still pending (the server and the clients
+    decide alike)."""
+    if wanted:
+        return status in wanted
+    return status in SETTLED_STATES and pending_action is None
+
+
 class Payment(BaseModel):
     id: str
     object: Literal["payment"] = "payment"
@@ -277,6 +287,8 @@ class Payment(BaseModel):
     payment_method: str
     provider_payment_id: str | None
     failure: Failure | None
+    # What the fleet still does because it was asked: a capture, a cancel or a refund.
+    pending_action: Literal["capture", "cancel", "refund"] | None = None
     description: str | None
     metadata: dict[str, str]
     breakdown: dict[str, Any] | None = None

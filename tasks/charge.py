@@ -36,7 +36,7 @@ ACTOR = f"worker:{ROLE}"
 # States a cancel takes effect in at once: the provider has not been asked anything yet.
 CANCEL_NOW = frozenset({"received", "priced", "in_review", "approved"})
 # States a cancel needs the provider for: the PaymentIntent exists and is cancelable.
-CANCEL_AT_PROVIDER = frozenset({"authorized", "requires_action"})
+CANCEL_AT_PROVIDER = payments.CANCEL_PENDING_IN
 
 # What a PaymentIntent's status means for a payment that is `charging`.
 _OUTCOMES = {
@@ -318,7 +318,7 @@ async def _settle_action(
 @app.task(name="capture", queue=ROLE, retry=Backoff(max_attempts=12))
 async def capture_payment(payment_id: str) -> Any:
     """authorized → succeeded (+ reconcile): capture the PaymentIntent, keyed per request."""
-    states = frozenset({"authorized"})
+    states = payments.CAPTURE_PENDING_IN
     acted = await _act(payment_id, states, provider.capture_intent, action="capture")
     if acted is None:
         return None

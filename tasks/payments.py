@@ -305,6 +305,25 @@ async def page(
     return rows, has_more
 
 
+# What an action asked for on a payment waits in: a capture while `authorized`, a cancel
+# while the provider still has to be asked (`authorized`, `requires_action`).
+CAPTURE_PENDING_IN = frozenset({"authorized"})
+CANCEL_PENDING_IN = frozenset({"authorized", "requires_action"})
+
+
+def pending_action(payment: Payment) -> str | None:
+    """What the fleet is still doing on the payment because someone asked: "capture",
+    "cancel" or "refund"; None when nothing is pending. A refused capture or cancel clears
+    its request (the payment's events say why: `capture_failed`, `cancel_failed`)."""
+    if payment["capture_requested_at"] and payment["status"] in CAPTURE_PENDING_IN:
+        return "capture"
+    if payment["cancel_requested_at"] and payment["status"] in CANCEL_PENDING_IN:
+        return "cancel"
+    if payment.get("refunds_pending"):
+        return "refund"
+    return None
+
+
 def public(payment: Payment) -> dict[str, Any]:
     """The payment object of the HTTP contract."""
     failure = None
@@ -325,6 +344,7 @@ def public(payment: Payment) -> dict[str, Any]:
         "payment_method": payment["payment_method"],
         "provider_payment_id": payment["provider_payment_id"],
         "failure": failure,
+        "pending_action": pending_action(payment),
         "description": payment["description"],
         "metadata": payment["metadata"],
         "breakdown": payment.get("price_breakdown"),

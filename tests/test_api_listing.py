@@ -171,6 +171,65 @@ async def _listening(app: FastAPI, waiters: int) -> bool:
     return bool(hub is not None and hub.listening.is_set() and hub.waiting == waiters)
 
 
+async def _wait_task(api: httpx.AsyncClient, key: str, payment_id: str) -> Any:
+    return asyncio.create_task(
+        api.get(f"/v1/payments/{payment_id}/wait", params={"timeout": 30}, headers=auth(key))
+    )
+
+
+async def test_a_wait_after_a_capture_request_returns_when_the_capture_has_ended(
+    app_and_client: tuple[FastAPI, httpx.AsyncClient],
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+) -> None:
+    """After asking for a capture the payment is still `authorized`: the default wait holds
+    on while the capture is pending, and the provider refusing it (the request cleared, the
+    status unchanged) wakes it — the way an agent learns the capture did not happen."""
+    from tests.test_capture_refund import authorized
+
+    app, api = app_and_client
+    payment = await authorized(api, agent_key, pool)
+    asked = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert asked.status_code == 202 and asked.json()["pending_action"] == "capture"
+    waiter = await _wait_task(api, agent_key, payment["id"])
+    await async_wait_for(lambda: _listening(app, 1), timeout=10, what="the wait to hold on")
+    async with pool.connection() as conn:  # what the charge role does when it is refused
+        await conn.execute(
+            "UPDATE payment_jobs SET capture_requested_at = NULL WHERE id = %s", (payment["id"],)
+        )
+    answer = (await asyncio.wait_for(waiter, 10)).json()  # woken, not the 60 s recheck
+    assert (answer["status"], answer["pending_action"]) == ("authorized", None)
+
+
+async def test_a_wait_after_a_refund_request_returns_when_the_refund_has_ended(
+    app_and_client: tuple[FastAPI, httpx.AsyncClient],
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+) -> None:
+    """A refund pending: the default wait holds on; the refund failing (nothing else about
+    the payment changes) wakes it."""
+    from tests.test_capture_refund import reconciled
+
+    app, api = app_and_client
+    payment = await reconciled(api, agent_key, pool)
+    asked = await api.post(
+        f"/v1/payments/{payment['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert asked.status_code == 202, asked.text
+    seen = await api.get(f"/v1/payments/{payment['id']}", headers=auth(agent_key))
+    assert seen.json()["pending_action"] == "refund"
+    waiter = await _wait_task(api, agent_key, payment["id"])
+    await async_wait_for(lambda: _listening(app, 1), timeout=10, what="the wait to hold on")
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_refunds SET status = 'failed' WHERE id = %s", (asked.json()["id"],)
+        )
+    answer = (await asyncio.wait_for(waiter, 10)).json()
+    assert (answer["status"], answer["pending_action"]) == ("reconciled", None)
+
+
 async def test_wait_returns_on_a_settled_state_by_default(
     app_and_client: tuple[FastAPI, httpx.AsyncClient], agent_key: str, pool: Pool
 ) -> None:

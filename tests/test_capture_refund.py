@@ -206,9 +206,11 @@ async def test_partial_then_full_refund(
     )
     assert too_much.status_code == 400
     assert too_much.json()["error"]["param"] == "amount"
+    assert (await fetch(api, agent_key, pid))["pending_action"] == "refund"
     await run_jobs(pool)
     after = await fetch(api, agent_key, pid)
     assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 1200)
+    assert after["pending_action"] is None
 
     rest = await api.post(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))
     assert rest.status_code == 202 and rest.json()["amount"] == 800

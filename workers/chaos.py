@@ -322,7 +322,12 @@ async def check_invariants(
     pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]
 ) -> list[Check]:
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT id, status, amount_refunded FROM payment_jobs")
+        cur = await conn.execute(
+            """SELECT id, status, amount_refunded, refunds_pending,
+                      (SELECT count(*) FROM payment_refunds r
+                        WHERE r.payment_id = p.id AND r.status = 'pending') AS pending
+                 FROM payment_jobs p"""
+        )
         rows = {r["id"]: r for r in await cur.fetchall()}
         cur = await conn.execute(
             "SELECT payment_id, from_status, to_status FROM payment_events"
@@ -369,6 +374,10 @@ async def check_invariants(
         if refunded[pid] != row["amount_refunded"]:
             refund_check.failures.append(
                 f"{pid}: provider {refunded[pid]} ≠ ours {row['amount_refunded']}"
+            )
+        if row["refunds_pending"] != row["pending"]:
+            refund_check.failures.append(
+                f"{pid}: {row['refunds_pending']} refunds counted pending, {row['pending']} are"
             )
     checks.append(refund_check)
 

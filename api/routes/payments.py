@@ -15,12 +15,12 @@ from api.deps import AgentDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
 from api.models import (
-    SETTLED_STATES,
     EventList,
     Payment,
     PaymentCreate,
     PaymentList,
     PaymentStatus,
+    wait_is_over,
 )
 from api.waiters import StatusHub
 from tasks import payments
@@ -216,17 +216,18 @@ async def wait_for_payment(
         Query(
             description="Return as soon as the payment is in one of these states (repeat the "
             "parameter for several). Default: final, succeeded, authorized, requires_action "
-            "or partially_refunded."
+            "or partially_refunded, with no capture, cancel or refund pending."
         ),
     ] = None,
 ) -> dict[str, Any]:
     """Long-poll: answer once the payment is in one of the `status` states, or when `timeout`
     seconds have passed — with the payment as it is then, either way (check its `status`).
+    Without `status`, once it is settled and nothing asked for is pending (`pending_action`
+    null): after a capture, cancel or refund request, this is how it ended.
 
     The wait is woken by Postgres LISTEN/NOTIFY, not by polling; it holds no database
     connection while it waits."""
     settings = request.app.state.settings
-    targets = set(status) if status else SETTLED_STATES
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait_seconds, settings.long_poll_max_seconds)
     conninfo = pool.conninfo if isinstance(pool.conninfo, str) else None
@@ -240,7 +241,8 @@ async def wait_for_payment(
             if payment is None:
                 raise not_found()
             remaining = deadline - loop.time()
-            if payment["status"] in targets or remaining <= 0:
+            over = wait_is_over(payment["status"], payments.pending_action(payment), status)
+            if over or remaining <= 0:
                 return payments.public(payment)
             try:
                 async with asyncio.timeout(min(remaining, settings.long_poll_recheck_seconds)):
