@@ -33,7 +33,15 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from api.models import Payment, PaymentList, wait_is_over
+from api.models import (
+    EventList,
+    Payment,
+    PaymentEvent,
+    PaymentList,
+    Refund,
+    RefundList,
+    wait_is_over,
+)
 
 __all__ = [
     "AgentPay",
@@ -41,6 +49,7 @@ __all__ = [
     "AgentPayError",
     "AsyncAgentPay",
     "Payment",
+    "PaymentEvent",
     "PaymentList",
     "Refund",
 ]
@@ -50,25 +59,6 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_POLL_SECONDS = 60.0
 
 Model = TypeVar("Model", bound=BaseModel)
-
-
-class RefundFailure(BaseModel):
-    code: str
-    message: str | None = None
-
-
-class Refund(BaseModel):
-    id: str
-    object: Literal["refund"] = "refund"
-    payment_id: str
-    amount: int
-    currency: str
-    status: str
-    reason: str | None = None
-    provider_refund_id: str | None = None
-    failure: RefundFailure | None = None
-    created_at: datetime
-    updated_at: datetime
 
 
 class AgentPayError(Exception):
@@ -471,6 +461,17 @@ class AsyncAgentPay(_Base):
         )
         return self._parse(response, Refund)
 
+    async def list_refunds(self, payment_id: str) -> list[Refund]:
+        """The payment's refunds, oldest first, each with its status (and failure)."""
+        response = await self.request("GET", f"/v1/payments/{_segment(payment_id)}/refunds")
+        return self._parse(response, RefundList).data
+
+    async def list_events(self, payment_id: str) -> list[PaymentEvent]:
+        """The payment's events, oldest first: every transition, and why a capture or
+        cancel was refused (`capture_failed`, `cancel_failed`)."""
+        response = await self.request("GET", f"/v1/payments/{_segment(payment_id)}/events")
+        return self._parse(response, EventList).data
+
 
 class AgentPay(_Base):
     """The sync client: the same methods as `AsyncAgentPay`, blocking. Use `with`, or call
@@ -653,3 +654,13 @@ class AgentPay(_Base):
             idempotency_key=idempotency_key,
         )
         return self._parse(response, Refund)
+
+    def list_refunds(self, payment_id: str) -> list[Refund]:
+        """See `AsyncAgentPay.list_refunds`."""
+        response = self.request("GET", f"/v1/payments/{_segment(payment_id)}/refunds")
+        return self._parse(response, RefundList).data
+
+    def list_events(self, payment_id: str) -> list[PaymentEvent]:
+        """See `AsyncAgentPay.list_events`."""
+        response = self.request("GET", f"/v1/payments/{_segment(payment_id)}/events")
+        return self._parse(response, EventList).data

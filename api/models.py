@@ -313,6 +313,30 @@ class EventList(BaseModel):
     data: list[PaymentEvent]
 
 
+class RefundFailure(BaseModel):
+    code: str
+    message: str | None = None
+
+
+class Refund(BaseModel):
+    id: str
+    object: Literal["refund"] = "refund"
+    payment_id: str
+    amount: int
+    currency: str
+    status: Literal["pending", "succeeded", "failed"]
+    reason: str | None = None
+    provider_refund_id: str | None = None
+    failure: RefundFailure | None = None
+    created_at: datetime
+    updated_at: datetime
+
+
+class RefundList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Refund]
+
+
 class PaymentList(BaseModel):
     """One page of payments, newest first; `has_more` says whether another page follows."""
 

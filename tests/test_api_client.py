@@ -301,6 +301,18 @@ async def test_a_wait_takes_one_state_as_a_string_and_refuses_none_at_all(
             await client.wait_for_payment(created.id, status=[], timeout=5)
 
 
+async def test_the_client_reads_a_payments_events_and_refunds(
+    asgi: httpx.ASGITransport, agent_key: str, pool: Pool
+) -> None:
+    async with AsyncAgentPay("http://agentpay.test", agent_key, transport=asgi) as client:
+        created = await client.create_payment(
+            amount=500, currency="usd", payment_method="pm_card_visa"
+        )
+        events = await client.list_events(created.id)
+        assert [(e.type, e.to_status) for e in events] == [("created", "received")]
+        assert await client.list_refunds(created.id) == []
+
+
 @contextlib.contextmanager
 def live_api(settings: Settings) -> Iterator[str]:
     """The API served by uvicorn on 127.0.0.1 (its own pool, lifespan and all) in a thread."""

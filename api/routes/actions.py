@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import AgentDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import MinorUnits, Payment, SafeText
+from api.models import MinorUnits, Payment, Refund, RefundList, SafeText
 from api.routes.payments import visible
 from tasks import agents, charge, payments, refunds
 from tasks.db import Conn
@@ -41,30 +41,6 @@ class RefundCreate(BaseModel):
 
     amount: MinorUnits | None = Field(default=None, description="Minor units")
     reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
-
-
-class RefundFailure(BaseModel):
-    code: str
-    message: str | None
-
-
-class Refund(BaseModel):
-    id: str
-    object: Literal["refund"] = "refund"
-    payment_id: str
-    amount: int
-    currency: str
-    status: Literal["pending", "succeeded", "failed"]
-    reason: str | None
-    provider_refund_id: str | None
-    failure: RefundFailure | None
-    created_at: Any
-    updated_at: Any
-
-
-class RefundList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Refund]
 
 
 async def _locked(conn: Conn, payment_id: str, agent: agents.Agent) -> payments.Payment:
