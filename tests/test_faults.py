@@ -184,6 +184,27 @@ async def test_every_payment_ends_right_with_one_intent_under_faults(
     await assert_exactly_once(api, agent_key, pool, provider_base, created)
 
 
+async def _a_lost_create(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, Any]:
+    """A payment whose create call took effect but whose answer was lost (no SDK retries),
+    and whose charge job is gone: only reconcile can resolve it now."""
+    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "0")
+    get_settings.cache_clear()
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(provider_base, lose_response_rate=1, count=1, paths=["/v1/payment_intents"])
+    with pytest.raises(provider.Unknown):
+        await charge.charge_payment(created["id"])
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
+    return created
+
+
 async def test_an_unknown_create_outcome_is_resolved_by_search_never_a_second_intent(
     api: httpx.AsyncClient,
     agent_key: str,
@@ -194,17 +215,9 @@ async def test_an_unknown_create_outcome_is_resolved_by_search_never_a_second_in
 ) -> None:
     """No SDK retries: the create call's answer is lost, so the payment is `charging` without
     an intent id. Reconcile finds the intent by our metadata and the charge goes on with it."""
-    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "0")
-    get_settings.cache_clear()
-    created = await create(api, agent_key)
-    await run_jobs(pool, ("pricing", "risk"))
-    faults(provider_base, lose_response_rate=1, count=1, paths=["/v1/payment_intents"])
-    with pytest.raises(provider.Unknown):
-        await charge.charge_payment(created["id"])
+    created = await _a_lost_create(api, agent_key, pool, provider_base, monkeypatch)
     async with pool.connection() as conn:
         payment = await payments.get(conn, created["id"])
-        # The job that would retry is gone: only reconcile can resolve it now.
-        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
     assert payment is not None
     assert (payment["status"], payment["provider_payment_id"]) == ("charging", None)
     [intent] = intents_of(provider_base, created["id"])
@@ -230,15 +243,7 @@ async def test_a_refused_search_hands_the_payment_to_the_keyed_create(
     found, not a failed reconcile (which the sweep would re-drive into the same refusal for
     ever); the keyed create gives back the intent the lost call made, and it is charged
     once."""
-    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "0")
-    get_settings.cache_clear()
-    created = await create(api, agent_key)
-    await run_jobs(pool, ("pricing", "risk"))
-    faults(provider_base, lose_response_rate=1, count=1, paths=["/v1/payment_intents"])
-    with pytest.raises(provider.Unknown):
-        await charge.charge_payment(created["id"])
-    async with pool.connection() as conn:
-        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'charge'")
+    created = await _a_lost_create(api, agent_key, pool, provider_base, monkeypatch)
 
     async def no_search(payment_id: str) -> provider.Intent | None:
         raise provider.ProviderError("InvalidRequestError: search is not available")
@@ -295,6 +300,27 @@ async def test_errors_not_worth_retrying_are_not_retried(
         payment = await payments.get(conn, created["id"])
     assert payment is not None and payment["status"] == "charging"
     assert intents_of(provider_base, created["id"]) == []
+
+
+async def test_a_chain_of_saved_failures_is_followed_to_its_end(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The create's key and the next three derived keys each met a saved 500 (the SDK's
+    retries of each get the replay): one try follows the chain to a key that goes through.
+    The chaos run made such a chain of four, and with a bound of 3 every later try stopped
+    at the fourth key, which replays its failure for good."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    faults(
+        provider_base,
+        error_rate=1,
+        error_saved=True,
+        count=10,  # the first call of each of four keys, and the SDK's two retries
+        methods=["POST"],
+        paths=["/v1/payment_intents"],
+    )
+    assert await charge.charge_payment(created["id"]) == "succeeded"
+    assert [i["status"] for i in intents_of(provider_base, created["id"])] == ["succeeded"]
 
 
 async def test_a_confirm_refused_because_the_intent_was_confirmed_meanwhile_is_no_failure(
