@@ -364,7 +364,7 @@ async def check_invariants(
     checks.append(one)
 
     refunds = await _all_pages(provider, "/v1/refunds")
-    refund_check = Check("refunds: none made twice, sums match the payments", len(refunds))
+    refund_check = Check("refunds: none made twice, sums and pending counts match", len(refunds))
     keys = Counter((r.get("metadata") or {}).get("refund_id") for r in refunds)
     refund_check.failures += [f"refund {k} made {c} times" for k, c in keys.items() if c > 1]
     refunded: Counter[str] = Counter()
