@@ -146,9 +146,11 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(psycopg.OperationalError)
-    async def _database_unavailable(_: Request, exc: psycopg.OperationalError) -> JSONResponse:
+    @app.exception_handler(psycopg.errors.IdleInTransactionSessionTimeout)
+    async def _database_unavailable(_: Request, exc: psycopg.Error) -> JSONResponse:
         # The server is down or restarting, no connection came free in time (PoolTimeout), or
-        # a transient refusal (lock or statement timeout, deadlock, serialization failure).
+        # a transient refusal (lock or statement timeout, deadlock, serialization failure, a
+        # transaction ended by the server for idling: api.app.API_SESSION).
         # The transaction was rolled back, or its commit's fate is unknown: the same request
         # with the same Idempotency-Key is the safe way on.
         log.warning("database unavailable: %s: %s", type(exc).__name__, exc)

@@ -304,8 +304,9 @@ def test_json_depth_is_linear_on_unterminated_strings() -> None:
 async def test_a_database_away_is_a_503_to_retry(
     api: httpx.AsyncClient, agent_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Postgres down or restarting, no connection free in time, a transient refusal: a 503
-    with Retry-After (the client retries with its Idempotency-Key), never a 500."""
+    """Postgres down or restarting, no connection free in time, a transient refusal, a
+    transaction the server ended for idling: a 503 with Retry-After (the client retries with
+    its Idempotency-Key), never a 500."""
     import psycopg_pool
 
     import api.routes.payments as routes
@@ -313,6 +314,7 @@ async def test_a_database_away_is_a_503_to_retry(
     for error in (
         psycopg.OperationalError("server closed the connection unexpectedly: secret-host"),
         psycopg_pool.PoolTimeout("couldn't get a connection after 5.00 sec"),
+        psycopg.errors.IdleInTransactionSessionTimeout("terminating: idle-in-transaction"),
     ):
 
         async def away(*args: Any, exc: Exception = error, **kwargs: Any) -> Any:

@@ -239,6 +239,45 @@ async def test_partial_then_full_refund(
     assert nothing.status_code == 409
 
 
+async def test_the_pending_refund_count_follows_every_change_of_the_refunds(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """`refunds_pending` is recounted by the database on any change of a refund, even one
+    made by hand (moved to another payment, settled, deleted), so it never drifts."""
+    first = await reconciled(api, agent_key, pool)
+    second = await reconciled(api, agent_key, pool)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, first["id"])
+        assert locked is not None
+        refund = await refunds.request_refund(conn, locked, amount=300, actor="test")
+
+    async def counts() -> tuple[int, int]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT id, refunds_pending FROM payment_jobs WHERE id = ANY(%s)",
+                ([first["id"], second["id"]],),
+            )
+            found = {r["id"]: r["refunds_pending"] for r in await cur.fetchall()}
+        return found[first["id"]], found[second["id"]]
+
+    assert await counts() == (1, 0)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_refunds SET payment_id = %s WHERE id = %s", (second["id"], refund["id"])
+        )
+        assert await counts() == (0, 1)
+        await conn.execute(
+            "UPDATE payment_refunds SET status = 'failed' WHERE id = %s", (refund["id"],)
+        )
+        assert await counts() == (0, 0)
+        await conn.execute(
+            "UPDATE payment_refunds SET status = 'pending' WHERE id = %s", (refund["id"],)
+        )
+        assert await counts() == (0, 1)
+        await conn.execute("DELETE FROM payment_refunds WHERE id = %s", (refund["id"],))
+        assert await counts() == (0, 0)
+
+
 async def test_refund_amounts_follow_the_currency_and_nothing_left_is_a_conflict(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:

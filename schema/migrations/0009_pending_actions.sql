@@ -4,12 +4,12 @@
 -- the status does. A refused capture or cancel leaves the status as it was and clears the
 -- request; a refund that fails leaves the payment as it was: before, neither woke anyone.
 --
--- `refunds_pending`: how many of the payment's refunds are `pending`, kept by a trigger on
--- payment_refunds in the same transaction as the refund's own change, so it is never out of
--- step with the refunds.
+-- `refunds_pending`: how many of the payment's refunds are `pending`, recounted by a trigger
+-- on payment_refunds in the same transaction as any change that can alter it (so it can
+-- never drift, whoever writes the refunds). The column is added without a CHECK: adding one
+-- would scan the whole table under its exclusive lock.
 
-ALTER TABLE payment_jobs
-    ADD COLUMN refunds_pending integer NOT NULL DEFAULT 0 CHECK (refunds_pending >= 0);
+ALTER TABLE payment_jobs ADD COLUMN refunds_pending integer NOT NULL DEFAULT 0;
 
 UPDATE payment_jobs p
    SET refunds_pending = r.n
@@ -19,26 +19,27 @@ UPDATE payment_jobs p
 
 CREATE FUNCTION payment_refunds_count_pending() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    delta integer := 0;
-    payment text;
 BEGIN
-    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.status = 'pending' THEN
-        delta := delta + 1;
-    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') AND OLD.status = 'pending' THEN
-        delta := delta - 1;
+        UPDATE payment_jobs SET refunds_pending = (
+                   SELECT count(*) FROM payment_refunds
+                    WHERE payment_id = OLD.payment_id AND status = 'pending')
+         WHERE id = OLD.payment_id;
     END IF;
-    IF delta <> 0 THEN
-        payment := CASE WHEN TG_OP = 'DELETE' THEN OLD.payment_id ELSE NEW.payment_id END;
-        UPDATE payment_jobs SET refunds_pending = refunds_pending + delta WHERE id = payment;
+    IF TG_OP IN ('INSERT', 'UPDATE') AND NEW.status = 'pending'
+       AND NOT (TG_OP = 'UPDATE' AND OLD.status = 'pending'
+                AND OLD.payment_id = NEW.payment_id) THEN
+        UPDATE payment_jobs SET refunds_pending = (
+                   SELECT count(*) FROM payment_refunds
+                    WHERE payment_id = NEW.payment_id AND status = 'pending')
+         WHERE id = NEW.payment_id;
     END IF;
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER payment_refunds_count_pending
-    AFTER INSERT OR UPDATE OF status OR DELETE ON payment_refunds
+    AFTER INSERT OR UPDATE OF status, payment_id OR DELETE ON payment_refunds
     FOR EACH ROW EXECUTE FUNCTION payment_refunds_count_pending();
 
 -- The wake-up (0003's trigger, same function, same payload) fires on what an agent waits for.
