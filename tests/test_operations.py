@@ -234,8 +234,19 @@ async def test_status_watch_json_keeps_watching_through_a_database_blip(
         if reads >= 2:
             raise Enough
 
+    class StatusOnlyAsyncio:
+        """asyncio as the status module sees it, with `sleep` replaced. Replacing
+        `asyncio.sleep` itself would replace it in every thread for the test's duration: the
+        session's sandbox server, whose loop sleeps between ticks, died of it now and then,
+        and every later test needing the sandbox then timed out."""
+
+        sleep = staticmethod(tick)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(asyncio, name)
+
     monkeypatch.setattr(status, "read_snapshot", blip_once)
-    monkeypatch.setattr(status.asyncio, "sleep", tick)
+    monkeypatch.setattr(status, "asyncio", StatusOnlyAsyncio())
     with pytest.raises(Enough):
         await status._watch(settings, status.Console(), as_json=True, every=0.01)
     out, err = capsys.readouterr()
