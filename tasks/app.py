@@ -33,10 +33,22 @@ class TransientError(Exception):
     held, the payment is not ready yet)."""
 
 
+class Throttled(TransientError):
+    """The other side asks us to slow down (a 429: Stripe's rate limits are 25 requests a
+    second in test mode, 100 live). Nothing is wrong but the pace, so a throttled job is
+    tried again for longer than one meeting other transient errors."""
+
+
+# A job that keeps being throttled may take this many times its task's attempts: a rate
+# limit lasting minutes slows payments down instead of failing their jobs.
+THROTTLED_ATTEMPTS_FACTOR = 3
+
+
 class Backoff(retry.BaseRetryStrategy):
     """Retry only what is worth retrying — transient errors and lost database connections —
     with capped exponential backoff and full jitter. Anything else fails the job at once and
-    is recorded (a bug or bad data does not get better by being run again)."""
+    is recorded (a bug or bad data does not get better by being run again). A throttled job
+    gets `THROTTLED_ATTEMPTS_FACTOR` times the attempts."""
 
     def __init__(self, *, max_attempts: int = 10, base: float = 0.5, cap: float = 60.0) -> None:
         self.max_attempts = max_attempts
@@ -55,7 +67,10 @@ class Backoff(retry.BaseRetryStrategy):
     def get_retry_decision(
         self, *, exception: BaseException, job: jobs.Job
     ) -> retry.RetryDecision | None:
-        if job.attempts + 1 >= self.max_attempts or not isinstance(exception, self.retry_on):
+        limit = self.max_attempts
+        if isinstance(exception, Throttled):
+            limit *= THROTTLED_ATTEMPTS_FACTOR
+        if job.attempts + 1 >= limit or not isinstance(exception, self.retry_on):
             return None
         retry_at = datetime.now(UTC) + timedelta(seconds=self.delay(job.attempts))
         return retry.RetryDecision(retry_at=retry_at)

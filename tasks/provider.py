@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tasks.app import TransientError
+from tasks.app import Throttled, TransientError
 from tasks.settings import SANDBOX_API_KEY, Settings, get_settings
 
 if TYPE_CHECKING:
@@ -85,6 +85,11 @@ class ProviderError(Exception):
 class Unknown(TransientError):
     """The call's outcome is not known (timeout, 5xx after retries, lost response). Try the
     same call again with the same idempotency key, or retrieve."""
+
+
+class RateLimited(Unknown, Throttled):
+    """The provider refused the pace (429, after the SDK's own retries): tried again like any
+    unknown outcome, for longer (`tasks.app.Throttled`)."""
 
 
 def _failure_code(code: str | None, decline_code: str | None) -> str | None:
@@ -170,7 +175,9 @@ def _translate(error: stripe.StripeError, *, reading: bool = False) -> Exception
     if isinstance(error, stripe.IdempotencyError) and error.http_status == 409:
         # The same key is still in flight (Stripe answers 409): try again later.
         return Unknown(f"IdempotencyError: {error.user_message or error}")
-    if isinstance(error, stripe.APIConnectionError | stripe.APIError | stripe.RateLimitError):
+    if isinstance(error, stripe.RateLimitError):
+        return RateLimited(f"RateLimitError: {error.user_message or error}")
+    if isinstance(error, stripe.APIConnectionError | stripe.APIError):
         return Unknown(f"{type(error).__name__}: {error.user_message or error}")
     if isinstance(error, stripe.IdempotencyError):
         # Same key, other parameters: a bug of ours, never fixed by retrying.

@@ -302,6 +302,29 @@ async def test_errors_not_worth_retrying_are_not_retried(
     assert intents_of(provider_base, created["id"]) == []
 
 
+def test_a_rate_limited_job_is_tried_again_for_longer_than_other_unknowns() -> None:
+    """The provider's 429 is an unknown outcome like a 5xx, tried again with the same keys,
+    but a rate limit lasting minutes should slow payments down, not fail their jobs: a
+    throttled job gets three times the attempts."""
+    import stripe
+
+    from tasks.app import THROTTLED_ATTEMPTS_FACTOR, Backoff
+
+    throttled = provider._translate(stripe.RateLimitError("Too many requests", http_status=429))
+    assert isinstance(throttled, provider.Unknown) and isinstance(throttled, provider.RateLimited)
+    unknown = provider._translate(stripe.APIError("Internal error", http_status=500))
+    assert isinstance(unknown, provider.Unknown) and not isinstance(unknown, provider.RateLimited)
+    backoff = Backoff(max_attempts=12)
+
+    def retried(error: Exception, attempts: int) -> bool:
+        job: Any = type("Job", (), {"attempts": attempts})()
+        return backoff.get_retry_decision(exception=error, job=job) is not None
+
+    assert retried(unknown, 10) and not retried(unknown, 11)
+    last = 12 * THROTTLED_ATTEMPTS_FACTOR - 1
+    assert retried(throttled, 11) and retried(throttled, last - 1) and not retried(throttled, last)
+
+
 async def test_a_chain_of_saved_failures_is_followed_to_its_end(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
