@@ -105,19 +105,29 @@ def one(conn: psycopg.Connection[dict[str, Any]], sql: str, *params: Any) -> Any
     return None if row is None else next(iter(row.values()))
 
 
-async def approved_payment(pool: Pool) -> str:
-    """A visa payment taken through pricing and risk in-process, its charge job waiting."""
+async def _received_payment(pool: Pool, amount: int = 700) -> tuple[str, int]:
+    """A visa payment with its pricing job waiting: (payment id, job id)."""
     async with pool.connection() as conn, conn.transaction():
         agent, _ = await agents.create(conn, f"agent-{time.monotonic_ns()}")
         p = await payments.insert(
-            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=1500
+            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=amount
         )
         await defer(conn, "pricing", payment_id=p["id"])
+        cur = await conn.execute(
+            "SELECT id FROM procrastinate_jobs WHERE args->>'payment_id' = %s", (p["id"],)
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return p["id"], row["id"]
+
+
+async def approved_payment(pool: Pool) -> str:
+    """A visa payment taken through pricing and risk in-process, its charge job waiting."""
+    payment_id, _ = await _received_payment(pool, amount=1500)
     await run_jobs(pool, ("pricing", "risk"))
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (p["id"],))
+        cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
         assert (await cur.fetchone()) == {"status": "approved"}
-    payment_id: str = p["id"]
     return payment_id
 
 
@@ -154,22 +164,6 @@ async def test_a_stop_that_hangs_reports_what_it_waits_for(
     [record] = [r for r in caplog.records if r.message == "still stopping after the grace period"]
     [stuck] = [t for t in record.tasks if t.startswith("stuck-job:")]  # type: ignore[attr-defined]
     assert "stuck_job (test_resilience.py:" in stuck and "-> wait (locks.py:" in stuck
-
-
-async def _received_payment(pool: Pool) -> tuple[str, int]:
-    """A payment with its pricing job waiting: (payment id, job id)."""
-    async with pool.connection() as conn, conn.transaction():
-        agent, _ = await agents.create(conn, f"agent-{time.monotonic_ns()}")
-        p = await payments.insert(
-            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=700
-        )
-        await defer(conn, "pricing", payment_id=p["id"])
-        cur = await conn.execute(
-            "SELECT id FROM procrastinate_jobs WHERE args->>'payment_id' = %s", (p["id"],)
-        )
-        row = await cur.fetchone()
-    assert row is not None
-    return p["id"], row["id"]
 
 
 def _cut_connections(

@@ -17,10 +17,10 @@ from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
 from workers.cli_common import (
     NOT_FOUND,
-    REFUSED,
     AsJson,
     DataDir,
     database_errors,
+    fail,
     on_database,
     settings_for,
 )
@@ -247,8 +247,7 @@ def agents_create(
     try:
         agent, key = on_database(data_dir, create)
     except psycopg.errors.UniqueViolation:
-        console.print(f"[red]an agent named {name!r} exists already (names are never reused)[/]")
-        raise typer.Exit(REFUSED) from None
+        raise fail(f"an agent named {name!r} exists already (names are never reused)") from None
     if as_json:
         typer.echo(
             json.dumps(
@@ -272,8 +271,7 @@ def agents_revoke(
     from tasks import agents
 
     if not on_database(data_dir, lambda conn: agents.revoke(conn, name)):
-        console.print(f"no live agent named {name!r}")
-        raise typer.Exit(NOT_FOUND)
+        raise fail(f"no live agent named {name!r}", NOT_FOUND)
     console.print(f"revoked {name}")
 
 

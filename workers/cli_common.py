@@ -48,6 +48,18 @@ NOT_FOUND = 2
 NO_DATABASE = 3
 
 
+def fail(message: str, code: int = REFUSED) -> typer.Exit:
+    """Say why, in red, and return the exit to raise with `code`."""
+    Console().print(f"[red]{message}[/]")
+    return typer.Exit(code)
+
+
+def refused(error: Exception) -> typer.Exit:
+    """The exit for a refusal that carries `message` and `code` (not_found: NOT_FOUND)."""
+    code = NOT_FOUND if getattr(error, "code", "") == "not_found" else REFUSED
+    return fail(getattr(error, "message", str(error)), code)
+
+
 def operator_actor(operator: str | None) -> str:
     """How an operator's action is recorded in payment_events and ledger entries."""
     return f"operator:{operator or os.environ.get('AGENTPAY_OPERATOR') or getpass.getuser()}"

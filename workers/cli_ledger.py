@@ -13,12 +13,13 @@ from rich.table import Table
 
 from workers.cli_common import (
     NOT_FOUND,
-    REFUSED,
     AsJson,
     DataDir,
     Operator,
+    fail,
     on_database,
     operator_actor,
+    refused,
 )
 
 console = Console()
@@ -31,11 +32,6 @@ review_app = typer.Typer(
 )
 
 Currency = Annotated[str, typer.Option(help="Lowercase ISO 4217 currency")]
-
-
-def _fail(message: str, code: int = REFUSED) -> typer.Exit:
-    console.print(f"[red]{message}[/]")
-    return typer.Exit(code)
 
 
 def _check_currency(currency: str) -> str:
@@ -139,7 +135,7 @@ def _decide(
     try:
         payment = on_database(data_dir, work)
     except risk.ReviewError as error:
-        raise _fail(error.message, NOT_FOUND if error.code == "not_found" else REFUSED) from None
+        raise refused(error) from None
     console.print(f"{payment['id']} is {payment['status']}")
 
 
@@ -199,7 +195,7 @@ def agents_deposit(
 
     deposit = on_database(data_dir, work)
     if deposit is None:
-        raise _fail(f"no agent named {name!r}", NOT_FOUND)
+        raise fail(f"no agent named {name!r}", NOT_FOUND)
     if as_json:
         typer.echo(json.dumps(deposit))
     else:

@@ -13,13 +13,14 @@ from rich.table import Table
 
 from workers.cli_common import (
     NOT_FOUND,
-    REFUSED,
     AsJson,
     DataDir,
     Operator,
     database_errors,
+    fail,
     on_database,
     operator_actor,
+    refused,
     settings_for,
 )
 
@@ -38,11 +39,6 @@ payments_app = typer.Typer(help="Look at and steer single payments.", no_args_is
 jobs_app = typer.Typer(help="Retry or cancel queue jobs.", no_args_is_help=True)
 
 Reason = Annotated[str | None, typer.Option("--reason", help="Why (kept in the payment events)")]
-
-
-def _refused(error: Exception) -> typer.Exit:
-    console.print(f"[red]{getattr(error, 'message', error)}[/]")
-    return typer.Exit(NOT_FOUND if getattr(error, "code", "") == "not_found" else REFUSED)
 
 
 def status(
@@ -74,8 +70,7 @@ def payments_show(
 
     found = on_database(data_dir, lambda c: payment_timeline(c, payment_id))
     if found is None:
-        console.print(f"[red]No payment {payment_id}[/]")
-        raise typer.Exit(NOT_FOUND)
+        raise fail(f"No payment {payment_id}", NOT_FOUND)
     if as_json:
         typer.echo(json.dumps(found, default=str, indent=2))
         return
@@ -143,7 +138,7 @@ def payments_cancel(
             data_dir, lambda c: cancel_payment(c, payment_id, actor=actor, reason=reason)
         )
     except Refused as error:
-        raise _refused(error) from error
+        raise refused(error) from error
     console.print(f"{payment['id']}: {payment['status']} (by {actor})")
 
 
@@ -164,7 +159,7 @@ def jobs_retry(
     try:
         job = on_database(data_dir, lambda c: retry_job(c, job_id, actor=actor, reason=reason))
     except Refused as error:
-        raise _refused(error) from error
+        raise refused(error) from error
     console.print(f"job {job['id']} ({job['role']}): {job['status']} (by {actor})")
 
 
@@ -183,6 +178,6 @@ def jobs_cancel(
     try:
         job = on_database(data_dir, lambda c: cancel_job(c, job_id, actor=actor, reason=reason))
     except Refused as error:
-        raise _refused(error) from error
+        raise refused(error) from error
     state = "abort requested" if job["abort_requested"] else job["status"]
     console.print(f"job {job['id']} ({job['role']}): {state} (by {actor})")
