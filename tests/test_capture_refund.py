@@ -473,6 +473,40 @@ async def test_the_sweep_re_drives_captures_and_refunds_whose_jobs_are_gone(
     assert await sweep_stuck_requests(pool, older_than=0) == []
 
 
+async def test_the_sweep_re_drives_a_refund_sync_that_failed_for_good(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A refund made in the Dashboard whose sync job failed for good (retries ran out, or a
+    worker of an older release did not know the task) is still counted, by the sweep."""
+    from tasks.app import defer
+    from workers.maintenance import sweep_stuck_requests
+
+    paid = await reconciled(api, agent_key, pool)
+    httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": paid["provider_payment_id"], "amount": "600"},
+        headers=SK,
+    ).raise_for_status()
+    async with pool.connection() as conn, conn.transaction():
+        await defer(conn, refunds.SYNC_TASK, payment_id=paid["id"])
+        # Run and failed on its last try (procrastinate records the `failed` event).
+        for status in ("doing", "failed"):
+            await conn.execute(
+                "UPDATE procrastinate_jobs SET status = %s WHERE task_name = %s",
+                (status, refunds.SYNC_TASK),
+            )
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, paid["id"]))["amount_refunded"] == 0  # not counted
+
+    assert await sweep_stuck_requests(pool, older_than=3600) == []  # it failed just now
+    assert await sweep_stuck_requests(pool, older_than=0) == [paid["id"]]
+    assert await sweep_stuck_requests(pool, older_than=0) == []  # its new job waits
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, paid["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 600)
+    assert await sweep_stuck_requests(pool, older_than=0) == []  # its latest sync succeeded
+
+
 async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
     api: httpx.AsyncClient,
     agent_key: str,

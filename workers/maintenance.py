@@ -131,8 +131,10 @@ async def recheck_waiting_payments(pool: Pool, older_than: float) -> list[str]:
 async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     """Re-drive what an agent or operator asked for whose job is gone (failed for good after
     its retries, or lost): a capture or cancel of an `authorized`/`requires_action` payment,
-    and a refund still `pending`. The jobs are idempotent (stable provider keys), so a
-    re-drive never acts twice. Returns what was re-driven (payment ids, refund ids)."""
+    a refund still `pending`, and the sync of refunds made outside agentpay whose latest job
+    failed. The jobs are idempotent (stable provider keys; a provider refund is taken in once,
+    by its id), so a re-drive never acts twice. Returns what was re-driven (payment ids,
+    refund ids)."""
     redriven: list[str] = []
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
@@ -170,6 +172,32 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
         )
         for row in await cur.fetchall():
             await defer(conn, "refund", payment_id=row["payment_id"], refund_id=row["id"])
+            redriven.append(row["id"])
+        # The sync of refunds made outside agentpay: its latest job for the payment failed
+        # for good (its retries ran out, or a worker of an older release did not know it),
+        # so a refund made in the Dashboard would never be counted. Its job, run again.
+        cur = await conn.execute(
+            """SELECT p.id FROM (
+                   SELECT DISTINCT ON (j.args->>'payment_id')
+                          j.args->>'payment_id' AS payment_id, j.id, j.status
+                     FROM procrastinate_jobs j
+                    WHERE j.task_name = %(sync)s
+                    ORDER BY j.args->>'payment_id', j.id DESC
+               ) last
+               JOIN payment_jobs p ON p.id = last.payment_id
+               WHERE last.status = 'failed'
+                 AND p.status = ANY(%(states)s)
+                 AND NOT EXISTS (
+                     SELECT 1 FROM procrastinate_events e
+                      WHERE e.job_id = last.id AND e.type = 'failed'
+                        AND e.at > now() - make_interval(secs => %(older)s))
+               ORDER BY last.id
+               LIMIT 500
+               FOR UPDATE OF p SKIP LOCKED""",
+            {"sync": refunds.SYNC_TASK, "states": sorted(refunds.SYNCABLE), "older": older_than},
+        )
+        for row in await cur.fetchall():
+            await defer(conn, refunds.SYNC_TASK, payment_id=row["id"])
             redriven.append(row["id"])
     if redriven:
         log.warning("re-drove stuck requests", extra={"count": len(redriven)})
