@@ -443,6 +443,23 @@ async def _lose_jobs(pool: Pool, task: str) -> None:
         )
 
 
+async def test_a_capture_with_parameters_is_refused_not_taken_as_a_whole_capture(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Only whole captures exist: an agent asking for part of the amount must not find the
+    customer charged the whole of it."""
+    payment = await authorized(api, agent_key, pool)
+    url = f"/v1/payments/{payment['id']}/capture"
+    refused = await api.post(url, json={"amount_to_capture": 1000}, headers=auth(agent_key))
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["error"]["code"] == "parameter_unknown"
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["pending_action"]) == ("authorized", None)
+    accepted = await api.post(url, json={}, headers=auth(agent_key))
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["pending_action"] == "capture"
+
+
 async def test_the_sweep_re_drives_captures_and_refunds_whose_jobs_are_gone(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

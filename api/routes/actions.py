@@ -27,7 +27,13 @@ ERRORS = responses(400, 401, 404, 409, 413, 429, 500)
 READ_ERRORS = responses(400, 401, 404, 429, 500)
 
 
-# Ids are ours (`pay_` + hex); anything else cannot name a payment.
+class CaptureRequest(BaseModel):
+    """A capture takes no parameters: the whole authorized amount is captured. (A body with
+    any field, say `amount_to_capture`, is refused rather than ignored.)"""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class CancelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,9 +62,14 @@ def _conflict(error: ValueError) -> ApiError:
 
 
 @router.post("/{payment_id}/capture", status_code=202, response_model=Payment, responses=ERRORS)
-async def capture_payment(payment_id: str, agent: AgentDep, idem: IdempotencyDep) -> Response:
-    """Capture an `authorized` payment (manual capture): the charge role captures the
-    PaymentIntent, then the payment goes on to `succeeded` and `reconciled`."""
+async def capture_payment(
+    payment_id: str,
+    agent: AgentDep,
+    idem: IdempotencyDep,
+    body: Annotated[CaptureRequest | None, Body()] = None,
+) -> Response:
+    """Capture an `authorized` payment (manual capture), all of its amount: the charge role
+    captures the PaymentIntent, then the payment goes on to `succeeded` and `reconciled`."""
     async with idem.transaction() as conn:
         payment = await _locked(conn, payment_id, agent)
         try:
