@@ -283,6 +283,9 @@ class Payment(BaseModel):
     amount_tax: int | None
     amount_total: int | None
     amount_refunded: int
+    # What the provider collected, set once the payment is `reconciled`: the total, or less
+    # when only part of it was captured at the provider (the rest of the hold is released).
+    amount_captured: int | None = None
     capture_method: str
     payment_method: str
     provider_payment_id: str | None

@@ -21,7 +21,8 @@ Postings of a payment, each at most once (keyed by the payment or refund id):
 - hold (risk, priced → approved | in_review): source -total, agent holds +total; the source
   is the agent's budget, or external funding for an agent without a budget;
 - capture (succeeded → reconciled): holds -total, provider clearing +(total - fee),
-  platform fees +fee;
+  platform fees +fee; after a partial capture at the provider, provider clearing and platform
+  fees share what was collected (in proportion) and the source gets the rest back;
 - release (→ rejected | failed | canceled): holds -total, source +total;
 - refund (provider-confirmed): source +amount, provider clearing and platform fees - the
   amount split between them in proportion (largest remainder, cumulative over refunds).
@@ -323,21 +324,30 @@ async def hold(
 
 
 async def capture(conn: Conn, payment: Payment, *, actor: str | None) -> str | None:
-    """Turn the payment's hold into spending: provider clearing gets total - fee, platform
-    fees the fee. Nothing when there is no open hold. `actor` None: the transition's."""
+    """Turn the payment's hold into spending: provider clearing gets what was collected less
+    the fee, platform fees the fee. When the provider collected less than the hold (a partial
+    capture at the provider: the payment's `amount_captured`), the fee is its share of what
+    was collected (in proportion, as for a refund) and the rest of the hold goes back to its
+    source. Nothing when there is no open hold. `actor` None: the transition's."""
     held = await _open_hold(conn, payment["id"])
     if held is None:
         return None
     currency, total = payment["currency"], held["amount"]
+    captured = payment.get("amount_captured")
+    collected = total if captured is None else max(0, min(int(captured), total))
     fee = min(int(payment["amount_fee"] or 0), total)
+    if collected < total:
+        fee = _fee_share(collected, [total - fee, fee], currency)
     clearing, fees = await _platform_accounts(conn, currency)
+    released = [(held["source"], currency, total - collected)] if collected < total else []
     return await post(
         conn,
         "capture",
         [
             (held["holds"], currency, -total),
-            (clearing, currency, total - fee),
+            (clearing, currency, collected - fee),
             (fees, currency, fee),
+            *released,
         ],
         actor=actor,
         reference=payment["id"],
@@ -594,7 +604,8 @@ async def _open_hold(conn: Conn, payment_id: str) -> dict[str, int] | None:
 
 
 async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
-    """What a payment's capture took: total, fee part, and the hold's source account."""
+    """What a payment's capture took: the total collected (provider clearing and fees: less
+    than the hold after a partial capture), the fee part, and the hold's source account."""
     cur = await conn.execute(
         """SELECT a.kind, e.amount FROM ledger_entries e
            JOIN ledger_transactions t ON t.id = e.transaction_id
@@ -608,7 +619,8 @@ async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
     held = await _hold_entries(conn, payment_id)
     assert held is not None
     fee = sum(r["amount"] for r in rows if r["kind"] == PLATFORM_FEES)
-    return {"total": held["amount"], "fee": fee, "source": held["source"]}
+    total = sum(r["amount"] for r in rows if r["kind"] in (PROVIDER_CLEARING, PLATFORM_FEES))
+    return {"total": total, "fee": fee, "source": held["source"]}
 
 
 async def _refunded(conn: Conn, payment_id: str) -> int:

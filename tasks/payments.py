@@ -118,6 +118,7 @@ _WRITABLE = frozenset(
         "amount_tax",
         "amount_total",
         "amount_refunded",
+        "amount_captured",
         "provider_idempotency_key",
         "provider_payment_id",
         "failure_code",
@@ -324,6 +325,14 @@ def pending_action(payment: Payment) -> str | None:
     return None
 
 
+def collected(payment: Payment) -> int:
+    """What the provider collected for the payment: `amount_captured` once reconcile wrote
+    it (less than the total after a partial capture at the provider), else the total. What
+    refunds can give back."""
+    captured = payment.get("amount_captured")
+    return int(payment["amount_total"] if captured is None else captured)
+
+
 def public(payment: Payment) -> dict[str, Any]:
     """The payment object of the HTTP contract."""
     failure = None
@@ -340,6 +349,7 @@ def public(payment: Payment) -> dict[str, Any]:
         "amount_tax": payment["amount_tax"],
         "amount_total": payment["amount_total"],
         "amount_refunded": payment["amount_refunded"],
+        "amount_captured": payment.get("amount_captured"),
         "capture_method": payment["capture_method"],
         "payment_method": payment["payment_method"],
         "provider_payment_id": payment["provider_payment_id"],

@@ -88,19 +88,35 @@ async def record_mismatches(
     )
 
 
+def captured(payment: payments.Payment, intent: provider.Intent) -> int:
+    """What the provider collected: the intent's `amount_received` when it succeeded (less
+    than the total after a partial capture at the provider), never more than the total;
+    the total when the intent disagrees in status (a mismatch an operator looks at)."""
+    total = int(payment["amount_total"])
+    if intent.status != "succeeded" or intent.amount_received is None:
+        return total
+    return max(0, min(int(intent.amount_received), total))
+
+
 async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provider.Intent) -> str:
     found = mismatches(payment, intent)
     if intent.status != "succeeded":
         found.append({"field": "status", "expected": "succeeded", "actual": intent.status})
     if found:
         await record_mismatches(conn, payment, intent, found)
+    amount_captured = captured(payment, intent)
     await payments.transition(
         conn,
         payment,
         "reconciled",
         actor=ACTOR,
         reason="provider checked" if not found else "provider checked, mismatches recorded",
-        data={"provider_payment_id": intent.id, "mismatches": len(found)},
+        data={
+            "provider_payment_id": intent.id,
+            "mismatches": len(found),
+            "amount_captured": amount_captured,
+        },
+        amount_captured=amount_captured,
     )
     return "reconciled"
 

@@ -63,7 +63,7 @@ async def request_refund(
             f"this one is {payment['status']}."
         )
     remaining = (
-        payment["amount_total"]
+        payments.collected(payment)
         - payment["amount_refunded"]
         - await pending_amount(conn, payment["id"])
     )
@@ -172,7 +172,7 @@ async def _succeed(
         provider_status=result.status,
     )
     refunded = payment["amount_refunded"] + refund["amount"]
-    to = "refunded" if refunded >= payment["amount_total"] else "partially_refunded"
+    to = "refunded" if refunded >= payments.collected(payment) else "partially_refunded"
     data = {"refund_id": refund["id"], "provider_refund_id": result.id, "amount": refund["amount"]}
     if to != payment["status"]:
         await payments.transition(

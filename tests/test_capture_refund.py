@@ -11,6 +11,7 @@ import pytest
 from tasks import payments, refunds
 from tasks.db import Pool
 from tests.conftest import auth, run_jobs
+from tests.test_ledger import fees  # noqa: F401  (a fixture)
 from tests.test_pipeline import create, fetch
 
 SK = {"Authorization": "Bearer sk_test_x"}
@@ -458,6 +459,70 @@ async def test_a_capture_with_parameters_is_refused_not_taken_as_a_whole_capture
     accepted = await api.post(url, json={}, headers=auth(agent_key))
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["pending_action"] == "capture"
+
+
+@pytest.mark.usefixtures("fees")
+async def test_a_partial_capture_at_the_provider_books_what_was_collected(
+    api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Part of an authorized payment captured in the Dashboard: the agent spends what the
+    customer paid, the rest of the hold comes back, the fee is its share of what was
+    collected, and refunds give back at most that."""
+    from tests.test_ledger import assert_ledger_sound, balances
+    from workers.maintenance import recheck_waiting_payments
+
+    me = (await api.get("/v1/balance", headers=auth(agent_key))).json()["agent_id"]
+    funded = await api.post(
+        f"/v1/agents/{me}/deposits",
+        json={"amount": 10_000, "currency": "usd"},
+        headers=auth(operator_key),
+    )
+    assert funded.status_code == 201, funded.text
+    async with pool.connection() as conn:
+        before, _ = await balances(conn, me)
+    held = await authorized(api, agent_key, pool)  # 3,000 + tax 248 + fee 117
+    assert (held["amount_total"], held["amount_fee"]) == (3365, 117)
+    httpx.post(
+        f"{provider_base}/v1/payment_intents/{held['provider_payment_id']}/capture",
+        data={"amount_to_capture": "1000"},
+        headers=SK,
+    ).raise_for_status()
+    await recheck_waiting_payments(pool, older_than=0)  # as a webhook would
+    await run_jobs(pool)
+
+    payment = await fetch(api, agent_key, held["id"])
+    assert (payment["status"], payment["amount_captured"]) == ("reconciled", 1000)
+    async with pool.connection() as conn:
+        assert await balances(conn, me) == (before - 1000, 0)
+        cur = await conn.execute(
+            """SELECT a.kind, e.amount FROM ledger_entries e
+                 JOIN ledger_transactions t ON t.id = e.transaction_id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.kind = 'capture' AND t.reference = %s""",
+            (held["id"],),
+        )
+        posted = {row["kind"]: row["amount"] for row in await cur.fetchall()}
+    assert posted == {
+        "agent_holds": -3365,
+        "provider_clearing": 965,
+        "platform_fees": 35,  # 117 / 3,365 of the 1,000 collected
+        "agent_budget": 2365,  # the part never captured, back
+    }
+
+    # Refunding "all that remains" means what was collected, and reaches `refunded`.
+    response = await api.post(f"/v1/payments/{held['id']}/refunds", headers=auth(agent_key))
+    assert response.status_code == 202, response.text
+    assert response.json()["amount"] == 1000
+    await run_jobs(pool)
+    refunded = await fetch(api, agent_key, held["id"])
+    assert (refunded["status"], refunded["amount_refunded"]) == ("refunded", 1000)
+    async with pool.connection() as conn:
+        assert await balances(conn, me) == (before, 0)
+        await assert_ledger_sound(conn)
+    more = await api.post(
+        f"/v1/payments/{held['id']}/refunds", json={"amount": 1}, headers=auth(agent_key)
+    )
+    assert more.status_code == 409, more.text
 
 
 async def test_the_sweep_re_drives_captures_and_refunds_whose_jobs_are_gone(
