@@ -1,16 +1,26 @@
 """Ordered SQL migrations, applied once each.
 
 `schema/migrations/NNNN_name.sql` files run in name order, each in its own transaction, and
-are recorded in `schema_migrations`. Procrastinate's own schema is installed first and
-recorded as `procrastinate-<version>`; a later procrastinate release is brought up to date
-with the migration files it ships. Concurrent runners serialise on an advisory lock, so
-every process of a deploy may call `migrate()` safely.
+are recorded in `schema_migrations` with a checksum of their text: a migration edited after it
+was applied is refused (`MigrationEdited`), since its change would never reach a database
+that has it already. Procrastinate's own schema is installed first and recorded as
+`procrastinate-<version>`; a later procrastinate release is brought up to date with the
+migration files it ships. Concurrent runners serialise on an advisory lock, so every process
+of a deploy may call `migrate()` safely.
+
+A migration waits at most `LOCK_TIMEOUT` for each lock it needs: while it waits, every
+query that needs the same table queues behind it, so one long transaction elsewhere (an open
+`psql` session) would otherwise stall the API and the fleet for as long as it stays open.
+It gives up, rolls back and tries again, `LOCK_ATTEMPTS` times in all, then fails.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +35,28 @@ _CREATE_LEDGER = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     name       text PRIMARY KEY,
     applied_at timestamptz NOT NULL DEFAULT now()
-)
+);
+ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text
 """
+
+LOCK_TIMEOUT = "5s"
+LOCK_ATTEMPTS = 6
+
+log = logging.getLogger("agentpay.schema")
+
+
+class MigrationEdited(RuntimeError):
+    """Migrations whose text changed after they were applied."""
 
 
 @dataclass(frozen=True)
 class Migration:
     name: str
     sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode("utf-8")).hexdigest()
 
 
 def project_migrations() -> list[Migration]:
@@ -49,14 +73,16 @@ def _version_key(version: str) -> tuple[int, ...]:
 
 
 def _procrastinate_migrations(installed: str) -> list[Migration]:
-    """Procrastinate's upgrade scripts newer than the version the database has."""
+    """Procrastinate's upgrade scripts from the version the database has on. A script is
+    named after the version it upgrades *from* (procrastinate's rule: from 3.10.0, apply the
+    scripts numbered 3.10.0 and above), so those numbered `installed` itself are included."""
     from procrastinate.schema import SchemaManager
 
     folder = Path(SchemaManager.get_migrations_path())
     found = []
     for f in sorted(folder.glob("*.sql")):
         version = f.name.split("_", 1)[0]
-        if _version_key(version) > _version_key(installed):
+        if _version_key(version) >= _version_key(installed):
             found.append(Migration(f"procrastinate:{f.stem}", f.read_text(encoding="utf-8")))
     return found
 
@@ -78,9 +104,13 @@ def migrate(database_url: str) -> list[str]:
         conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
         try:
             conn.execute(_CREATE_LEDGER)
-            done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
-            applied += _migrate_procrastinate(conn, done)
-            for migration in project_migrations():
+            done: dict[str, str | None] = dict(
+                conn.execute("SELECT name, checksum FROM schema_migrations").fetchall()
+            )
+            ours = project_migrations()
+            _check_unedited(conn, ours, done)
+            applied += _migrate_procrastinate(conn, set(done))
+            for migration in ours:
                 if migration.name not in done:
                     _apply(conn, migration)
                     applied.append(migration.name)
@@ -109,8 +139,44 @@ def _migrate_procrastinate(conn: psycopg.Connection, done: set[str]) -> list[str
     return [step.name for step in steps]
 
 
+def _check_unedited(
+    conn: psycopg.Connection, ours: list[Migration], done: dict[str, str | None]
+) -> None:
+    """Refuse to go on when an applied migration's text changed; record the checksums of
+    those applied before checksums were kept."""
+    edited = [m.name for m in ours if done.get(m.name) not in (None, m.checksum)]
+    if edited:
+        raise MigrationEdited(
+            f"applied migrations were edited since: {', '.join(edited)}. An applied migration "
+            "never reaches this database again; restore its text and put the change in a new "
+            "migration."
+        )
+    for m in ours:
+        if m.name in done and done[m.name] is None:
+            conn.execute(
+                "UPDATE schema_migrations SET checksum = %s WHERE name = %s",
+                (m.checksum, m.name),
+            )
+
+
 def _apply(conn: psycopg.Connection, migration: Migration) -> None:
-    with conn.transaction():
-        # Migration files are our own, trusted text; no parameters are involved.
-        conn.execute(migration.sql.encode())
-        conn.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (migration.name,))
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                # Migration files are our own, trusted text; no parameters are involved.
+                conn.execute(migration.sql.encode())
+                conn.execute(
+                    "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
+                    (migration.name, migration.checksum),
+                )
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == LOCK_ATTEMPTS:
+                raise
+            log.warning(
+                "migration %s waited %s for a lock another session holds; trying again",
+                migration.name,
+                LOCK_TIMEOUT,
+            )
+            time.sleep(attempt)

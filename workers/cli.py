@@ -134,7 +134,10 @@ def migrate(data_dir: DataDir = None) -> None:
 
     settings = settings_for(data_dir)
     with database_errors():
-        applied = schema.migrate(settings.resolved_database_url())
+        try:
+            applied = schema.migrate(settings.resolved_database_url())
+        except schema.MigrationEdited as error:
+            raise fail(str(error)) from error
     if applied:
         for name in applied:
             console.print(f"applied {name}")

@@ -1,0 +1,81 @@
+"""The migration runner: procrastinate's upgrade scripts, edited migrations, lock waits."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+import schema
+from workers.cli import app as cli
+
+
+def test_procrastinate_scripts_numbered_the_installed_version_are_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script is named after the version it upgrades from: a database at 3.10.0 needs the
+    3.10.0 scripts of the next release (and none older)."""
+    from procrastinate.schema import SchemaManager
+
+    for name in ("03.04.00_01_pre_old", "03.10.00_01_pre_next", "03.11.00_50_post_later"):
+        (tmp_path / f"{name}.sql").write_text("SELECT 1;\n")
+    monkeypatch.setattr(SchemaManager, "get_migrations_path", staticmethod(lambda: str(tmp_path)))
+    found = [m.name for m in schema._procrastinate_migrations("3.10.0")]
+    assert found == ["procrastinate:03.10.00_01_pre_next", "procrastinate:03.11.00_50_post_later"]
+
+
+def _our_migrations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "migrations"
+    shutil.copytree(schema.MIGRATIONS_DIR, folder)
+    monkeypatch.setattr(schema, "MIGRATIONS_DIR", folder)
+    return folder
+
+
+def test_an_applied_migration_that_was_edited_is_refused(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        # A database migrated before checksums were kept: they are recorded, not refused.
+        conn.execute("UPDATE schema_migrations SET checksum = NULL")
+        assert schema.migrate(database_url) == []
+        missing = conn.execute(
+            "SELECT count(*) FROM schema_migrations WHERE checksum IS NULL AND name ~ '^[0-9]'"
+        ).fetchone()
+        assert missing == (0,)
+
+    folder = _our_migrations(tmp_path, monkeypatch)
+    edited = folder / "0005_operations.sql"
+    edited.write_text(edited.read_text() + "\nCREATE INDEX never_made ON payment_jobs (id);\n")
+    (folder / "0999_later.sql").write_text("CREATE TABLE later_one (id int);\n")
+    with pytest.raises(schema.MigrationEdited, match="0005_operations"):
+        schema.migrate(database_url)
+    result = CliRunner().invoke(cli, ["migrate"], env={"DATABASE_URL": database_url})
+    assert result.exit_code == 1, result.output
+    assert "0005_operations" in result.output
+    with psycopg.connect(database_url) as conn:  # nothing after it ran either
+        assert conn.execute("SELECT to_regclass('later_one')").fetchone() == (None,)
+
+
+def test_a_migration_gives_up_its_lock_wait_instead_of_stalling_everyone(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session holding a table (an operator's open transaction) makes the migration that
+    needs it wait: at most LOCK_TIMEOUT a try, then it rolls back, so the queries queued
+    behind it go on; it fails after LOCK_ATTEMPTS, and succeeds once the table is free."""
+    folder = _our_migrations(tmp_path, monkeypatch)
+    (folder / "0999_later.sql").write_text("ALTER TABLE payment_jobs ADD COLUMN later int;\n")
+    monkeypatch.setattr(schema, "LOCK_TIMEOUT", "200ms")
+    monkeypatch.setattr(schema, "LOCK_ATTEMPTS", 2)
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT count(*) FROM payment_jobs").fetchone()  # holds it till commit
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            schema.migrate(database_url)
+        holder.rollback()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM schema_migrations WHERE name = '0999_later'"
+        ).fetchone() == (0,)
+    assert schema.migrate(database_url) == ["0999_later"]
