@@ -3,8 +3,9 @@
 `BodyLimits` is plain ASGI middleware in front of the whole app. It refuses a body whose
 `Content-Length` is above the limit without reading it, reads any other body (announced or
 chunked) only up to the limit, and then, for JSON (or untyped) bodies, refuses bytes that are
-not UTF-8 and JSON nested deeper than `max_depth` — all with the one error shape, before
-FastAPI or the webhook receiver sees a byte. The buffered body is then replayed to the app.
+not UTF-8 and (but for provider webhooks, whose signature is checked first) JSON nested deeper
+than `max_depth` — all with the one error shape, before FastAPI or the webhook receiver sees a
+byte. The buffered body is then replayed to the app.
 """
 
 from __future__ import annotations
@@ -29,15 +30,23 @@ _STRING = re.compile(r'"(?:[^"\\]|\\.)*"?', re.DOTALL)
 _BRACKET = re.compile(r"[\[\]{}]")
 
 
-def json_depth(text: str) -> int:
-    """How deeply arrays and objects nest in `text` (JSON, not necessarily valid)."""
+def json_depth(text: str, stop_above: int | None = None) -> int:
+    """How deeply arrays and objects nest in `text` (JSON, not necessarily valid), or, with
+    `stop_above`, the first depth above it (the scan stops there). It also stops where a
+    closing bracket has nothing to close: a parser stops at that syntax error too, so nothing
+    after it can nest it deeper."""
     depth = deepest = 0
     for match in _BRACKET.finditer(_STRING.sub('""', text)):
         if match.group() in "[{":
             depth += 1
-            deepest = max(deepest, depth)
+            if depth > deepest:
+                deepest = depth
+                if stop_above is not None and deepest > stop_above:
+                    break
         else:
             depth -= 1
+            if depth < 0:
+                break
     return deepest
 
 
@@ -67,9 +76,8 @@ class BodyLimits:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        limit = (
-            self.webhook_max_body_bytes if path.startswith(WEBHOOK_PREFIX) else self.max_body_bytes
-        )
+        webhook = path.startswith(WEBHOOK_PREFIX)
+        limit = self.webhook_max_body_bytes if webhook else self.max_body_bytes
         headers = Headers(scope=scope)
         announced = headers.get("content-length")
         if announced is not None:
@@ -120,7 +128,10 @@ class BodyLimits:
                     "The body must be JSON encoded as UTF-8.",
                 )
                 return
-            if json_depth(text) > self.max_depth:
+            # Not for provider webhooks (bodies up to 1 MiB): their receiver checks the
+            # signature before it parses anything, so an unsigned body costs one HMAC and
+            # never this scan.
+            if not webhook and json_depth(text, self.max_depth) > self.max_depth:
                 await _refuse(
                     scope,
                     receive,

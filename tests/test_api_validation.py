@@ -275,6 +275,19 @@ async def test_deep_nesting_non_utf8_and_broken_json_are_refused(
     assert await snapshot(pool) == before
 
 
+async def test_a_deep_body_of_another_type_is_a_400_not_a_500(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    """Sent as text/plain, a body skips the JSON checks; the idempotency fingerprint still
+    parses it, and must not fail on one nested too deep for the parser."""
+    response = await api.post(
+        "/v1/payments",
+        content="[" * 60_000,
+        headers={**auth(agent_key), "Content-Type": "text/plain", "Idempotency-Key": "deep-1"},
+    )
+    assert_error_shape(response, 400, ())
+
+
 def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert json_depth('{"a": "[[[[{{{{", "b": [1, [2]]}') == 3
     assert json_depth('{"a": "\\"[[[["}') == 1
@@ -282,6 +295,10 @@ def test_json_depth_ignores_brackets_inside_strings() -> None:
     assert json_depth("") == 0
     # An unterminated string runs to the end: its brackets nest nothing either.
     assert json_depth('[{"a": "[[[[') == 2
+    # With a limit, the scan stops at the first depth above it; and where a bracket closes
+    # nothing (a parser stops at that error, so nothing after it nests deeper).
+    assert json_depth("[" * 100_000, stop_above=16) == 17
+    assert json_depth("[]]" + "[" * 50) == 1
 
 
 def test_json_depth_is_linear_on_unterminated_strings() -> None:

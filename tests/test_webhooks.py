@@ -132,6 +132,27 @@ async def test_bad_or_stale_signatures_are_refused_and_store_nothing(
     assert await stored(pool) == []
 
 
+async def test_a_deep_body_costs_an_unsigned_sender_one_signature_check(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """Webhook bodies may be 1 MiB: no one may make the API scan one before its signature is
+    checked. A deep body unsigned is refused for its signature; signed, by the parser (a 400,
+    never a 500)."""
+    deep = "[" * 200_000 + "]" * 200_000
+    for header, code in (
+        (sign_payload(deep, "whsec_not_ours"), "signature_invalid"),
+        (sign_payload(deep, WEBHOOK_SECRET), "payload_invalid"),
+    ):
+        response = await api.post(
+            "/v1/webhooks/stripe",
+            content=deep,
+            headers={"Content-Type": "application/json", "Stripe-Signature": header},
+        )
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["code"] == code
+    assert await stored(pool) == []
+
+
 async def test_unknown_event_types_are_stored_and_ignored(
     api: httpx.AsyncClient, pool: Pool
 ) -> None:

@@ -49,7 +49,7 @@ async def stripe_webhook(
         raise ApiError(400, error.code, error.message, param="Stripe-Signature") from error
     try:
         event = json.loads(payload)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deep
         raise ApiError(400, "payload_invalid", "The body is not JSON.") from error
     if (
         not isinstance(event, dict)
