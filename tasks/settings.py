@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # heartbeating while a worker drains on shutdown, so this must stay above
     # heartbeat + shutdown grace (checked below).
     stalled_after_seconds: float = 45.0
+    # A stalled worker's row (its jobs are rescued at once) is kept this long after its last
+    # heartbeat, so that `agentpay_workers{state="stalled"}` and `agentpay status` show the
+    # crash for long enough to alert on; then maintenance deletes it.
+    stalled_worker_retention_seconds: float = Field(default=900.0, gt=0)
     # A payment with no job for it that has not moved for this long is driven on again.
     sweep_after_seconds: float = 120.0
     # A payment waiting on a person (authorized, requires_action) can still be moved on by the
@@ -74,7 +78,8 @@ class Settings(BaseSettings):
     # Finished procrastinate jobs are deleted this long after they finished (the history
     # stays in payment_events): succeeded/cancelled/aborted ones, and failed ones (kept
     # longer for operators). At most `prune_batch_size` per round, every
-    # `prune_interval_seconds`. Windows of the ops views (1 h of failures, 15 min of
+    # `prune_interval_seconds` — or, while batches come back full (a backlog), every
+    # maintenance round until it is gone. Windows of the ops views (1 h of failures, 15 min of
     # throughput) need the jobs they count: the floors below keep them.
     prune_succeeded_after_seconds: float = Field(default=3600.0, ge=900.0)
     prune_failed_after_seconds: float = Field(default=7 * 86400.0, ge=3600.0)
@@ -93,7 +98,7 @@ class Settings(BaseSettings):
     # (processing, or not confirmed), or hands it back to the charge role.
     provider_recheck_seconds: float = 5.0
     # Webhook signatures older than this are refused (Stripe's default tolerance).
-    webhook_tolerance_seconds: int = 300
+    webhook_tolerance_seconds: int = Field(default=300, ge=1)
     # Tests only: the charge task SIGKILLs its own process right after the provider answered
     # and before the outcome is committed, to prove a crash there charges once.
     debug_crash_after_provider_call: bool = False

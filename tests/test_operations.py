@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
+from api.metrics import read_snapshot
 from tasks import agents, payments
 from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
@@ -465,8 +466,9 @@ async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(
 async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
     pool: Pool, settings: Settings
 ) -> None:
-    """A worker killed mid-job: maintenance puts its job back and removes its row, so no
-    dead worker is counted as stalled for ever; a live worker's row stays."""
+    """A worker killed mid-job: maintenance puts its job back at once, and removes its row
+    after the retention, so no dead worker is counted as stalled for ever — but one that
+    died lately is, for long enough to alert on; a live worker's row stays."""
     from tasks.app import app
 
     async with pool.connection() as conn, conn.transaction():
@@ -478,11 +480,22 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
         )
         cur = await conn.execute("INSERT INTO procrastinate_workers DEFAULT VALUES RETURNING id")
         alive = (await cur.fetchone())["id"]
-    s = settings.model_copy(update={"stalled_after_seconds": 60.0})
+        cur = await conn.execute(
+            """INSERT INTO procrastinate_workers (last_heartbeat)
+               VALUES (now() - interval '5 minutes') RETURNING id"""
+        )
+        died_lately = (await cur.fetchone())["id"]
+    s = settings.model_copy(
+        update={"stalled_after_seconds": 60.0, "stalled_worker_retention_seconds": 900.0}
+    )
     assert await Maintenance(app, pool, s).run_once()
     async with pool.connection() as conn:
-        cur = await conn.execute("SELECT id FROM procrastinate_workers")
-        assert [r["id"] for r in await cur.fetchall()] == [alive]
+        cur = await conn.execute("SELECT id FROM procrastinate_workers ORDER BY id")
+        assert [r["id"] for r in await cur.fetchall()] == [alive, died_lately]
+        snapshot = await read_snapshot(conn, s)
+    stalled = [w for w in snapshot.workers if w["heartbeat_age_seconds"] >= 60.0]
+    assert len(stalled) == 1  # what agentpay_workers{state="stalled"} counts
+    async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
         )
@@ -587,6 +600,41 @@ async def test_pruning_deletes_finished_jobs_after_their_retention(
     assert await _count(pool, "payment_events") == events_before  # the history stays
     # Nothing left to prune; a second run deletes nothing.
     assert await prune_finished_jobs(pool, succeeded_after=3600, failed_after=86400) == 0
+
+
+async def _finished_jobs(pool: Pool, n: int) -> None:
+    """`n` reconcile jobs that succeeded two hours ago."""
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            """WITH jobs AS (
+                   INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)
+                   SELECT 'reconcile', 'reconcile', 'succeeded', '{"payment_id": "pay_old"}'
+                     FROM generate_series(1, %s)
+                   RETURNING id)
+               INSERT INTO procrastinate_events (job_id, type, at)
+               SELECT id, 'succeeded', now() - interval '2 hours' FROM jobs""",
+            (n,),
+        )
+
+
+async def test_pruning_goes_on_every_round_while_its_batches_come_back_full(
+    pool: Pool, settings: Settings
+) -> None:
+    """A fleet that finishes more jobs than one batch an interval: pruning does not fall
+    behind for ever; once a batch comes back short, it waits for its interval again."""
+    from tasks.app import app
+
+    await _finished_jobs(pool, 5)
+    s = settings.model_copy(update={"prune_batch_size": 2, "prune_interval_seconds": 3600.0})
+    maintenance = Maintenance(app, pool, s)
+    left = []
+    for _ in range(3):
+        assert await maintenance.run_once()
+        left.append(await _count(pool, "procrastinate_jobs"))
+    assert left == [3, 1, 0]
+    await _finished_jobs(pool, 2)
+    assert await maintenance.run_once()
+    assert await _count(pool, "procrastinate_jobs") == 2  # the interval again
 
 
 async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> None:

@@ -4,9 +4,9 @@ Each is a plain async function (testable on its own); `run_maintenance` runs the
 interval in every worker process, one process at a time (an advisory lock elects the one):
 - `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue;
 - `sweep_stuck_payments`: a non-final payment with no job is driven on again;
-- `prune_finished_jobs` (every `prune_interval_seconds`): finished procrastinate jobs are
-  deleted after a retention, so the table every claim reads stays small — the history of
-  every payment lives in payment_events.
+- `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
+  backlog): finished procrastinate jobs are deleted after a retention, so the table every
+  claim reads stays small — the history of every payment lives in payment_events.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ async def prune_finished_jobs(
 
 class Maintenance:
     """The services' schedule in one process (rescue and sweep every round; pruning every
-    `prune_interval_seconds`)."""
+    `prune_interval_seconds`, or every round while its batches come back full)."""
 
     def __init__(self, app: procrastinate.App, pool: Pool, settings: Settings) -> None:
         self.app = app
@@ -267,20 +267,27 @@ class Maintenance:
             if not (row and row["mine"]):
                 return False
             await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
-            # Their workers are gone: without this their rows stay until some worker starts,
-            # and `agentpay status` and the `stalled` gauge count them as stalled workers.
-            await self.app.job_manager.prune_stalled_workers(s.stalled_after_seconds)
+            # Their workers are gone; their rows go once the `stalled` gauge and `agentpay
+            # status` have shown them for long enough to alert on (a row pruned at once would
+            # show for one maintenance round, less than a scrape interval).
+            await self.app.job_manager.prune_stalled_workers(
+                max(s.stalled_worker_retention_seconds, s.stalled_after_seconds)
+            )
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
             now = asyncio.get_running_loop().time()
             if now >= self._next_prune:
-                self._next_prune = now + s.prune_interval_seconds
-                await prune_finished_jobs(
+                pruned = await prune_finished_jobs(
                     self.pool,
                     succeeded_after=s.prune_succeeded_after_seconds,
                     failed_after=s.prune_failed_after_seconds,
                     batch=s.prune_batch_size,
+                )
+                # A full batch means more are due (a fleet finishing more jobs than one batch
+                # an interval): go on next round instead of falling further behind.
+                self._next_prune = now + (
+                    0 if pruned >= s.prune_batch_size else s.prune_interval_seconds
                 )
         return True
 
