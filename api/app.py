@@ -142,6 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.metrics_cache = metrics.ScrapeCache()
     errors.install(app)
     idempotency.install(app)
     app.add_middleware(

@@ -15,7 +15,10 @@ and errors of its provider calls — each worker serves itself on AGENTPAY_METRI
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,8 +34,9 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from api.deps import PoolDep
+from api.errors import ApiError
 from tasks import ledger
-from tasks.db import Conn
+from tasks.db import Conn, Pool
 from tasks.settings import Settings, get_settings
 
 router = APIRouter(tags=["operations"])
@@ -299,9 +303,44 @@ def render(snapshot: Snapshot, settings: Settings) -> bytes:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
 )
 async def metrics(pool: PoolDep, request: Request) -> Response:
-    """Prometheus metrics of the fleet, read from the ops views (no authentication, like
-    /healthz: expose it only where your Prometheus can reach it)."""
+    """Prometheus metrics of the fleet, read from the ops views. With AGENTPAY_METRICS_TOKEN
+    set, only for `Authorization: Bearer <token>`; else open, like /healthz (expose it only
+    where your Prometheus can reach it). Scrapes within AGENTPAY_METRICS_CACHE_SECONDS share
+    one read."""
     settings: Settings = request.app.state.settings
+    if settings.metrics_token:
+        sent = request.headers.get("authorization", "")
+        expected = f"Bearer {settings.metrics_token}"
+        if not hmac.compare_digest(sent.encode(), expected.encode()):
+            raise ApiError(
+                401,
+                "metrics_token_invalid",
+                "/metrics needs Authorization: Bearer <AGENTPAY_METRICS_TOKEN>.",
+                type_="authentication_error",
+            )
+    cache: ScrapeCache = request.app.state.metrics_cache
+    body = await cache.get(settings.metrics_cache_seconds, lambda: _scrape(pool, settings))
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+async def _scrape(pool: Pool, settings: Settings) -> bytes:
     async with pool.connection() as conn:
         snapshot = await read_snapshot(conn, settings)
-    return Response(render(snapshot, settings), media_type=CONTENT_TYPE_LATEST)
+    return render(snapshot, settings)
+
+
+class ScrapeCache:
+    """The last scrape's body, for `ttl` seconds; one read at a time (concurrent scrapes
+    wait for it and share it)."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._body: bytes | None = None
+        self._at = 0.0
+
+    async def get(self, ttl: float, read: Callable[[], Awaitable[bytes]]) -> bytes:
+        async with self._lock:
+            if self._body is None or time.monotonic() - self._at >= ttl:
+                self._body = await read()
+                self._at = time.monotonic()
+            return self._body

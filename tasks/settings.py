@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     # A worker process serves its own Prometheus metrics (job durations, provider calls) on
     # this port when set (0 or unset: not served).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # The API's /metrics: when a token is set, a scrape must send `Authorization: Bearer
+    # <token>` (it shows the whole platform's volume, which agents on the same port should not
+    # read). Scrapes within `metrics_cache_seconds` of each other share one read of the views,
+    # so no rate of requests costs the database more than one read per that time.
+    metrics_token: str | None = None
+    metrics_cache_seconds: float = Field(default=5.0, ge=0)
 
     # Provider calls.
     provider_timeout_seconds: float = 10.0

@@ -211,6 +211,40 @@ async def test_status_json_metrics_and_views_agree_and_the_page_renders_them(
     assert anonymous.json()["error"]["code"] == "missing_api_key"
 
 
+async def test_metrics_are_read_once_per_cache_period_and_can_require_a_token(
+    settings: Settings, pool: Pool, agent_key: str
+) -> None:
+    """However fast /metrics is asked for, the views are read once per cache period; with a
+    token set, a scrape without it (an agent's key included) learns nothing."""
+    from api.app import create_app
+
+    app = create_app(
+        settings.model_copy(update={"metrics_token": "tok_scrape", "metrics_cache_seconds": 600})
+    )
+    app.state.pool = pool
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as api:
+        for headers in ({}, auth(agent_key), {"Authorization": "Bearer tok_other"}):
+            refused = await api.get("/metrics", headers=headers)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "metrics_token_invalid"
+        scrape = {"Authorization": "Bearer tok_scrape"}
+        first = await api.get("/metrics", headers=scrape)
+        assert first.status_code == 200
+        created = await api.post(
+            "/v1/payments",
+            json={"amount": 700, "currency": "usd", "payment_method": "pm_card_visa"},
+            headers=auth(agent_key),
+        )
+        assert created.status_code == 202
+        again = await asyncio.gather(*[api.get("/metrics", headers=scrape) for _ in range(5)])
+        assert {r.text for r in again} == {first.text}  # within the period: the same read
+        app.state.metrics_cache = type(app.state.metrics_cache)()  # the period is over
+        later = _metrics((await api.get("/metrics", headers=scrape)).text)
+    assert later[("agentpay_queue_waiting", (("role", "pricing"),))] == 1
+    assert _metrics(first.text)[("agentpay_queue_waiting", (("role", "pricing"),))] == 0
+
+
 async def test_status_watch_json_keeps_watching_through_a_database_blip(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
