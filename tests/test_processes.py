@@ -176,6 +176,8 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
         for name, metrics_port in ports.items():
             scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
             assert "agentpay_job_duration_seconds" in scraped, name
+            # No provider call failed, yet the error series an alert's rate() watches exist.
+            assert 'agentpay_provider_errors_total{error="Unknown"' in scraped, name
     finally:
         dev.send_signal(signal.SIGTERM)
         output = dev.communicate(timeout=60)[0].decode(errors="replace")

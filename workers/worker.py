@@ -78,6 +78,10 @@ def instrument_provider() -> None:
         ):
             continue
         setattr(provider, name, _timed(name, func))
+        # Every series an alert watches exists from the start, at 0: a counter that first
+        # appears at 1 shows no increase to `rate()`, and the first error would go unseen.
+        for error in ("Declined", "ProviderError", "Unknown", "RateLimited"):
+            PROVIDER_ERRORS.labels(name, error)
     provider._agentpay_instrumented = True  # type: ignore[attr-defined]
 
 
