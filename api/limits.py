@@ -1,6 +1,7 @@
 """Request bodies are checked before anything parses them.
 
-`BodyLimits` is plain ASGI middleware in front of the whole app. It refuses a body whose
+`BodyLimits` is plain ASGI middleware in front of the whole app. It refuses a path or query
+string holding a NUL character (Postgres text cannot), and a body whose
 `Content-Length` is above the limit without reading it, reads any other body (announced or
 chunked) only up to the limit, and then, for JSON (or untyped) bodies, refuses bytes that are
 not UTF-8 and (but for provider webhooks, whose signature is checked first) JSON nested deeper
@@ -78,6 +79,18 @@ class BodyLimits:
         path: str = scope.get("path", "")
         webhook = path.startswith(WEBHOOK_PREFIX)
         limit = self.webhook_max_body_bytes if webhook else self.max_body_bytes
+        # Postgres cannot store or compare text with NUL in it: an id or a parameter holding
+        # one could only fail deeper down, as a 500.
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            await _refuse(
+                scope,
+                receive,
+                send,
+                400,
+                "parameter_invalid",
+                "The path and query parameters must not contain NUL characters.",
+            )
+            return
         headers = Headers(scope=scope)
         announced = headers.get("content-length")
         if announced is not None:

@@ -200,9 +200,9 @@ async def test_sql_looking_text_is_stored_as_text(
     for path in (
         "/v1/payments/pay_x' OR '1'='1",
         "/v1/payments/pay_1%3B%20DROP%20TABLE%20payment_jobs",
-        "/v1/payments/pay_%00",
     ):
         assert_error_shape(await api.get(path, headers=auth(agent_key)), 404, ())
+    assert_error_shape(await api.get("/v1/payments/pay_%00", headers=auth(agent_key)), 400, ())
     listing = await api.get(
         "/v1/payments", params={"status": "received' OR 1=1 --"}, headers=auth(agent_key)
     )
@@ -374,6 +374,22 @@ async def test_routing_errors_use_the_one_shape(
     response = await api.request(method, path, headers=auth(agent_key))
     assert response.status_code in (404, 405)
     assert_error_shape(response, response.status_code, ())
+
+
+async def test_nul_in_any_path_or_query_is_a_400_on_every_route(
+    api: httpx.AsyncClient, operator_key: str
+) -> None:
+    """Postgres text cannot hold NUL: no route may pass one on and fail with a 500."""
+    for method, path in (
+        ("GET", "/v1/balance?agent_id=%00"),
+        ("GET", "/v1/ops/payments/%00"),
+        ("POST", "/v1/review/%00/approve"),
+        ("POST", "/v1/ops/payments/%00/cancel"),
+        ("POST", "/v1/agents/%00/deposits"),
+    ):
+        response = await api.request(method, path, json={}, headers=auth(operator_key))
+        assert_error_shape(response, 400, ())
+        assert response.json()["error"]["code"] == "parameter_invalid", path
 
 
 async def test_out_of_range_query_parameters_are_refused_not_crashed_on(
