@@ -45,7 +45,13 @@ async def create(conn: Conn, name: str, *, is_operator: bool = False) -> tuple[A
     return Agent(agent_id, name, is_operator), key
 
 
-async def add_key(conn: Conn, agent_id: str) -> str:
+async def add_key(conn: Conn, agent_id: str, *, revoke_others: bool = False) -> str:
+    """A new key for the agent (its others revoked, with `revoke_others`)."""
+    if revoke_others:
+        await conn.execute(
+            "UPDATE api_keys SET revoked_at = now() WHERE agent_id = %s AND revoked_at IS NULL",
+            (agent_id,),
+        )
     key = new_key()
     await conn.execute(
         "INSERT INTO api_keys (key_hash, agent_id, prefix) VALUES (%s, %s, %s)",

@@ -23,7 +23,7 @@ from tasks.db import Pool
 from tasks.settings import ROLES, Settings
 from tests.conftest import FAST_ENV, auth, wait_for
 from workers.demo import run_demo
-from workers.devstack import new_agent_keys
+from workers.devstack import _dev_keys, new_agent_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +127,22 @@ def test_demo_ends_with_every_payment_where_it_should(settings: Settings) -> Non
             assert (r["status"], r["failure_code"]) == ("failed", "insufficient_funds")
 
 
+async def test_each_dev_start_revokes_the_keys_of_the_one_before(
+    pool: Pool, database_url: str
+) -> None:
+    """stack.json's keys are the dev stack's only: an operator key left in an old copy of it
+    (or in a shell history) does not keep working after the next start."""
+    from api.ratelimit import authenticate
+
+    first = await _dev_keys(database_url)
+    second = await _dev_keys(database_url)
+    async with pool.connection() as conn:
+        for key in first:
+            assert await authenticate(conn, key, rate=0, burst=0) is None
+        for key in second:
+            assert await authenticate(conn, key, rate=0, burst=0) is not None
+
+
 def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: Path) -> None:
     """`agentpay dev` with no DATABASE_URL and no STRIPE_API_BASE: everything it needs it starts,
     writes stack.json, serves payments end to end, and stops everything on SIGTERM."""
@@ -147,6 +163,7 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
     try:
         wait_for(stack_file.exists, timeout=90, what="stack.json")
         stack = json.loads(stack_file.read_text())
+        assert stack_file.stat().st_mode & 0o777 == 0o600  # it holds keys
         assert set(stack) >= {
             "api_url",
             "database_url",

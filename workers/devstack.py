@@ -181,8 +181,7 @@ class DevStack:
             raise
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
-        self.settings.stack_file.write_text(json.dumps(self.info, indent=2))
-        self.settings.stack_file.chmod(0o600)
+        _write_private(self.settings.stack_file, json.dumps(self.info, indent=2))
         return self.info
 
     def _add(self, child: Child) -> None:
@@ -256,8 +255,20 @@ class DevStack:
         self.stop()
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` readable by its owner only from its first byte (it holds keys): a file
+    of that mode, then renamed over the old one."""
+    part = path.with_name(path.name + ".part")
+    part.unlink(missing_ok=True)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(part, path)
+
+
 async def _dev_keys(database_url: str) -> tuple[str, str]:
-    """Fresh keys for the dev operator and the dev agent (created on first use)."""
+    """Fresh keys for the dev operator and the dev agent (created on first use); the keys an
+    earlier start wrote to stack.json stop working."""
     keys = []
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn, conn.transaction():
@@ -266,7 +277,7 @@ async def _dev_keys(database_url: str) -> tuple[str, str]:
                 if found is None:
                     _, key = await agents.create(conn, name, is_operator=is_operator)
                 else:
-                    key = await agents.add_key(conn, found["id"])
+                    key = await agents.add_key(conn, found["id"], revoke_others=True)
                 keys.append(key)
     return keys[0], keys[1]
 
