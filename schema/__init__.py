@@ -130,8 +130,10 @@ def _migrate_procrastinate(conn: psycopg.Connection, done: set[str]) -> list[str
     if not recorded:
         steps = [Migration(current, _procrastinate_schema())]
     else:
+        # Each script is recorded as it is applied: an upgrade stopped half-way (a lock
+        # wait given up) goes on from where it stopped.
         steps = [
-            *_procrastinate_migrations(recorded[-1]),
+            *(m for m in _procrastinate_migrations(recorded[-1]) if m.name not in done),
             Migration(current, "SELECT 1"),
         ]
     for step in steps:

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import schema
+from tasks.settings import get_settings
 from workers.cli import app as cli
 
 
@@ -52,7 +53,12 @@ def test_an_applied_migration_that_was_edited_is_refused(
     (folder / "0999_later.sql").write_text("CREATE TABLE later_one (id int);\n")
     with pytest.raises(schema.MigrationEdited, match="0005_operations"):
         schema.migrate(database_url)
-    result = CliRunner().invoke(cli, ["migrate"], env={"DATABASE_URL": database_url})
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()  # settings another test read are cached
+    try:
+        result = CliRunner().invoke(cli, ["migrate"])
+    finally:
+        get_settings.cache_clear()
     assert result.exit_code == 1, result.output
     assert "0005_operations" in result.output
     with psycopg.connect(database_url) as conn:  # nothing after it ran either
@@ -79,3 +85,27 @@ def test_a_migration_gives_up_its_lock_wait_instead_of_stalling_everyone(
             "SELECT count(*) FROM schema_migrations WHERE name = '0999_later'"
         ).fetchone() == (0,)
     assert schema.migrate(database_url) == ["0999_later"]
+
+
+def test_a_procrastinate_upgrade_stopped_half_way_goes_on_where_it_stopped(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next release's scripts, the second failing the first time (a lock wait given up):
+    the second run applies what is left, not the first script again."""
+    from procrastinate.schema import SchemaManager
+
+    installed = schema._procrastinate_version()
+    major, minor, _ = (int(part) for part in installed.split("."))
+    tag = f"{major:02d}.{minor:02d}.00"
+    (tmp_path / f"{tag}_01_pre_first.sql").write_text("CREATE TABLE upgrade_first (id int);\n")
+    second = tmp_path / f"{tag}_50_post_second.sql"
+    second.write_text("SELECT 1 / 0;\n")
+    monkeypatch.setattr(SchemaManager, "get_migrations_path", staticmethod(lambda: str(tmp_path)))
+    monkeypatch.setattr(schema, "_procrastinate_version", lambda: f"{major}.{minor + 1}.0")
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        schema.migrate(database_url)
+    second.write_text("CREATE TABLE upgrade_second (id int);\n")
+    assert schema.migrate(database_url) == [
+        f"procrastinate:{tag}_50_post_second",
+        f"procrastinate-{major}.{minor + 1}.0",
+    ]
