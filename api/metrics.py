@@ -330,17 +330,23 @@ async def _scrape(pool: Pool, settings: Settings) -> bytes:
 
 
 class ScrapeCache:
-    """The last scrape's body, for `ttl` seconds; one read at a time (concurrent scrapes
-    wait for it and share it)."""
+    """The last scrape's outcome, for `ttl` seconds: its body, or its error (a database that
+    is away is not asked again by every scrape waiting in line). One read at a time:
+    concurrent scrapes wait for it and share it."""
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
-        self._body: bytes | None = None
+        self._outcome: bytes | Exception | None = None
         self._at = 0.0
 
     async def get(self, ttl: float, read: Callable[[], Awaitable[bytes]]) -> bytes:
         async with self._lock:
-            if self._body is None or time.monotonic() - self._at >= ttl:
-                self._body = await read()
+            if self._outcome is None or time.monotonic() - self._at >= ttl:
+                try:
+                    self._outcome = await read()
+                except Exception as error:
+                    self._outcome = error
                 self._at = time.monotonic()
-            return self._body
+            if isinstance(self._outcome, Exception):
+                raise self._outcome
+            return self._outcome

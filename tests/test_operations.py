@@ -245,6 +245,25 @@ async def test_metrics_are_read_once_per_cache_period_and_can_require_a_token(
     assert _metrics(first.text)[("agentpay_queue_waiting", (("role", "pricing"),))] == 0
 
 
+async def test_a_failed_metrics_read_is_shared_too() -> None:
+    """Scrapes queued behind a read that failed (the database is away) fail with it, instead
+    of each asking the database again, one after the other."""
+    from api.metrics import ScrapeCache
+
+    reads = []
+
+    async def read() -> bytes:
+        reads.append(1)
+        raise psycopg.OperationalError("the database is away")
+
+    cache = ScrapeCache()
+    outcomes = await asyncio.gather(
+        *[cache.get(5.0, read) for _ in range(4)], return_exceptions=True
+    )
+    assert len(reads) == 1
+    assert all(isinstance(o, psycopg.OperationalError) for o in outcomes)
+
+
 async def test_status_watch_json_keeps_watching_through_a_database_blip(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -536,6 +555,47 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
         assert await cur.fetchone() == {"status": "todo"}
 
 
+async def test_a_starting_worker_keeps_the_rows_of_workers_that_died_lately(
+    pool: Pool, settings: Settings
+) -> None:
+    """procrastinate deletes old worker rows whenever a worker starts (a deploy, a restart
+    after a crash): only those past the retention go, so the stalled gauge still shows a
+    crash a minute ago."""
+    from tasks.app import app
+    from workers.worker import _Worker
+
+    async def worker_ids() -> list[int]:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT id FROM procrastinate_workers ORDER BY id")
+            return [r["id"] for r in await cur.fetchall()]
+
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """INSERT INTO procrastinate_workers (last_heartbeat)
+               VALUES (now() - interval '5 minutes'), (now() - interval '1 hour')
+               RETURNING id"""
+        )
+        died_lately, died_long_ago = [r["id"] for r in await cur.fetchall()]
+    s = settings.model_copy(
+        update={"stalled_after_seconds": 60.0, "stalled_worker_retention_seconds": 900.0}
+    )
+    worker = _Worker.for_role(app, pool, "pricing", 1, s)
+    running = asyncio.create_task(worker.run())
+    try:
+        ids = await async_wait_for(
+            lambda: _registered(worker_ids, died_lately), what="the worker to register"
+        )
+    finally:
+        worker.stop()
+        await asyncio.wait_for(running, timeout=30)
+    assert died_lately in ids and died_long_ago not in ids
+
+
+async def _registered(worker_ids: Any, known: int) -> list[int] | None:
+    ids: list[int] = await worker_ids()
+    return ids if max(ids) > known + 1 else None
+
+
 async def test_stuck_requests_wait_on_the_fleet(pool: Pool) -> None:
     """A capture asked for and a refund left pending are the fleet's to move (the alert on
     waiting_on = 'fleet' must see them); an authorized payment nobody asked to capture waits
@@ -669,6 +729,29 @@ async def test_pruning_goes_on_every_round_while_its_batches_come_back_full(
     await _finished_jobs(pool, 2)
     assert await maintenance.run_once()
     assert await _count(pool, "procrastinate_jobs") == 2  # the interval again
+
+
+async def test_a_prune_that_fails_waits_its_interval_like_one_that_succeeds(
+    pool: Pool, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing prune (a statement timeout on a big table) is not run again every round."""
+    import workers.maintenance as maintenance_module
+    from tasks.app import app
+
+    calls = []
+
+    async def failing(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        raise psycopg.errors.QueryCanceled("statement timeout")
+
+    monkeypatch.setattr(maintenance_module, "prune_finished_jobs", failing)
+    maintenance = Maintenance(
+        app, pool, settings.model_copy(update={"prune_interval_seconds": 3600.0})
+    )
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        await maintenance.run_once()
+    assert await maintenance.run_once()  # the next round: no prune
+    assert len(calls) == 1
 
 
 async def test_pruning_keeps_a_job_an_operator_retries_meanwhile(pool: Pool) -> None:

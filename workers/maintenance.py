@@ -177,23 +177,21 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
         # for good (its retries ran out, or a worker of an older release did not know it),
         # so a refund made in the Dashboard would never be counted. Its job, run again.
         cur = await conn.execute(
-            """SELECT p.id FROM (
-                   SELECT DISTINCT ON (j.args->>'payment_id')
-                          j.args->>'payment_id' AS payment_id, j.id, j.status
-                     FROM procrastinate_jobs j
-                    WHERE j.task_name = %(sync)s
-                    ORDER BY j.args->>'payment_id', j.id DESC
-               ) last
-               JOIN payment_jobs p ON p.id = last.payment_id
-               WHERE last.status = 'failed'
-                 AND p.status = ANY(%(states)s)
-                 AND NOT EXISTS (
-                     SELECT 1 FROM procrastinate_events e
-                      WHERE e.job_id = last.id AND e.type = 'failed'
-                        AND e.at > now() - make_interval(secs => %(older)s))
-               ORDER BY last.id
-               LIMIT 500
-               FOR UPDATE OF p SKIP LOCKED""",
+            """SELECT p.id FROM procrastinate_jobs f
+                 JOIN payment_jobs p ON p.id = f.args->>'payment_id'
+                WHERE f.task_name = %(sync)s AND f.status = 'failed'  -- few: an index of them
+                  AND p.status = ANY(%(states)s)
+                  AND NOT EXISTS (  -- the payment's latest sync
+                      SELECT 1 FROM procrastinate_jobs n
+                       WHERE n.args->>'payment_id' = f.args->>'payment_id'
+                         AND n.task_name = %(sync)s AND n.id > f.id)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM procrastinate_events e
+                       WHERE e.job_id = f.id AND e.type = 'failed'
+                         AND e.at > now() - make_interval(secs => %(older)s))
+                ORDER BY f.id
+                LIMIT 500
+                FOR UPDATE OF p SKIP LOCKED""",
             {"sync": refunds.SYNC_TASK, "states": sorted(refunds.SYNCABLE), "older": older_than},
         )
         for row in await cur.fetchall():
@@ -278,17 +276,17 @@ class Maintenance:
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
             now = asyncio.get_running_loop().time()
             if now >= self._next_prune:
+                self._next_prune = now + s.prune_interval_seconds  # also when it fails
                 pruned = await prune_finished_jobs(
                     self.pool,
                     succeeded_after=s.prune_succeeded_after_seconds,
                     failed_after=s.prune_failed_after_seconds,
                     batch=s.prune_batch_size,
                 )
-                # A full batch means more are due (a fleet finishing more jobs than one batch
-                # an interval): go on next round instead of falling further behind.
-                self._next_prune = now + (
-                    0 if pruned >= s.prune_batch_size else s.prune_interval_seconds
-                )
+                if pruned >= s.prune_batch_size:
+                    # A full batch: more are due (a fleet finishing more jobs than a batch an
+                    # interval). Go on next round instead of falling further behind.
+                    self._next_prune = now
         return True
 
 

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from procrastinate import exceptions, job_context
+from procrastinate import App, exceptions, job_context
 from procrastinate.worker import Worker
 from prometheus_client import Counter, Histogram, start_http_server
 
@@ -112,6 +112,30 @@ class _Worker(Worker):
     the worker runs on without LISTEN (polling only) and never reconnects. This watch keeps
     waiting until a task fails, so the loop in `RoleWorker.run` starts a fresh worker."""
 
+    stalled_after: float = 45.0  # AGENTPAY_STALLED_AFTER_SECONDS (set by `for_role`)
+
+    @classmethod
+    def for_role(cls, app: App, pool: Pool, role: str, concurrency: int, s: Settings) -> _Worker:
+        worker = cls(
+            app,
+            queues=[role],
+            name=role,
+            concurrency=concurrency,
+            install_signal_handlers=False,
+            shutdown_graceful_timeout=s.shutdown_grace_seconds,
+            fetch_job_polling_interval=s.poll_interval_seconds,
+            update_heartbeat_interval=s.heartbeat_seconds,
+            # procrastinate deletes the rows of workers older than this whenever a worker
+            # starts (a deploy, a restart after a crash, every worker after a database
+            # loss): only those past the retention, so the stalled gauge keeps showing a
+            # crash for that long. (Jobs are rescued by maintenance after `stalled_after`.)
+            stalled_worker_timeout=max(s.stalled_worker_retention_seconds, s.stalled_after_seconds),
+            listen_notify=True,
+            worker_middleware=[observe_job(role, pool)],
+        )
+        worker.stalled_after = s.stalled_after_seconds
+        return worker
+
     async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
         pending = set(side_tasks)
         while pending:
@@ -143,7 +167,7 @@ class _Worker(Worker):
         timeout, this worker stops (the loop in `RoleWorker.run` starts a fresh one):
         unregistered, or with its heartbeat left to go stale, its job is put back in its queue
         by the stalled-job rescue — before which this worker has given up writing over it."""
-        deadline = time.monotonic() + self.stalled_worker_timeout / 2
+        deadline = time.monotonic() + self.stalled_after / 2
         for attempt in itertools.count():
             try:
                 if attempt and not await self._still_mine(job.id):
@@ -344,19 +368,7 @@ class RoleWorker:
             try:
                 failures = 0
                 while not self._stopping.is_set():
-                    self._worker = _Worker(
-                        app,
-                        queues=[self.role],
-                        name=self.role,
-                        concurrency=self.concurrency,
-                        install_signal_handlers=False,
-                        shutdown_graceful_timeout=s.shutdown_grace_seconds,
-                        fetch_job_polling_interval=s.poll_interval_seconds,
-                        update_heartbeat_interval=s.heartbeat_seconds,
-                        stalled_worker_timeout=s.stalled_after_seconds,
-                        listen_notify=True,
-                        worker_middleware=[observe_job(self.role, pool)],
-                    )
+                    self._worker = _Worker.for_role(app, pool, self.role, self.concurrency, s)
                     error: Exception | None = None
                     started = time.monotonic()
                     try:
