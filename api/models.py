@@ -126,12 +126,20 @@ def _payment_create_schema(schema: dict[str, Any]) -> None:
         {"required": ["amount"], "not": {"required": ["line_items"]}},
         {"required": ["line_items"], "not": {"required": ["amount"]}},
     ]
-    # Three-decimal currencies: the last digit of the minor amount must be 0.
-    schema["if"] = {
-        "properties": {"currency": {"enum": sorted(money.THREE_DECIMAL)}},
-        "required": ["currency"],
-    }
-    schema["then"] = {"properties": {"amount": {"multipleOf": 10}}}
+    # Currencies that step by more than one minor unit: three-decimal ones end in 0, ISK
+    # amounts are multiples of 100.
+    schema["allOf"] = [
+        {
+            "if": {
+                "properties": {
+                    "currency": {"enum": sorted(c for c, s in money.STEP.items() if s == step)}
+                },
+                "required": ["currency"],
+            },
+            "then": {"properties": {"amount": {"multipleOf": step}}},
+        }
+        for step in sorted(set(money.STEP.values()))
+    ]
 
 
 Metadata = Annotated[
@@ -166,7 +174,7 @@ class PaymentCreate(BaseModel):
     amount: MinorUnits | None = Field(
         default=None,
         description="Minor units, e.g. 1999 = $19.99, 500 = ¥500; three-decimal currencies "
-        "(bhd, jod, kwd, omr, tnd) end in 0",
+        "(bhd, jod, kwd, omr, tnd) end in 0; isk amounts are multiples of 100",
     )
     line_items: list[LineItem] | None = Field(default=None, min_length=1, max_length=100)
     payment_method: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_]+$")

@@ -29,6 +29,11 @@ CURRENCIES = frozenset(
     """.split()
 )
 
+# Currencies whose amounts go in steps of more than one minor unit: the three-decimal ones
+# (the last digit must be 0), and ISK, a zero-decimal currency Stripe still takes with two
+# decimals for compatibility (a multiple of 100).
+STEP = {**dict.fromkeys(THREE_DECIMAL, 10), "isk": 100}
+
 # Stripe's upper bound for one charge, in minor units.
 MAX_AMOUNT = 99_999_999
 
@@ -53,20 +58,23 @@ def amount_problem(amount: int, currency: str) -> str | None:
         return f"amount must be at most {MAX_AMOUNT} minor units"
     if currency in THREE_DECIMAL and amount % 10:
         return f"amounts in {currency} must end in 0 (three-decimal currency)"
+    step = granularity(currency)
+    if amount % step:
+        return f"amounts in {currency} must be a multiple of {step} (whole units, two decimals)"
     return None
 
 
 def round_minor(value: Decimal, currency: str) -> int:
-    """Round a Decimal amount in minor units to an integer the currency accepts."""
-    if currency in THREE_DECIMAL:
-        return int((value / 10).quantize(Decimal(1), rounding=ROUNDING)) * 10
-    return int(value.quantize(Decimal(1), rounding=ROUNDING))
+    """Round a Decimal amount in minor units to an integer the currency accepts (a multiple
+    of its `granularity`)."""
+    step = granularity(currency)
+    return int((value / step).quantize(Decimal(1), rounding=ROUNDING)) * step
 
 
 def granularity(currency: str) -> int:
     """The smallest step of a chargeable amount in minor units (10 for three-decimal
-    currencies, whose last digit must be 0; 1 otherwise)."""
-    return 10 if currency in THREE_DECIMAL else 1
+    currencies, whose last digit must be 0; 100 for ISK; 1 otherwise)."""
+    return STEP.get(currency, 1)
 
 
 def apply_rate(amount: int, rate: Decimal, currency: str) -> int:
@@ -79,7 +87,8 @@ def split(total: int, weights: Sequence[int | Decimal], currency: str | None = N
     to `total` exactly (largest remainder: every part gets the floor of its exact share, and
     the units left over go to the largest remainders, ties to the earliest part).
 
-    With a three-decimal `currency` the parts are multiples of 10 (`total` must be too).
+    With a `currency` that steps by more than one minor unit (three-decimal ones, ISK) the
+    parts are multiples of its step (`total` must be too).
     Parts are never negative; weights must be non-negative and not all zero.
     """
     if total < 0:

@@ -8,9 +8,9 @@ quantity}`. From the subtotal:
 - fee = subtotal * `fee_percent` / 100 + `fee_fixed[currency]`;
 
 each computed exactly with `Decimal` and rounded once (half to even) to the currency's minor
-units (multiples of 10 for three-decimal currencies). total = subtotal + tax + fee. The
-breakdown is stored on the payment (`price_breakdown`). An unknown or inactive SKU, or a total
-the currency cannot charge, rejects the payment with that reason.
+units (multiples of 10 for three-decimal currencies, of 100 for ISK). total = subtotal + tax
++ fee. The breakdown is stored on the payment (`price_breakdown`). An unknown or inactive
+SKU, or a total the currency cannot charge, rejects the payment with that reason.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ BAD_BODIES: list[tuple[str, Any]] = [
     ("amount as boolean", {**GOOD, "amount": True}),
     ("amount null", {**GOOD, "amount": None}),
     ("three-decimal amount not ending in 0", {**GOOD, "currency": "kwd", "amount": 1005}),
+    ("isk amount with a fraction of a króna", {**GOOD, "currency": "isk", "amount": 150}),
     ("currency with a space", {**GOOD, "currency": "USD "}),
     ("currency too long", {**GOOD, "currency": "usdx"}),
     ("currency upper case", {**GOOD, "currency": "USD"}),
@@ -159,6 +160,7 @@ async def test_errors_name_the_parameter(api: httpx.AsyncClient, agent_key: str)
         ({**GOOD, "amount": 0}, "amount"),
         ({**GOOD, "currency": "USD "}, "currency"),
         ({**GOOD, "currency": "kwd", "amount": 1005}, "amount"),
+        ({**GOOD, "currency": "isk", "amount": 15050}, "amount"),
         ({**GOOD, "metadata": {"k": "v" * 501}}, "metadata"),
         ({**GOOD, "surprise": 1}, "surprise"),
     ]
@@ -173,13 +175,14 @@ async def test_currency_exponents_are_respected(
     for body in (
         {**GOOD, "currency": "jpy", "amount": 500},  # zero-decimal: ¥500
         {**GOOD, "currency": "kwd", "amount": 1250},  # three-decimal: ends in 0
+        {**GOOD, "currency": "isk", "amount": 15000},  # whole krónur, two decimals: 150 kr
         {**GOOD, "amount": 99_999_999},  # the provider's maximum
         {**GOOD, "amount": 2000.0},  # JSON has one number type: this is the integer 2000
     ):
         response = await api.post("/v1/payments", json=body, headers=auth(agent_key))
         assert response.status_code == 202, response.text
         assert response.json()["currency"] == body["currency"]
-    assert (await snapshot(pool))[0] == 4
+    assert (await snapshot(pool))[0] == 5
 
 
 async def test_sql_looking_text_is_stored_as_text(
