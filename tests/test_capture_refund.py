@@ -32,6 +32,18 @@ def provider_refunds(provider_base: str, intent_id: str) -> list[dict[str, Any]]
     return data
 
 
+def refund_at_provider(provider_base: str, intent_id: str, amount: int) -> dict[str, Any]:
+    """A refund made at the provider directly (the Dashboard), not through agentpay."""
+    response = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": intent_id, "amount": str(amount)},
+        headers=SK,
+    )
+    response.raise_for_status()
+    made: dict[str, Any] = response.json()
+    return made
+
+
 async def authorized(api: httpx.AsyncClient, key: str, pool: Pool) -> dict[str, Any]:
     created = await create(api, key, capture_method="manual", amount=3000)
     await run_jobs(pool)
@@ -415,11 +427,7 @@ async def test_a_refund_the_provider_refuses_is_recorded_failed(
 ) -> None:
     payment = await reconciled(api, agent_key, pool)
     # Someone refunded at the provider directly: ours no longer fits.
-    httpx.post(
-        f"{provider_base}/v1/refunds",
-        data={"payment_intent": payment["provider_payment_id"], "amount": "1900"},
-        headers=SK,
-    ).raise_for_status()
+    refund_at_provider(provider_base, payment["provider_payment_id"], 1900)
     response = await api.post(
         f"/v1/payments/{payment['id']}/refunds", json={"amount": 1000}, headers=auth(agent_key)
     )
@@ -564,11 +572,7 @@ async def test_the_sweep_re_drives_a_refund_sync_that_failed_for_good(
     from workers.maintenance import sweep_stuck_requests
 
     paid = await reconciled(api, agent_key, pool)
-    httpx.post(
-        f"{provider_base}/v1/refunds",
-        data={"payment_intent": paid["provider_payment_id"], "amount": "600"},
-        headers=SK,
-    ).raise_for_status()
+    refund_at_provider(provider_base, paid["provider_payment_id"], 600)
     async with pool.connection() as conn, conn.transaction():
         await defer(conn, refunds.SYNC_TASK, payment_id=paid["id"])
         # Run and failed on its last try (procrastinate records the `failed` event).

@@ -305,7 +305,7 @@ async def test_a_refund_made_outside_agentpay_is_taken_in_once(
     """Refunded in the Dashboard: the refund event brings a sync that records the provider's
     refund as one of the payment's (amount, status, ledger), once, beside agentpay's own."""
     from tasks import refunds
-    from tests.test_capture_refund import SK, provider_refunds, reconciled
+    from tests.test_capture_refund import provider_refunds, reconciled, refund_at_provider
     from tests.test_ledger import assert_ledger_sound
 
     payment = await reconciled(api, agent_key, pool)
@@ -315,11 +315,7 @@ async def test_a_refund_made_outside_agentpay_is_taken_in_once(
     )
     assert ours.status_code == 202
     await run_jobs(pool)
-    outside = httpx.post(
-        f"{provider_base}/v1/refunds",
-        data={"payment_intent": intent_id, "amount": "300"},
-        headers=SK,
-    ).json()
+    outside = refund_at_provider(provider_base, intent_id, 300)
     assert outside["status"] == "succeeded"
     charge = {"id": "ch_x", "object": "charge", "payment_intent": intent_id, "metadata": {}}
     event = {**EVENT, "id": "evt_refunded", "type": "charge.refunded", "data": {"object": charge}}
