@@ -14,6 +14,7 @@ from starlette.routing import Route
 from sandbox.errors import StripeAPIError
 from sandbox.faults import FaultConfig
 from sandbox.payments import authenticate_payment_intent, get_payment_intent
+from sandbox.refunds import fail_refund
 from sandbox.state import RequestInfo, SandboxState
 
 __all__ = ["control_routes"]
@@ -212,6 +213,12 @@ async def pi_authenticate(request: Request) -> Response:
     return JSONResponse(pi)
 
 
+async def refund_fail(request: Request) -> Response:
+    """A refund that succeeded fails afterwards (Stripe: a closed card)."""
+    refund = fail_refund(_state(request), request.path_params["id"], RequestInfo())
+    return JSONResponse(refund)
+
+
 def control_routes() -> list[Route]:
     def route(path: str, fn: ControlHandler, method: str) -> Route:
         return Route(path, _handled(fn), methods=[method])
@@ -231,4 +238,5 @@ def control_routes() -> list[Route]:
         route("/_sandbox/stats", stats, "GET"),
         route("/_sandbox/payment_intents/{id}/emit", pi_emit, "POST"),
         route("/_sandbox/payment_intents/{id}/authenticate", pi_authenticate, "POST"),
+        route("/_sandbox/refunds/{id}/fail", refund_fail, "POST"),
     ]

@@ -185,11 +185,13 @@ class Refund:
     reason: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     status: str = "succeeded"
+    failure_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "refund",
+            "failure_reason": self.failure_reason,
             "amount": self.amount,
             "balance_transaction": None,
             "charge": self.charge,

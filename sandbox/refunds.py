@@ -103,3 +103,23 @@ def create_refund(state: SandboxState, params: dict[str, Any], req: RequestInfo)
         charge.refunded = charge.amount_refunded >= charge.amount_captured
         state.emit("charge.refunded", charge.to_dict(), req)
         return refund.to_dict()
+
+
+def fail_refund(state: SandboxState, refund_id: str, req: RequestInfo) -> dict[str, Any]:
+    """A refund that succeeded fails afterwards, as Stripe's can (the card was closed): the
+    money goes back to the balance, the charge counts it as unrefunded again, and
+    `charge.refund.updated` and `refund.failed` are sent."""
+    with state.lock:
+        refund = state.refunds.get(refund_id)
+        if refund is None:
+            raise no_such("refund", refund_id, "id")
+        if refund.status != "succeeded":
+            raise invalid_request(f"Refund {refund_id} is {refund.status}, not succeeded.")
+        refund.status = "failed"
+        refund.failure_reason = "expired_or_canceled_card"
+        charge = state.charges[refund.charge]
+        charge.amount_refunded -= refund.amount
+        charge.refunded = charge.amount_refunded >= charge.amount_captured
+        state.emit("charge.refund.updated", refund.to_dict(), req)
+        state.emit("refund.failed", refund.to_dict(), req)
+        return refund.to_dict()

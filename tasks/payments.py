@@ -325,6 +325,41 @@ def pending_action(payment: Payment) -> str | None:
     return None
 
 
+async def record_mismatches(
+    conn: Conn,
+    payment: Payment,
+    provider_payment_id: str | None,
+    found: list[dict[str, Any]],
+    *,
+    actor: str,
+    reason: str,
+) -> None:
+    """Where the provider disagrees with the payment, where operators see it: one
+    `reconcile_mismatches` row per item (`field`, `expected`, `actual`), and one
+    `reconcile_mismatch` payment event."""
+    for item in found:
+        await conn.execute(
+            """INSERT INTO reconcile_mismatches
+                   (payment_id, provider_payment_id, field, expected, actual)
+               VALUES (%s, %s, %s, %s, %s)""",
+            (
+                payment["id"],
+                provider_payment_id,
+                item["field"],
+                Jsonb(item["expected"]),
+                Jsonb(item["actual"]),
+            ),
+        )
+    await record_event(
+        conn,
+        payment,
+        "reconcile_mismatch",
+        actor=actor,
+        reason=reason,
+        data={"provider_payment_id": provider_payment_id, "mismatches": found},
+    )
+
+
 def collected(payment: Payment) -> int:
     """What the provider collected for the payment: `amount_captured` once reconcile wrote
     it (less than the total after a partial capture at the provider), else the total. What

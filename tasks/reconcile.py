@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from tasks import payments, provider
 from tasks.app import Backoff, app, defer, pool
 from tasks.charge import settle
@@ -61,33 +59,6 @@ def mismatches(payment: payments.Payment, intent: provider.Intent) -> list[dict[
     return found
 
 
-async def record_mismatches(
-    conn: Conn, payment: payments.Payment, intent: provider.Intent, found: list[dict[str, Any]]
-) -> None:
-    """Where operators see them: one `reconcile_mismatches` row each, and one payment event."""
-    for item in found:
-        await conn.execute(
-            """INSERT INTO reconcile_mismatches
-                   (payment_id, provider_payment_id, field, expected, actual)
-               VALUES (%s, %s, %s, %s, %s)""",
-            (
-                payment["id"],
-                intent.id,
-                item["field"],
-                Jsonb(item["expected"]),
-                Jsonb(item["actual"]),
-            ),
-        )
-    await payments.record_event(
-        conn,
-        payment,
-        "reconcile_mismatch",
-        actor=ACTOR,
-        reason="provider disagrees with the payment",
-        data={"provider_payment_id": intent.id, "mismatches": found},
-    )
-
-
 def captured(payment: payments.Payment, intent: provider.Intent) -> int:
     """What the provider collected: the intent's `amount_received` when it succeeded (less
     than the total after a partial capture at the provider), never more than the total;
@@ -103,7 +74,14 @@ async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provid
     if intent.status != "succeeded":
         found.append({"field": "status", "expected": "succeeded", "actual": intent.status})
     if found:
-        await record_mismatches(conn, payment, intent, found)
+        await payments.record_mismatches(
+            conn,
+            payment,
+            intent.id,
+            found,
+            actor=ACTOR,
+            reason="provider disagrees with the payment",
+        )
     amount_captured = captured(payment, intent)
     await payments.transition(
         conn,

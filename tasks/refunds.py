@@ -251,10 +251,19 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
 SYNC_TASK = "sync_refunds"
 # Webhook events that say a payment's refunds changed at the provider.
 REFUND_EVENTS = frozenset(
-    {"charge.refunded", "charge.refund.updated", "refund.created", "refund.updated"}
+    {
+        "charge.refunded",
+        "charge.refund.updated",
+        "refund.created",
+        "refund.updated",
+        "refund.failed",
+    }
 )
-# Where a refund made elsewhere can be taken in; `succeeded` waits for reconcile first.
-SYNCABLE = REFUNDABLE | {"succeeded"}
+# Where a refund made elsewhere can be taken in (`succeeded` waits for reconcile first), and
+# where one counted already can turn out to have failed (`refunded` too).
+SYNCABLE = REFUNDABLE | {"succeeded", "refunded"}
+# Provider refund states that mean no money went back.
+NOT_REFUNDED = frozenset({"failed", "canceled"})
 OUTSIDE_ACTOR = "provider"
 
 
@@ -266,7 +275,13 @@ async def sync_refunds(payment_id: str) -> Any:
     ours are — `amount_refunded`, the payment's status, the ledger. Deferred by the refund
     webhooks; safe to run any number of times (a provider refund is taken in once, by its
     id). Ours are left to their own jobs; a pending one of theirs is taken in when a later
-    event says it succeeded. Returns how many were taken in."""
+    event says it succeeded.
+
+    A refund counted as succeeded that the provider now reports failed (Stripe's can fail
+    afterwards, e.g. on a closed card) is not undone here: the money may be spent already.
+    It is recorded for an operator, once, as a reconcile mismatch (`reconcile_mismatches`,
+    field `refund_status`, and a `reconcile_mismatch` event). Returns how many refunds were
+    taken in."""
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] not in SYNCABLE or not payment["provider_payment_id"]:
@@ -281,16 +296,18 @@ async def sync_refunds(payment_id: str) -> Any:
                 schedule_in=get_settings().provider_recheck_seconds,
             )
         return None
-    outside = [
-        r
-        for r in await provider.list_refunds(payment["provider_payment_id"])
-        if r.refund_id is None and r.status == "succeeded"
-    ]
+    listed = await provider.list_refunds(payment["provider_payment_id"])
+    outside = [r for r in listed if r.refund_id is None and r.status == "succeeded"]
     taken = 0
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
-        if locked is None or locked["status"] not in REFUNDABLE:
+        if locked is None or locked["status"] not in SYNCABLE:
             return None
+        await _record_failed_after_success(
+            conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
+        )
+        if locked["status"] not in REFUNDABLE:
+            return taken
         for result in outside:
             cur = await conn.execute(
                 """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor,
@@ -317,6 +334,45 @@ async def sync_refunds(payment_id: str) -> Any:
             )
             taken += 1
     return taken
+
+
+async def _record_failed_after_success(
+    conn: Conn, payment: payments.Payment, failed: list[provider.Refund]
+) -> None:
+    """Refunds counted as succeeded that the provider now reports failed or canceled: one
+    reconcile mismatch each (once), for an operator to settle."""
+    if not failed:
+        return
+    cur = await conn.execute(
+        """SELECT r.id, r.provider_refund_id, r.amount FROM payment_refunds r
+            WHERE r.payment_id = %s AND r.status = 'succeeded'
+              AND r.provider_refund_id = ANY(%s)
+              AND NOT EXISTS (SELECT 1 FROM reconcile_mismatches m
+                               WHERE m.payment_id = r.payment_id AND m.field = 'refund_status'
+                                 AND m.expected->>'refund_id' = r.id)""",
+        (payment["id"], [r.id for r in failed]),
+    )
+    now_failed = {r.id: r.status for r in failed}
+    found = [
+        {
+            "field": "refund_status",
+            "expected": {"refund_id": row["id"], "status": "succeeded", "amount": row["amount"]},
+            "actual": {
+                "provider_refund_id": row["provider_refund_id"],
+                "status": now_failed[row["provider_refund_id"]],
+            },
+        }
+        for row in await cur.fetchall()
+    ]
+    if found:
+        await payments.record_mismatches(
+            conn,
+            payment,
+            payment["provider_payment_id"],
+            found,
+            actor=ACTOR,
+            reason="a refund counted as made failed at the provider afterwards",
+        )
 
 
 def public(refund: Refund) -> dict[str, Any]:

@@ -593,6 +593,53 @@ async def test_the_sweep_re_drives_a_refund_sync_that_failed_for_good(
     assert await sweep_stuck_requests(pool, older_than=0) == []  # its latest sync succeeded
 
 
+async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Stripe can fail a refund after it succeeded (a closed card). The money may be spent
+    already, so nothing is undone by itself: the refund event brings a sync, which records
+    a reconcile mismatch for an operator, once."""
+    from tasks import webhooks
+
+    paid = await reconciled(api, agent_key, pool)
+    asked = await api.post(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))
+    assert asked.status_code == 202, asked.text
+    await run_jobs(pool)
+    refund = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()[
+        "data"
+    ][0]
+    assert (await fetch(api, agent_key, paid["id"]))["status"] == "refunded"
+    failed = httpx.post(
+        f"{provider_base}/_sandbox/refunds/{refund['provider_refund_id']}/fail"
+    ).json()
+    assert failed["status"] == "failed"
+
+    async def mismatches() -> list[dict[str, Any]]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
+                (paid["id"],),
+            )
+            return await cur.fetchall()
+
+    for n in (1, 2):  # the event, then the same event again: one mismatch
+        event = {
+            "id": f"evt_refund_failed_{n}",
+            "type": "refund.failed",
+            "data": {"object": failed},
+        }
+        async with pool.connection() as conn, conn.transaction():
+            stored = await webhooks.store(conn, event)
+        assert stored["sync_refunds"] is True
+        await run_jobs(pool)
+        found = await mismatches()
+        assert [(m["field"], m["expected"]["refund_id"], m["actual"]["status"]) for m in found] == [
+            ("refund_status", refund["id"], "failed")
+        ]
+    after = await fetch(api, agent_key, paid["id"])
+    assert (after["status"], after["amount_refunded"]) == ("refunded", 2000)  # for a person
+
+
 async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
     api: httpx.AsyncClient,
     agent_key: str,
