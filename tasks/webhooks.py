@@ -211,8 +211,9 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _sync_needed(conn: Conn, payment_id: str) -> bool:
-    """Whether a refund event can bring refunds made elsewhere: the payment can hold them
-    (or will, once reconciled) and no sync job for it is waiting already."""
+    """Whether a refund event can bring news the sync acts on — refunds made elsewhere (the
+    payment can hold them, or will once reconciled), or a counted refund that failed since
+    (a `refunded` payment too) — and no sync job for it is waiting already."""
     cur = await conn.execute(
         """SELECT p.status = ANY(%s)
                   AND NOT EXISTS (

@@ -639,6 +639,22 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     after = await fetch(api, agent_key, paid["id"])
     assert (after["status"], after["amount_refunded"]) == ("refunded", 2000)  # for a person
 
+    # The operator gives the money back with our refund's id on it: counted once, as it was.
+    again = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": paid["provider_payment_id"], "metadata[refund_id]": refund["id"]},
+        headers=SK,
+    ).json()
+    assert (again["status"], again["amount"]) == ("succeeded", 2000)
+    async with pool.connection() as conn, conn.transaction():
+        await webhooks.store(
+            conn, {"id": "evt_again", "type": "refund.created", "data": {"object": again}}
+        )
+    await run_jobs(pool)
+    listed = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()
+    assert [r["id"] for r in listed["data"]] == [refund["id"]]
+    assert (await fetch(api, agent_key, paid["id"]))["amount_refunded"] == 2000
+
 
 async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
     api: httpx.AsyncClient,
