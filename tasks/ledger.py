@@ -333,8 +333,9 @@ async def capture(conn: Conn, payment: Payment, *, actor: str | None) -> str | N
     if held is None:
         return None
     currency, total = payment["currency"], held["amount"]
+    # Reconcile writes it within 0..total, and a CHECK holds it there.
     captured = payment.get("amount_captured")
-    collected = total if captured is None else max(0, min(int(captured), total))
+    collected = total if captured is None else int(captured)
     fee = min(int(payment["amount_fee"] or 0), total)
     if collected < total:
         fee = _fee_share(collected, [total - fee, fee], currency)

@@ -56,10 +56,10 @@ def amount_problem(amount: int, currency: str) -> str | None:
         return "amount must be a positive integer in minor units"
     if amount > MAX_AMOUNT:
         return f"amount must be at most {MAX_AMOUNT} minor units"
-    if currency in THREE_DECIMAL and amount % 10:
-        return f"amounts in {currency} must end in 0 (three-decimal currency)"
     step = granularity(currency)
     if amount % step:
+        if currency in THREE_DECIMAL:
+            return f"amounts in {currency} must end in 0 (three-decimal currency)"
         return f"amounts in {currency} must be a multiple of {step} (whole units, two decimals)"
     return None
 
