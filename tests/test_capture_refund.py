@@ -475,7 +475,9 @@ async def test_a_partial_capture_at_the_provider_books_what_was_collected(
 ) -> None:
     """Part of an authorized payment captured in the Dashboard: the agent spends what the
     customer paid, the rest of the hold comes back, the fee is its share of what was
-    collected, and refunds give back at most that."""
+    collected, and refunds give back at most that. The provider's refund of the part not
+    captured is not taken in as a refund (the capture gave that part back already)."""
+    from tasks.refunds import sync_refunds
     from tests.test_ledger import assert_ledger_sound, balances
     from workers.maintenance import recheck_waiting_payments
 
@@ -497,9 +499,17 @@ async def test_a_partial_capture_at_the_provider_books_what_was_collected(
     ).raise_for_status()
     await recheck_waiting_payments(pool, older_than=0)  # as a webhook would
     await run_jobs(pool)
+    released = httpx.get(
+        f"{provider_base}/v1/refunds",
+        params={"payment_intent": held["provider_payment_id"]},
+        headers=SK,
+    ).json()["data"]
+    assert [(r["amount"], r["metadata"]) for r in released] == [(2365, {})]  # as Stripe does
+    assert await sync_refunds.func(held["id"]) == 0  # as a refund webhook would
 
     payment = await fetch(api, agent_key, held["id"])
     assert (payment["status"], payment["amount_captured"]) == ("reconciled", 1000)
+    assert payment["amount_refunded"] == 0
     async with pool.connection() as conn:
         assert await balances(conn, me) == (before - 1000, 0)
         cur = await conn.execute(
@@ -522,6 +532,7 @@ async def test_a_partial_capture_at_the_provider_books_what_was_collected(
     assert response.status_code == 202, response.text
     assert response.json()["amount"] == 1000
     await run_jobs(pool)
+    assert await sync_refunds.func(held["id"]) == 0
     refunded = await fetch(api, agent_key, held["id"])
     assert (refunded["status"], refunded["amount_refunded"]) == ("refunded", 1000)
     async with pool.connection() as conn:

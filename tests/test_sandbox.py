@@ -291,6 +291,14 @@ def test_manual_capture_then_capture(server: SandboxServer) -> None:
         4000,
         0,
     )
+    # The rest is refunded, as Stripe does: a Refund without metadata, counted by the charge.
+    (release,) = client.v1.refunds.list({"payment_intent": pi.id}).data
+    assert (release.amount, release.status, release.metadata.to_dict()) == (1000, "succeeded", {})
+    charge = client.v1.charges.retrieve(captured.latest_charge)
+    assert (charge.amount_captured, charge.amount_refunded, charge.refunded) == (4000, 1000, False)
+    with pytest.raises(stripe.InvalidRequestError) as too_large:
+        client.v1.refunds.create({"payment_intent": pi.id, "amount": 4001})
+    assert too_large.value.code == "amount_too_large"
     with pytest.raises(stripe.InvalidRequestError) as again:
         client.v1.payment_intents.capture(pi.id)
     assert again.value.code == "payment_intent_unexpected_state"
