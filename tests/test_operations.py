@@ -486,6 +486,52 @@ async def test_retrying_a_failed_job_gives_it_whole_retries_unless_its_work_is_b
     assert await failed_last_hour() == 0  # retried after the fix: the alert clears
 
 
+async def test_a_job_canceled_while_its_worker_was_dead_ends_aborted_and_can_be_retried(
+    pool: Pool,
+) -> None:
+    """`jobs cancel` of a running job whose worker is in fact dead: the rescue ends it
+    `aborted`, as asked, not `failed` (which fired the failure alert, and which a retry
+    could not undo: procrastinate refuses a waiting job that still asks to abort). One left
+    failed that way by an earlier release is retried all the same."""
+    from api.routes.ops import cancel_job, retry_job
+    from tasks.app import app
+    from workers.maintenance import rescue_stalled_jobs
+
+    async def job(job_id: int) -> dict[str, Any]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status::text, abort_requested FROM procrastinate_jobs WHERE id = %s",
+                (job_id,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return dict(row)
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "cancel-dead-agent")
+        await _payment(conn, agent.id)
+        canceled = await _claim(conn, "pricing")
+        await _payment(conn, agent.id)
+        left_failed = await _claim(conn, "pricing")
+        await cancel_job(conn, canceled, actor="operator:test")
+        await conn.execute(
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '1 hour'"
+        )
+    assert await job(canceled) == {"status": "doing", "abort_requested": True}
+    assert sorted(await rescue_stalled_jobs(app, stalled_after=60)) == [canceled, left_failed]
+    assert await job(canceled) == {"status": "aborted", "abort_requested": False}
+    assert await job(left_failed) == {"status": "todo", "abort_requested": False}
+
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            """UPDATE procrastinate_jobs SET status = 'failed', abort_requested = true
+                WHERE id = %s""",
+            (left_failed,),
+        )
+        retried = await retry_job(conn, left_failed, actor="operator:test")
+    assert (retried["status"], retried["abort_requested"]) == ("todo", False)
+
+
 async def test_a_job_that_fails_for_good_is_re_driven_once_per_sweep_period(
     pool: Pool,
 ) -> None:

@@ -16,6 +16,7 @@ import logging
 from datetime import UTC, datetime
 
 import procrastinate
+from procrastinate.jobs import Status
 from psycopg import sql
 
 from tasks import refunds
@@ -39,18 +40,31 @@ NEXT_ROLE = {
 
 async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> list[int]:
     """Put back in the queue the jobs whose worker stopped heartbeating (killed, frozen,
-    cut off). The steps they run are safe to run twice."""
+    cut off). The steps they run are safe to run twice. One an operator canceled while it
+    ran (`jobs cancel`), which its dead worker could not stop, ends `aborted` as asked
+    (procrastinate's retry would mark it failed, and leave it impossible to retry)."""
     stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after)
     rescued = []
     for job in stalled:
         assert job.id is not None
-        await app.job_manager.retry_job_by_id_async(job.id, retry_at=datetime.now(UTC))
+        # (procrastinate's query of stalled jobs leaves `abort_requested` out)
+        row = await app.connector.execute_query_one_async(
+            "SELECT abort_requested FROM procrastinate_jobs WHERE id = %(id)s", id=job.id
+        )
+        aborted = bool(row and row["abort_requested"])
+        if aborted:
+            await app.job_manager.finish_job_by_id_async(
+                job.id, status=Status.ABORTED, delete_job=False
+            )
+        else:
+            await app.job_manager.retry_job_by_id_async(job.id, retry_at=datetime.now(UTC))
         log.warning(
             "rescued stalled job",
             extra={
                 "job_id": job.id,
                 "role": job.queue,
                 "payment_id": job.task_kwargs.get("payment_id"),
+                "outcome": "aborted" if aborted else "todo",
             },
         )
         rescued.append(job.id)

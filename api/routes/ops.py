@@ -106,7 +106,11 @@ async def retry_job(
                 f"job {job_id} stays failed.",
             )
         # Back in the queue with its retries whole again: procrastinate counts the failed
-        # tries, and a job that used them all would fail for good at its first glitch.
+        # tries, and a job that used them all would fail for good at its first glitch. A
+        # cancel asked while it ran is over (a waiting job may not carry it).
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET abort_requested = false WHERE id = %s", (job_id,)
+        )
         await conn.execute(
             "SELECT procrastinate_retry_job_v2(%s, now(), NULL, NULL, NULL)", (job_id,)
         )
