@@ -451,7 +451,8 @@ class AsyncAgentPay(_Base):
         reason: str | None = None,
         idempotency_key: str | None = None,
     ) -> Refund:
-        """Refund all (no `amount`) or part of a reconciled payment."""
+        """Refund all (no `amount`) or part of a succeeded (or reconciled, or partially
+        refunded) payment; it is carried out once the payment is reconciled."""
         body = {k: v for k, v in (("amount", amount), ("reason", reason)) if v is not None}
         response = await self.request(
             "POST",

@@ -2,10 +2,13 @@
 
 `request_refund` records a refund of ours (`payment_refunds`, status `pending`) and defers the
 "refund" job (charge queue) in the caller's transaction. Requests never add up to more than
-the payment's total: what remains is the total minus what was refunded minus what is pending.
-The job first looks for a provider refund carrying our refund id in its metadata (an earlier
-try may have made it and lost the answer), else calls the provider keyed by our refund id (a
-retry never refunds twice, even once the provider has forgotten the key), then in one
+what was collected (`payments.collected`: `amount_captured`, the total until reconcile has
+run): what remains is that minus what was refunded minus what is pending. A refund may be
+asked for as soon as the payment `succeeded`; its job waits for reconcile (which books the
+capture the refund reverses) before it goes to the provider. The job first looks for a
+provider refund carrying our refund id in its metadata (an earlier try may have made it and
+lost the answer), else calls the provider keyed by our refund id (a retry never refunds
+twice, even once the provider has forgotten the key), then in one
 transaction marks the refund, adds it to the payment's `amount_refunded`, moves the payment
 (`partially_refunded` → `partially_refunded` is no status change: only the amount and an event)
 and posts it to the ledger. Only a refund the provider reports `succeeded` counts as money
@@ -27,6 +30,9 @@ ACTOR = f"worker:{ROLE}"
 TASK = "refund"
 
 REFUNDABLE = frozenset({"reconciled", "partially_refunded"})
+# Where a refund may be asked for: also once the money is taken and reconcile has not run
+# yet (an agent that waited for `succeeded` refunds at once; the job waits for reconcile).
+REQUESTABLE = REFUNDABLE | {"succeeded"}
 
 Refund = dict[str, Any]
 
@@ -57,9 +63,9 @@ async def request_refund(
     returns the refund record. Raises ValueError when the payment's state does not allow a
     refund (or, with no amount given, nothing remains), RefundAmountError (a ValueError) when
     the amount does not fit."""
-    if payment["status"] not in REFUNDABLE:
+    if payment["status"] not in REQUESTABLE:
         raise ValueError(
-            "Only a reconciled (or partially refunded) payment can be refunded; "
+            "Only a succeeded, reconciled or partially refunded payment can be refunded; "
             f"this one is {payment['status']}."
         )
     remaining = (
@@ -199,6 +205,11 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
         payment = await payments.get(conn, payment_id)
     if refund is None or payment is None or refund["status"] != "pending":
         return None
+    if payment["status"] == "succeeded":
+        # Asked for before reconcile ran (it normally does within moments of `succeeded`):
+        # the refund reverses the capture reconcile books, so it waits (the job's backoff,
+        # then the sweep of pending refunds).
+        raise TransientError(f"payment {payment_id} is not reconciled yet")
     refused: provider.Declined | None = None
     result: provider.Refund | None = None
     try:

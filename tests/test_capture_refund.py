@@ -470,6 +470,41 @@ async def test_a_capture_with_parameters_is_refused_not_taken_as_a_whole_capture
 
 
 @pytest.mark.usefixtures("fees")
+async def test_a_refund_asked_for_before_reconcile_is_made_once_reconciled(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The default wait answers at `succeeded`, and an agent refunds at once: the refund is
+    taken (it was a 409, stored under the agent's idempotency key for a day), and its job
+    goes to the provider only once reconcile has booked the capture it reverses."""
+    from tests.conftest import async_wait_for
+    from tests.test_ledger import assert_ledger_sound
+
+    created = await create(api, agent_key, amount=2000)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "succeeded"
+    response = await api.post(
+        f"/v1/payments/{created['id']}/refunds",
+        json={"amount": 500},
+        headers={**auth(agent_key), "Idempotency-Key": f"refund-{created['id']}"},
+    )
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "pending"
+    await run_jobs(pool, ("charge",))  # the refund job: not before reconcile
+    pi_id = (await fetch(api, agent_key, created["id"]))["provider_payment_id"]
+    made = httpx.get(f"{provider_base}/v1/refunds", params={"payment_intent": pi_id}, headers=SK)
+    assert made.json()["data"] == []
+
+    async def refunded() -> dict[str, Any] | None:
+        await run_jobs(pool)  # reconcile, then the refund job's next try
+        payment = await fetch(api, agent_key, created["id"])
+        return payment if payment["pending_action"] is None else None
+
+    payment = await async_wait_for(refunded, what="the refund to be made")
+    assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 500)
+    async with pool.connection() as conn:
+        await assert_ledger_sound(conn)
+
+
 async def test_a_partial_capture_at_the_provider_books_what_was_collected(
     api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool, provider_base: str
 ) -> None:

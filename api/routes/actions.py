@@ -107,8 +107,9 @@ async def create_refund(
     idem: IdempotencyDep,
     body: Annotated[RefundCreate | None, Body()] = None,
 ) -> Response:
-    """Refund all or part of a `reconciled` (or `partially_refunded`) payment. Never more
-    than remains; the charge role refunds at the provider, keyed by the refund's id."""
+    """Refund all or part of a `succeeded`, `reconciled` or `partially_refunded` payment.
+    Never more than remains of what was collected; the charge role refunds at the provider,
+    keyed by the refund's id, once the payment is reconciled."""
     body = body or RefundCreate()
     async with idem.transaction() as conn:
         payment = await _locked(conn, payment_id, agent)
