@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from rich.console import Console
 
@@ -112,6 +113,8 @@ def test_demo_ends_with_every_payment_where_it_should(settings: Settings) -> Non
     text = out.getvalue()
     assert "Every payment reached the state it should" in text
     assert "p99 latency" in text
+    # A stack of its own: a `dev` stack running in the data directory is left alone.
+    assert (settings.data_dir / "demo" / "logs" / "api.log").exists()
     with psycopg.connect(settings.resolved_database_url(), row_factory=dict_row) as conn:
         rows = conn.execute(
             """SELECT payment_method, status, failure_code, count(*) AS n FROM payment_jobs
@@ -141,6 +144,45 @@ async def test_each_dev_start_revokes_the_keys_of_the_one_before(
             assert await authenticate(conn, key, rate=0, burst=0) is None
         for key in second:
             assert await authenticate(conn, key, rate=0, burst=0) is not None
+
+
+def test_a_stack_does_not_start_over_one_that_runs(tmp_path: Path) -> None:
+    """A second `dev` on the port of a running API (its readiness check would have found the
+    other stack and reported it as its own), or in the data directory of a running stack
+    (it revoked that stack's keys and deleted its stack.json), is refused before it starts
+    anything."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from workers.devstack import DevStack, StackError
+
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    running = HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=running.serve_forever, daemon=True).start()
+    try:
+        port = running.server_address[1]
+        settings = Settings(database_url=None, stripe_api_base=None, data_dir=tmp_path)
+        with pytest.raises(StackError, match=f"port {port} is in use"):
+            DevStack(settings, port=port).start()
+        settings.stack_file.write_text(json.dumps({"api_url": f"http://127.0.0.1:{port}"}))
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            other_port = free.getsockname()[1]
+        with pytest.raises(StackError, match="a stack already runs"):
+            DevStack(settings, port=other_port).start()
+        assert settings.stack_file.exists()  # the running stack's file is left alone
+        assert not (tmp_path / "pg").exists()  # nothing was started
+    finally:
+        running.shutdown()
+        running.server_close()
 
 
 def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: Path) -> None:

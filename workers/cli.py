@@ -60,13 +60,16 @@ def dev(
     sandbox provider (unless STRIPE_API_BASE is set), migrations, the API and the workers.
     Writes `<data-dir>/stack.json` when ready."""
     from workers import logs
-    from workers.devstack import DevStack, run_forever
+    from workers.devstack import DevStack, StackError, run_forever
 
     logs.configure("WARNING")
     settings = settings_for(data_dir)
     stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
-    with console.status("Starting the stack…"):
-        info = stack.start()
+    try:
+        with console.status("Starting the stack…"):
+            info = stack.start()
+    except StackError as error:
+        raise fail(str(error)) from None
     console.print(f"[bold green]agentpay is running[/] — API {info['api_url']}")
     console.print(f"  database     {info['database_url']}")
     console.print(f"  provider     {info['provider_base']}")
@@ -87,21 +90,25 @@ def demo(
     workers_per_role: Annotated[int, typer.Option(min=1, help="Worker processes per role")] = 1,
     port: Annotated[int, typer.Option(help="Port of the API (0: any free port)")] = 0,
 ) -> None:
-    """Start the dev stack, let demo agents send payments over HTTP, show progress, and print
-    a summary of outcomes, throughput and latency. Exits non-zero if a payment did not end
-    where it should."""
+    """Start a dev stack of its own (in <data-dir>/demo), let demo agents send payments over
+    HTTP, show progress, and print a summary of outcomes, throughput and latency. Exits
+    non-zero if a payment did not end where it should."""
     from workers import logs
     from workers.demo import run_demo
+    from workers.devstack import StackError
 
     logs.configure("WARNING")
-    ok = run_demo(
-        settings_for(data_dir),
-        payments=payments,
-        agents=agents,
-        workers_per_role=workers_per_role,
-        port=port,
-        console=console,
-    )
+    try:
+        ok = run_demo(
+            settings_for(data_dir),
+            payments=payments,
+            agents=agents,
+            workers_per_role=workers_per_role,
+            port=port,
+            console=console,
+        )
+    except StackError as error:
+        raise fail(str(error)) from None
     raise typer.Exit(0 if ok else 1)
 
 
@@ -112,18 +119,22 @@ def chaos(
     seed: Annotated[int, typer.Option(help="Seed of the mix and of the faults")] = 1,
     data_dir: DataDir = None,
 ) -> None:
-    """Run the dev stack and send a mix of payments (cards, declines, manual captures,
-    cancels, refunds, reviews) while killing random workers with SIGKILL, restarting
-    Postgres once and making the sandbox fail 10% of requests and lose 5% of responses.
-    Then stop the faults, let the fleet drain, and check every invariant. Exits non-zero
-    if any check fails."""
+    """Run a dev stack of its own (in <data-dir>/chaos) and send a mix of payments (cards,
+    declines, manual captures, cancels, refunds, reviews) while killing random workers with
+    SIGKILL, restarting Postgres once and making the sandbox fail 10% of requests and lose
+    5% of responses. Then stop the faults, let the fleet drain, and check every invariant.
+    Exits non-zero if any check fails."""
     from workers import logs
     from workers.chaos import run_chaos
+    from workers.devstack import StackError
 
     logs.configure("ERROR")
-    ok = run_chaos(
-        settings_for(data_dir), payments=payments, seconds=seconds, seed=seed, console=console
-    )
+    try:
+        ok = run_chaos(
+            settings_for(data_dir), payments=payments, seconds=seconds, seed=seed, console=console
+        )
+    except StackError as error:
+        raise fail(str(error)) from None
     raise typer.Exit(0 if ok else 1)
 
 

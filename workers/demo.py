@@ -43,6 +43,9 @@ def run_demo(
     port: int,
     console: Console,
 ) -> bool:
+    # A stack of its own (its Postgres, keys and stack.json in <data-dir>/demo): a `dev`
+    # stack running in the data directory is left alone.
+    settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
     stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
     with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):
         info = stack.start()

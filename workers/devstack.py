@@ -92,6 +92,10 @@ class Child:
             self._log = None
 
 
+class StackError(RuntimeError):
+    """The stack cannot start here (its port or its data directory is another's)."""
+
+
 class DevStack:
     def __init__(
         self,
@@ -116,7 +120,33 @@ class DevStack:
 
     # -- starting ---------------------------------------------------------------------------
 
+    def _refuse_if_taken(self) -> None:
+        """A stack that runs already, on this port (its API would answer this one's
+        readiness check) or in this data directory (this start would revoke its keys and
+        replace its stack.json), is left alone: StackError."""
+        running = self.settings.stack_file
+        if running.exists():
+            try:
+                api_url = json.loads(running.read_text())["api_url"]
+                httpx.get(f"{api_url}/healthz", timeout=1.0).raise_for_status()
+            except (OSError, ValueError, KeyError, httpx.HTTPError):
+                pass  # left by a stack that is gone
+            else:
+                raise StackError(
+                    f"a stack already runs in {self.data_dir} (API {api_url}): stop it, or "
+                    "give this one another --data-dir"
+                )
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError as error:
+                raise StackError(
+                    f"port {self.port} is in use ({error.strerror}): give another --port"
+                ) from None
+
     def start(self) -> dict[str, str]:
+        self._refuse_if_taken()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.settings.stack_file.unlink(missing_ok=True)
