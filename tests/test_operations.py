@@ -355,6 +355,42 @@ def test_a_database_that_does_not_answer_is_exit_3(
     assert "Traceback" not in result.output
 
 
+def test_a_command_held_up_by_a_lock_gives_up_with_exit_3(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's `psql` transaction holds the payment's row: `payments cancel` gives up
+    after the CLI's lock timeout with exit code 3 (as docs/operations.md says), instead of
+    waiting for as long as the other transaction stays open."""
+    import threading
+
+    from tasks.settings import get_settings
+
+    async def make() -> str:
+        async with open_pool(database_url, min_size=1, max_size=1) as pool:
+            async with pool.connection() as conn, conn.transaction():
+                agent, _ = await agents.create(conn, "locked-out-agent")
+                return str((await _payment(conn, agent.id))["id"])
+
+    payment_id = asyncio.run(make())
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    with psycopg.connect(database_url) as holder:
+        holder.execute("SELECT 1 FROM payment_jobs WHERE id = %s FOR UPDATE", (payment_id,))
+        # Without a timeout the command would wait for this: it is let go after 60 s.
+        release = threading.Timer(60, holder.rollback)
+        release.start()
+        try:
+            result = CliRunner().invoke(
+                cli, ["payments", "cancel", payment_id, "--data-dir", str(tmp_path)]
+            )
+        finally:
+            release.cancel()
+    get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "Another transaction holds a row" in result.output
+    assert "Traceback" not in result.output
+
+
 async def test_operator_routes_steer_and_record_who_acted(
     api: httpx.AsyncClient, pool: Pool, operator_key: str, agent_key: str
 ) -> None:

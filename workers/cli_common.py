@@ -47,6 +47,10 @@ REFUSED = 1
 NOT_FOUND = 2
 NO_DATABASE = 3
 
+# A command waits at most this long for a row lock (an operator's open `psql` transaction,
+# a worker's step), then gives up with exit code 3 instead of hanging.
+CLI_SESSION = {"lock_timeout": "5s"}
+
 
 def fail(message: str, code: int = REFUSED) -> typer.Exit:
     """Say why, in red, and return the exit to raise with `code`."""
@@ -81,6 +85,12 @@ def database_errors() -> Iterator[None]:
     when it may have gone through: look before running a deposit or a create again."""
     try:
         yield
+    except psycopg.errors.LockNotAvailable as error:
+        Console(stderr=True).print(
+            f"[red]Another transaction holds a row this command needs (for over "
+            f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again.[/]"
+        )
+        raise typer.Exit(NO_DATABASE) from error
     except (NoDatabase, psycopg.OperationalError) as error:
         Console(stderr=True).print(f"[red]The database is not available: {error}[/]")
         raise typer.Exit(NO_DATABASE) from error
@@ -94,7 +104,7 @@ def on_database(
 
     async def run() -> T:
         url = settings.resolved_database_url()
-        async with open_pool(url, min_size=1, max_size=1, timeout=10) as pool:
+        async with open_pool(url, min_size=1, max_size=1, timeout=10, session=CLI_SESSION) as pool:
             async with pool.connection() as conn:
                 if not transaction:
                     return await work(conn)
