@@ -154,8 +154,9 @@ class Settings(BaseSettings):
     # then pruned by the API process every `idempotency_prune_interval_seconds`.
     idempotency_retention_hours: float = Field(default=24.0, ge=24.0)
     idempotency_prune_interval_seconds: float = Field(default=600.0, gt=0)
-    # Long-poll (GET /v1/payments/{id}/wait): the longest wait a request may ask for, and how
-    # often a waiter re-reads the payment even without a notification (a safety net).
+    # Long-poll (GET /v1/payments/{id}/wait): the longest a wait lasts (a request may ask for
+    # up to 60 s; a lower setting cuts longer waits short), and how often a waiter re-reads
+    # the payment even without a notification (a safety net).
     long_poll_max_seconds: float = Field(default=60.0, gt=0)
     long_poll_recheck_seconds: float = Field(default=5.0, gt=0)
 
