@@ -36,6 +36,7 @@ log = logging.getLogger("sandbox")
 
 DROP_CONNECTION_HEADER = "x-sandbox-drop-connection"
 KEY_PREFIXES = ("sk_test_", "rk_test_")
+MAX_KEY_LENGTH = 255  # of an Idempotency-Key, as at Stripe
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,17 @@ async def _run(
         error = StripeAPIError(400, "invalid_request_error", str(exc), store=False)
         return _json(400, error.body(), headers)
 
-    decision = state.faults.decide(method, path)
     key = request.headers.get("idempotency-key") if method == "POST" else None
+    if key and len(key) > MAX_KEY_LENGTH:
+        error = StripeAPIError(
+            400,
+            "invalid_request_error",
+            f"Keys for idempotent requests can only be {MAX_KEY_LENGTH} characters long and "
+            f"cannot contain whitespace. You passed in a key of length {len(key)}.",
+            store=False,
+        )
+        return _json(400, error.body(), headers)
+    decision = state.faults.decide(method, path)
     if decision.error and not (decision.error_saved and key):
         if decision.delay_ms:
             await asyncio.sleep(decision.delay_ms / 1000)

@@ -23,6 +23,7 @@ own retries: retried by the job with backoff, resolved by retrieve), or `Provide
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -205,6 +206,16 @@ async def _call(method: Any, *args: Any, reading: bool = False) -> Intent:
 REKEYS = 12
 
 
+def derived_key(key: str, failed: str) -> str:
+    """The key to call again under once the provider replays the server error of request
+    `failed`, saved under `key`: the same for every worker that gets that answer, and never
+    longer than Stripe's 255 characters however long the chain grows (the operation's own
+    key, then a digest of the chain)."""
+    own = key.split(":after:", 1)[0]
+    digest = hashlib.sha256(f"{key}\n{failed}".encode()).hexdigest()[:32]
+    return f"{own}:after:{digest}"
+
+
 def _saved_failure(error: Any) -> str | None:
     """The id of the request whose server error the provider saved under the key and has
     just replayed (`Idempotent-Replayed: true`, `Original-Request`); None for any other
@@ -248,7 +259,7 @@ async def _keyed(
             )
             if look_first is not None and (found := await look_first()) is not None:
                 return found
-            key = f"{key}:after:{failed}"
+            key = derived_key(key, failed)
     raise AssertionError("unreachable")
 
 

@@ -346,6 +346,28 @@ async def test_a_chain_of_saved_failures_is_followed_to_its_end(
     assert [i["status"] for i in intents_of(provider_base, created["id"])] == ["succeeded"]
 
 
+def test_derived_keys_stay_within_the_providers_length_limit(provider_base: str) -> None:
+    """Each link of a chain of derived keys added its failed request's id to the key, so the
+    eighth passed Stripe's 255 characters (the sandbox refuses such a key as Stripe does:
+    a 400, which ended the payment `failed`). Now every link is the operation's own key and
+    a digest of the chain: as long as the first, different each time, the same for every
+    worker."""
+    own = provider.idempotency_key("pay_" + "f" * 24, "refund:rfd_" + "e" * 24)
+    chain = [own]
+    for n in range(provider.REKEYS):
+        chain.append(provider.derived_key(chain[-1], f"req_{n:014d}"))
+    assert len(set(chain)) == len(chain)
+    assert all(key.startswith(own) and len(key) <= 255 for key in chain)
+    assert provider.derived_key(chain[3], "req_x") == provider.derived_key(chain[3], "req_x")
+    too_long = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={"payment_intent": "pi_x"},
+        headers={**SK, "Idempotency-Key": "k" * 256},
+    )
+    assert too_long.status_code == 400
+    assert "255 characters" in too_long.json()["error"]["message"]
+
+
 async def test_a_confirm_refused_because_the_intent_was_confirmed_meanwhile_is_no_failure(
     api: httpx.AsyncClient,
     agent_key: str,
