@@ -208,6 +208,7 @@ def _payment_body(
     amount: int | None,
     currency: str,
     payment_method: str,
+    customer: str | None,
     line_items: Iterable[dict[str, Any]] | None,
     capture_method: str,
     description: str | None,
@@ -220,6 +221,8 @@ def _payment_body(
     }
     if amount is not None:
         body["amount"] = amount
+    if customer is not None:
+        body["customer"] = customer
     if line_items is not None:
         body["line_items"] = list(line_items)
     if description is not None:
@@ -337,18 +340,21 @@ class AsyncAgentPay(_Base):
         currency: str,
         payment_method: str,
         amount: int | None = None,
+        customer: str | None = None,
         line_items: Iterable[dict[str, Any]] | None = None,
         capture_method: Literal["automatic", "manual"] = "automatic",
         description: str | None = None,
         metadata: dict[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Payment:
-        """Ask for a payment (`amount` in minor units, or `line_items`). Returns it as
-        recorded (`received`); the workers take it from there."""
+        """Ask for a payment (`amount` in minor units, or `line_items`; `customer`: the
+        provider's Customer a saved payment method belongs to). Returns it as recorded
+        (`received`); the workers take it from there."""
         body = _payment_body(
             amount=amount,
             currency=currency,
             payment_method=payment_method,
+            customer=customer,
             line_items=line_items,
             capture_method=capture_method,
             description=description,
@@ -551,6 +557,7 @@ class AgentPay(_Base):
         currency: str,
         payment_method: str,
         amount: int | None = None,
+        customer: str | None = None,
         line_items: Iterable[dict[str, Any]] | None = None,
         capture_method: Literal["automatic", "manual"] = "automatic",
         description: str | None = None,
@@ -562,6 +569,7 @@ class AgentPay(_Base):
             amount=amount,
             currency=currency,
             payment_method=payment_method,
+            customer=customer,
             line_items=line_items,
             capture_method=capture_method,
             description=description,

@@ -178,6 +178,14 @@ class PaymentCreate(BaseModel):
     )
     line_items: list[LineItem] | None = Field(default=None, min_length=1, max_length=100)
     payment_method: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_]+$")
+    customer: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^cus_[A-Za-z0-9]+$",
+        description="The provider's Customer the payment method belongs to (a saved card). "
+        "Stripe requires it for a payment method attached to a Customer; one used without a "
+        "Customer cannot be used again.",
+    )
     capture_method: Literal["automatic", "manual"] = "automatic"
     description: SafeText | None = Field(default=None, max_length=1000)
     metadata: Metadata = Field(default_factory=dict)
@@ -296,6 +304,7 @@ class Payment(BaseModel):
     amount_captured: int | None = None
     capture_method: str
     payment_method: str
+    customer: str | None = None
     provider_payment_id: str | None
     failure: Failure | None
     # What the fleet still does because it was asked: a capture, a cancel or a refund.

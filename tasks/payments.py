@@ -53,6 +53,7 @@ async def insert(
     agent_id: str,
     currency: str,
     payment_method: str,
+    customer: str | None = None,
     capture_method: str = "automatic",
     amount: int | None = None,
     line_items: list[dict[str, Any]] | None = None,
@@ -63,10 +64,12 @@ async def insert(
     # The event context is set by the INSERT itself (one round trip, not two), as in
     # `transition`: the FROM item is evaluated before the row is inserted.
     cur = await conn.execute(
-        """INSERT INTO payment_jobs (id, agent_id, currency, payment_method, capture_method,
-                                     amount_requested, line_items, description, metadata)
-            SELECT %(id)s, %(agent_id)s, %(currency)s, %(payment_method)s, %(capture_method)s,
-                   %(amount)s, %(line_items)s, %(description)s, %(metadata)s
+        """INSERT INTO payment_jobs (id, agent_id, currency, payment_method, customer,
+                                     capture_method, amount_requested, line_items,
+                                     description, metadata)
+            SELECT %(id)s, %(agent_id)s, %(currency)s, %(payment_method)s, %(customer)s,
+                   %(capture_method)s, %(amount)s, %(line_items)s, %(description)s,
+                   %(metadata)s
             FROM (SELECT set_config('agentpay.actor', %(_actor)s, true),
                          set_config('agentpay.reason', %(_reason)s, true),
                          set_config('agentpay.event_data', %(_data)s, true)) AS _event_context
@@ -76,6 +79,7 @@ async def insert(
             "agent_id": agent_id,
             "currency": currency,
             "payment_method": payment_method,
+            "customer": customer,
             "capture_method": capture_method,
             "amount": amount,
             "line_items": Jsonb(line_items) if line_items is not None else None,
@@ -387,6 +391,7 @@ def public(payment: Payment) -> dict[str, Any]:
         "amount_captured": payment.get("amount_captured"),
         "capture_method": payment["capture_method"],
         "payment_method": payment["payment_method"],
+        "customer": payment.get("customer"),
         "provider_payment_id": payment["provider_payment_id"],
         "failure": failure,
         "pending_action": pending_action(payment),

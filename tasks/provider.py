@@ -289,6 +289,8 @@ async def create_intent(payment: dict[str, Any]) -> Intent:
         "description": payment["description"] or f"agentpay {payment['id']}",
         "metadata": {"payment_id": payment["id"], "agent_id": payment["agent_id"]},
     }
+    if payment.get("customer"):
+        params["customer"] = payment["customer"]
     return await _keyed_intent(
         client().v1.payment_intents.create_async,
         params,

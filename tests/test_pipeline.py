@@ -83,6 +83,39 @@ async def test_visa_payment_runs_the_whole_pipeline(
     assert intent["metadata"] == {"payment_id": created["id"], "agent_id": created["agent_id"]}
 
 
+async def test_a_payment_names_the_customer_its_saved_card_belongs_to(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Stripe refuses a payment method attached to a Customer without that Customer (and one
+    used without a Customer cannot be used again): the payment carries `customer` to the
+    PaymentIntent it creates. Anything but a Customer id is refused before it is recorded."""
+    created = await create(api, agent_key, customer="cus_Saved42")
+    assert created["customer"] == "cus_Saved42"
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert (payment["status"], payment["customer"]) == ("reconciled", "cus_Saved42")
+    intent = httpx.get(
+        f"{provider_base}/v1/payment_intents/{payment['provider_payment_id']}",
+        headers={"Authorization": "Bearer sk_test_x"},
+    ).json()
+    assert intent["customer"] == "cus_Saved42"
+    plain = await create(api, agent_key)
+    assert plain["customer"] is None
+    for bad in ("pm_card_visa", "cus_", "cus_a b", 42):
+        refused = await api.post(
+            "/v1/payments",
+            json={
+                "amount": 2000,
+                "currency": "usd",
+                "payment_method": "pm_card_visa",
+                "customer": bad,
+            },
+            headers=auth(agent_key),
+        )
+        assert refused.status_code == 400, (bad, refused.text)
+        assert refused.json()["error"]["param"] == "customer"
+
+
 @pytest.mark.parametrize(
     ("card", "code"),
     [

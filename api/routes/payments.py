@@ -71,6 +71,7 @@ async def create_payment(body: PaymentCreate, agent: AgentDep, idem: Idempotency
             agent_id=agent.id,
             currency=body.currency,
             payment_method=body.payment_method,
+            customer=body.customer,
             capture_method=body.capture_method,
             amount=body.amount,
             line_items=(
