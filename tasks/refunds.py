@@ -319,6 +319,7 @@ async def sync_refunds(payment_id: str) -> Any:
         await _record_failed_after_success(
             conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
         )
+        await _record_made_twice(conn, locked, listed)
         if locked["status"] not in REFUNDABLE:
             return taken
         for result in outside:
@@ -399,6 +400,51 @@ async def _record_failed_after_success(
             found,
             actor=ACTOR,
             reason="a refund counted as made failed at the provider afterwards",
+        )
+
+
+async def _record_made_twice(
+    conn: Conn, payment: payments.Payment, listed: list[provider.Refund]
+) -> None:
+    """More than one succeeded provider refund carrying the same refund id of ours: money
+    went back twice (a call whose server error the provider saved may still be carried out
+    later, after the retry under a derived key refunded). Nothing counts the second, so it
+    is recorded once as a reconcile mismatch (field `refund_count`) for an operator. (A
+    refund re-issued by an operator after ours failed carries our id too; only succeeded
+    ones count.)"""
+    made: dict[str, list[provider.Refund]] = {}
+    for r in listed:
+        if r.refund_id is not None and r.status == "succeeded":
+            made.setdefault(r.refund_id, []).append(r)
+    twice = {refund_id: found for refund_id, found in made.items() if len(found) > 1}
+    if not twice:
+        return
+    cur = await conn.execute(
+        """SELECT expected->>'refund_id' AS refund_id FROM reconcile_mismatches
+            WHERE payment_id = %s AND field = 'refund_count'""",
+        (payment["id"],),
+    )
+    recorded = {row["refund_id"] for row in await cur.fetchall()}
+    found = [
+        {
+            "field": "refund_count",
+            "expected": {"refund_id": refund_id, "provider_refunds": 1},
+            "actual": {
+                "provider_refund_ids": sorted(r.id for r in made_twice),
+                "amount": sum(r.amount for r in made_twice),
+            },
+        }
+        for refund_id, made_twice in sorted(twice.items())
+        if refund_id not in recorded
+    ]
+    if found:
+        await payments.record_mismatches(
+            conn,
+            payment,
+            payment["provider_payment_id"],
+            found,
+            actor=ACTOR,
+            reason="a refund was made more than once at the provider",
         )
 
 

@@ -700,6 +700,46 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     listed = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()
     assert [r["id"] for r in listed["data"]] == [refund["id"]]
     assert (await fetch(api, agent_key, paid["id"]))["amount_refunded"] == 2000
+    assert [m["field"] for m in await mismatches()] == ["refund_status"]  # not made twice
+
+
+async def test_a_refund_made_twice_at_the_provider_is_put_before_an_operator(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A call whose server error the provider saved can still be carried out later, after
+    the retry under a derived key made the refund: two provider refunds carry our refund's
+    id. Only one is counted, so the sync records the other once, for an operator."""
+    paid = await reconciled(api, agent_key, pool)
+    asked = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert asked.status_code == 202, asked.text
+    await run_jobs(pool)
+    refund_id = asked.json()["id"]
+    late = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={
+            "payment_intent": paid["provider_payment_id"],
+            "amount": "500",
+            "metadata[refund_id]": refund_id,
+        },
+        headers=SK,
+    ).json()
+    for _ in range(2):  # the refund's events: once
+        assert await refunds.sync_refunds.func(paid["id"]) == 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
+            (paid["id"],),
+        )
+        found = await cur.fetchall()
+    assert [(m["field"], m["expected"]["refund_id"]) for m in found] == [
+        ("refund_count", refund_id)
+    ]
+    assert late["id"] in found[0]["actual"]["provider_refund_ids"]
+    assert found[0]["actual"]["amount"] == 1000
+    after = await fetch(api, agent_key, paid["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 500)
 
 
 async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
