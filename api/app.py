@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -108,6 +110,41 @@ API_DB_WAIT_SECONDS = 5.0
 API_SESSION = {"lock_timeout": "3s", "idle_in_transaction_session_timeout": "30s"}
 
 
+def _stop_waiting_on_signals(app: FastAPI) -> Callable[[], None]:
+    """On SIGTERM or SIGINT, before the server's own handler (uvicorn's, which then waits
+    for every open request to end), the long-polls answer at once with the payment as it is:
+    one would otherwise hold the shutdown for up to its timeout (60 s), past a process
+    manager's kill timeout. Returns what puts the handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        app.state.stopping = True
+        found = getattr(app.state, "status_hub", None)
+        if found is not None:
+            found.stop()
+
+    chained: dict[signal.Signals, Callable[..., Any]] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: Any, previous: Callable[..., Any] = previous) -> None:
+            loop.call_soon_threadsafe(stop)
+            previous(signum, frame)
+
+        chained[sig] = previous
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, previous in chained.items():
+            signal.signal(sig, previous)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -125,9 +162,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ) as pool:
             app.state.pool = pool
             pruner = asyncio.create_task(prune_idempotency_keys(pool, settings))
+            restore_signals = _stop_waiting_on_signals(app)
             try:
                 yield
             finally:
+                restore_signals()
                 pruner.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await pruner

@@ -5,7 +5,10 @@ A trigger (schema/migrations/0003_api.sql) NOTIFYs `agentpay_payment_status` wit
 dedicated connection (not from the pool) listening on that channel and sets the event of
 every request waiting on that payment; the request then re-reads the payment. Nothing is
 lost if a notification is: each waiter also re-reads every `recheck` seconds, and all are
-woken whenever the listener (re)connects.
+woken whenever the listener (re)connects (not when it loses its connection: the database is
+likely away then, and a re-read would only fail). `stop()`, as the API process stops, wakes
+every waiter for good: each answers with the payment as it is, instead of holding the
+shutdown for up to its whole timeout.
 
 The listener starts with the first waiter. When its connection fails it reconnects with
 backoff while anyone waits, and stops when no one does (the next waiter starts it again).
@@ -32,6 +35,7 @@ class StatusHub:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
+        self.stopping = False
 
     @contextlib.contextmanager
     def watch(self, payment_id: str) -> Iterator[asyncio.Event]:
@@ -63,6 +67,11 @@ class StatusHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self.listening.clear()
+
+    def stop(self) -> None:
+        """The process stops: every waiter, now and later, answers at once."""
+        self.stopping = True
+        self._wake_all()
 
     def _wake(self, payment_id: str) -> None:
         for event in self._waiters.get(payment_id, ()):
@@ -97,7 +106,6 @@ class StatusHub:
             except psycopg.Error as error:
                 log.warning("status listener lost its connection: %s", error)
             self.listening.clear()
-            self._wake_all()
             if not self._waiters:
                 return
             await asyncio.sleep(backoff)

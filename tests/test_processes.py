@@ -276,6 +276,66 @@ def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> 
     assert api.returncode == 0, stderr[-2000:]
 
 
+def test_a_stopping_api_answers_its_long_polls_at_once(database_url: str, tmp_path: Path) -> None:
+    """SIGTERM while an agent long-polls (timeout 60): the wait answers at once with the
+    payment as it is, and the process exits well inside a process manager's kill timeout
+    (uvicorn waited for every open request: the stop took the whole minute)."""
+    import threading
+
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "AGENTPAY_DATA_DIR": str(tmp_path)}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "workers", "api", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    answers: list[httpx.Response] = []
+    try:
+        wait_for(lambda: _ready(base), timeout=60, what="the API")
+        (key,) = asyncio.run(new_agent_keys(database_url, "stopping-api-agent", 1))
+        created = httpx.post(
+            f"{base}/v1/payments",
+            json={"amount": 1000, "currency": "usd", "payment_method": "pm_card_visa"},
+            headers=auth(key),
+        ).json()  # no workers: it stays `received`
+
+        def long_poll() -> None:
+            answers.append(
+                httpx.get(
+                    f"{base}/v1/payments/{created['id']}/wait",
+                    params={"timeout": 60},
+                    headers=auth(key),
+                    timeout=90,
+                )
+            )
+
+        waiter = threading.Thread(target=long_poll)
+        waiter.start()
+
+        def listening() -> bool:  # the API's listener starts with its first waiter
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                row = conn.execute(
+                    """SELECT count(*) FROM pg_stat_activity
+                        WHERE query = 'LISTEN agentpay_payment_status'"""
+                ).fetchone()
+            return bool(row and row[0])
+
+        wait_for(listening, timeout=30, what="the long-poll to wait")
+    finally:
+        api.send_signal(signal.SIGTERM)
+        try:
+            stderr = api.communicate(timeout=20)[1].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            api.kill()
+            raise
+    waiter.join(timeout=5)
+    assert api.returncode == 0, stderr[-2000:]
+    assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "received")]
+
+
 def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_path: Path) -> None:
     """`agentpay api --processes 2`: two processes answer on one port (each with its own
     pool, seen in pg_stat_activity), payments are taken, and SIGTERM stops them all."""

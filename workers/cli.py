@@ -194,6 +194,9 @@ def api(
         log_config=logs.dict_config(),
         access_log=False,
         lifespan="on",
+        # Long-polls answer as the stop begins (api/app.py); any other request still open
+        # after the grace is cut off, so a stop ends within a process manager's timeout.
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_seconds)),
         # The C HTTP parser and event loop of uvicorn[standard]: less CPU per request
         # than h11 on the plain asyncio loop.
         http="httptools",

@@ -195,6 +195,7 @@ def hub(app: FastAPI, conninfo: str) -> StatusHub:
     found: StatusHub | None = getattr(app.state, "status_hub", None)
     if found is None:
         found = app.state.status_hub = StatusHub(conninfo)
+        found.stopping = getattr(app.state, "stopping", False)
     return found
 
 
@@ -227,7 +228,7 @@ async def wait_for_payment(
     null): after a capture, cancel or refund request, this is how it ended.
 
     The wait is woken by Postgres LISTEN/NOTIFY, not by polling; it holds no database
-    connection while it waits."""
+    connection while it waits. An API process that is stopping answers at once."""
     settings = request.app.state.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait_seconds, settings.long_poll_max_seconds)
@@ -243,7 +244,7 @@ async def wait_for_payment(
                 raise not_found()
             remaining = deadline - loop.time()
             over = wait_is_over(payment["status"], payments.pending_action(payment), status)
-            if over or remaining <= 0:
+            if over or remaining <= 0 or status_hub.stopping:
                 return payments.public(payment)
             try:
                 async with asyncio.timeout(min(remaining, settings.long_poll_recheck_seconds)):
