@@ -11,6 +11,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool.base import AttemptWithBackoff
 
 Conn = psycopg.AsyncConnection[dict[str, Any]]
 Pool = AsyncConnectionPool[Conn]
@@ -51,10 +52,31 @@ async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+# A lost connection is made again at most this long after the last try. psycopg_pool
+# doubles the wait after each failed try with no bound, so after an outage of a minute or
+# two the next try could come as long again after the database was back, and the process
+# stood still until then.
+MAX_RECONNECT_DELAY_SECONDS = 2.0
+
+
+class _CappedBackoff(AttemptWithBackoff):
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, MAX_RECONNECT_DELAY_SECONDS)
+
+
 class _Pool(AsyncConnectionPool[Conn]):
     async def putconn(self, conn: Conn) -> None:
         _idle_since[conn] = time.monotonic()
         await super().putconn(conn)
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        # psycopg_pool's own attempt, bounded (it creates one when given None).
+        if attempt is None:
+            attempt = _CappedBackoff(timeout=self.reconnect_timeout)
+        await super()._add_connection(attempt, growing=growing)
 
 
 def make_pool(

@@ -620,8 +620,9 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
                VALUES (now() - interval '5 minutes') RETURNING id"""
         )
         died_lately = (await cur.fetchone())["id"]
+    # (Short: the rescue waits until the test's Postgres has been up that long.)
     s = settings.model_copy(
-        update={"stalled_after_seconds": 60.0, "stalled_worker_retention_seconds": 900.0}
+        update={"stalled_after_seconds": 1.0, "stalled_worker_retention_seconds": 900.0}
     )
     assert await Maintenance(app, pool, s).run_once()
     async with pool.connection() as conn:
@@ -635,6 +636,53 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
             "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
         )
         assert await cur.fetchone() == {"status": "todo"}
+
+
+async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
+    pool: Pool, settings: Settings
+) -> None:
+    """After a database outage every worker's heartbeat is as old as the outage: the rescue
+    took live workers' running jobs (which then ran twice). It waits until the database has
+    been up, and reachable from this process, for `stalled_after_seconds`."""
+    from tasks.app import app
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "outage-agent")
+        await _payment(conn, agent.id)
+        job_id = await _claim(conn, "pricing")
+        await conn.execute(
+            "UPDATE procrastinate_workers SET last_heartbeat = now() - interval '30 days'"
+        )
+        cur = await conn.execute(
+            "SELECT extract(epoch FROM now() - pg_postmaster_start_time()) AS up"
+        )
+        up = float((await cur.fetchone())["up"])
+
+    async def status() -> str:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status::text AS s FROM procrastinate_jobs WHERE id = %s", (job_id,)
+            )
+            return str((await cur.fetchone())["s"])
+
+    # Postgres started less than `stalled_after` ago (as after a restart): no rescue.
+    restarted = Maintenance(
+        app, pool, settings.model_copy(update={"stalled_after_seconds": up + 3600})
+    )
+    assert await restarted.run_once()
+    assert await status() == "doing"
+
+    # This process got the database back just now: no rescue until `stalled_after` passed.
+    maintenance = Maintenance(app, pool, settings.model_copy(update={"stalled_after_seconds": 1.0}))
+    maintenance.lost()
+    assert await maintenance.run_once()
+    assert await status() == "doing"
+
+    async def rescued() -> bool:
+        await maintenance.run_once()
+        return await status() == "todo"
+
+    await async_wait_for(rescued, timeout=30, what="the rescue once the wait is over")
 
 
 async def test_a_starting_worker_keeps_the_rows_of_workers_that_died_lately(

@@ -546,3 +546,32 @@ def _ready(api_url: str) -> bool:
         return httpx.get(f"{api_url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def test_a_lost_connection_is_tried_again_every_few_seconds_however_long_the_outage(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """psycopg_pool doubles its wait after each failed connection with no bound: after a
+    75 s outage a worker's next try came 51 s after the database was back, and the process
+    stood still until then. The pool's tries are at most MAX_RECONNECT_DELAY_SECONDS apart."""
+    from tasks import db
+
+    pool = db.make_pool("postgresql://nobody@127.0.0.1:1/none", min_size=1, max_size=1)
+    scheduled: list[tuple[Any, float]] = []
+
+    async def refuse() -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+    async def record(task: Any, delay: float) -> None:
+        scheduled.append((task, delay))
+
+    monkeypatch.setattr(pool, "_connect", refuse)
+    monkeypatch.setattr(pool, "schedule_task", record)
+    await pool._add_connection(None)  # the pool's first try after a loss
+    for _ in range(10):  # and each next try of the same attempt, as the pool runs them
+        task, _ = scheduled[-1]
+        await pool._add_connection(task.attempt, growing=task.growing)
+    delays = [delay for _, delay in scheduled]
+    assert len(delays) == 11
+    assert 0.5 < delays[0] <= db.MAX_RECONNECT_DELAY_SECONDS
+    assert max(delays) == db.MAX_RECONNECT_DELAY_SECONDS  # psycopg_pool's own: 1024 s

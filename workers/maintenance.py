@@ -2,7 +2,8 @@
 
 Each is a plain async function (testable on its own); `run_maintenance` runs them on an
 interval in every worker process, one process at a time (an advisory lock elects the one):
-- `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue;
+- `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue
+  (not before the database has been back for as long, after an outage: see `run_once`);
 - `sweep_stuck_payments`: a non-final payment with no job is driven on again;
 - `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
   backlog): finished procrastinate jobs are deleted after a retention, so the table every
@@ -269,26 +270,46 @@ class Maintenance:
         self.pool = pool
         self.settings = settings
         self._next_prune = 0.0
+        self._lost = False
+        self._back_at = float("-inf")  # when this process last got the database back
+
+    def lost(self) -> None:
+        """A round failed (the database is likely away): once it is back, the rescue waits
+        for the workers' heartbeats again (see `run_once`)."""
+        self._lost = True
 
     async def run_once(self) -> bool:
-        """One round, if no other process is running one; True if it ran."""
+        """One round, if no other process is running one; True if it ran.
+
+        After the database restarted (or this process lost it for a while) every worker's
+        heartbeat is as old as the outage: none could write one. A live worker's jobs would
+        be rescued, and run twice, before it heartbeats again. So the stalled-job rescue,
+        and the pruning of stalled workers' rows, wait until the database has been up, and
+        reachable from here, for `stalled_after_seconds`."""
         s = self.settings
         async with self.pool.connection() as conn, conn.transaction():
-            cur = await conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (_LOCK_KEY,))
+            cur = await conn.execute(
+                """SELECT pg_try_advisory_xact_lock(%s) AS mine,
+                          extract(epoch FROM now() - pg_postmaster_start_time()) AS up""",
+                (_LOCK_KEY,),
+            )
             row = await cur.fetchone()
             if not (row and row["mine"]):
                 return False
-            await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
-            # Their workers are gone; their rows go once the `stalled` gauge and `agentpay
-            # status` have shown them for long enough to alert on (a row pruned at once would
-            # show for one maintenance round, less than a scrape interval).
-            await self.app.job_manager.prune_stalled_workers(
-                max(s.stalled_worker_retention_seconds, s.stalled_after_seconds)
-            )
+            now = asyncio.get_running_loop().time()
+            if self._lost:
+                self._lost, self._back_at = False, now
+            if min(float(row["up"]), now - self._back_at) >= s.stalled_after_seconds:
+                await rescue_stalled_jobs(self.app, s.stalled_after_seconds)
+                # Their workers are gone; their rows go once the `stalled` gauge and
+                # `agentpay status` have shown them for long enough to alert on (a row pruned
+                # at once would show for one maintenance round, less than a scrape interval).
+                await self.app.job_manager.prune_stalled_workers(
+                    max(s.stalled_worker_retention_seconds, s.stalled_after_seconds)
+                )
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
-            now = asyncio.get_running_loop().time()
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds  # also when it fails
                 pruned = await prune_finished_jobs(
@@ -311,5 +332,6 @@ async def run_maintenance(app: procrastinate.App, pool: Pool, settings: Settings
         try:
             await maintenance.run_once()
         except Exception:
+            maintenance.lost()
             log.exception("maintenance round failed; trying again next round")
         await asyncio.sleep(settings.maintenance_interval_seconds)
