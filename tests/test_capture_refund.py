@@ -469,7 +469,6 @@ async def test_a_capture_with_parameters_is_refused_not_taken_as_a_whole_capture
     assert accepted.json()["pending_action"] == "capture"
 
 
-@pytest.mark.usefixtures("fees")
 async def test_a_refund_asked_for_before_reconcile_is_made_once_reconciled(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
@@ -505,6 +504,7 @@ async def test_a_refund_asked_for_before_reconcile_is_made_once_reconciled(
         await assert_ledger_sound(conn)
 
 
+@pytest.mark.usefixtures("fees")
 async def test_a_partial_capture_at_the_provider_books_what_was_collected(
     api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool, provider_base: str
 ) -> None:
