@@ -19,7 +19,7 @@ from sandbox.errors import (
     unexpected_state,
 )
 from sandbox.ids import new_id, now, random_token
-from sandbox.objects import Charge, PaymentIntent, Refund
+from sandbox.objects import Charge, PaymentIntent
 from sandbox.params import get_bool, get_int, get_metadata, get_str
 from sandbox.state import RequestInfo, SandboxState
 
@@ -396,19 +396,6 @@ def capture_payment_intent(
         charge = state.charges[pi.latest_charge]
         charge.captured = True
         charge.amount_captured = amount
-        if amount < charge.amount:
-            # As Stripe does, the part not captured is refunded: a Refund of the rest (no
-            # metadata; listed with the intent's refunds), counted in `amount_refunded`.
-            release = Refund(
-                id=new_id("re"),
-                amount=charge.amount - amount,
-                currency=charge.currency,
-                created=now(),
-                charge=charge.id,
-                payment_intent=pi.id,
-            )
-            state.refunds[release.id] = release
-            charge.amount_refunded = release.amount
         pi.status = "succeeded"
         pi.amount_received = amount
         pi.amount_capturable = 0
@@ -429,10 +416,9 @@ def cancel_payment_intent(
                 pi.to_dict(),
             )
         reason = get_str(params, "cancellation_reason", choices=CANCELLATION_REASONS)
-        if pi.status == "requires_capture" and pi.latest_charge is not None:
-            charge = state.charges[pi.latest_charge]  # the held funds are released
-            charge.amount_refunded = charge.amount
-            charge.refunded = True
+        # The held funds are released. Since API version 2025-03-31.basil (the SDK's is
+        # later) that makes no Refund and leaves the charge's `amount_refunded` and
+        # `refunded` alone; so does a partial capture.
         pi.status = "canceled"
         pi.canceled_at = now()
         pi.cancellation_reason = reason

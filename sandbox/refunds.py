@@ -71,9 +71,7 @@ def create_refund(state: SandboxState, params: dict[str, Any], req: RequestInfo)
         reason = get_str(params, "reason", choices=REASONS)
         metadata = get_metadata(params) or {}
         charge = _refundable_charge(state, params)
-        # What was captured and not refunded yet (a partial capture's release is counted in
-        # `amount_refunded`, as at Stripe).
-        remaining = charge.amount - charge.amount_refunded
+        remaining = charge.amount_captured - charge.amount_refunded
         if remaining <= 0:
             raise invalid_request(
                 f"Charge {charge.id} has already been refunded.",
@@ -102,7 +100,7 @@ def create_refund(state: SandboxState, params: dict[str, Any], req: RequestInfo)
         )
         state.refunds[refund.id] = refund
         charge.amount_refunded += amount
-        charge.refunded = charge.amount_refunded >= charge.amount
+        charge.refunded = charge.amount_refunded >= charge.amount_captured
         state.emit("charge.refunded", charge.to_dict(), req)
         return refund.to_dict()
 
@@ -121,7 +119,7 @@ def fail_refund(state: SandboxState, refund_id: str, req: RequestInfo) -> dict[s
         refund.failure_reason = "expired_or_canceled_card"
         charge = state.charges[refund.charge]
         charge.amount_refunded -= refund.amount
-        charge.refunded = charge.amount_refunded >= charge.amount
+        charge.refunded = charge.amount_refunded >= charge.amount_captured
         state.emit("charge.refund.updated", refund.to_dict(), req)
         state.emit("refund.failed", refund.to_dict(), req)
         return refund.to_dict()

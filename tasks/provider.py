@@ -380,7 +380,6 @@ class Refund:
     status: str
     amount: int
     refund_id: str | None = None
-    created: int = 0
 
     @classmethod
     def from_stripe(cls, refund: Any) -> Refund:
@@ -391,7 +390,6 @@ class Refund:
             status=data["status"],
             amount=int(data["amount"]),
             refund_id=ours if isinstance(ours, str) else None,
-            created=int(data.get("created") or 0),
         )
 
 

@@ -308,9 +308,7 @@ async def sync_refunds(payment_id: str) -> Any:
             )
         return None
     listed = await provider.list_refunds(payment["provider_payment_id"])
-    outside = _refunds_of_collected(
-        payment, [r for r in listed if r.refund_id is None and r.status == "succeeded"]
-    )
+    outside = [r for r in listed if r.refund_id is None and r.status == "succeeded"]
     taken = 0
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
@@ -348,20 +346,6 @@ async def sync_refunds(payment_id: str) -> Any:
             )
             taken += 1
     return taken
-
-
-def _refunds_of_collected(
-    payment: payments.Payment, outside: list[provider.Refund]
-) -> list[provider.Refund]:
-    """The refunds made outside agentpay that gave back collected money. A partial capture
-    at the provider refunds the part it did not capture (Stripe makes a Refund of it, with
-    no metadata, at the capture, before any refund of what was collected can be made); that
-    part was never collected, and the capture posting gave it back to the agent's budget
-    already. So the first such refund of exactly that amount is not one."""
-    released = int(payment["amount_total"]) - payments.collected(payment)
-    ordered = sorted(outside, key=lambda r: (r.created, r.id))
-    release = next((r for r in ordered if released > 0 and r.amount == released), None)
-    return [r for r in ordered if r is not release]
 
 
 async def _record_failed_after_success(

@@ -291,11 +291,11 @@ def test_manual_capture_then_capture(server: SandboxServer) -> None:
         4000,
         0,
     )
-    # The rest is refunded, as Stripe does: a Refund without metadata, counted by the charge.
-    (release,) = client.v1.refunds.list({"payment_intent": pi.id}).data
-    assert (release.amount, release.status, release.metadata.to_dict()) == (1000, "succeeded", {})
+    # The rest is released without a Refund (API versions from 2025-03-31.basil on): none is
+    # listed, the charge counts none, and what can be refunded is what was captured.
+    assert client.v1.refunds.list({"payment_intent": pi.id}).data == []
     charge = client.v1.charges.retrieve(captured.latest_charge)
-    assert (charge.amount_captured, charge.amount_refunded, charge.refunded) == (4000, 1000, False)
+    assert (charge.amount_captured, charge.amount_refunded, charge.refunded) == (4000, 0, False)
     with pytest.raises(stripe.InvalidRequestError) as too_large:
         client.v1.refunds.create({"payment_intent": pi.id, "amount": 4001})
     assert too_large.value.code == "amount_too_large"
@@ -319,7 +319,10 @@ def test_manual_capture_then_cancel(server: SandboxServer) -> None:
     )
     assert canceled.status == "canceled" and canceled.amount_capturable == 0
     assert canceled.cancellation_reason == "requested_by_customer"
-    assert canceled.canceled_at is not None and canceled.latest_charge.refunded
+    assert canceled.canceled_at is not None
+    # Released without a Refund (API versions from 2025-03-31.basil on).
+    assert (canceled.latest_charge.amount_refunded, canceled.latest_charge.refunded) == (0, False)
+    assert client.v1.refunds.list({"payment_intent": pi.id}).data == []
     with pytest.raises(stripe.InvalidRequestError) as exc:
         client.v1.payment_intents.cancel(pi.id)
     assert exc.value.code == "payment_intent_unexpected_state"
