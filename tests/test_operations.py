@@ -624,18 +624,23 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
     s = settings.model_copy(
         update={"stalled_after_seconds": 1.0, "stalled_worker_retention_seconds": 900.0}
     )
-    assert await Maintenance(app, pool, s).run_once()
+    maintenance = Maintenance(app, pool, s)
+
+    async def rescued() -> bool:
+        assert await maintenance.run_once()
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
+            )
+            return (await cur.fetchone()) == {"status": "todo"}
+
+    await async_wait_for(rescued, timeout=30, what="the rescue")
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT id FROM procrastinate_workers ORDER BY id")
         assert [r["id"] for r in await cur.fetchall()] == [alive, died_lately]
         snapshot = await read_snapshot(conn, s)
     stalled = [w for w in snapshot.workers if w["heartbeat_age_seconds"] >= 60.0]
     assert len(stalled) == 1  # what agentpay_workers{state="stalled"} counts
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT status::text AS status FROM procrastinate_jobs WHERE id = %s", (job_id,)
-        )
-        assert await cur.fetchone() == {"status": "todo"}
 
 
 async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
@@ -673,8 +678,13 @@ async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
     assert await status() == "doing"
 
     # This process got the database back just now: no rescue until `stalled_after` passed.
+    # (A round that failed for another reason, a bug say, holds nothing back.)
     maintenance = Maintenance(app, pool, settings.model_copy(update={"stalled_after_seconds": 1.0}))
-    maintenance.lost()
+    maintenance.failed(RuntimeError("a bug"))
+    try:
+        raise RuntimeError("round failed") from psycopg.OperationalError("connection lost")
+    except RuntimeError as error:
+        maintenance.failed(error)
     assert await maintenance.run_once()
     assert await status() == "doing"
 

@@ -17,6 +17,7 @@ import logging
 from datetime import UTC, datetime
 
 import procrastinate
+import psycopg
 from procrastinate.jobs import Status
 from psycopg import sql
 
@@ -273,10 +274,17 @@ class Maintenance:
         self._lost = False
         self._back_at = float("-inf")  # when this process last got the database back
 
-    def lost(self) -> None:
-        """A round failed (the database is likely away): once it is back, the rescue waits
-        for the workers' heartbeats again (see `run_once`)."""
-        self._lost = True
+    def failed(self, error: BaseException) -> None:
+        """A round failed. If the database was away (a connection error anywhere in the
+        error's chain), the rescue waits for the workers' heartbeats again once it is back
+        (see `run_once`); any other failure (a bug, bad data, a job that finished while it
+        was rescued) does not hold the rescue back."""
+        seen: BaseException | None = error
+        while seen is not None:
+            if isinstance(seen, psycopg.OperationalError):  # PoolTimeout too
+                self._lost = True
+                return
+            seen = seen.__cause__ or seen.__context__
 
     async def run_once(self) -> bool:
         """One round, if no other process is running one; True if it ran.
@@ -331,7 +339,7 @@ async def run_maintenance(app: procrastinate.App, pool: Pool, settings: Settings
     while True:
         try:
             await maintenance.run_once()
-        except Exception:
-            maintenance.lost()
+        except Exception as error:
+            maintenance.failed(error)
             log.exception("maintenance round failed; trying again next round")
         await asyncio.sleep(settings.maintenance_interval_seconds)
