@@ -201,10 +201,12 @@ def run_chaos(
     seed: int = 1,
     workers_per_role: int = 2,
 ) -> bool:
-    # A stack of its own in <data-dir>/chaos (it restarts its Postgres): a `dev` stack
-    # running in the data directory is left alone.
+    # A stack of its own in <data-dir>/chaos (it restarts its Postgres), with its own
+    # operator: a `dev` stack running in the data directory, or on the database, is left alone.
     settings = settings.model_copy(update={"data_dir": settings.data_dir / "chaos"})
-    stack = DevStack(settings, port=0, workers_per_role=workers_per_role, env=CHAOS_ENV)
+    stack = DevStack(
+        settings, port=0, workers_per_role=workers_per_role, env=CHAOS_ENV, name="chaos"
+    )
     with console.status("Starting the stack…"):
         info = stack.start()
     try:

@@ -43,10 +43,10 @@ def run_demo(
     port: int,
     console: Console,
 ) -> bool:
-    # A stack of its own (its Postgres, keys and stack.json in <data-dir>/demo): a `dev`
-    # stack running in the data directory is left alone.
+    # A stack of its own (its Postgres and stack.json in <data-dir>/demo, its own operator):
+    # a `dev` stack running in the data directory, or on the same database, is left alone.
     settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
-    stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
+    stack = DevStack(settings, port=port, workers_per_role=workers_per_role, name="demo")
     with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):
         info = stack.start()
     console.print(f"Stack up: API {info['api_url']}, {workers_per_role} worker(s) per role")

@@ -32,9 +32,6 @@ from workers.pg import EmbeddedPostgres
 
 log = logging.getLogger("agentpay.dev")
 
-OPERATOR_NAME = "dev-operator"
-AGENT_NAME = "dev-agent"
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -104,8 +101,10 @@ class DevStack:
         port: int = 8000,
         workers_per_role: int = 1,
         env: dict[str, str] | None = None,
+        name: str = "dev",
     ) -> None:
         self.settings = settings
+        self.name = name  # of its operator and agent: `<name>-operator`, `<name>-agent`
         self.data_dir = settings.data_dir.resolve()
         self.port = port or free_port()
         self.workers_per_role = workers_per_role
@@ -167,7 +166,7 @@ class DevStack:
             )
             self.sandbox.start()
             provider_base = self.sandbox.base_url
-        operator_key, agent_key = asyncio.run(_dev_keys(database_url))
+        operator_key, agent_key = asyncio.run(_dev_keys(database_url, self.name))
         self.info = {
             "api_url": api_url,
             "database_url": database_url,
@@ -296,13 +295,15 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(part, path)
 
 
-async def _dev_keys(database_url: str) -> tuple[str, str]:
-    """Fresh keys for the dev operator and the dev agent (created on first use); the keys an
-    earlier start wrote to stack.json stop working."""
+async def _dev_keys(database_url: str, stack: str = "dev") -> tuple[str, str]:
+    """Fresh keys for the stack's operator and agent (`<stack>-operator`, `<stack>-agent`,
+    created on first use); the keys an earlier start of that kind of stack wrote to its
+    stack.json stop working (a demo or chaos run on the same database leaves a dev stack's
+    keys alone)."""
     keys = []
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn, conn.transaction():
-            for name, is_operator in ((OPERATOR_NAME, True), (AGENT_NAME, False)):
+            for name, is_operator in ((f"{stack}-operator", True), (f"{stack}-agent", False)):
                 found = await agents.find(conn, name)
                 if found is None:
                     _, key = await agents.create(conn, name, is_operator=is_operator)
