@@ -244,3 +244,14 @@ async def run_jobs(pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50)
         if row is not None and row["n"] == 0:
             return
     raise AssertionError("jobs kept coming after many rounds")
+
+
+@pytest.fixture
+def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Tax and a platform fee, so that captures and refunds split money three ways."""
+    monkeypatch.setenv("AGENTPAY_TAX_RATE", "0.0825")
+    monkeypatch.setenv("AGENTPAY_FEE_PERCENT", "2.9")
+    monkeypatch.setenv("AGENTPAY_FEE_FIXED", '{"usd": 30, "kwd": 100}')
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

@@ -11,7 +11,6 @@ import pytest
 from tasks import payments, refunds
 from tasks.db import Pool
 from tests.conftest import auth, run_jobs
-from tests.test_ledger import fees  # noqa: F401  (a fixture)
 from tests.test_pipeline import create, fetch
 
 SK = {"Authorization": "Bearer sk_test_x"}
@@ -504,9 +503,13 @@ async def test_a_refund_asked_for_before_reconcile_is_made_once_reconciled(
         await assert_ledger_sound(conn)
 
 
-@pytest.mark.usefixtures("fees")
 async def test_a_partial_capture_at_the_provider_books_what_was_collected(
-    api: httpx.AsyncClient, agent_key: str, operator_key: str, pool: Pool, provider_base: str
+    api: httpx.AsyncClient,
+    agent_key: str,
+    operator_key: str,
+    pool: Pool,
+    provider_base: str,
+    fees: None,
 ) -> None:
     """Part of an authorized payment captured in the Dashboard: the agent spends what the
     customer paid, the rest of the hold comes back, the fee is its share of what was

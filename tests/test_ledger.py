@@ -6,7 +6,6 @@ import asyncio
 import json
 import random
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -21,17 +20,6 @@ from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import auth, run_jobs
 from workers.cli import app as cli
-
-
-@pytest.fixture
-def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tax and a platform fee, so that captures and refunds split money three ways."""
-    monkeypatch.setenv("AGENTPAY_TAX_RATE", "0.0825")
-    monkeypatch.setenv("AGENTPAY_FEE_PERCENT", "2.9")
-    monkeypatch.setenv("AGENTPAY_FEE_FIXED", '{"usd": 30, "kwd": 100}')
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
 
 
 async def assert_ledger_sound(conn: Any) -> None:
