@@ -254,8 +254,9 @@ async def test_a_worker_that_cannot_write_a_jobs_outcome_stops_so_the_job_is_res
         queues=["pricing"],
         install_signal_handlers=False,
         listen_notify=False,
-        stalled_worker_timeout=2,  # it tries for half of that
+        stalled_worker_timeout=2,
     )
+    worker.stalled_after = 2  # it tries for half of that (as `for_role` sets it)
     await asyncio.wait_for(worker.run(), 30)  # it waits for jobs until it stops itself
     job = "SELECT status::text, worker_id FROM procrastinate_jobs WHERE id = %s"
     async with pool.connection() as conn:
