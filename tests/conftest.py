@@ -8,6 +8,8 @@ import asyncio
 import itertools
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -255,3 +257,36 @@ def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    """SIGTERM, then its exit status; killed (-9) if it has not exited within `timeout`, so
+    a stop that hangs never leaves a process behind the test."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+        return -9
+
+
+def stop_and_read(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[str, str]:
+    """SIGTERM, then the process's stdout and stderr once it exits. Past `timeout` it is
+    killed, with its process group when it leads one (a dev stack's children), and the test
+    fails: a stop that hangs never leaves processes behind."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+        out, err = process.communicate()
+        raise AssertionError(
+            f"did not stop within {timeout} s:\n{(out or b'').decode(errors='replace')[-2000:]}"
+            f"{(err or b'').decode(errors='replace')[-2000:]}"
+        ) from None
+    return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")

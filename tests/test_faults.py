@@ -20,8 +20,9 @@ from tasks import charge, payments, provider, reconcile
 from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import FAST_ENV, async_wait_for, run_jobs, wait_for
+from tests.conftest import stop_process as stop
 from tests.test_pipeline import create, fetch
-from tests.test_processes import ROOT, stop
+from tests.test_processes import ROOT
 
 SK = {"Authorization": "Bearer sk_test_x"}
 

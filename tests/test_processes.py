@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,8 @@ from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import ROLES, Settings
-from tests.conftest import FAST_ENV, auth, wait_for
+from tests.conftest import FAST_ENV, auth, stop_and_read, wait_for
+from tests.conftest import stop_process as stop
 from workers.demo import run_demo
 from workers.devstack import _dev_keys, new_agent_keys
 
@@ -38,11 +38,6 @@ def start_worker(role: str, database_url: str, concurrency: int = 4) -> subproce
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-
-
-def stop(process: subprocess.Popen[bytes]) -> int:
-    process.send_signal(signal.SIGTERM)
-    return process.wait(timeout=30)
 
 
 async def test_two_workers_of_one_role_never_work_the_same_job(
@@ -71,7 +66,7 @@ async def test_two_workers_of_one_role_never_work_the_same_job(
             for w in workers:
                 assert w.poll() is None, "a worker died"
     finally:
-        codes = [stop(w) for w in workers]
+        codes = [stop(w) for w in workers]  # each one stopped (killed if it hangs)
     assert codes == [0, 0]
 
     with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
@@ -201,6 +196,7 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stop_and_read can kill it all
     )
     stack_file = data_dir / "stack.json"
     try:
@@ -239,9 +235,10 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
             # No provider call failed, yet the error series an alert's rate() watches exist.
             assert 'agentpay_provider_errors_total{error="Unknown"' in scraped, name
     finally:
-        dev.send_signal(signal.SIGTERM)
-        output = dev.communicate(timeout=60)[0].decode(errors="replace")
-        shutil.rmtree(data_dir, ignore_errors=True)
+        try:
+            output = stop_and_read(dev)[0]
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
     assert dev.returncode == 0, output
     assert not stack_file.exists()
     # Nothing it started is left running: the API port is free again.
@@ -272,8 +269,7 @@ def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> 
     try:
         wait_for(lambda: _ready(f"http://127.0.0.1:{port}"), timeout=60, what="the API")
     finally:
-        api.send_signal(signal.SIGTERM)
-        stderr = api.communicate(timeout=60)[1].decode(errors="replace")
+        stderr = stop_and_read(api)[1]
     assert api.returncode == 0, stderr[-2000:]
 
 
@@ -326,12 +322,7 @@ def test_a_stopping_api_answers_its_long_polls_at_once(database_url: str, tmp_pa
 
         wait_for(listening, timeout=30, what="the long-poll to wait")
     finally:
-        api.send_signal(signal.SIGTERM)
-        try:
-            stderr = api.communicate(timeout=20)[1].decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            api.kill()
-            raise
+        stderr = stop_and_read(api, timeout=20)[1]
     waiter.join(timeout=5)
     assert api.returncode == 0, stderr[-2000:]
     assert [(a.status_code, a.json()["status"]) for a in answers] == [(200, "received")]
@@ -386,8 +377,7 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
         ]
         assert len(children) == 2, children
     finally:
-        api.send_signal(signal.SIGTERM)
-        stderr = api.communicate(timeout=60)[1].decode(errors="replace")
+        stderr = stop_and_read(api)[1]
     assert api.returncode == 0, stderr[-2000:]
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)
     with psycopg.connect(database_url, autocommit=True) as conn:

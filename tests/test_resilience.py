@@ -30,6 +30,7 @@ from tasks.app import defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, SANDBOX_API_KEY
 from tests.conftest import FAST_ENV, async_wait_for, auth, run_jobs, wait_for
+from tests.conftest import stop_process as stop
 from workers.devstack import free_port
 from workers.pg import EmbeddedPostgres
 
@@ -129,17 +130,6 @@ async def approved_payment(pool: Pool) -> str:
         cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
         assert (await cur.fetchone()) == {"status": "approved"}
     return payment_id
-
-
-def stop(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-        return -9
 
 
 async def test_a_stop_that_hangs_reports_what_it_waits_for(
