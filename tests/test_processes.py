@@ -188,7 +188,7 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STRIPE_API_BASE")}
     env.update(FAST_ENV)
     port = _free_port()
-    metrics_base = _free_port()
+    metrics_base = _free_ports_below_ephemeral(len(ROLES))  # one per worker, counting up
     env["AGENTPAY_METRICS_PORT"] = str(metrics_base)
     dev = subprocess.Popen(
         [sys.executable, "-m", "workers", "dev", "--port", str(port), "--data-dir", str(data_dir)],
@@ -253,6 +253,31 @@ def _free_port() -> int:
     from workers.devstack import free_port
 
     return free_port()
+
+
+def _free_ports_below_ephemeral(n: int) -> int:
+    """The first of `n` consecutive free ports below the kernel's ephemeral range: ports
+    there are never taken by the source port of an outgoing connection (one of
+    `_free_port`'s neighbours can be, between this check and the bind)."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        base = random.randrange(max(1024, low - 10_000), low - n)
+        try:
+            held = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports below {low}")
 
 
 def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> None:
