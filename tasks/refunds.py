@@ -376,15 +376,9 @@ async def _record_failed_after_success(
         }
         for row in await cur.fetchall()
     ]
-    if found:
-        await payments.record_mismatches(
-            conn,
-            payment,
-            payment["provider_payment_id"],
-            found,
-            actor=ACTOR,
-            reason="a refund counted as made failed at the provider afterwards",
-        )
+    await _put_before_an_operator(
+        conn, payment, found, "a refund counted as made failed at the provider afterwards"
+    )
 
 
 async def _record_made_twice(
@@ -421,14 +415,18 @@ async def _record_made_twice(
         for refund_id, made_twice in sorted(twice.items())
         if refund_id not in recorded
     ]
+    await _put_before_an_operator(
+        conn, payment, found, "a refund was made more than once at the provider"
+    )
+
+
+async def _put_before_an_operator(
+    conn: Conn, payment: payments.Payment, found: list[dict[str, Any]], reason: str
+) -> None:
+    """What the provider's refunds say that the payment does not, as reconcile mismatches."""
     if found:
         await payments.record_mismatches(
-            conn,
-            payment,
-            payment["provider_payment_id"],
-            found,
-            actor=ACTOR,
-            reason="a refund was made more than once at the provider",
+            conn, payment, payment["provider_payment_id"], found, actor=ACTOR, reason=reason
         )
 
 
