@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import threading
 import time
 from collections import Counter, defaultdict
@@ -127,10 +128,13 @@ async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], wi
 
 
 async def _play(
-    api: Api, key: str, operator_key: str, tracked: Tracked, n: int, within: float
+    api: Api, key: str, operator_key: str, tracked: Tracked, n: int, run: str, within: float
 ) -> None:
-    """One payment's scenario: create it, then act on it as an agent (or operator) would."""
+    """One payment's scenario: create it, then act on it as an agent (or operator) would.
+    Its idempotency keys carry the run's id: the operator's are kept a day, and a run on a
+    database an earlier run used must not meet them."""
     s = tracked.scenario
+    tag = f"chaos-{run}-{n}"
     amount = REVIEW_AMOUNT if s.startswith("review") else 1000 + n * 10
     body = {
         "amount": amount,
@@ -139,15 +143,13 @@ async def _play(
         "capture_method": "manual" if s in MANUAL else "automatic",
         "metadata": {"chaos": s},
     }
-    code, payment = await api.call(
-        "POST", "/v1/payments", key, json=body, idempotency_key=f"chaos-{n}"
-    )
+    code, payment = await api.call("POST", "/v1/payments", key, json=body, idempotency_key=tag)
     if code != 202:
         raise RuntimeError(f"create refused: {code} {payment}")
     pid = tracked.id = payment["id"]
     if s == "cancel_early":
         code, _ = await api.call(
-            "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"chaos-{n}-c"
+            "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"{tag}-c"
         )
         if code >= 400:
             # Too late to cancel (already at the provider): an agent's fair outcome.
@@ -155,14 +157,14 @@ async def _play(
     elif s in ("capture", "release"):
         if await _wait_status(api, key, pid, {"authorized", "failed"}, within) == "authorized":
             action = "capture" if s == "capture" else "cancel"
-            await _act(api, key, f"/v1/payments/{pid}/{action}", f"chaos-{n}-a")
+            await _act(api, key, f"/v1/payments/{pid}/{action}", f"{tag}-a")
     elif s == "review_approve":
         if await _wait_status(api, key, pid, {"in_review"}, within) == "in_review":
-            await _act(api, operator_key, f"/v1/review/{pid}/approve", f"chaos-{n}-v")
+            await _act(api, operator_key, f"/v1/review/{pid}/approve", f"{tag}-v")
     elif s in ("refund_full", "refund_partial"):
         if await _wait_status(api, key, pid, {"reconciled", "failed"}, within) == "reconciled":
             refund = amount if s == "refund_full" else amount // 2
-            await _act(api, key, f"/v1/payments/{pid}/refunds", f"chaos-{n}-r", {"amount": refund})
+            await _act(api, key, f"/v1/payments/{pid}/refunds", f"{tag}-r", {"amount": refund})
 
 
 async def _act(api: Api, key: str, path: str, idempotency_key: str, json: Any = None) -> None:
@@ -234,6 +236,7 @@ async def _run(
     api = Api(info["api_url"])
     keys = await new_agent_keys(info["database_url"], "chaos-agent", 4)
     operator_key = info["operator_key"]
+    run = secrets.token_hex(4)
     # A failed call with an idempotency key is saved under it and replayed to its retries, as
     # Stripe does with a 500 met once the call began (`error_saved`): the harder case.
     faults = {"error_rate": 0.10, "error_saved": True, "lose_response_rate": 0.05, "seed": seed}
@@ -246,7 +249,9 @@ async def _run(
     async def paced(i: int, tracked: Tracked) -> None:
         await asyncio.sleep(seconds * i / max(n, 1))
         try:
-            await _play(api, keys[i % len(keys)], operator_key, tracked, i, within=seconds + 180)
+            await _play(
+                api, keys[i % len(keys)], operator_key, tracked, i, run, within=seconds + 180
+            )
         except Exception as error:
             tracked.error = repr(error)
 
@@ -326,17 +331,24 @@ async def _all_pages(provider: httpx.AsyncClient, path: str) -> list[dict[str, A
 async def check_invariants(
     pool: Pool, provider: httpx.AsyncClient, plan: list[Tracked]
 ) -> list[Check]:
+    """The run's payments (those of `plan`: a database an earlier run or a dev stack used
+    holds others, which this run's sandbox never saw) against the provider, the state
+    machine, the ledger and the queue."""
+    ids = [t.id for t in plan if t.id]
     async with pool.connection() as conn:
         cur = await conn.execute(
             """SELECT id, status, amount_refunded, refunds_pending,
                       (SELECT count(*) FROM payment_refunds r
                         WHERE r.payment_id = p.id AND r.status = 'pending') AS pending
-                 FROM payment_jobs p"""
+                 FROM payment_jobs p WHERE id = ANY(%s)""",
+            (ids,),
         )
         rows = {r["id"]: r for r in await cur.fetchall()}
         cur = await conn.execute(
             "SELECT payment_id, from_status, to_status FROM payment_events"
-            " WHERE type <> 'created' AND from_status IS DISTINCT FROM to_status ORDER BY id"
+            " WHERE type <> 'created' AND from_status IS DISTINCT FROM to_status"
+            " AND payment_id = ANY(%s) ORDER BY id",
+            (ids,),
         )
         events = await cur.fetchall()
         cur = await conn.execute("SELECT from_status, to_status FROM payment_transitions")
