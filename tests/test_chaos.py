@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import pytest
 from rich.console import Console
 
 from tasks import agents, payments
@@ -70,3 +71,24 @@ async def test_the_checks_catch_a_missing_charge_and_an_illegal_path(
     assert not checks["one succeeded PaymentIntent per succeeded payment, none for others"].ok
     assert not checks["every payment's events form a legal path"].ok
     assert checks["no procrastinate job left doing"].ok
+
+
+async def test_the_faults_are_cleared_even_through_a_sandbox_slow_to_answer() -> None:
+    """An overloaded run's sandbox may not accept a connection for a while: clearing the
+    faults tries again instead of ending the run, checks unrun, on a traceback."""
+    from workers import chaos
+
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) < 3:
+            raise httpx.ConnectTimeout("the sandbox is busy")
+        return httpx.Response(200, json={"active": False})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://x") as p:
+        await chaos._clear_faults(p, pause=0)
+        assert calls == ["DELETE"] * 3
+        calls.clear()
+        with pytest.raises(httpx.ConnectTimeout):
+            await chaos._clear_faults(p, tries=2, pause=0)
