@@ -676,9 +676,7 @@ async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
     assert await status() == "doing"
 
     # This process got the database back just now: no rescue until `stalled_after` passed.
-    # (A round that failed for another reason, a bug say, holds nothing back.)
     maintenance = Maintenance(app, pool, settings.model_copy(update={"stalled_after_seconds": 1.0}))
-    maintenance.failed(RuntimeError("a bug"))
     try:
         raise RuntimeError("round failed") from psycopg.OperationalError("connection lost")
     except RuntimeError as error:
@@ -691,6 +689,39 @@ async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
         return await status() == "todo"
 
     await async_wait_for(rescued, timeout=30, what="the rescue once the wait is over")
+
+
+def test_only_a_lost_database_holds_the_rescue_back() -> None:
+    """A round that fails every time for another reason (a bug, a statement or lock timeout
+    on a slow sweep, a deadlock) must not postpone the rescue round after round: only the
+    database going away counts."""
+    from psycopg_pool import PoolTimeout
+
+    from workers.maintenance import database_lost
+
+    def chained(cause: BaseException) -> BaseException:
+        try:
+            raise RuntimeError("round failed") from cause
+        except RuntimeError as error:
+            return error
+
+    gone = [
+        psycopg.OperationalError("connection refused"),  # no SQLSTATE: client side
+        PoolTimeout("couldn't get a connection after 30.00 sec"),
+        psycopg.errors.AdminShutdown(),
+        psycopg.errors.ConnectionFailure(),
+        chained(psycopg.OperationalError("server closed the connection unexpectedly")),
+    ]
+    there = [
+        RuntimeError("a bug"),
+        psycopg.errors.QueryCanceled(),
+        psycopg.errors.LockNotAvailable(),
+        psycopg.errors.DeadlockDetected(),
+        psycopg.errors.DiskFull(),
+        chained(psycopg.errors.QueryCanceled()),
+    ]
+    assert [database_lost(e) for e in gone] == [True] * len(gone)
+    assert [database_lost(e) for e in there] == [False] * len(there)
 
 
 async def test_a_starting_worker_keeps_the_rows_of_workers_that_died_lately(

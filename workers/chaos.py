@@ -204,7 +204,8 @@ def run_chaos(
     workers_per_role: int = 2,
 ) -> bool:
     # A stack of its own in <data-dir>/chaos (it restarts its Postgres), with its own
-    # operator: a `dev` stack running in the data directory, or on the database, is left alone.
+    # operator and agent: a `dev` stack running in the data directory is left alone, and so
+    # are its keys on a shared DATABASE_URL (though two fleets on one database share queues).
     settings = settings.model_copy(update={"data_dir": settings.data_dir / "chaos"})
     stack = DevStack(
         settings, port=0, workers_per_role=workers_per_role, env=CHAOS_ENV, name="chaos"

@@ -43,8 +43,9 @@ def run_demo(
     port: int,
     console: Console,
 ) -> bool:
-    # A stack of its own (its Postgres and stack.json in <data-dir>/demo, its own operator):
-    # a `dev` stack running in the data directory, or on the same database, is left alone.
+    # A stack of its own (its Postgres and stack.json in <data-dir>/demo, its own operator
+    # and agent): a `dev` stack running in the data directory is left alone, and so are its
+    # keys on a shared DATABASE_URL (though two fleets on one database share its queues).
     settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
     stack = DevStack(settings, port=port, workers_per_role=workers_per_role, name="demo")
     with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):

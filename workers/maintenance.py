@@ -262,6 +262,27 @@ async def prune_finished_jobs(
     return pruned
 
 
+# The server is going away or gone (admin, crash or cannot-connect-now shutdowns), and the
+# connection exceptions of class 08.
+_GONE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def database_lost(error: BaseException) -> bool:
+    """Whether `error`, or one in its chain, is the database going away: a connection that
+    broke or could not be made (psycopg raises those without a SQLSTATE; so is a pool
+    timeout), a connection exception (class 08) or a server shutting down. Not every
+    `OperationalError` is: a statement or lock timeout, a deadlock or a full disk are
+    answers of a database that is there."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, psycopg.OperationalError):
+            state = seen.sqlstate
+            if state is None or state.startswith("08") or state in _GONE_SQLSTATES:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Maintenance:
     """The services' schedule in one process (rescue and sweep every round; pruning every
     `prune_interval_seconds`, or every round while its batches come back full)."""
@@ -275,16 +296,12 @@ class Maintenance:
         self._back_at = float("-inf")  # when this process last got the database back
 
     def failed(self, error: BaseException) -> None:
-        """A round failed. If the database was away (a connection error anywhere in the
-        error's chain), the rescue waits for the workers' heartbeats again once it is back
-        (see `run_once`); any other failure (a bug, bad data, a job that finished while it
-        was rescued) does not hold the rescue back."""
-        seen: BaseException | None = error
-        while seen is not None:
-            if isinstance(seen, psycopg.OperationalError):  # PoolTimeout too
-                self._lost = True
-                return
-            seen = seen.__cause__ or seen.__context__
+        """A round failed. If it lost the database (`database_lost`), the rescue waits for
+        the workers' heartbeats again once it is back (see `run_once`); any other failure (a
+        bug, bad data, a statement or lock timeout, a job that finished while it was
+        rescued) does not hold the rescue back."""
+        if database_lost(error):
+            self._lost = True
 
     async def run_once(self) -> bool:
         """One round, if no other process is running one; True if it ran.
