@@ -141,6 +141,64 @@ def _wait_targets(status: str | Iterable[str] | None) -> list[str] | None:
     return wanted
 
 
+class _Cursor:
+    """Where `iter_payments` is: older and older pages from `starting_after` (or the
+    newest), or newer and newer ones from `ending_before`. Takes both out of `filters`."""
+
+    def __init__(self, filters: dict[str, Any]) -> None:
+        self.after: str | None = filters.pop("starting_after", None)
+        self.before: str | None = filters.pop("ending_before", None)
+        if self.after is not None and self.before is not None:
+            raise ValueError("iter_payments: give starting_after or ending_before, not both")
+
+    def turn(self, page: PaymentList) -> bool:
+        """Move past `page`; False when it was the last."""
+        if not page.has_more or not page.data:
+            return False
+        if self.before is not None:
+            self.before = page.data[0].id  # the newest of the page: newer ones follow
+        else:
+            self.after = page.data[-1].id
+        return True
+
+
+class _Poll:
+    """The long-polls of one `wait_for_payment`: each asks the server to wait at most
+    what is left of the caller's `timeout` (also when retried), and retries stop at it."""
+
+    def __init__(self, timeout: float, wanted: list[str] | None, request_timeout: float) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.wanted = wanted
+        self.request_timeout = request_timeout
+
+    def wait(self) -> float:
+        return min(max(0.0, self.deadline - time.monotonic()), MAX_POLL_SECONDS)
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"timeout": round(self.wait(), 3)}
+        if self.wanted is not None:
+            params["status"] = self.wanted
+        return params
+
+    def attempt_timeout(self) -> float:
+        return self.wait() + self.request_timeout
+
+    def done_or_pause(self, payment: Payment, started: float) -> float | None:
+        """None when the wait is over (the payment is there, or time is up); else how long
+        to pause before the next poll: a moment when the server answered well before the
+        time asked for (an API process that is stopping answers at once), none otherwise."""
+        now = time.monotonic()
+        if (
+            wait_is_over(payment.status, payment.pending_action, self.wanted)
+            or now >= self.deadline
+        ):
+            return None
+        asked = min(self.deadline - started, MAX_POLL_SECONDS)
+        if now - started >= asked / 2:
+            return 0.0
+        return min(self.deadline - now, random.uniform(0.5, 1.0))
+
+
 class _Base:
     def __init__(
         self,
@@ -164,6 +222,26 @@ class _Base:
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         return headers
+
+    @staticmethod
+    def _key_for(method: str, idempotency_key: str | None) -> str | None:
+        """Every POST carries a key (one per logical request, the same on each retry), however
+        the method is spelled: a retried POST without one could act twice."""
+        if method.upper() == "POST" and idempotency_key is None:
+            return _new_key()
+        return idempotency_key
+
+    def _pause(
+        self, attempt: int, response: httpx.Response | None, deadline: float | None
+    ) -> float | None:
+        """Seconds to wait before retry number `attempt`, or None for no retry: retries are
+        used up, or (with a deadline) the wait would end past it."""
+        if attempt >= self.max_retries:
+            return None
+        pause = self.delay(attempt, response)
+        if deadline is not None and time.monotonic() + pause >= deadline:
+            return None
+        return pause
 
     def delay(self, attempt: int, response: httpx.Response | None) -> float:
         """Seconds before retry number `attempt` (0-based): full-jitter exponential backoff,
@@ -310,8 +388,29 @@ class AsyncAgentPay(_Base):
         """One logical request, retried on transport errors, 429 and 5xx (POSTs always with
         the same Idempotency-Key). Returns the last response; raises AgentPayConnectionError
         if no response ever came."""
-        if method == "POST" and idempotency_key is None:
-            idempotency_key = _new_key()
+        return await self._send(
+            method,
+            path,
+            json=json,
+            attempt_params=lambda: params,
+            idempotency_key=idempotency_key,
+            attempt_timeout=lambda: timeout if timeout is not None else self.timeout,
+        )
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        attempt_params: Callable[[], dict[str, Any] | None],
+        idempotency_key: str | None,
+        attempt_timeout: Callable[[], float],
+        deadline: float | None = None,
+    ) -> httpx.Response:
+        """`request`, with the query and the timeout taken afresh for each attempt, and no
+        retry (nor wait before one) past `deadline` (monotonic seconds) when given."""
+        idempotency_key = self._key_for(method, idempotency_key)
         headers = self._headers(idempotency_key)
         attempt = 0
         while True:
@@ -320,18 +419,20 @@ class AsyncAgentPay(_Base):
                     method,
                     path,
                     json=json,
-                    params=params,
+                    params=attempt_params(),
                     headers=headers,
-                    timeout=timeout if timeout is not None else self.timeout,
+                    timeout=attempt_timeout(),
                 )
             except httpx.TransportError as error:
-                if attempt >= self.max_retries:
+                pause = self._pause(attempt, None, deadline)
+                if pause is None:
                     raise AgentPayConnectionError(error, idempotency_key) from error
-                await self._sleep(self.delay(attempt, None))
+                await self._sleep(pause)
             else:
-                if not self._retryable(response) or attempt >= self.max_retries:
+                pause = self._pause(attempt, response, deadline)
+                if not self._retryable(response) or pause is None:
                     return response
-                await self._sleep(self.delay(attempt, response))
+                await self._sleep(pause)
             attempt += 1
 
     async def create_payment(
@@ -389,15 +490,18 @@ class AsyncAgentPay(_Base):
     async def iter_payments(
         self, *, page_size: int = 100, **filters: Any
     ) -> AsyncIterator[Payment]:
-        """Every payment matching the filters of `list_payments`, newest first, page by page."""
-        after: str | None = None
+        """Every payment matching the filters of `list_payments`, page by page: newest first,
+        or, with `ending_before`, every payment newer than that one, the pages going towards
+        the newest (each page newest first)."""
+        cursor = _Cursor(filters)
         while True:
-            page = await self.list_payments(limit=page_size, starting_after=after, **filters)
+            page = await self.list_payments(
+                limit=page_size, starting_after=cursor.after, ending_before=cursor.before, **filters
+            )
             for payment in page.data:
                 yield payment
-            if not page.has_more or not page.data:
+            if not cursor.turn(page):
                 return
-            after = page.data[-1].id
 
     async def wait_for_payment(
         self,
@@ -410,26 +514,23 @@ class AsyncAgentPay(_Base):
         default a settled state — final, or succeeded, authorized, requires_action,
         partially_refunded — with no capture, cancel or refund pending), or `timeout`
         seconds pass. Returns the payment as it is then: check its `status`."""
-        wanted = _wait_targets(status)
-        deadline = time.monotonic() + timeout
+        poll = _Poll(timeout, _wait_targets(status), self.timeout)
         while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            wait = min(remaining, MAX_POLL_SECONDS)
-            params: dict[str, Any] = {"timeout": round(wait, 3)}
-            if wanted is not None:
-                params["status"] = wanted
-            response = await self.request(
+            started = time.monotonic()
+            response = await self._send(
                 "GET",
                 f"/v1/payments/{_segment(payment_id)}/wait",
-                params=params,
-                timeout=wait + self.timeout,
+                json=None,
+                attempt_params=poll.params,
+                idempotency_key=None,
+                attempt_timeout=poll.attempt_timeout,
+                deadline=poll.deadline,
             )
             payment = self._parse(response, Payment)
-            if (
-                wait_is_over(payment.status, payment.pending_action, wanted)
-                or time.monotonic() >= deadline
-            ):
+            pause = poll.done_or_pause(payment, started)
+            if pause is None:
                 return payment
+            await self._sleep(pause)
 
     async def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
         """Capture an `authorized` (manual capture) payment."""
@@ -527,8 +628,28 @@ class AgentPay(_Base):
         timeout: float | None = None,
     ) -> httpx.Response:
         """See `AsyncAgentPay.request`."""
-        if method == "POST" and idempotency_key is None:
-            idempotency_key = _new_key()
+        return self._send(
+            method,
+            path,
+            json=json,
+            attempt_params=lambda: params,
+            idempotency_key=idempotency_key,
+            attempt_timeout=lambda: timeout if timeout is not None else self.timeout,
+        )
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any,
+        attempt_params: Callable[[], dict[str, Any] | None],
+        idempotency_key: str | None,
+        attempt_timeout: Callable[[], float],
+        deadline: float | None = None,
+    ) -> httpx.Response:
+        """See `AsyncAgentPay._send`."""
+        idempotency_key = self._key_for(method, idempotency_key)
         headers = self._headers(idempotency_key)
         attempt = 0
         while True:
@@ -537,18 +658,20 @@ class AgentPay(_Base):
                     method,
                     path,
                     json=json,
-                    params=params,
+                    params=attempt_params(),
                     headers=headers,
-                    timeout=timeout if timeout is not None else self.timeout,
+                    timeout=attempt_timeout(),
                 )
             except httpx.TransportError as error:
-                if attempt >= self.max_retries:
+                pause = self._pause(attempt, None, deadline)
+                if pause is None:
                     raise AgentPayConnectionError(error, idempotency_key) from error
-                self._sleep(self.delay(attempt, None))
+                self._sleep(pause)
             else:
-                if not self._retryable(response) or attempt >= self.max_retries:
+                pause = self._pause(attempt, response, deadline)
+                if not self._retryable(response) or pause is None:
                     return response
-                self._sleep(self.delay(attempt, response))
+                self._sleep(pause)
             attempt += 1
 
     def create_payment(
@@ -597,38 +720,37 @@ class AgentPay(_Base):
         return self._parse(self.request("GET", "/v1/payments", params=params), PaymentList)
 
     def iter_payments(self, *, page_size: int = 100, **filters: Any) -> Iterator[Payment]:
-        after: str | None = None
+        """See `AsyncAgentPay.iter_payments`."""
+        cursor = _Cursor(filters)
         while True:
-            page = self.list_payments(limit=page_size, starting_after=after, **filters)
+            page = self.list_payments(
+                limit=page_size, starting_after=cursor.after, ending_before=cursor.before, **filters
+            )
             yield from page.data
-            if not page.has_more or not page.data:
+            if not cursor.turn(page):
                 return
-            after = page.data[-1].id
 
     def wait_for_payment(
         self, payment_id: str, *, timeout: float = 60.0, status: str | Iterable[str] | None = None
     ) -> Payment:
         """See `AsyncAgentPay.wait_for_payment`."""
-        wanted = _wait_targets(status)
-        deadline = time.monotonic() + timeout
+        poll = _Poll(timeout, _wait_targets(status), self.timeout)
         while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            wait = min(remaining, MAX_POLL_SECONDS)
-            params: dict[str, Any] = {"timeout": round(wait, 3)}
-            if wanted is not None:
-                params["status"] = wanted
-            response = self.request(
+            started = time.monotonic()
+            response = self._send(
                 "GET",
                 f"/v1/payments/{_segment(payment_id)}/wait",
-                params=params,
-                timeout=wait + self.timeout,
+                json=None,
+                attempt_params=poll.params,
+                idempotency_key=None,
+                attempt_timeout=poll.attempt_timeout,
+                deadline=poll.deadline,
             )
             payment = self._parse(response, Payment)
-            if (
-                wait_is_over(payment.status, payment.pending_action, wanted)
-                or time.monotonic() >= deadline
-            ):
+            pause = poll.done_or_pause(payment, started)
+            if pause is None:
                 return payment
+            self._sleep(pause)
 
     def capture(self, payment_id: str, *, idempotency_key: str | None = None) -> Payment:
         response = self.request(

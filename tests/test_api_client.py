@@ -386,3 +386,76 @@ def test_sync_client_over_real_http(live: str, database_url: str) -> None:
         )
         assert response.status_code == 413
         assert response.json()["error"]["code"] == "body_too_large"
+
+
+async def test_iter_payments_pages_towards_newer_payments_from_ending_before(
+    asgi: httpx.ASGITransport, agent_key: str
+) -> None:
+    """`ending_before` (how docs/api.md says to follow new payments) gave one page and
+    stopped: the next page was asked with both cursors, which is empty. It pages on towards
+    the newest; `starting_after` pages on towards the oldest."""
+    async with AsyncAgentPay("http://agentpay.test", agent_key, transport=asgi) as client:
+        made = [
+            await client.create_payment(
+                amount=500 + n, currency="usd", payment_method="pm_card_visa"
+            )
+            for n in range(7)
+        ]
+        newer = [p.id async for p in client.iter_payments(page_size=2, ending_before=made[0].id)]
+        older = [p.id async for p in client.iter_payments(page_size=2, starting_after=made[-1].id)]
+    assert len(newer) == len(set(newer)) == 6
+    assert set(newer) == {p.id for p in made[1:]}
+    assert older == [p.id for p in reversed(made[:-1])]
+
+
+async def test_a_wait_asks_only_for_what_is_left_and_paces_early_answers(
+    asgi: httpx.ASGITransport, agent_key: str
+) -> None:
+    """A long-poll retried after a lost connection asked the server for the whole timeout
+    again (a 15 s wait returned after 28 s); each try now asks for what is left. A server
+    that answers at once without the payment being there (an API process that is stopping)
+    is not polled in a tight loop."""
+    import asyncio
+    import time
+
+    async with AsyncAgentPay("http://agentpay.test", agent_key, transport=asgi) as client:
+        created = await client.create_payment(
+            amount=500, currency="usd", payment_method="pm_card_visa"
+        )
+        body = (await client.request("GET", f"/v1/payments/{created.id}")).content
+    asked: list[float] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(float(request.url.params["timeout"]))
+        if len(asked) == 1:
+            await asyncio.sleep(0.4)
+            raise httpx.ConnectError("the API restarted", request=request)
+        return httpx.Response(200, content=body, headers={"content-type": "application/json"})
+
+    async with AsyncAgentPay("http://x", "apk_k", transport=httpx.MockTransport(handler)) as client:
+        started = time.monotonic()
+        payment = await client.wait_for_payment(created.id, timeout=1.5, status="reconciled")
+        took = time.monotonic() - started
+    assert payment.status == "received"  # never reconciled: answered at the deadline
+    assert asked[0] == 1.5 and asked[1] <= 1.1, asked
+    assert len(asked) <= 5, asked  # paced (a tight loop made hundreds)
+    assert took < 3, took
+
+
+async def test_a_post_spelled_in_lowercase_still_carries_its_key() -> None:
+    """`request("post", …)` went out as a POST without an Idempotency-Key and was retried:
+    a deposit whose answer was lost could be made twice."""
+    keys: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        keys.append(request.headers.get("Idempotency-Key"))
+        return httpx.Response(503 if len(keys) == 1 else 200, json={})
+
+    async def no_sleep(_: float) -> None:
+        return None
+
+    async with AsyncAgentPay(
+        "http://x", "apk_k", transport=httpx.MockTransport(handler), sleep=no_sleep
+    ) as client:
+        await client.request("post", "/v1/agents/agt_x/deposits", json={"amount": 1})
+    assert len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
