@@ -338,6 +338,33 @@ def test_without_a_database_a_command_says_so_and_exits_3(
     assert "Traceback" not in result.output
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "named"),
+    [
+        ("AGENTPAY_SHUTDOWN_GRACE_SECONDS", "60", "AGENTPAY_STALLED_AFTER_SECONDS"),
+        ("AGENTPAY_FEE_FIXED", "30.5", "AGENTPAY_FEE_FIXED"),
+    ],
+)
+def test_a_setting_that_does_not_parse_is_one_line_and_exit_2(
+    setting: str, value: str, named: str, tmp_path: Path
+) -> None:
+    """A bad AGENTPAY_… value: the setting named on one line and the usage exit code, from
+    any command (a traceback ending in exit 1, which means "refused", it was)."""
+    env = {**os.environ, setting: value, "AGENTPAY_DATA_DIR": str(tmp_path)}
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "workers", "status"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Invalid setting: " in result.stderr and named in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_database_that_does_not_answer_is_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

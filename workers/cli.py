@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import psycopg
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from tasks.settings import ROLES, get_settings
@@ -17,6 +18,7 @@ from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
 from workers.cli_common import (
     NOT_FOUND,
+    USAGE,
     AsJson,
     DataDir,
     database_errors,
@@ -47,7 +49,17 @@ agents_app.command("deposit")(cli_ledger.agents_deposit)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ValidationError as error:
+        # A setting that does not parse (AGENTPAY_…): one line each and the usage exit code,
+        # not a traceback, from every command (the workers' and the API's processes too).
+        err = Console(stderr=True)
+        for problem in error.errors():
+            name = "_".join(str(part) for part in problem["loc"]).upper()
+            where = f"AGENTPAY_{name}: " if name else ""
+            err.print(f"[red]Invalid setting: {where}{problem['msg']}[/]")
+        raise SystemExit(USAGE) from None
 
 
 @app.command()

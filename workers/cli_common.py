@@ -42,9 +42,10 @@ Operator = Annotated[
 ]
 
 # Exit codes: 0 done, 1 refused (by the payment's or job's state, or a name taken), 2 not
-# found (and Click's usage errors), 3 the database is not available.
+# found (and Click's usage errors, and a setting that does not parse), 3 the database is not
+# available.
 REFUSED = 1
-NOT_FOUND = 2
+NOT_FOUND = USAGE = 2
 NO_DATABASE = 3
 
 # A command waits at most this long for a row lock (an operator's open `psql` transaction,
