@@ -428,7 +428,7 @@ async def test_a_wait_asks_only_for_what_is_left_and_paces_early_answers(
     async def handler(request: httpx.Request) -> httpx.Response:
         asked.append(float(request.url.params["timeout"]))
         if len(asked) == 1:
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.4)  # time the failed try takes (not synchronisation)
             raise httpx.ConnectError("the API restarted", request=request)
         return httpx.Response(200, content=body, headers={"content-type": "application/json"})
 
