@@ -45,15 +45,19 @@ async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> l
     cut off). The steps they run are safe to run twice. One an operator canceled while it
     ran (`jobs cancel`), which its dead worker could not stop, ends `aborted` as asked
     (procrastinate's retry would mark it failed, and leave it impossible to retry)."""
-    stalled = await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after)
+    stalled = list(await app.job_manager.get_stalled_jobs(seconds_since_heartbeat=stalled_after))
+    if not stalled:
+        return []
+    # (procrastinate's query of stalled jobs leaves `abort_requested` out: one query for all)
+    asked = await app.connector.execute_query_all_async(
+        "SELECT id FROM procrastinate_jobs WHERE id = ANY(%(ids)s) AND abort_requested",
+        ids=[job.id for job in stalled],
+    )
+    to_abort = {row["id"] for row in asked}
     rescued = []
     for job in stalled:
         assert job.id is not None
-        # (procrastinate's query of stalled jobs leaves `abort_requested` out)
-        row = await app.connector.execute_query_one_async(
-            "SELECT abort_requested FROM procrastinate_jobs WHERE id = %(id)s", id=job.id
-        )
-        aborted = bool(row and row["abort_requested"])
+        aborted = job.id in to_abort
         if aborted:
             await app.job_manager.finish_job_by_id_async(
                 job.id, status=Status.ABORTED, delete_job=False
