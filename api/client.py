@@ -143,9 +143,11 @@ def _wait_targets(status: str | Iterable[str] | None) -> list[str] | None:
 
 class _Cursor:
     """Where `iter_payments` is: older and older pages from `starting_after` (or the
-    newest), or newer and newer ones from `ending_before`. Takes both out of `filters`."""
+    newest), or newer and newer ones from `ending_before`. Takes both out of `filters`, and
+    `limit`: `list_payments`' page size, the page size here too."""
 
-    def __init__(self, filters: dict[str, Any]) -> None:
+    def __init__(self, page_size: int, filters: dict[str, Any]) -> None:
+        self.page_size: int = filters.pop("limit", page_size)
         self.after: str | None = filters.pop("starting_after", None)
         self.before: str | None = filters.pop("ending_before", None)
         if self.after is not None and self.before is not None:
@@ -492,11 +494,14 @@ class AsyncAgentPay(_Base):
     ) -> AsyncIterator[Payment]:
         """Every payment matching the filters of `list_payments`, page by page: newest first,
         or, with `ending_before`, every payment newer than that one, the pages going towards
-        the newest (each page newest first)."""
-        cursor = _Cursor(filters)
+        the newest (each page newest first). `limit` is taken as `page_size`."""
+        cursor = _Cursor(page_size, filters)
         while True:
             page = await self.list_payments(
-                limit=page_size, starting_after=cursor.after, ending_before=cursor.before, **filters
+                limit=cursor.page_size,
+                starting_after=cursor.after,
+                ending_before=cursor.before,
+                **filters,
             )
             for payment in page.data:
                 yield payment
@@ -721,10 +726,13 @@ class AgentPay(_Base):
 
     def iter_payments(self, *, page_size: int = 100, **filters: Any) -> Iterator[Payment]:
         """See `AsyncAgentPay.iter_payments`."""
-        cursor = _Cursor(filters)
+        cursor = _Cursor(page_size, filters)
         while True:
             page = self.list_payments(
-                limit=page_size, starting_after=cursor.after, ending_before=cursor.before, **filters
+                limit=cursor.page_size,
+                starting_after=cursor.after,
+                ending_before=cursor.before,
+                **filters,
             )
             yield from page.data
             if not cursor.turn(page):

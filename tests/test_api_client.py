@@ -403,6 +403,10 @@ async def test_iter_payments_pages_towards_newer_payments_from_ending_before(
         ]
         newer = [p.id async for p in client.iter_payments(page_size=2, ending_before=made[0].id)]
         older = [p.id async for p in client.iter_payments(page_size=2, starting_after=made[-1].id)]
+        # `limit`, the page size of list_payments, is the page size here too (it was passed
+        # twice: a TypeError)
+        limited = [p.id async for p in client.iter_payments(limit=3, starting_after=made[-1].id)]
+    assert limited == older
     assert len(newer) == len(set(newer)) == 6
     assert set(newer) == {p.id for p in made[1:]}
     assert older == [p.id for p in reversed(made[:-1])]
