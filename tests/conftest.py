@@ -5,6 +5,7 @@ helpers to run a role's jobs in-process until its queue is empty."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import shutil
@@ -259,6 +260,31 @@ def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
+def server_port(n: int = 1) -> int:
+    """A free port for a server a test starts (the first of `n` consecutive ones), below the
+    kernel's ephemeral range: a port there is never taken, between this check and the
+    server's bind, by the source port of an outgoing connection (a `bind(0)` port can be)."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        base = random.randrange(max(1024, low - 10_000), low - n)
+        try:
+            held = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                held.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError(f"no {n} consecutive free ports below {low}")
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
     """SIGTERM, then its exit status; killed (-9) if it has not exited within `timeout`, so
     a stop that hangs never leaves a process behind the test."""
@@ -272,21 +298,33 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> int:
         return -9
 
 
-def stop_and_read(process: subprocess.Popen[bytes], timeout: float = 60) -> tuple[str, str]:
+def stop_and_read(
+    process: subprocess.Popen[bytes], timeout: float = 60, data_dir: Path | None = None
+) -> tuple[str, str]:
     """SIGTERM, then the process's stdout and stderr once it exits. Past `timeout` it is
-    killed, with its process group when it leads one (a dev stack's children), and the test
-    fails: a stop that hangs never leaves processes behind."""
+    killed, with its process group when it leads one (a dev stack's children), and so is an
+    embedded Postgres it runs under `data_dir` (pg_ctl starts it in a session of its own),
+    and the test fails: a stop that hangs never leaves processes behind."""
     process.send_signal(signal.SIGTERM)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        if os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, signal.SIGKILL)
-        else:
-            process.kill()
-        out, err = process.communicate()
+        out, err = kill_all(process, data_dir)
         raise AssertionError(
-            f"did not stop within {timeout} s:\n{(out or b'').decode(errors='replace')[-2000:]}"
-            f"{(err or b'').decode(errors='replace')[-2000:]}"
+            f"did not stop within {timeout} s:\n{out[-2000:]}{err[-2000:]}"
         ) from None
+    return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")
+
+
+def kill_all(process: subprocess.Popen[bytes], data_dir: Path | None = None) -> tuple[str, str]:
+    """Kill `process` (with its process group when it leads one) and every embedded Postgres
+    under `data_dir` (an immediate shutdown: SIGQUIT to its postmaster); what it printed."""
+    if os.getpgid(process.pid) == process.pid:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.kill()
+    for pidfile in data_dir.rglob("postmaster.pid") if data_dir is not None else ():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+    out, err = process.communicate()
     return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")

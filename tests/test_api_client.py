@@ -327,7 +327,7 @@ def live_api(settings: Settings) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
-        deadline = 200
+        deadline = 600  # 30 s
         while not server.started and deadline:
             threading.Event().wait(0.05)
             deadline -= 1

@@ -17,6 +17,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from tasks import charge, payments, provider, reconcile
+from tasks.app import Backoff
 from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import FAST_ENV, async_wait_for, run_jobs, wait_for
@@ -256,7 +257,12 @@ async def test_a_refused_search_hands_the_payment_to_the_keyed_create(
 
 
 async def test_unknown_outcomes_leave_the_payment_charging_until_resolved(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, quick: None
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    quick: None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     created = await create(api, agent_key)
     await run_jobs(pool, ("pricing", "risk"))
@@ -267,16 +273,25 @@ async def test_unknown_outcomes_leave_the_payment_charging_until_resolved(
         count=1,
         paths=["/v1/payment_intents"],
     )
+    # The retry comes due in an hour, not within milliseconds (run_jobs would run it too).
+    backoff_delay = Backoff.delay
+    monkeypatch.setattr(Backoff, "delay", lambda self, attempts: 3600.0)
     await run_jobs(pool, ("charge",))
     async with pool.connection() as conn:
         payment = await payments.get(conn, created["id"])
         cur = await conn.execute(
-            "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'charge'"
+            "SELECT status, attempts, scheduled_at > now() AS later FROM procrastinate_jobs"
+            " WHERE task_name = 'charge'"
         )
         job = await cur.fetchone()
     assert payment is not None and payment["status"] == "charging"
     assert payment["failure_code"] is None
-    assert job == {"status": "todo", "attempts": 1}  # retried later with backoff
+    assert job == {"status": "todo", "attempts": 1, "later": True}  # retried with backoff
+    monkeypatch.setattr(Backoff, "delay", backoff_delay)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE status = 'todo'"
+        )
     await drain(pool)
     await assert_exactly_once(api, agent_key, pool, provider_base, [created])
 
@@ -519,7 +534,8 @@ async def test_a_charge_worker_killed_between_the_provider_call_and_the_commit(
 
             wait_for(settled, timeout=45, what="the rescued charge to finish")
     finally:
-        assert stop(healthy) == 0
+        code = stop(healthy)
+    assert code == 0
     await drain(pool)
     await assert_exactly_once(api, agent_key, pool, provider_base, [created])
     assert ("transition", "succeeded", "provider status succeeded") in await _events(

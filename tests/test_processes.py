@@ -21,7 +21,7 @@ from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import ROLES, Settings
-from tests.conftest import FAST_ENV, auth, stop_and_read, wait_for
+from tests.conftest import FAST_ENV, auth, server_port, stop_and_read, wait_for
 from tests.conftest import stop_process as stop
 from workers.demo import run_demo
 from workers.devstack import _dev_keys, new_agent_keys
@@ -187,8 +187,8 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
     data_dir = Path("/tmp") / f"apdev{os.getpid()}"  # short: Postgres' socket lives in it
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STRIPE_API_BASE")}
     env.update(FAST_ENV)
-    port = _free_port()
-    metrics_base = _free_ports_below_ephemeral(len(ROLES))  # one per worker, counting up
+    port = server_port(1 + len(ROLES))  # the API's, then one per worker, counting up
+    metrics_base = port + 1
     env["AGENTPAY_METRICS_PORT"] = str(metrics_base)
     dev = subprocess.Popen(
         [sys.executable, "-m", "workers", "dev", "--port", str(port), "--data-dir", str(data_dir)],
@@ -236,7 +236,7 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
             assert 'agentpay_provider_errors_total{error="Unknown"' in scraped, name
     finally:
         try:
-            output = stop_and_read(dev)[0]
+            output = stop_and_read(dev, data_dir=data_dir)[0]
         finally:
             shutil.rmtree(data_dir, ignore_errors=True)
     assert dev.returncode == 0, output
@@ -249,41 +249,10 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
         pass
 
 
-def _free_port() -> int:
-    from workers.devstack import free_port
-
-    return free_port()
-
-
-def _free_ports_below_ephemeral(n: int) -> int:
-    """The first of `n` consecutive free ports below the kernel's ephemeral range: ports
-    there are never taken by the source port of an outgoing connection (one of
-    `_free_port`'s neighbours can be, between this check and the bind)."""
-    import random
-    import socket
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        base = random.randrange(max(1024, low - 10_000), low - n)
-        try:
-            held = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                held.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in held:
-                s.close()
-    raise AssertionError(f"no {n} consecutive free ports below {low}")
-
-
 def test_the_api_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> None:
     """A process manager's stop (SIGTERM) ends `agentpay api` with status 0 after a graceful
     shutdown, not by dying of the signal."""
-    port = _free_port()
+    port = server_port()
     api = subprocess.Popen(
         [sys.executable, "-m", "workers", "api", "--port", str(port)],
         cwd=ROOT,
@@ -304,7 +273,7 @@ def test_a_stopping_api_answers_its_long_polls_at_once(database_url: str, tmp_pa
     (uvicorn waited for every open request: the stop took the whole minute)."""
     import threading
 
-    port = _free_port()
+    port = server_port()
     env = {**os.environ, "DATABASE_URL": database_url, "AGENTPAY_DATA_DIR": str(tmp_path)}
     api = subprocess.Popen(
         [sys.executable, "-m", "workers", "api", "--port", str(port)],
@@ -356,7 +325,7 @@ def test_a_stopping_api_answers_its_long_polls_at_once(database_url: str, tmp_pa
 def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_path: Path) -> None:
     """`agentpay api --processes 2`: two processes answer on one port (each with its own
     pool, seen in pg_stat_activity), payments are taken, and SIGTERM stops them all."""
-    port = _free_port()
+    port = server_port()
     env = {**os.environ, **FAST_ENV, "DATABASE_URL": database_url}
     api = subprocess.Popen(
         [sys.executable, "-m", "workers", "api", "--port", str(port), "--processes", "2"],
@@ -364,6 +333,7 @@ def test_the_api_serves_one_port_from_several_processes(database_url: str, tmp_p
         env={**env, "AGENTPAY_DATA_DIR": str(tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: stop_and_read can kill it all
     )
     base = f"http://127.0.0.1:{port}"
     children: list[int] = []

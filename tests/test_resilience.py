@@ -29,9 +29,8 @@ from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, SANDBOX_API_KEY
-from tests.conftest import FAST_ENV, async_wait_for, auth, run_jobs, wait_for
+from tests.conftest import FAST_ENV, async_wait_for, auth, run_jobs, server_port, wait_for
 from tests.conftest import stop_process as stop
-from workers.devstack import free_port
 from workers.pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +83,13 @@ def worker(role: str, database_url: str, provider_base: str, **env: str) -> subp
 
 def sandbox_faults(provider_base: str, **config: Any) -> None:
     httpx.post(f"{provider_base}/_sandbox/faults", json=config).raise_for_status()
+
+
+def delays_injected(provider_base: str) -> int:
+    """How many requests the sandbox has held back (`delay_ms`) since its faults were set."""
+    r = httpx.get(f"{provider_base}/_sandbox/faults")
+    r.raise_for_status()
+    return int(r.json()["injected"]["delay"])
 
 
 def intents_for(provider_base: str, payment_id: str) -> list[dict[str, Any]]:
@@ -292,6 +298,12 @@ async def test_a_job_cut_off_by_the_shutdown_grace_goes_back_to_its_queue(
         lambda: _status(pool, job + " AND status = 'doing'", payment_id),
         what="the charge job to run",
     )
+    # Stopped once the job has claimed its payment and waits on the provider (a stop before
+    # that could cut the claim off: the payment would stay `approved`).
+    await async_wait_for(
+        lambda: asyncio.to_thread(delays_injected, provider_base),
+        what="the charge to reach the provider",
+    )
     worker.stop()
     await asyncio.wait_for(running, 30)
     assert await _status(pool, job, payment_id) == ("failed" if last_attempt else "todo")
@@ -326,7 +338,7 @@ async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(
             held_by = one(
                 conn, "SELECT worker_id FROM procrastinate_jobs WHERE queue_name = 'charge'"
             )
-            metrics_port = free_port()
+            metrics_port = server_port()
             survivor = worker(
                 "charge", database_url, provider_base, AGENTPAY_METRICS_PORT=str(metrics_port)
             )
@@ -337,6 +349,16 @@ async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(
                 ),
                 timeout=60,
                 what="the payment to be reconciled",
+            )
+            # The charge job's outcome is written after its step committed, in the charge
+            # worker's own time (the reconcile may be done first); its metrics before that.
+            wait_for(
+                lambda: (
+                    one(conn, "SELECT status FROM procrastinate_jobs WHERE queue_name = 'charge'")
+                    != "doing"
+                ),
+                timeout=30,
+                what="the charge job's outcome",
             )
             job = conn.execute(
                 "SELECT status::text AS status, attempts, worker_id FROM procrastinate_jobs"
@@ -384,7 +406,15 @@ async def test_sigterm_lets_the_running_job_finish(
 ) -> None:
     payment_id = await approved_payment(pool)
     sandbox_faults(provider_base, delay_ms=1500, paths=["/v1/payment_intents"], count=1)
-    charge = worker("charge", database_url, provider_base)
+    # A grace far longer than the job (in a cold process on a loaded machine), which is what
+    # this test is about: the running job finishes.
+    charge = worker(
+        "charge",
+        database_url,
+        provider_base,
+        AGENTPAY_SHUTDOWN_GRACE_SECONDS="30",
+        AGENTPAY_STALLED_AFTER_SECONDS="45",
+    )
     try:
         with db(database_url) as conn:
             wait_for(
@@ -432,7 +462,7 @@ async def test_postgres_restart_under_load_needs_no_process_restart(
     async with open_pool(url, min_size=1, max_size=1) as p:
         async with p.connection() as conn, conn.transaction():
             _, key = await agents.create(conn, "outage-agent")
-    port = free_port()
+    port = server_port()
     api_url = f"http://127.0.0.1:{port}"
     api = start(["api", "--port", str(port)], url, provider_base)
     fleet = [worker(role, url, provider_base) for role in ROLES]

@@ -19,9 +19,8 @@ from sandbox.webhooks import sign_payload
 from tasks import charge, payments, webhooks
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import WEBHOOK_SECRET, async_wait_for, auth, run_jobs, wait_for
+from tests.conftest import WEBHOOK_SECRET, async_wait_for, auth, run_jobs, server_port, wait_for
 from tests.test_pipeline import create, fetch
-from workers.devstack import free_port
 
 EVENT = {
     "id": "evt_test_1",
@@ -366,7 +365,7 @@ async def test_a_refund_made_outside_agentpay_is_taken_in_once(
 @pytest.fixture
 def api_url(settings: Settings) -> Iterator[str]:
     """The API served over HTTP (on this test's database), for the sandbox to call."""
-    port = free_port()
+    port = server_port()
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
