@@ -16,6 +16,7 @@ It gives up, rolls back and tries again, `LOCK_ATTEMPTS` times in all, then fail
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -23,9 +24,11 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import tuple_row
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same in every process that migrates.
@@ -62,6 +65,31 @@ class Migration:
 def project_migrations() -> list[Migration]:
     files = sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
     return [Migration(f.stem, f.read_text(encoding="utf-8")) for f in files]
+
+
+@functools.cache
+def expected() -> tuple[str, ...]:
+    """What a database must have recorded for this release's code to run on it: procrastinate's
+    schema at the installed version, and every project migration."""
+    return (f"procrastinate-{_procrastinate_version()}", *(m.name for m in project_migrations()))
+
+
+async def missing(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """This release's migrations the database has not recorded (all of them when it has none
+    recorded at all), in order. The processes of a release wait until this is empty before
+    they work: code that reads a column its migration has not added yet would fail its jobs
+    for good."""
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        row = await cur.fetchone()
+        if not (row and row[0]):
+            return list(expected())
+        await cur.execute(
+            "SELECT name FROM unnest(%s::text[]) WITH ORDINALITY AS e (name, n)"
+            " WHERE name NOT IN (SELECT name FROM schema_migrations) ORDER BY n",
+            (list(expected()),),
+        )
+        return [name for (name,) in await cur.fetchall()]
 
 
 def _procrastinate_version() -> str:

@@ -138,6 +138,58 @@ async def approved_payment(pool: Pool) -> str:
     return payment_id
 
 
+async def test_a_worker_of_a_new_release_waits_for_its_migrations(
+    pool: Pool, database_url: str, provider_base: str, api: httpx.AsyncClient
+) -> None:
+    """A deploy whose workers start before `agentpay migrate` ran: a worker takes no job
+    (its code could need a column not there yet, and the job would fail for good) and the
+    API is not ready, until the database has every migration of the release."""
+    payment_id, _ = await _received_payment(pool)
+    last = schema.expected()[-1]
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "DELETE FROM schema_migrations WHERE name = %s RETURNING name, checksum", (last,)
+        )
+        recorded = await cur.fetchone()
+    assert recorded is not None
+    answer = await api.get("/readyz")
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "status": "not_ready",
+        "reason": "migrations_pending",
+        "missing": [last],
+    }
+    pricing = worker("pricing", database_url, provider_base)
+    try:
+        # Two checks a second apart, both found the migration missing; the job still waits.
+        wait_for(
+            lambda: tail(pricing).count("waiting for the database's schema") >= 2,
+            timeout=30,
+            what="the worker to wait for the migration",
+        )
+        assert last in tail(pricing)
+        with db(database_url) as conn:
+            assert one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id) == (
+                "received"
+            )
+            conn.execute(
+                "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
+                (recorded["name"], recorded["checksum"]),
+            )
+            wait_for(
+                lambda: (
+                    one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id)
+                    == "priced"
+                ),
+                timeout=60,
+                what="the worker to take the job once migrated",
+            )
+    finally:
+        code = stop(pricing)
+    assert code == 0, tail(pricing)
+    assert (await api.get("/readyz")).json() == {"status": "ready"}
+
+
 async def test_a_stop_that_hangs_reports_what_it_waits_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -5,7 +5,8 @@ listener stops it, and so does a job's outcome that cannot be written even when 
 again); this loop starts it again with backoff, so a Postgres restart never needs a process
 restart, and the stalled-job rescue (workers/maintenance.py) puts back any job whose end
 could not be written. SIGTERM/SIGINT stop claiming, let running jobs finish (up to
-`shutdown_grace_seconds`; a job still running then goes back to its queue), and exit.
+`shutdown_grace_seconds`; a job still running then goes back to its queue), and exit. It
+takes no job before the database has every migration of this release (`schema.missing`).
 
 Around every job (`observe_job`): its log lines carry job_id, payment_id and role; its
 duration and outcome go to the process's Prometheus metrics; a job that fails for good is
@@ -33,6 +34,7 @@ from procrastinate import App, exceptions, job_context
 from procrastinate.worker import Worker
 from prometheus_client import Counter, Histogram, start_http_server
 
+import schema
 from tasks import payments, provider
 from tasks.app import TransientError, bind
 from tasks.db import Pool, open_pool
@@ -364,6 +366,7 @@ class RoleWorker:
             bind(pool) as app,
         ):
             app.perform_import_paths()  # register every role's task
+            await self._wait_for_schema(pool)
             maintenance = asyncio.create_task(run_maintenance(app, pool, s), name="maintenance")
             try:
                 failures = 0
@@ -392,6 +395,30 @@ class RoleWorker:
                     await maintenance
                 await provider.connections.close()
         log.info("stopped", extra={"role": self.role})
+
+    async def _wait_for_schema(self, pool: Pool) -> None:
+        """Return once the database has every migration this release's code needs (or the
+        process is asked to stop). A worker of a new release that starts before the deploy's
+        `agentpay migrate` ran would otherwise fail jobs for good on a column not there yet;
+        it waits instead, as it waits for a database that is away."""
+        pause = 1.0
+        while not self._stopping.is_set():
+            try:
+                async with pool.connection() as conn:
+                    needed = await schema.missing(conn)
+            except Exception as error:
+                needed, problem = None, repr(error)
+            else:
+                problem = "migrations not applied yet: run `agentpay migrate`"
+            if needed == []:
+                return
+            log.warning(
+                "waiting for the database's schema before taking jobs",
+                extra={"role": self.role, "missing": needed, "error": problem},
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)
+            pause = min(10.0, pause * 2)
 
 
 async def run_role(role: str, *, concurrency: int | None = None) -> None:
