@@ -37,7 +37,7 @@ from api.deps import PoolDep
 from api.errors import ApiError
 from tasks import ledger
 from tasks.db import Conn, Pool
-from tasks.settings import Settings, get_settings
+from tasks.settings import ROLES, Settings, get_settings
 
 router = APIRouter(tags=["operations"])
 
@@ -96,6 +96,7 @@ class Snapshot:
 
     at: datetime
     stuck_after_seconds: float
+    stalled_after_seconds: float
     queues: list[dict[str, Any]]
     throughput: list[dict[str, Any]]
     stuck: list[dict[str, Any]]
@@ -110,6 +111,20 @@ class Snapshot:
     unlimited_agents: list[dict[str, Any]] = field(default_factory=list)
     # Totals of the (possibly truncated) lists above.
     counts: dict[str, Any] = field(default_factory=dict)
+
+    def workers_by_role(self) -> dict[tuple[str, str], int]:
+        """(role, "alive" | "stalled") -> worker processes, by heartbeat age against
+        `stalled_after_seconds`; every role is there, at 0 too (a role with no live worker
+        is what an operator must see). A worker of an older release, which does not say its
+        role, counts under "unknown"."""
+        out = {(role, state): 0 for role in ROLES for state in ("alive", "stalled")}
+        for w in self.workers:
+            state = (
+                "alive" if w["heartbeat_age_seconds"] < self.stalled_after_seconds else "stalled"
+            )
+            key = (w.get("role") or "unknown", state)
+            out[key] = out.get(key, 0) + 1
+        return out
 
     def stuck_by_waiting_on(self) -> dict[str, int]:
         out = {"fleet": 0, "operator": 0, "agent": 0}
@@ -171,6 +186,7 @@ async def read_snapshot(conn: Conn, settings: Settings | None = None) -> Snapsho
     return Snapshot(
         at=head["at"],
         stuck_after_seconds=settings.stuck_after_seconds,
+        stalled_after_seconds=settings.stalled_after_seconds,
         durations=durations,
         unlimited_agents=[dict(a) for a in unlimited],
         counts=counts,
@@ -181,9 +197,8 @@ async def read_snapshot(conn: Conn, settings: Settings | None = None) -> Snapsho
 class SnapshotCollector(Collector):
     """Prometheus metric families of one snapshot."""
 
-    def __init__(self, snapshot: Snapshot, stalled_after_seconds: float) -> None:
+    def __init__(self, snapshot: Snapshot) -> None:
         self.s = snapshot
-        self.stalled_after = stalled_after_seconds
 
     def collect(self) -> Iterator[Metric]:
         s = self.s
@@ -278,12 +293,13 @@ class SnapshotCollector(Collector):
             hooks.add_metric([w["type"], w["outcome"]], float(w["total"]))
         yield hooks
 
-        alive = sum(1 for w in s.workers if w["heartbeat_age_seconds"] < self.stalled_after)
         workers = GaugeMetricFamily(
-            "agentpay_workers", "Worker processes by heartbeat", labels=["state"]
+            "agentpay_workers",
+            "Worker processes by role and heartbeat (every role's series exist, at 0 too)",
+            labels=["role", "state"],
         )
-        workers.add_metric(["alive"], float(alive))
-        workers.add_metric(["stalled"], float(len(s.workers) - alive))
+        for (role, state), count in s.workers_by_role().items():
+            workers.add_metric([role, state], float(count))
         yield workers
 
 
@@ -293,7 +309,7 @@ def _le(value: float) -> str:
 
 def render(snapshot: Snapshot, settings: Settings) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshot, settings.stalled_after_seconds))
+    registry.register(SnapshotCollector(snapshot))
     return generate_latest(registry)
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -188,6 +189,58 @@ async def test_a_worker_of_a_new_release_waits_for_its_migrations(
         code = stop(pricing)
     assert code == 0, tail(pricing)
     assert (await api.get("/readyz")).json() == {"status": "ready"}
+
+
+async def test_each_worker_says_its_role_so_a_role_without_one_shows(
+    pool: Pool, database_url: str, provider_base: str, api: httpx.AsyncClient
+) -> None:
+    """procrastinate keeps no name for a worker; its role could only be told from the jobs
+    it held, so idle workers had none and a role left with no worker looked healthy. Each
+    worker writes its role, pid and host; /metrics and `agentpay status` count live workers
+    per role, every role at 0 too; the row goes when the worker stops."""
+    pricing = worker("pricing", database_url, provider_base)
+    try:
+        with db(database_url) as conn:
+            row = wait_for(
+                lambda: conn.execute(
+                    "SELECT role, pid, host, queues FROM ops_workers WHERE role IS NOT NULL"
+                ).fetchone(),
+                timeout=30,
+                what="the worker to register",
+            )
+        assert row == {
+            "role": "pricing",
+            "pid": pricing.pid,
+            "host": socket.gethostname(),
+            "queues": "pricing",
+        }
+        scraped = (await api.get("/metrics")).text
+        status = subprocess.run(
+            [sys.executable, "-m", "workers", "status"],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": database_url, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        code = stop(pricing)
+    assert code == 0, tail(pricing)
+    samples = {
+        tuple(sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+        if s.name == "agentpay_workers"
+    }
+    assert samples == {
+        (("role", role), ("state", state)): float(role == "pricing" and state == "alive")
+        for role in ROLES
+        for state in ("alive", "stalled")
+    }
+    assert status.returncode == 0, status.stderr
+    assert "workers: pricing 1, risk 0, charge 0, reconcile 0" in status.stdout
+    with db(database_url) as conn:
+        assert one(conn, "SELECT count(*) FROM worker_roles") == 0  # gone with its worker
 
 
 async def test_a_stop_that_hangs_reports_what_it_waits_for(

@@ -15,7 +15,7 @@ from rich.text import Text
 
 from api.metrics import Snapshot, read_snapshot
 from tasks.db import open_pool
-from tasks.settings import Settings
+from tasks.settings import ROLES, Settings
 
 
 async def fetch(settings: Settings) -> Snapshot:
@@ -50,6 +50,24 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: in
     return table
 
 
+def _workers_headline(s: Snapshot) -> list[tuple[str, str]]:
+    """Live workers per role (red when a role has none: its queue is not worked), then the
+    stalled ones (stopped heartbeating: killed or cut off), if any."""
+    by_role = s.workers_by_role()
+    others = sorted({role for role, _ in by_role} - set(ROLES))
+    parts: list[tuple[str, str]] = [("workers: ", "")]
+    for role in [*ROLES, *others]:
+        alive = by_role.get((role, "alive"), 0)
+        if role in ROLES or alive:
+            parts.append((f"{role} {alive}", "" if alive else "bold red"))
+            parts.append((", ", ""))
+    parts.pop()
+    stalled = sum(count for (_, state), count in by_role.items() if state == "stalled")
+    if stalled:
+        parts.append((f"  stalled: {stalled}", "bold red"))
+    return parts
+
+
 def render(s: Snapshot, *, limit: int = 10) -> Group:
     """The snapshot as rich renderables: queues and throughput always, then what needs an
     operator (stuck payments, the review queue, failures, mismatches), `limit` rows each."""
@@ -62,7 +80,8 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
             f"{stuck['agent']} agent  ",
             "bold red" if stuck["fleet"] else "",
         ),
-        f"review: {s.counts['review']}  workers: {len(s.workers)}",
+        f"review: {s.counts['review']}  ",
+        *_workers_headline(s),
     )
     queues = Table(title="Queues", title_justify="left")
     for column in (

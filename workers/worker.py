@@ -23,8 +23,10 @@ import functools
 import inspect
 import itertools
 import logging
+import os
 import random
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -115,6 +117,7 @@ class _Worker(Worker):
     waiting until a task fails, so the loop in `RoleWorker.run` starts a fresh worker."""
 
     stalled_after: float = 45.0  # AGENTPAY_STALLED_AFTER_SECONDS (set by `for_role`)
+    role: str = ""  # the role whose queue it works (set by `for_role`)
 
     @classmethod
     def for_role(cls, app: App, pool: Pool, role: str, concurrency: int, s: Settings) -> _Worker:
@@ -136,7 +139,21 @@ class _Worker(Worker):
             worker_middleware=[observe_job(role, pool)],
         )
         worker.stalled_after = s.stalled_after_seconds
+        worker.role = role
         return worker
+
+    async def _run_loop(self) -> None:
+        # procrastinate has just registered this worker: say which role it runs, and where,
+        # for `ops_workers` (the row goes with procrastinate's when it unregisters).
+        await self.app.connector.execute_query_async(
+            "INSERT INTO worker_roles (worker_id, role, pid, host)"
+            " VALUES (%(worker)s, %(role)s, %(pid)s, %(host)s)",
+            worker=self.worker_id,
+            role=self.role or ",".join(self.queues or []),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+        )
+        await super()._run_loop()
 
     async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
         pending = set(side_tasks)

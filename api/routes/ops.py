@@ -444,7 +444,11 @@ def render_page(s: Snapshot, refresh: int) -> str:
             ["at", "payment_id", "status", "provider_payment_id", "field", "expected", "actual"],
             total=s.counts["mismatches"],
         ),
-        _table("Workers", s.workers, ["worker_id", "heartbeat_age_seconds", "running", "queues"]),
+        _table(
+            "Workers",
+            s.workers,
+            ["worker_id", "role", "host", "pid", "heartbeat_age_seconds", "running"],
+        ),
         "</body></html>",
     ]
     return "".join(parts)
