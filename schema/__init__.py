@@ -11,7 +11,9 @@ of a deploy may call `migrate()` safely.
 A migration waits at most `LOCK_TIMEOUT` for each lock it needs: while it waits, every
 query that needs the same table queues behind it, so one long transaction elsewhere (an open
 `psql` session) would otherwise stall the API and the fleet for as long as it stays open.
-It gives up, rolls back and tries again, `LOCK_ATTEMPTS` times in all, then fails.
+It gives up, rolls back and tries again, `LOCK_ATTEMPTS` times in all, then fails
+(`MigrationLocked`). `LOCK_TIMEOUT` stays below the API's own `lock_timeout` (3 s), so a
+request queued behind a waiting migration is let through before it would give up.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import importlib.metadata
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,14 +45,19 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text
 """
 
-LOCK_TIMEOUT = "5s"
-LOCK_ATTEMPTS = 6
+LOCK_TIMEOUT = "2s"
+LOCK_ATTEMPTS = 15
 
 log = logging.getLogger("agentpay.schema")
 
 
 class MigrationEdited(RuntimeError):
     """Migrations whose text changed after they were applied."""
+
+
+class MigrationLocked(RuntimeError):
+    """A migration that gave up waiting for a lock another session holds (`LOCK_ATTEMPTS`
+    tries of `LOCK_TIMEOUT`); it was rolled back, those before it stay applied."""
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,11 @@ def _procrastinate_schema() -> str:
     return SchemaManager.get_schema()
 
 
-def migrate(database_url: str) -> list[str]:
-    """Apply what is missing; return the names applied (empty when up to date)."""
+def migrate(database_url: str, on_applied: Callable[[str], None] | None = None) -> list[str]:
+    """Apply what is missing; return the names applied (empty when up to date). Each is
+    committed on its own, and passed to `on_applied` then (a later one may fail)."""
     applied: list[str] = []
+    report = on_applied or (lambda name: None)
     # A server that does not answer is an error within 10 s, not after the OS's TCP timeout
     # (a libpq parameter of the URL, if it has one, wins).
     params = conninfo_to_dict(database_url)
@@ -137,17 +147,19 @@ def migrate(database_url: str) -> list[str]:
             )
             ours = project_migrations()
             _check_unedited(conn, ours, done)
-            applied += _migrate_procrastinate(conn, set(done))
-            for migration in ours:
-                if migration.name not in done:
-                    _apply(conn, migration)
-                    applied.append(migration.name)
+            steps = _procrastinate_steps(set(done)) + [m for m in ours if m.name not in done]
+            for step in steps:
+                _apply(conn, step)
+                applied.append(step.name)
+                report(step.name)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_ADVISORY_LOCK_KEY,))
     return applied
 
 
-def _migrate_procrastinate(conn: psycopg.Connection, done: set[str]) -> list[str]:
+def _procrastinate_steps(done: set[str]) -> list[Migration]:
+    """What brings procrastinate's schema to the installed version: all of it on a new
+    database, else the upgrade scripts not applied yet, then the version's own record."""
     current = f"procrastinate-{_procrastinate_version()}"
     if current in done:
         return []
@@ -156,17 +168,13 @@ def _migrate_procrastinate(conn: psycopg.Connection, done: set[str]) -> list[str
         key=_version_key,
     )
     if not recorded:
-        steps = [Migration(current, _procrastinate_schema())]
-    else:
-        # Each script is recorded as it is applied: an upgrade stopped half-way (a lock
-        # wait given up) goes on from where it stopped.
-        steps = [
-            *(m for m in _procrastinate_migrations(recorded[-1]) if m.name not in done),
-            Migration(current, "SELECT 1"),
-        ]
-    for step in steps:
-        _apply(conn, step)
-    return [step.name for step in steps]
+        return [Migration(current, _procrastinate_schema())]
+    # Each script is recorded as it is applied: an upgrade stopped half-way (a lock wait
+    # given up) goes on from where it stopped.
+    return [
+        *(m for m in _procrastinate_migrations(recorded[-1]) if m.name not in done),
+        Migration(current, "SELECT 1"),
+    ]
 
 
 def _check_unedited(
@@ -201,12 +209,36 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
                     (migration.name, migration.checksum),
                 )
             return
-        except psycopg.errors.LockNotAvailable:
+        except psycopg.errors.LockNotAvailable as error:
             if attempt == LOCK_ATTEMPTS:
-                raise
+                raise MigrationLocked(
+                    f"migration {migration.name} waited {LOCK_ATTEMPTS} times {LOCK_TIMEOUT} "
+                    "for a lock other sessions hold, and was rolled back (those before it "
+                    f"stay applied). {_long_transactions(conn)}End them and run migrate "
+                    "again."
+                ) from error
             log.warning(
                 "migration %s waited %s for a lock another session holds; trying again",
                 migration.name,
                 LOCK_TIMEOUT,
             )
-            time.sleep(attempt)
+            time.sleep(1)
+
+
+def _long_transactions(conn: psycopg.Connection) -> str:
+    """The other sessions of this database in a transaction for longer than a lock wait:
+    those that may hold the lock (pid, application, state, age)."""
+    rows = conn.execute(
+        """SELECT pid, coalesce(nullif(application_name, ''), usename) AS who, state,
+                  round(extract(epoch FROM now() - xact_start))::int AS seconds
+             FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND xact_start < now() - %s::interval
+            ORDER BY xact_start
+            LIMIT 5""",
+        (LOCK_TIMEOUT,),
+    ).fetchall()
+    if not rows:
+        return ""
+    found = "; ".join(f"pid {pid} ({who}, {state}, {age} s)" for pid, who, state, age in rows)
+    return f"Sessions in a transaction for longer: {found}. "

@@ -70,21 +70,53 @@ def test_a_migration_gives_up_its_lock_wait_instead_of_stalling_everyone(
 ) -> None:
     """A session holding a table (an operator's open transaction) makes the migration that
     needs it wait: at most LOCK_TIMEOUT a try, then it rolls back, so the queries queued
-    behind it go on; it fails after LOCK_ATTEMPTS, and succeeds once the table is free."""
+    behind it go on; it fails after LOCK_ATTEMPTS, and succeeds once the table is free.
+    `agentpay migrate` says what it applied before (each is committed), which migration gave
+    up and which session may hold the lock, and exits 3."""
     folder = _our_migrations(tmp_path, monkeypatch)
+    (folder / "0998_first.sql").write_text("CREATE TABLE first_one (id int);\n")
     (folder / "0999_later.sql").write_text("ALTER TABLE payment_jobs ADD COLUMN later int;\n")
     monkeypatch.setattr(schema, "LOCK_TIMEOUT", "200ms")
     monkeypatch.setattr(schema, "LOCK_ATTEMPTS", 2)
-    with psycopg.connect(database_url) as holder:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    with psycopg.connect(database_url, application_name="operator-psql") as holder:
         holder.execute("SELECT count(*) FROM payment_jobs").fetchone()  # holds it till commit
-        with pytest.raises(psycopg.errors.LockNotAvailable):
+        holder_pid = holder.info.backend_pid
+        try:
+            result = CliRunner().invoke(cli, ["migrate"])
+        finally:
+            get_settings.cache_clear()
+        with pytest.raises(schema.MigrationLocked, match=f"pid {holder_pid} \\(operator-psql"):
             schema.migrate(database_url)
         holder.rollback()
+    assert result.exit_code == 3, result.output
+    assert result.output.startswith("applied 0998_first\n"), result.output
+    assert "migration 0999_later waited 2 times 200ms" in result.output
+    assert f"pid {holder_pid} (operator-psql, idle in transaction" in result.output
     with psycopg.connect(database_url) as conn:
         assert conn.execute(
             "SELECT count(*) FROM schema_migrations WHERE name = '0999_later'"
         ).fetchone() == (0,)
     assert schema.migrate(database_url) == ["0999_later"]
+
+
+def test_commands_on_a_database_without_the_schema_say_to_migrate(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`agentpay status` on a database nobody migrated: one line saying what to do and exit
+    3, not a traceback."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("DROP VIEW ops_queue_depth CASCADE")
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli, ["status"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 3, result.output
+    assert "run `agentpay migrate`" in result.output
+    assert "ops_queue_depth" in result.output
 
 
 def test_a_procrastinate_upgrade_stopped_half_way_goes_on_where_it_stopped(

@@ -17,6 +17,7 @@ from tasks.settings import ROLES, get_settings
 from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
 from workers.cli_common import (
+    NO_DATABASE,
     NOT_FOUND,
     USAGE,
     AsJson,
@@ -102,7 +103,7 @@ def demo(
     workers_per_role: Annotated[int, typer.Option(min=1, help="Worker processes per role")] = 1,
     port: Annotated[int, typer.Option(help="Port of the API (0: any free port)")] = 0,
 ) -> None:
-    """Start a dev stack of its own (in <data-dir>/demo), let demo agents send payments over
+    """Start a dev stack of its own (in `<data-dir>/demo`), let demo agents send payments over
     HTTP, show progress, and print a summary of outcomes, throughput and latency. Exits
     non-zero if a payment did not end where it should."""
     from workers import logs
@@ -131,7 +132,7 @@ def chaos(
     seed: Annotated[int, typer.Option(help="Seed of the mix and of the faults")] = 1,
     data_dir: DataDir = None,
 ) -> None:
-    """Run a dev stack of its own (in <data-dir>/chaos) and send a mix of payments (cards,
+    """Run a dev stack of its own (in `<data-dir>/chaos`) and send a mix of payments (cards,
     declines, manual captures, cancels, refunds, reviews) while killing random workers with
     SIGKILL, restarting Postgres once and making the sandbox fail 10% of requests and lose
     5% of responses. Then stop the faults, let the fleet drain, and check every invariant.
@@ -158,13 +159,15 @@ def migrate(data_dir: DataDir = None) -> None:
     settings = settings_for(data_dir)
     with database_errors():
         try:
-            applied = schema.migrate(settings.resolved_database_url())
+            applied = schema.migrate(
+                settings.resolved_database_url(),
+                on_applied=lambda name: console.print(f"applied {name}"),
+            )
         except schema.MigrationEdited as error:
             raise fail(str(error)) from error
-    if applied:
-        for name in applied:
-            console.print(f"applied {name}")
-    else:
+        except schema.MigrationLocked as error:
+            raise fail(str(error), NO_DATABASE) from error
+    if not applied:
         console.print("database is up to date")
 
 

@@ -80,8 +80,9 @@ def settings_for(data_dir: Path | None) -> Settings:
 
 @contextmanager
 def database_errors() -> Iterator[None]:
-    """No database configured, none answering (10 s), or a transient refusal (lock or
-    statement timeout, serialization failure): one line on stderr and exit code 3. The
+    """No database configured, none answering (10 s), one without agentpay's schema, or a
+    transient refusal (lock or statement timeout, serialization failure): one line on stderr
+    and exit code 3. The
     command's transaction was rolled back — unless the connection broke during its commit,
     when it may have gone through: look before running a deposit or a create again."""
     try:
@@ -90,6 +91,17 @@ def database_errors() -> Iterator[None]:
         Console(stderr=True).print(
             f"[red]Another transaction holds a row this command needs (for over "
             f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again.[/]"
+        )
+        raise typer.Exit(NO_DATABASE) from error
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedColumn,
+        psycopg.errors.UndefinedFunction,
+    ) as error:
+        first_line = str(error).splitlines()[0]
+        Console(stderr=True).print(
+            f"[red]The database lacks agentpay's schema, or this release's migrations "
+            f"({first_line}): run `agentpay migrate`.[/]"
         )
         raise typer.Exit(NO_DATABASE) from error
     except (NoDatabase, psycopg.OperationalError) as error:
