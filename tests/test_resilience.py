@@ -113,6 +113,10 @@ def one(conn: psycopg.Connection[dict[str, Any]], sql: str, *params: Any) -> Any
     return None if row is None else next(iter(row.values()))
 
 
+def status_of(conn: psycopg.Connection[dict[str, Any]], payment_id: str) -> Any:
+    return one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id)
+
+
 async def _received_payment(pool: Pool, amount: int = 700) -> tuple[str, int]:
     """A visa payment with its pricing job waiting: (payment id, job id)."""
     async with pool.connection() as conn, conn.transaction():
@@ -170,18 +174,13 @@ async def test_a_worker_of_a_new_release_waits_for_its_migrations(
         )
         assert last in tail(pricing)
         with db(database_url) as conn:
-            assert one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id) == (
-                "received"
-            )
+            assert status_of(conn, payment_id) == "received"
             conn.execute(
                 "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                 (recorded["name"], recorded["checksum"]),
             )
             wait_for(
-                lambda: (
-                    one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id)
-                    == "priced"
-                ),
+                lambda: status_of(conn, payment_id) == "priced",
                 timeout=60,
                 what="the worker to take the job once migrated",
             )
@@ -448,10 +447,7 @@ async def test_a_sigkilled_workers_job_is_rescued_and_runs_once(
                 "charge", database_url, provider_base, AGENTPAY_METRICS_PORT=str(metrics_port)
             )
             wait_for(
-                lambda: (
-                    one(conn, "SELECT status FROM payment_jobs WHERE id = %s", payment_id)
-                    == "reconciled"
-                ),
+                lambda: status_of(conn, payment_id) == "reconciled",
                 timeout=60,
                 what="the payment to be reconciled",
             )
