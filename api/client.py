@@ -131,8 +131,9 @@ def _sent_key(response: httpx.Response | None) -> str | None:
 
 
 def _wait_targets(status: str | Iterable[str] | None) -> list[str] | None:
-    """The states a wait stops at; None: the server's default (a settled state). One state
-    may be given as a string; an empty collection would never be met, so it is refused."""
+    """The states a wait stops at (or past); None: the server's default (a settled state).
+    One state may be given as a string; an empty collection would never be met, so it is
+    refused."""
     if status is None:
         return None
     wanted = sorted({status} if isinstance(status, str) else set(status))
@@ -515,9 +516,12 @@ class AsyncAgentPay(_Base):
         timeout: float = 60.0,  # noqa: ASYNC109 - the server waits; this bounds the wait
         status: str | Iterable[str] | None = None,
     ) -> Payment:
-        """Wait (long-polling, not hammering) until the payment is in one of `status` (by
-        default a settled state — final, or succeeded, authorized, requires_action,
-        partially_refunded — with no capture, cancel or refund pending), or `timeout`
+        """Wait (long-polling, not hammering) until the payment is in one of `status` or
+        past it — in a state it can only reach through it: `status="succeeded"` also ends on
+        reconciled, partially_refunded or refunded (`succeeded` lasts moments), while
+        `"authorized"` ends on authorized alone (a payment can succeed without it). By
+        default: a settled state — final, or succeeded, authorized, requires_action,
+        partially_refunded — with no capture, cancel or refund pending. Or until `timeout`
         seconds pass. Returns the payment as it is then: check its `status`."""
         poll = _Poll(timeout, _wait_targets(status), self.timeout)
         while True:

@@ -279,12 +279,84 @@ SETTLED_STATES: frozenset[str] = frozenset(
 )
 
 
+# The only transitions between states (schema/migrations/0001_payments.sql:
+# payment_transitions, which Postgres enforces; tests/test_api_listing.py checks that this
+# copy is the same).
+TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("received", "priced"),
+        ("received", "rejected"),
+        ("received", "canceled"),
+        ("priced", "approved"),
+        ("priced", "in_review"),
+        ("priced", "rejected"),
+        ("priced", "canceled"),
+        ("in_review", "approved"),
+        ("in_review", "rejected"),
+        ("in_review", "canceled"),
+        ("approved", "charging"),
+        ("approved", "canceled"),
+        ("charging", "succeeded"),
+        ("charging", "authorized"),
+        ("charging", "requires_action"),
+        ("charging", "failed"),
+        ("charging", "canceled"),
+        ("requires_action", "succeeded"),
+        ("requires_action", "authorized"),
+        ("requires_action", "failed"),
+        ("requires_action", "canceled"),
+        ("authorized", "succeeded"),
+        ("authorized", "canceled"),
+        ("authorized", "failed"),
+        ("succeeded", "reconciled"),
+        ("reconciled", "partially_refunded"),
+        ("reconciled", "refunded"),
+        ("partially_refunded", "refunded"),
+    }
+)
+
+
+def passed_through(
+    transitions: Collection[tuple[str, str]], start: str = "received"
+) -> dict[str, frozenset[str]]:
+    """For each state, the states a payment in it has certainly been in: itself and every
+    state that each path from `start` to it goes through (its dominators)."""
+    states = {start} | {state for pair in transitions for state in pair}
+
+    def reachable(avoiding: str) -> set[str]:
+        """The states a payment can reach from `start` without ever being in `avoiding`."""
+        seen = set() if avoiding == start else {start}
+        todo = list(seen)
+        while todo:
+            here = todo.pop()
+            for before, after in transitions:
+                if before == here and after != avoiding and after not in seen:
+                    seen.add(after)
+                    todo.append(after)
+        return seen
+
+    avoidable = {state: reachable(state) for state in states}
+    return {
+        state: frozenset(s for s in states if state not in avoidable[s] or s == state)
+        for state in states
+    }
+
+
+# Computed once: `PASSED_THROUGH["refunded"]` holds `succeeded` and `reconciled`;
+# `PASSED_THROUGH["succeeded"]` does not hold `authorized` (charging can succeed at once).
+PASSED_THROUGH: dict[str, frozenset[str]] = passed_through(TRANSITIONS)
+
+
 def wait_is_over(status: str, pending_action: str | None, wanted: Collection[str] | None) -> bool:
-    """Whether a long-poll answers now: the payment is in a state asked for or, by default,
-    in a settled state with nothing asked for still pending (the server and the clients
-    decide alike)."""
+    """Whether a long-poll answers now (the server and the clients decide alike).
+
+    With `wanted`: the payment is in one of those states or past it, i.e. in a state it can
+    only reach through it (waiting for `succeeded` ends on `reconciled`, `partially_refunded`
+    or `refunded` too; waiting for `authorized` ends on `authorized` alone, since a payment
+    can succeed without being authorized first). By default: in a settled state with nothing
+    asked for still pending."""
     if wanted:
-        return status in wanted
+        return not PASSED_THROUGH.get(status, frozenset({status})).isdisjoint(wanted)
     return status in SETTLED_STATES and pending_action is None
 
 

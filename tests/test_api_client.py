@@ -446,6 +446,44 @@ async def test_a_wait_asks_only_for_what_is_left_and_paces_early_answers(
     assert took < 3, took
 
 
+async def test_a_wait_for_succeeded_returns_on_a_payment_already_past_it() -> None:
+    """`succeeded` lasts moments before reconcile moves the payment on: the client took a
+    `reconciled` answer for "not yet" and polled until its timeout."""
+    now = "2024-02-28T00:00:00Z"
+    reconciled = {
+        "id": "pay_1",
+        "agent_id": "agt_1",
+        "status": "reconciled",
+        "currency": "usd",
+        "amount_subtotal": 500,
+        "amount_fee": 0,
+        "amount_tax": 0,
+        "amount_total": 500,
+        "amount_refunded": 0,
+        "capture_method": "automatic",
+        "payment_method": "pm_card_visa",
+        "provider_payment_id": "pi_1",
+        "failure": None,
+        "description": None,
+        "metadata": {},
+        "created_at": now,
+        "updated_at": now,
+    }
+    polls: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        polls.append(request)
+        return httpx.Response(200, json=reconciled)
+
+    transport = httpx.MockTransport(handler)
+    async with AsyncAgentPay("http://x", "apk_k", transport=transport) as client:
+        payment = await client.wait_for_payment("pay_1", timeout=5, status="succeeded")
+    assert payment.status == "reconciled" and len(polls) == 1
+    with AgentPay("http://x", "apk_k", transport=transport) as sync_client:
+        payment = sync_client.wait_for_payment("pay_1", timeout=5, status=["succeeded"])
+    assert payment.status == "reconciled" and len(polls) == 2
+
+
 async def test_a_post_spelled_in_lowercase_still_carries_its_key() -> None:
     """`request("post", …)` went out as a POST without an Idempotency-Key and was retried:
     a deposit whose answer was lost could be made twice."""

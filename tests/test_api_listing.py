@@ -6,14 +6,20 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
-from api.models import SETTLED_STATES
+from api.models import (
+    PASSED_THROUGH,
+    SETTLED_STATES,
+    TRANSITIONS,
+    PaymentStatus,
+    wait_is_over,
+)
 from tasks import agents, payments
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -265,6 +271,52 @@ async def test_wait_times_out_with_the_payment_as_it_is(
 
 def test_every_final_state_is_settled() -> None:
     assert payments.FINAL_STATES <= SETTLED_STATES
+
+
+async def test_the_python_transitions_are_the_databases(pool: Pool) -> None:
+    """api/models.py's copy of the state machine is the one Postgres enforces."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT from_status, to_status FROM payment_transitions")
+        transitions = {(r["from_status"], r["to_status"]) for r in await cur.fetchall()}
+        cur = await conn.execute("SELECT status FROM payment_states")
+        states = {r["status"] for r in await cur.fetchall()}
+    assert TRANSITIONS == transitions
+    assert set(PASSED_THROUGH) == states == set(get_args(PaymentStatus))
+
+
+def test_a_wait_for_a_state_ends_on_the_states_only_reachable_through_it() -> None:
+    """`succeeded` lasts moments (reconcile moves it on): a wait for it ended only if it
+    caught those moments, else at its timeout."""
+    for status in ("succeeded", "reconciled", "partially_refunded", "refunded"):
+        assert wait_is_over(status, None, ["succeeded"]), status
+    for status in ("charging", "authorized", "requires_action", "failed", "canceled"):
+        assert not wait_is_over(status, None, ["succeeded"]), status
+    # A payment can go from charging to succeeded without being authorized.
+    assert [s for s in PASSED_THROUGH if wait_is_over(s, None, ["authorized"])] == ["authorized"]
+    assert wait_is_over("failed", None, ["charging"])
+    assert not wait_is_over("canceled", None, ["approved"])
+    assert wait_is_over("refunded", None, ["authorized", "reconciled"])
+    assert all(wait_is_over(s, None, ["received"]) for s in PASSED_THROUGH)
+
+
+async def test_a_wait_for_succeeded_answers_at_once_on_a_reconciled_payment(
+    app_and_client: tuple[FastAPI, httpx.AsyncClient], agent_key: str, pool: Pool
+) -> None:
+    _, api = app_and_client
+    (created,) = await create_many(api, agent_key, 1)
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")  # triggers off
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'reconciled' WHERE id = %s", (created["id"],)
+        )
+    started = time.monotonic()
+    response = await api.get(
+        f"/v1/payments/{created['id']}/wait",
+        params={"timeout": 20, "status": "succeeded"},
+        headers=auth(agent_key),
+    )
+    assert response.status_code == 200 and response.json()["status"] == "reconciled"
+    assert time.monotonic() - started < 10  # it waited the whole 20 s
 
 
 @pytest.fixture

@@ -216,14 +216,18 @@ async def wait_for_payment(
     status: Annotated[
         list[PaymentStatus] | None,
         Query(
-            description="Return as soon as the payment is in one of these states (repeat the "
-            "parameter for several). Default: final, succeeded, authorized, requires_action "
-            "or partially_refunded, with no capture, cancel or refund pending."
+            description="Return as soon as the payment is in one of these states or past "
+            "one: in a state it can only reach through it (`succeeded` also ends on "
+            "reconciled, partially_refunded and refunded; `authorized` only on authorized, "
+            "since a payment can succeed without it). Repeat the parameter for several. "
+            "Default: final, succeeded, authorized, requires_action or partially_refunded, "
+            "with no capture, cancel or refund pending."
         ),
     ] = None,
 ) -> dict[str, Any]:
-    """Long-poll: answer once the payment is in one of the `status` states, or when `timeout`
-    seconds have passed — with the payment as it is then, either way (check its `status`).
+    """Long-poll: answer once the payment is in one of the `status` states (or past it: in a
+    state it can only reach through it), or when `timeout` seconds have passed — with the
+    payment as it is then, either way (check its `status`).
     Without `status`, once it is settled and nothing asked for is pending (`pending_action`
     null): after a capture, cancel or refund request, this is how it ended.
 
