@@ -60,7 +60,7 @@ def _integral_bounds(node: Any) -> None:
 def _document_as_it_behaves(app: FastAPI) -> None:
     """FastAPI documents a 422 for request validation; this API answers those 400 in the
     one error shape (api/errors.py), so the 422s and their schemas leave the document. What
-    the middleware and dependencies answer on any route (400 and 413 for bodies, 429 for
+    the middleware and dependencies answer on any route (400, 413 and 415 for bodies, 429 for
     rate limits) is documented on every route they apply to. Integer bounds are written as
     integers."""
     generate = app.openapi
@@ -74,8 +74,9 @@ def _document_as_it_behaves(app: FastAPI) -> None:
             for operation in operations.values():
                 found = operation.setdefault("responses", {})
                 found.pop("422", None)
-                # api/limits.py refuses bodies on every route: too large, not UTF-8, too deep.
-                codes = ["400", "413"] if "requestBody" in operation else []
+                # api/limits.py refuses bodies on every route: too large, not UTF-8, too deep,
+                # not JSON.
+                codes = ["400", "413", "415"] if "requestBody" in operation else []
                 # api/deps.py rate-limits every caller it authenticates by bearer key.
                 if {"HTTPBearer": []} in operation.get("security", []):
                     codes.append("429")
@@ -179,6 +180,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Payments for AI agents: record and enqueue over HTTP; workers do the rest.",
         lifespan=lifespan,
+        # A body sent without a Content-Type is read as JSON (agents post `json.dumps(...)`
+        # as bytes, or use curl without -H). FastAPI's strict default guards a server that
+        # trusts its network against a browser's cross-site request without credentials;
+        # every route here that acts needs a Bearer key (HTTP Basic only reads; webhooks need
+        # the provider's signature), which no such request carries. A body of another type
+        # is a 415 (api/limits.py).
+        strict_content_type=False,
     )
     app.state.settings = settings
     app.state.metrics_cache = metrics.ScrapeCache()

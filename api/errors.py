@@ -64,6 +64,7 @@ _DESCRIPTIONS = {
     409: "The Idempotency-Key was used with other parameters, or the payment's state "
     "does not allow this",
     413: "The body is larger than the server accepts",
+    415: "The body is not sent as JSON (Content-Type: application/json)",
     429: "Too many requests from this agent: wait Retry-After seconds",
     500: "An internal error (nothing about it is disclosed)",
     503: "The database is not available (or a secret is not set): try again after "

@@ -129,8 +129,8 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
         parsed = json.loads(body, parse_float=_json_number) if body.strip() else {}
         canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
         content = canonical.encode()
-    # Not JSON, or (sent as another type, so the body checks let it through) nested too deep
-    # for the parser: the bytes as they are.
+    # Not JSON, or nested too deep for the parser: the bytes as they are. (api/limits.py
+    # refuses a body too deep, or sent as another type than JSON, before this runs.)
     except (ValueError, RecursionError):
         content = body
     return hashlib.sha256(b"\n".join([method.encode(), path.encode(), content])).digest()

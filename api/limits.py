@@ -3,10 +3,12 @@
 `BodyLimits` is plain ASGI middleware in front of the whole app. It refuses a path or query
 string holding a NUL character (Postgres text cannot), and a body whose
 `Content-Length` is above the limit without reading it, reads any other body (announced or
-chunked) only up to the limit, and then, for JSON (or untyped) bodies, refuses bytes that are
-not UTF-8 and (but for provider webhooks, whose signature is checked first) JSON nested deeper
-than `max_depth` — all with the one error shape, before FastAPI or the webhook receiver sees a
-byte. The buffered body is then replayed to the app.
+chunked) only up to the limit, and then refuses a body sent with a Content-Type that is not
+JSON (415; but for provider webhooks, whose receiver reads the raw bytes whatever their type),
+and for JSON (or untyped: the app reads those as JSON, `strict_content_type=False` in
+api/app.py) bodies, bytes that are not UTF-8 and (but for provider webhooks, whose signature is
+checked first) JSON nested deeper than `max_depth` — all with the one error shape, before
+FastAPI or the webhook receiver sees a byte. The buffered body is then replayed to the app.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def json_depth(text: str, stop_above: int | None = None) -> int:
 
 
 def is_json(content_type: str | None) -> bool:
-    """Whether FastAPI would parse a body of this type as JSON (it does when untyped)."""
+    """Whether FastAPI parses a body of this type as JSON: `application/json`, `…+json`, or
+    no type at all (the app is created with `strict_content_type=False`)."""
     if not content_type:
         return True
     message = Message()
@@ -124,7 +127,23 @@ class BodyLimits:
                 break
         body = b"".join(chunks)
 
-        if body and is_json(headers.get("content-type")):
+        # FastAPI would hand a body of another type (a form, text/plain) to validation as
+        # bytes, refused as "Input should be a valid dictionary": say what is wrong instead.
+        # The webhook receiver reads the raw bytes, whatever they are sent as.
+        json_body = is_json(headers.get("content-type"))
+        if body and not json_body and not webhook:
+            await _refuse(
+                scope,
+                receive,
+                send,
+                415,
+                "content_type_invalid",
+                "Send the body as JSON, with the header Content-Type: application/json.",
+                param="Content-Type",
+            )
+            return
+
+        if body and json_body:
             try:
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
@@ -174,7 +193,15 @@ async def _too_large(scope: Scope, receive: Receive, send: Send, limit: int) -> 
 
 
 async def _refuse(
-    scope: Scope, receive: Receive, send: Send, status: int, code: str, message: str
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
 ) -> None:
-    response = JSONResponse(error_body("invalid_request_error", code, message), status_code=status)
+    response = JSONResponse(
+        error_body("invalid_request_error", code, message, param), status_code=status
+    )
     await response(scope, receive, send)

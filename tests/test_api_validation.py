@@ -269,26 +269,57 @@ async def test_deep_nesting_non_utf8_and_broken_json_are_refused(
         )
         assert response.status_code == 400, (what, response.text)
         assert_error_shape(response, 400, ())
-    text_plain = await api.post(
-        "/v1/payments",
-        content=json.dumps(GOOD),
-        headers={**auth(agent_key), "Content-Type": "text/plain"},
-    )
-    assert_error_shape(text_plain, 400, ())
     assert await snapshot(pool) == before
 
 
-async def test_a_deep_body_of_another_type_is_a_400_not_a_500(
-    api: httpx.AsyncClient, agent_key: str
+async def test_a_json_body_without_a_content_type_is_read_and_another_type_is_a_415(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:
-    """Sent as text/plain, a body skips the JSON checks; the idempotency fingerprint still
-    parses it, and must not fail on one nested too deep for the parser."""
-    response = await api.post(
+    """`requests.post(url, data=json.dumps(body))` and `curl -d` without `-H` send no
+    Content-Type (FastAPI 0.132 refused those: "Input should be a valid dictionary"). A body
+    sent as a form or as text is refused as such, not as an invalid field."""
+    before = await snapshot(pool)
+    for what, content_type, body in (
+        ("form", "application/x-www-form-urlencoded", "amount=2000&currency=usd"),
+        ("JSON as a form", "application/x-www-form-urlencoded", json.dumps(GOOD)),
+        ("JSON as text", "text/plain; charset=utf-8", json.dumps(GOOD)),
+        ("deep JSON as text", "text/plain", "[" * 60_000),
+    ):
+        response = await api.post(
+            "/v1/payments",
+            content=body,
+            headers={**auth(agent_key), "Content-Type": content_type, "Idempotency-Key": what},
+        )
+        assert_error_shape(response, 415, ())
+        error = response.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "content_type_invalid",
+            "Content-Type",
+        ), what
+        assert "Content-Type: application/json" in error["message"]
+    assert await snapshot(pool) == before
+
+    untyped = await api.post(
         "/v1/payments",
-        content="[" * 60_000,
-        headers={**auth(agent_key), "Content-Type": "text/plain", "Idempotency-Key": "deep-1"},
+        content=json.dumps(GOOD).encode(),
+        headers={**auth(agent_key), "Idempotency-Key": "untyped"},
     )
-    assert_error_shape(response, 400, ())
+    assert "content-type" not in untyped.request.headers
+    assert untyped.status_code == 202, untyped.text
+    assert untyped.json()["status"] == "received"
+    # The same request typed as JSON is the same request: replayed, not a second payment.
+    typed = await api.post(
+        "/v1/payments",
+        json=GOOD,
+        headers={**auth(agent_key), "Idempotency-Key": "untyped"},
+    )
+    assert typed.json()["id"] == untyped.json()["id"]
+    assert typed.headers.get("Idempotent-Replayed") == "true"
+    # Untyped bodies get the JSON checks too.
+    deep = await api.post("/v1/payments", content=b"[" * 100 + b"]" * 100, headers=auth(agent_key))
+    assert_error_shape(deep, 400, ())
+    assert deep.json()["error"]["code"] == "body_too_deep"
 
 
 def test_json_depth_ignores_brackets_inside_strings() -> None:
