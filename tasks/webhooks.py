@@ -14,12 +14,18 @@ PaymentIntent itself and never trusts the event's copy of it, so duplicates have
 and events out of order cannot move a payment backwards. A refund event (`charge.refunded`,
 `refund.created`, …) also defers the sync of refunds made outside agentpay, which lists the
 provider's refunds itself. Event types we do not act on are stored and ignored.
+
+What is stored is a copy Postgres can hold (`storable`): a NUL character or a lone surrogate
+(JSON may escape either, `"\\u0000"`, `"\\ud800"`, in metadata someone typed) in any string or
+key becomes U+FFFD. The signature was checked on the raw bytes before; refusing the event
+instead would make the provider deliver it again, forever.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from typing import Any
 
@@ -118,6 +124,42 @@ def verify(
         )
 
 
+# What Postgres text and jsonb cannot hold: NUL, and surrogates (a string from JSON holds one
+# only unpaired: the parser joins an escaped pair into one character).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _clean(text: str) -> str:
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def storable(value: Any) -> Any:
+    """A copy of `value` (parsed JSON) with every NUL character and lone surrogate in its
+    strings and keys replaced by U+FFFD, so that Postgres can store it. (Two keys that differ
+    only there become one.) Not recursive: a signed body may nest as deep as the parser
+    allows."""
+    todo: list[tuple[Any, Any]] = []
+
+    def copy(item: Any) -> Any:
+        if isinstance(item, str):
+            return _clean(item)
+        if isinstance(item, dict | list):
+            empty: dict[str, Any] | list[Any] = {} if isinstance(item, dict) else []
+            todo.append((item, empty))  # filled below
+            return empty
+        return item
+
+    root = copy(value)
+    while todo:
+        source, target = todo.pop()
+        if isinstance(source, dict):
+            for key, item in source.items():
+                target[_clean(key)] = copy(item)
+        else:
+            target.extend(copy(item) for item in source)
+    return root
+
+
 def _intent_id(event: dict[str, Any]) -> str | None:
     obj = (event.get("data") or {}).get("object") or {}
     if not isinstance(obj, dict):
@@ -156,7 +198,8 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
     that can change anything (see `_reconcile_needed`), and for a refund event the sync of
     refunds made outside agentpay (`tasks.refunds.sync_refunds`). Returns {"duplicate": bool,
     "payment_id": str | None, "reconcile": bool, "sync_refunds": bool}. Runs in the caller's
-    transaction."""
+    transaction. What is stored, and read, is the event's `storable` copy."""
+    event = storable(event)
     event_type = str(event["type"])
     intent_id = _intent_id(event)
     handled = event_type.startswith(HANDLED_PREFIXES)

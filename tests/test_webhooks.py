@@ -207,6 +207,53 @@ async def test_an_event_stored_once_defers_one_reconcile(
     assert await reconcile_jobs(pool, payment["id"]) == 1
 
 
+async def test_an_event_with_nul_or_a_lone_surrogate_is_stored_once_and_acted_on(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Metadata someone typed may hold `"\\u0000"` or a lone `"\\ud800"`: Postgres jsonb
+    refused the event (a 500), and the provider delivered it again, forever. The stored copy
+    has U+FFFD in their place."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded"
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile'")
+    metadata = {"payment_id": payment["id"], "note": "a\u0000b", "\ud800key": "c\udfffd"}
+    event = {
+        **EVENT,
+        "id": "evt_test_unstorable",
+        "data": {
+            "object": {
+                "id": payment["provider_payment_id"],
+                "object": "payment_intent",
+                "metadata": metadata,
+            }
+        },
+    }
+    body = json.dumps(event)
+    assert "\\u0000" in body and "\\ud800" in body and "\\udfff" in body
+    answers = [await post_event(api, event) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200, 200], answers[0].text
+    assert [(a.json()["duplicate"], a.json()["reconcile"]) for a in answers] == [
+        (False, True),
+        (True, False),
+    ]
+    assert answers[0].json()["payment_id"] == payment["id"]
+    assert await reconcile_jobs(pool, payment["id"]) == 1
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id, payload FROM webhook_events")
+        rows = await cur.fetchall()
+    assert [r["id"] for r in rows] == ["evt_test_unstorable"]
+    assert rows[0]["payload"]["data"]["object"]["metadata"] == {
+        "payment_id": payment["id"],
+        "note": "a\ufffdb",
+        "\ufffdkey": "c\ufffdd",
+    }
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+
 async def test_an_event_during_a_running_charge_still_defers_a_reconcile(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

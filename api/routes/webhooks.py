@@ -59,4 +59,4 @@ async def stripe_webhook(
         raise ApiError(400, "payload_invalid", "The body is not an event (id, type).")
     async with pool.connection() as conn, conn.transaction():
         stored = await webhooks.store(conn, event)
-    return {"received": True, "id": event["id"], **stored}
+    return {"received": True, "id": webhooks.storable(event["id"]), **stored}
