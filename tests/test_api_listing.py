@@ -127,6 +127,43 @@ async def test_list_filters_by_status_and_creation_time(
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "limit"
 
 
+async def test_created_bounds_take_a_date_as_its_midnight_utc_and_refuse_other_numbers(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """`created[gte]=2024-02-28` was refused as if it were a number."""
+    before, at, after = await create_many(api, agent_key, 3)
+    async with pool.connection() as conn, conn.transaction():
+        await conn.execute("SET LOCAL session_replication_role = replica")  # triggers off
+        for payment, when in (
+            (before, "2024-02-27T23:59:59.999999Z"),
+            (at, "2024-02-28T00:00:00Z"),
+            (after, "2024-02-28T00:00:00.000001Z"),
+        ):
+            await conn.execute(
+                "UPDATE payment_jobs SET created_at = %s::timestamptz WHERE id = %s",
+                (when, payment["id"]),
+            )
+
+    async def ids(**params: Any) -> list[str]:
+        response = await api.get("/v1/payments", params=params, headers=auth(agent_key))
+        assert response.status_code == 200, response.text
+        return [p["id"] for p in response.json()["data"]]
+
+    assert await ids(**{"created[gte]": "2024-02-28"}) == [after["id"], at["id"]]
+    assert await ids(**{"created[gt]": "2024-02-28"}) == [after["id"]]
+    assert await ids(**{"created[lt]": "2024-02-28"}) == [before["id"]]
+    assert await ids(**{"created[lte]": "2024-02-28"}) == [at["id"], before["id"]]
+    assert await ids(**{"created[gte]": "2024-02-27", "created[lt]": "2024-02-28"}) == [
+        before["id"]
+    ]
+    for number in ("1e9", "1.5", "+5", "-1.5", ".5", "1709078400.0"):
+        response = await api.get(
+            "/v1/payments", params={"created[gte]": number}, headers=auth(agent_key)
+        )
+        assert response.status_code == 400, (number, response.text)
+        assert response.json()["error"]["param"] == "created[gte]", number
+
+
 async def listeners(pool: Pool) -> int:
     async with pool.connection() as conn:
         cur = await conn.execute(

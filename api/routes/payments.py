@@ -96,15 +96,20 @@ def _utc(value: datetime | None) -> datetime | None:
 _UNIX_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z
 
 
+# Any other number (`1.5`, `+5`, `1e9`): pydantic would read some as seconds, some not at all.
+# A date (`2024-02-28`) is no number: pydantic reads it as midnight (UTC, by `_utc`).
+_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def _timestamp(value: Any) -> Any:
-    """Whole Unix seconds, or else an ISO 8601 timestamp (left to pydantic)."""
+    """Whole Unix seconds, or else an ISO 8601 timestamp or date (left to pydantic)."""
     if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         seconds = int(value)
         if not 0 <= seconds <= _UNIX_MAX:
             raise ValueError(f"Unix seconds must be between 0 and {_UNIX_MAX}")
         return datetime.fromtimestamp(seconds, UTC)
-    if isinstance(value, str) and re.fullmatch(r"[-+0-9.eE]+", value.strip()):
-        raise ValueError("give an ISO 8601 timestamp or whole Unix seconds")
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        raise ValueError("give an ISO 8601 timestamp or date, or whole Unix seconds")
     return value
 
 
@@ -115,9 +120,11 @@ Timestamp = Annotated[
         {
             "anyOf": [
                 {"type": "string", "format": "date-time"},
+                {"type": "string", "format": "date"},
                 {"type": "integer", "minimum": 0, "maximum": _UNIX_MAX},
             ],
-            "description": "An ISO 8601 timestamp (UTC when it has no zone) or Unix seconds",
+            "description": "An ISO 8601 timestamp (UTC when it has no zone), an ISO 8601 date "
+            "(its midnight UTC) or whole Unix seconds",
         }
     ),
 ]
@@ -146,8 +153,8 @@ async def list_payments(
 
     Page on with `starting_after` = the last id of a page while `has_more` is true; page back
     with `ending_before` = the first id of a page (a cursor that names no payment of yours is a
-    404). `created` bounds take ISO 8601 timestamps (UTC
-    when no zone is given) or Unix seconds."""
+    404). `created` bounds take ISO 8601 timestamps (UTC when no zone is given), ISO 8601
+    dates (`2024-02-28`: its midnight UTC) or whole Unix seconds."""
     created = {
         "gte": _utc(created_gte),
         "gt": _utc(created_gt),
