@@ -38,6 +38,7 @@ from api.errors import ApiError
 from tasks import ledger
 from tasks.db import Conn, Pool
 from tasks.settings import ROLES, Settings, get_settings
+from tasks.webhooks import DISPUTE_OPENED
 
 router = APIRouter(tags=["operations"])
 
@@ -289,8 +290,13 @@ class SnapshotCollector(Collector):
             "Provider webhook events received (each once), by type and outcome",
             labels=["type", "outcome"],
         )
-        for w in s.webhooks:
-            hooks.add_metric([w["type"], w["outcome"]], float(w["total"]))
+        totals = {(w["type"], w["outcome"]): float(w["total"]) for w in s.webhooks}
+        # The series an alert watches exist from the start, at 0: a counter that first
+        # appears at 1 shows no increase, and the first dispute would go unseen.
+        for outcome in ("handled", "ignored"):
+            totals.setdefault((DISPUTE_OPENED, outcome), 0.0)
+        for (event_type, outcome), total in totals.items():
+            hooks.add_metric([event_type, outcome], total)
         yield hooks
 
         workers = GaugeMetricFamily(

@@ -13,7 +13,10 @@ it is already waiting. Reconcile reads the provider's
 PaymentIntent itself and never trusts the event's copy of it, so duplicates have one effect
 and events out of order cannot move a payment backwards. A refund event (`charge.refunded`,
 `refund.created`, …) also defers the sync of refunds made outside agentpay, which lists the
-provider's refunds itself. Event types we do not act on are stored and ignored.
+provider's refunds itself. A dispute event (`charge.dispute.*`: a customer's chargeback, its
+updates and its outcome) is recorded in its payment's events (`dispute`), for the agent and
+the operator to see; nothing else follows from it (see docs/provider.md). Event types we do
+not act on are stored and ignored.
 
 What is stored is a copy Postgres can hold (`storable`): a NUL character or a lone surrogate
 (JSON may escape either, `"\\u0000"`, `"\\ud800"`, in metadata someone typed) in any string or
@@ -25,16 +28,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import time
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from tasks import refunds
+from tasks import payments, refunds
 from tasks.app import defer
 from tasks.db import Conn
 from tasks.reconcile import RECONCILABLE
+
+log = logging.getLogger("agentpay.webhooks")
 
 SCHEME = "v1"
 DEFAULT_TOLERANCE = 300
@@ -62,6 +68,11 @@ NO_OUTCOME = frozenset(
         "charge.expired",
     }
 )
+
+
+# A customer disputes a charge (a chargeback), the dispute changes, or it ends.
+DISPUTE_PREFIX = "charge.dispute."
+DISPUTE_OPENED = "charge.dispute.created"
 
 
 class SignatureError(ValueError):
@@ -234,6 +245,7 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
         handled
         and payment_id is not None
         and event_type not in NO_OUTCOME
+        and not event_type.startswith(DISPUTE_PREFIX)
         and await _reconcile_needed(conn, payment_id)
     ):
         await defer(conn, "reconcile", payment_id=payment_id)
@@ -245,12 +257,40 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
     ):
         await defer(conn, refunds.SYNC_TASK, payment_id=payment_id)
         synced = True
+    if payment_id is not None and event_type.startswith(DISPUTE_PREFIX):
+        await _record_dispute(conn, payment_id, event)
     return {
         "duplicate": False,
         "payment_id": payment_id,
         "reconcile": deferred,
         "sync_refunds": synced,
     }
+
+
+async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) -> None:
+    """The dispute, as the event tells it, in its payment's events (once per event: the
+    caller stored the event for the first time)."""
+    payment = await payments.get(conn, payment_id)
+    dispute = (event.get("data") or {}).get("object") or {}
+    if payment is None or not isinstance(dispute, dict):
+        return
+    data = {
+        key: dispute.get(key)
+        for key in ("id", "status", "amount", "currency", "reason")
+        if isinstance(dispute.get(key), str | int) and not isinstance(dispute.get(key), bool)
+    }
+    await payments.record_event(
+        conn,
+        payment,
+        "dispute",
+        actor="provider",
+        reason=f"{event['type']}: {data.get('status', 'unknown')} ({data.get('reason', '?')})",
+        data={"event_id": event["id"], "event_type": event["type"], "dispute": data},
+    )
+    log.warning(
+        "payment disputed",
+        extra={"payment_id": payment_id, "event_type": event["type"], "dispute": data},
+    )
 
 
 async def _sync_needed(conn: Conn, payment_id: str) -> bool:

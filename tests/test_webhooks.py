@@ -207,6 +207,63 @@ async def test_an_event_stored_once_defers_one_reconcile(
     assert await reconcile_jobs(pool, payment["id"]) == 1
 
 
+async def test_a_dispute_is_recorded_in_its_payments_events_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """A chargeback (`charge.dispute.created`, then its updates and its end) was stored as
+    "handled" with nothing done: the payment showed no sign of it. Each dispute event is now
+    in the payment's events, once however often it is delivered; it brings no reconcile (the
+    PaymentIntent does not change)."""
+    created = await create(api, agent_key)
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    dispute = {
+        "id": "dp_test_1",
+        "object": "dispute",
+        "amount": payment["amount_total"],
+        "currency": payment["currency"],
+        "charge": "ch_test_1",
+        "payment_intent": payment["provider_payment_id"],
+        "reason": "fraudulent",
+        "status": "needs_response",
+    }
+    # The series an alert on disputes watches is there before the first one, at 0.
+    scraped = (await api.get("/metrics")).text
+    assert (
+        'agentpay_webhook_events_total{outcome="handled",type="charge.dispute.created"} 0.0'
+        in scraped
+    )
+    opened = {**EVENT, "id": "evt_test_dispute_1", "type": "charge.dispute.created"}
+    opened["data"] = {"object": dispute}
+    closed = {**EVENT, "id": "evt_test_dispute_2", "type": "charge.dispute.closed"}
+    closed["data"] = {"object": {**dispute, "status": "lost"}}
+    answers = [await post_event(api, e) for e in (opened, opened, closed)]
+    assert [(a.status_code, a.json()["duplicate"]) for a in answers] == [
+        (200, False),
+        (200, True),
+        (200, False),
+    ]
+    assert {a.json()["payment_id"] for a in answers} == {payment["id"]}
+    assert not any(a.json()["reconcile"] for a in answers)
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    disputes = [e for e in events if e["type"] == "dispute"]
+    assert [(e["reason"], e["data"]["dispute"]["status"]) for e in disputes] == [
+        ("charge.dispute.created: needs_response (fraudulent)", "needs_response"),
+        ("charge.dispute.closed: lost (fraudulent)", "lost"),
+    ]
+    assert disputes[0]["data"]["dispute"] == {
+        "id": "dp_test_1",
+        "status": "needs_response",
+        "amount": payment["amount_total"],
+        "currency": payment["currency"],
+        "reason": "fraudulent",
+    }
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+
 async def test_an_event_with_nul_or_a_lone_surrogate_is_stored_once_and_acted_on(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
