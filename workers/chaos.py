@@ -23,6 +23,7 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from api.models import wait_is_over
 from tasks import ledger
 from tasks.db import Pool, open_pool
 from tasks.settings import Settings
@@ -116,14 +117,16 @@ class Api:
 
 
 async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], within: float) -> str:
-    """Long-poll the payment until it is in one of `wanted` (or `within` seconds passed)."""
+    """Long-poll the payment until it is in one of `wanted` or past it, as the server
+    decides (`wait_is_over`), or `within` seconds passed; its state then."""
     deadline = time.monotonic() + within
     query = "&".join(f"status={w}" for w in sorted(wanted))
     while True:
         _, payment = await api.call(
             "GET", f"/v1/payments/{payment_id}/wait?timeout=30&{query}", key
         )
-        if payment["status"] in wanted or time.monotonic() > deadline:
+        over = wait_is_over(payment["status"], payment.get("pending_action"), wanted)
+        if over or time.monotonic() > deadline:
             return str(payment["status"])
 
 
