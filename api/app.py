@@ -181,7 +181,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Payments for AI agents: record and enqueue over HTTP; workers do the rest.",
         lifespan=lifespan,
         # A body sent without a Content-Type is read as JSON (agents post `json.dumps(...)`
-        # as bytes, or use curl without -H). FastAPI's strict default guards a server that
+        # as bytes with no type). FastAPI's strict default guards a server that
         # trusts its network against a browser's cross-site request without credentials;
         # every route here that acts needs a Bearer key (HTTP Basic only reads; webhooks need
         # the provider's signature), which no such request carries. A body of another type

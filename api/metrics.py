@@ -117,13 +117,13 @@ class Snapshot:
         """(role, "alive" | "stalled") -> worker processes, by heartbeat age against
         `stalled_after_seconds`; every role is there, at 0 too (a role with no live worker
         is what an operator must see). A worker of an older release, which does not say its
-        role, counts under "unknown"."""
+        role, counts under the queue of the job it holds, or else "unknown"."""
         out = {(role, state): 0 for role in ROLES for state in ("alive", "stalled")}
         for w in self.workers:
             state = (
                 "alive" if w["heartbeat_age_seconds"] < self.stalled_after_seconds else "stalled"
             )
-            key = (w.get("role") or "unknown", state)
+            key = (w.get("role") or w.get("queues") or "unknown", state)
             out[key] = out.get(key, 0) + 1
         return out
 

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 );
 ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum text
 """
+# Whether the ledger is there as `_CREATE_LEDGER` makes it, read without taking a lock: its
+# DDL takes an exclusive lock even when it changes nothing, and would wait on (and make
+# wait) every reader of the table — `/readyz` and the workers read it (`missing`).
+_LEDGER_IN_PLACE = """
+SELECT EXISTS (SELECT 1 FROM information_schema.columns
+                WHERE table_schema = current_schema() AND table_name = 'schema_migrations'
+                  AND column_name = 'checksum')
+"""
 
 LOCK_TIMEOUT = "2s"
 LOCK_ATTEMPTS = 15
@@ -141,7 +149,9 @@ def migrate(database_url: str, on_applied: Callable[[str], None] | None = None) 
     with psycopg.connect(make_conninfo("", **params), autocommit=True) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_ADVISORY_LOCK_KEY,))
         try:
-            conn.execute(_CREATE_LEDGER)
+            in_place = conn.execute(_LEDGER_IN_PLACE).fetchone()
+            if not (in_place and in_place[0]):
+                conn.execute(_CREATE_LEDGER)
             done: dict[str, str | None] = dict(
                 conn.execute("SELECT name, checksum FROM schema_migrations").fetchall()
             )

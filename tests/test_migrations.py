@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import psycopg
@@ -141,3 +142,21 @@ def test_a_procrastinate_upgrade_stopped_half_way_goes_on_where_it_stopped(
         f"procrastinate:{tag}_50_post_second",
         f"procrastinate-{major}.{minor + 1}.0",
     ]
+
+
+def test_an_up_to_date_migrate_does_not_wait_on_readers_of_its_ledger(database_url: str) -> None:
+    """`migrate` with nothing to do ran DDL on `schema_migrations` every time (an exclusive
+    lock, even for `ADD COLUMN IF NOT EXISTS`): one open transaction that read the table (a
+    `pg_dump`, an operator's `psql`) held it up, and every `/readyz` and starting worker,
+    which read the table too, queued behind it."""
+    with psycopg.connect(database_url) as reader:
+        reader.execute("SELECT count(*) FROM schema_migrations").fetchone()  # open transaction
+        done: list[list[str]] = []
+        runner = threading.Thread(target=lambda: done.append(schema.migrate(database_url)))
+        runner.start()
+        runner.join(30)
+        finished_while_read = not runner.is_alive()
+        reader.rollback()
+    runner.join(30)
+    assert finished_while_read
+    assert done == [[]]

@@ -242,6 +242,35 @@ async def test_each_worker_says_its_role_so_a_role_without_one_shows(
         assert one(conn, "SELECT count(*) FROM worker_roles") == 0  # gone with its worker
 
 
+async def test_a_worker_whose_role_cannot_be_written_works_and_leaves_no_row(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The role is for the operators' eyes: a worker that cannot write it (a connection that
+    died a moment ago) works on. It failed instead, outside procrastinate's clean-up, and its
+    row stayed behind, to be counted as a stalled worker for the retention."""
+    from tasks.app import app
+    from workers.worker import _Worker
+
+    payment_id, _ = await _received_payment(pool)
+    execute = app.connector.execute_query_async
+
+    async def cut_on_role(query: str, **arguments: Any) -> None:
+        if query.startswith("INSERT INTO worker_roles"):
+            raise psycopg.OperationalError("the connection is lost")
+        await execute(query, **arguments)
+
+    monkeypatch.setattr(app.connector, "execute_query_async", cut_on_role)
+    worker = _Worker(
+        app, queues=["pricing"], wait=False, install_signal_handlers=False, listen_notify=False
+    )
+    await asyncio.wait_for(worker.run(), 30)  # runs the job, then stops: nothing left to do
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
+        assert await cur.fetchone() == {"status": "priced"}
+        cur = await conn.execute("SELECT count(*) AS n FROM procrastinate_workers")
+        assert await cur.fetchone() == {"n": 0}
+
+
 async def test_a_stop_that_hangs_reports_what_it_waits_for(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -166,7 +166,8 @@ def migrate(data_dir: DataDir = None) -> None:
         except schema.MigrationEdited as error:
             raise fail(str(error)) from error
         except schema.MigrationLocked as error:
-            raise fail(str(error), NO_DATABASE) from error
+            Console(stderr=True).print(f"[red]{error}[/]")
+            raise typer.Exit(NO_DATABASE) from error
     if not applied:
         console.print("database is up to date")
 

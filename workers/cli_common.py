@@ -93,11 +93,7 @@ def database_errors() -> Iterator[None]:
             f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again.[/]"
         )
         raise typer.Exit(NO_DATABASE) from error
-    except (
-        psycopg.errors.UndefinedTable,
-        psycopg.errors.UndefinedColumn,
-        psycopg.errors.UndefinedFunction,
-    ) as error:
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as error:
         first_line = str(error).splitlines()[0]
         Console(stderr=True).print(
             f"[red]The database lacks agentpay's schema, or this release's migrations "

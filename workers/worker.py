@@ -144,15 +144,20 @@ class _Worker(Worker):
 
     async def _run_loop(self) -> None:
         # procrastinate has just registered this worker: say which role it runs, and where,
-        # for `ops_workers` (the row goes with procrastinate's when it unregisters).
-        await self.app.connector.execute_query_async(
-            "INSERT INTO worker_roles (worker_id, role, pid, host)"
-            " VALUES (%(worker)s, %(role)s, %(pid)s, %(host)s)",
-            worker=self.worker_id,
-            role=self.role or ",".join(self.queues or []),
-            pid=os.getpid(),
-            host=socket.gethostname(),
-        )
+        # for `ops_workers` (the row goes with procrastinate's when it unregisters). Only
+        # for the operators' eyes: if it cannot be written, the worker works on (failing
+        # here, outside procrastinate's clean-up, would leave its row behind as stalled).
+        try:
+            await self.app.connector.execute_query_async(
+                "INSERT INTO worker_roles (worker_id, role, pid, host)"
+                " VALUES (%(worker)s, %(role)s, %(pid)s, %(host)s)",
+                worker=self.worker_id,
+                role=self.role or ",".join(self.queues or []),
+                pid=os.getpid(),
+                host=socket.gethostname(),
+            )
+        except Exception as error:
+            log.warning("could not record the worker's role", extra={"error": repr(error)})
         await super()._run_loop()
 
     async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
@@ -421,7 +426,7 @@ class RoleWorker:
         pause = 1.0
         while not self._stopping.is_set():
             try:
-                async with pool.connection() as conn:
+                async with asyncio.timeout(10), pool.connection() as conn:
                     needed = await schema.missing(conn)
             except Exception as error:
                 needed, problem = None, repr(error)
