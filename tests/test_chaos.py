@@ -34,8 +34,10 @@ def test_a_short_chaos_run_keeps_every_invariant() -> None:
     assert "Postgres restarted once" in report
     assert "workers killed" in report and " 0 workers killed" not in report
     for check in (
+        "faults injected: workers killed, provider errors and lost responses",
         "payments in the state their scenario asked for",
-        "one succeeded PaymentIntent per succeeded payment",
+        "PaymentIntents: one succeeded (with the amount captured) per succeeded payment",
+        "each payment's hold and collected money in the ledger match its state",
         "refunds: none made twice",
         "every payment's events form a legal path",
         "ledger balances per currency",
@@ -47,8 +49,9 @@ def test_a_short_chaos_run_keeps_every_invariant() -> None:
 async def test_the_checks_catch_a_missing_charge_and_an_illegal_path(
     pool: Pool, provider_base: str
 ) -> None:
-    """The checks are not vacuous: a reconciled payment with no PaymentIntent behind it and an
-    event that skips the state machine are both reported."""
+    """The checks are not vacuous: a reconciled payment with no PaymentIntent behind it, none
+    of its money in the ledger, and an event that skips the state machine are all
+    reported."""
     async with pool.connection() as conn, conn.transaction():
         agent, _ = await agents.create(conn, "checked")
         payment = await payments.insert(
@@ -57,7 +60,7 @@ async def test_the_checks_catch_a_missing_charge_and_an_illegal_path(
         for status in ("priced", "approved", "charging", "succeeded", "reconciled"):
             await conn.execute(
                 "UPDATE payment_jobs SET status = %s, amount_subtotal = 100, amount_tax = 0,"
-                " amount_fee = 0, amount_total = 100 WHERE id = %s",
+                " amount_fee = 0, amount_total = 100, amount_captured = 100 WHERE id = %s",
                 (status, payment["id"]),
             )
         await conn.execute(
@@ -68,7 +71,10 @@ async def test_the_checks_catch_a_missing_charge_and_an_illegal_path(
     async with httpx.AsyncClient(base_url=provider_base) as provider:
         plan = [Tracked("visa", id=payment["id"])]
         checks = {c.name: c for c in await check_invariants(pool, provider, plan)}
-    assert not checks["one succeeded PaymentIntent per succeeded payment, none for others"].ok
+    intents = next(c for name, c in checks.items() if name.startswith("PaymentIntents:"))
+    assert intents.failures == [f"{payment['id']} (reconciled): intents []"]
+    money = checks["each payment's hold and collected money in the ledger match its state"]
+    assert money.failures == [f"{payment['id']} (reconciled): held 0, collected 0; expected 0, 100"]
     assert not checks["every payment's events form a legal path"].ok
     assert checks["no procrastinate job left doing"].ok
 
@@ -84,11 +90,23 @@ async def test_the_faults_are_cleared_even_through_a_sandbox_slow_to_answer() ->
         calls.append(request.method)
         if len(calls) < 3:
             raise httpx.ConnectTimeout("the sandbox is busy")
-        return httpx.Response(200, json={"active": False})
+        return httpx.Response(200, json={"active": True, "injected": {"error": 4}})
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://x") as p:
-        await chaos._clear_faults(p, pause=0)
-        assert calls == ["DELETE"] * 3
+        assert await chaos._clear_faults(p, pause=0) == {"error": 4}
+        assert calls == ["GET", "GET", "GET", "DELETE"]
         calls.clear()
         with pytest.raises(httpx.ConnectTimeout):
             await chaos._clear_faults(p, tries=2, pause=0)
+
+
+def test_a_run_whose_faults_did_not_fire_fails() -> None:
+    """A run in which the provider's faults were refused (or too few requests for any to
+    fire), or no worker was killed, proves nothing: it says so and fails."""
+    from workers.chaos import _faults_check
+
+    assert _faults_check(3, {"error": 2, "lose_response": 1}).ok
+    assert _faults_check(3, {"error": 0, "lose_response": 0}).failures == [
+        "the provider failed no request and lost no response"
+    ]
+    assert _faults_check(0, {"error": 1}).failures == ["no worker was killed"]

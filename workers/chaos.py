@@ -52,11 +52,16 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "review_approve": (5, "reconciled"),
     "review_wait": (3, "in_review"),
 }
+LONG_POLL_SECONDS = 30
 REVIEW_AMOUNT = 150_000  # above the default review threshold (AGENTPAY_RISK_REVIEW_ABOVE)
 
 PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined"}
 MANUAL = {"capture", "release", "hold"}
 SUCCEEDED_STATES = {"succeeded", "reconciled", "partially_refunded", "refunded"}
+# Payment states in which its total is held on the agent's holds account (risk took it).
+HELD_STATES = {"approved", "in_review", "charging", "requires_action", "authorized", "succeeded"}
+# PaymentIntent states in which the provider took or holds the customer's money.
+MONEY_MOVED = {"succeeded", "requires_capture", "processing"}
 
 
 @dataclass
@@ -75,13 +80,15 @@ class Tracked:
     scenario: str
     id: str | None = None
     error: str | None = None
+    too_late: bool = False  # a cancel_early the API refused: already at the provider
 
 
 class Api:
     """HTTP with retries: the chaos run restarts the database under the API."""
 
     def __init__(self, base_url: str) -> None:
-        self.client = httpx.AsyncClient(base_url=base_url, timeout=15)
+        # Longer than a long-poll (LONG_POLL_SECONDS) takes when nothing happens.
+        self.client = httpx.AsyncClient(base_url=base_url, timeout=LONG_POLL_SECONDS + 15)
 
     async def call(
         self,
@@ -91,13 +98,15 @@ class Api:
         *,
         json: Any = None,
         idempotency_key: str | None = None,
+        within: float = 120,
     ) -> tuple[int, dict[str, Any]]:
-        """(status, body) of the first answer that is not a 5xx or 429."""
+        """(status, body) of the first answer that is not a 5xx or 429, tried for `within`
+        seconds."""
         headers = {"Authorization": f"Bearer {key}"}
         if idempotency_key:
             headers["Idempotency-Key"] = idempotency_key
         delay = 0.2
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + within
         last = ""
         while True:
             try:
@@ -123,7 +132,10 @@ async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], wi
     query = "&".join(f"status={w}" for w in sorted(wanted))
     while True:
         _, payment = await api.call(
-            "GET", f"/v1/payments/{payment_id}/wait?timeout=30&{query}", key
+            "GET",
+            f"/v1/payments/{payment_id}/wait?timeout={LONG_POLL_SECONDS}&{query}",
+            key,
+            within=max(1.0, deadline - time.monotonic()),
         )
         over = wait_is_over(payment["status"], payment.get("pending_action"), wanted)
         if over or time.monotonic() > deadline:
@@ -151,12 +163,15 @@ async def _play(
         raise RuntimeError(f"create refused: {code} {payment}")
     pid = tracked.id = payment["id"]
     if s == "cancel_early":
-        code, _ = await api.call(
+        code, answer = await api.call(
             "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"{tag}-c"
         )
-        if code >= 400:
+        if code == 409 and answer.get("error", {}).get("code") == "payment_unexpected_state":
             # Too late to cancel (already at the provider): an agent's fair outcome.
             tracked.scenario = "visa"
+            tracked.too_late = True
+        elif code >= 400:
+            raise RuntimeError(f"cancel refused: {code} {answer}")
     elif s in ("capture", "release"):
         if await _wait_status(api, key, pid, {"authorized", "failed"}, within) == "authorized":
             action = "capture" if s == "capture" else "cancel"
@@ -244,7 +259,9 @@ async def _run(
     # A failed call with an idempotency key is saved under it and replayed to its retries, as
     # Stripe does with a 500 met once the call began (`error_saved`): the harder case.
     faults = {"error_rate": 0.10, "error_saved": True, "lose_response_rate": 0.05, "seed": seed}
-    await provider.post("/_sandbox/faults", json=faults)
+    # Refused settings (a 400) or a provider that is not the sandbox (a 404) must not leave
+    # a run without its provider faults that then passes.
+    (await provider.post("/_sandbox/faults", json=faults)).raise_for_status()
     killer = Killer(stack, (2.0, 4.0), seed)
     killer.start()
     started = time.monotonic()
@@ -263,36 +280,60 @@ async def _run(
     with console.status("Chaos: sending payments, killing workers, failing the provider…"):
         await asyncio.sleep(seconds)
         killer.stopped.set()
-        await _clear_faults(provider)
+        injected = await _clear_faults(provider)
         await restarted
     console.print(
         f"Faults stopped after {time.monotonic() - started:.0f}s: "
-        f"{killer.kills} workers killed, Postgres restarted once"
-        if stack.pg
-        else f"{killer.kills} workers killed (external Postgres: not restarted)"
+        f"{killer.kills} workers killed, "
+        + ("Postgres restarted once, " if stack.pg else "external Postgres not restarted, ")
+        + f"provider: {injected.get('error', 0)} failed requests, "
+        f"{injected.get('lose_response', 0)} responses lost after the fact"
     )
     with console.status("Draining: waiting for every payment to settle…"):
         await asyncio.gather(*players)
         async with open_pool(info["database_url"], min_size=1, max_size=2) as pool:
             await _drain(pool, plan, within=240)
             checks = await check_invariants(pool, provider, plan)
+    checks.insert(0, _faults_check(killer.kills, injected))
+    late = sum(t.too_late for t in plan)
+    console.print(f"{late} early cancels came too late (the payment was at the provider)")
     await provider.aclose()
     await api.close()
     return checks
 
 
-async def _clear_faults(provider: httpx.AsyncClient, tries: int = 10, pause: float = 1.0) -> None:
-    """The faults off before the drain. A run that sends more than the machine carries can
-    keep the sandbox (a thread of this process) from answering for a while: try again
-    rather than end the run without its checks."""
+async def _clear_faults(
+    provider: httpx.AsyncClient, tries: int = 10, pause: float = 1.0
+) -> dict[str, int]:
+    """The faults off before the drain; how many of each the sandbox injected. A run that
+    sends more than the machine carries can keep the sandbox (a thread of this process) from
+    answering for a while: try again rather than end the run without its checks."""
     for attempt in range(tries):
         try:
+            current = await provider.get("/_sandbox/faults")
+            current.raise_for_status()
             (await provider.delete("/_sandbox/faults")).raise_for_status()
-            return
+            injected: dict[str, int] = current.json()["injected"]
+            return injected
         except httpx.TransportError:
             if attempt == tries - 1:
                 raise
             await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def _faults_check(kills: int, injected: dict[str, int]) -> Check:
+    """The run met its faults: one in which no worker was killed, or the provider failed
+    nothing (its faults were refused, or too few requests for any to fire), proves nothing.
+    (Postgres is restarted unless the stack runs on an external DATABASE_URL: said above.)"""
+    provider = injected.get("error", 0) + injected.get("lose_response", 0)
+    check = Check("faults injected: workers killed, provider errors and lost responses", kills)
+    check.count += provider
+    if not kills:
+        check.failures.append("no worker was killed")
+    if not provider:
+        check.failures.append("the provider failed no request and lost no response")
+    return check
 
 
 async def _restart_postgres_once(stack: DevStack, after: float, console: Console) -> None:
@@ -355,7 +396,7 @@ async def check_invariants(
     ids = [t.id for t in plan if t.id]
     async with pool.connection() as conn:
         cur = await conn.execute(
-            """SELECT id, status, amount_refunded, refunds_pending,
+            """SELECT id, status, amount_total, amount_captured, amount_refunded, refunds_pending,
                       (SELECT count(*) FROM payment_refunds r
                         WHERE r.payment_id = p.id AND r.status = 'pending') AS pending
                  FROM payment_jobs p WHERE id = ANY(%s)""",
@@ -374,6 +415,7 @@ async def check_invariants(
         cur = await conn.execute("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")
         doing = [str(r["id"]) for r in await cur.fetchall()]
         ledger = await _ledger_checks(conn)
+        money = await _money_checks(conn, rows)
 
     checks = []
     final = Check("payments in the state their scenario asked for", len(plan))
@@ -388,12 +430,15 @@ async def check_invariants(
     by_payment: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for pi in intents:
         by_payment[pi.get("metadata", {}).get("payment_id", "?")].append(pi)
-    one = Check("one succeeded PaymentIntent per succeeded payment, none for others", len(rows))
+    one = Check(
+        "PaymentIntents: one succeeded (with the amount captured) per succeeded payment, one "
+        "holding per authorized one, none taking or holding money for the others",
+        len(rows),
+    )
     for pid, row in rows.items():
-        succeeded = [pi for pi in by_payment.get(pid, []) if pi["status"] == "succeeded"]
-        expected = 1 if row["status"] in SUCCEEDED_STATES else 0
-        if len(succeeded) != expected or len(by_payment.get(pid, [])) > 1:
-            one.failures.append(f"{pid} ({row['status']}): {len(by_payment.get(pid, []))} intents")
+        found = [(pi["status"], pi.get("amount_received", 0)) for pi in by_payment.get(pid, [])]
+        if not _intents_match(row, found):
+            one.failures.append(f"{pid} ({row['status']}): intents {found}")
     stray = [pid for pid in by_payment if pid not in rows]
     one.failures += [f"PaymentIntent for unknown payment {pid}" for pid in stray]
     checks.append(one)
@@ -425,11 +470,70 @@ async def check_invariants(
                 f"{e['payment_id']}: {previous} / {e['from_status']} → {e['to_status']}"
             )
         last[e["payment_id"]] = e["to_status"]
+    for pid, row in rows.items():
+        if last.get(pid, "received") != row["status"]:
+            paths.failures.append(f"{pid}: events end at {last.get(pid)}, it is {row['status']}")
     checks.append(paths)
 
     checks += ledger
+    checks.append(money)
     checks.append(Check("no procrastinate job left doing", len(doing), [f"job {j}" for j in doing]))
     return checks
+
+
+def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> bool:
+    """Whether the provider's intents for a payment (status, amount received) are what its
+    state says: one `succeeded` that received `amount_captured` for a succeeded payment, one
+    `requires_capture` for an authorized one, and for any other at most one intent, which
+    neither took nor holds money (a canceled payment's is `canceled`)."""
+    status = payment["status"]
+    if status in SUCCEEDED_STATES:
+        captured = payment["amount_captured"]
+        return (
+            len(intents) == 1
+            and intents[0][0] == "succeeded"
+            and (captured is None or intents[0][1] == captured)
+        )
+    if status == "authorized":
+        return [s for s, _ in intents] == ["requires_capture"]
+    if status == "canceled":
+        return [s for s, _ in intents] in ([], ["canceled"])
+    return len(intents) <= 1 and not {s for s, _ in intents} & MONEY_MOVED
+
+
+async def _money_checks(conn: Any, rows: dict[str, dict[str, Any]]) -> Check:
+    """Each payment's money in the ledger as its state says: a hold of its total while it
+    waits (in review, authorized), none once it ended; collected (provider clearing and
+    platform fees) what was captured less what was refunded once reconciled, nothing
+    otherwise."""
+    cur = await conn.execute(
+        """SELECT t.payment_id,
+                  coalesce(sum(e.amount) FILTER (WHERE a.kind = 'agent_holds'), 0) AS held,
+                  coalesce(sum(e.amount) FILTER (
+                      WHERE a.kind IN ('provider_clearing', 'platform_fees')), 0) AS collected
+             FROM ledger_transactions t
+             JOIN ledger_entries e ON e.transaction_id = t.id
+             JOIN ledger_accounts a ON a.id = e.account_id
+            WHERE t.payment_id = ANY(%s)
+            GROUP BY t.payment_id""",
+        (list(rows),),
+    )
+    money = {r["payment_id"]: (r["held"], r["collected"]) for r in await cur.fetchall()}
+    check = Check(
+        "each payment's hold and collected money in the ledger match its state", len(rows)
+    )
+    for pid, row in rows.items():
+        held, collected = money.get(pid, (0, 0))
+        waiting = row["status"] in HELD_STATES
+        want_held = row["amount_total"] if waiting else 0
+        settled = row["status"] in ("reconciled", "partially_refunded", "refunded")
+        want_collected = (row["amount_captured"] or 0) - row["amount_refunded"] if settled else 0
+        if (held, collected) != (want_held, want_collected):
+            check.failures.append(
+                f"{pid} ({row['status']}): held {held}, collected {collected}; "
+                f"expected {want_held}, {want_collected}"
+            )
+    return check
 
 
 async def _ledger_checks(conn: Any) -> list[Check]:
