@@ -17,6 +17,11 @@ class HttpError(Exception):
     pass
 
 
+# How long one request may take before it counts as failed (a wedged API must not hang the
+# bench).
+REQUEST_TIMEOUT_SECONDS = 30.0
+
+
 class Connection:
     def __init__(self, base_url: str, headers: dict[str, str] | None = None) -> None:
         url = urlsplit(base_url)
@@ -34,7 +39,18 @@ class Connection:
     async def request(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
-        """Send one request and return (status, body)."""
+        """Send one request and return (status, body); HttpError if the connection is lost
+        or no answer comes within REQUEST_TIMEOUT_SECONDS (the connection is then closed)."""
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_SECONDS):
+                return await self._request(method, path, body, headers)
+        except TimeoutError as exc:
+            await self.close()
+            raise HttpError(f"no answer within {REQUEST_TIMEOUT_SECONDS:g} s") from exc
+
+    async def _request(
+        self, method: str, path: str, body: Any, headers: dict[str, str] | None
+    ) -> tuple[int, bytes]:
         payload = b"" if body is None else json.dumps(body).encode()
         head = (
             f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{self._fixed}"

@@ -168,39 +168,5 @@ def run(
         server.stop()
     result["seconds"] = time.monotonic() - started
     report.derive(result)
-    result["warnings"] = _warnings(result)
     (data_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     return result
-
-
-def _warnings(result: dict[str, Any]) -> list[str]:
-    """What makes a figure doubtful: errors, payments that never finished, restarts."""
-    found = []
-    if result["enqueue"]["errors"]:
-        found.append(
-            f"enqueue: {result['enqueue']['errors']} failed requests "
-            f"({result['enqueue']['first_error']})"
-        )
-    for key, p in result["pipeline"].items():
-        if p["errors"]:
-            found.append(f"pipeline {key}: {p['errors']} failed POSTs ({p['first_error']})")
-        if p["final"] < p["payments"]:
-            found.append(f"pipeline {key}: only {p['final']} of {p['payments']} payments final")
-        if p["reconciled"] < p["final"]:
-            found.append(
-                f"pipeline {key}: {p['final'] - p['reconciled']} final but not "
-                f"reconciled ({p['statuses']})"
-            )
-        if p["restarts"]:
-            found.append(f"pipeline {key}: {p['restarts']} process restarts")
-    latency = result["latency"]
-    if (
-        latency["final"] < latency["payments"]
-        or latency["errors"]
-        or set(latency["statuses"]) != {"reconciled"}
-    ):
-        found.append(
-            f"latency: {latency['final']} of {latency['payments']} final, "
-            f"{latency['errors']} failed POSTs, {latency['statuses']}"
-        )
-    return found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.report import FIGURES, TARGETS, figure
+from bench.report import FIGURES, TARGETS, derive, figure
 from tests.conftest import kill_all
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +77,14 @@ def test_quick_bench_reports_every_figure_as_a_positive_number() -> None:
     )
     assert [t["figure"] for t in result["targets"]] == [t.path for t in TARGETS]
     assert all(isinstance(t["pass"], bool) for t in result["targets"])
+
+    # A target whose stage had failures fails, whatever its figure (its percentiles leave
+    # the failures out); "under 25 ms" fails at 25.
+    doubted = copy.deepcopy(result)
+    doubted["pipeline"]["k1"]["latency"]["final"] -= 1
+    doubted["enqueue"]["paced"]["p99_ms"] = 25.0
+    derive(doubted)
+    verdicts = {t["figure"]: (t["pass"], t["doubtful"]) for t in doubted["targets"]}
+    assert verdicts["latency.p50_ms"] == verdicts["latency.p99_ms"] == (False, True)
+    assert verdicts["enqueue.paced.p99_ms"] == (False, False)
+    assert any(w.startswith("latency:") for w in doubted["warnings"])
