@@ -26,7 +26,7 @@ from api.metrics import read_snapshot
 from tasks import agents, payments
 from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
-from tasks.settings import ROLES, Settings
+from tasks.settings import ROLES, Settings, get_settings
 from tests.conftest import async_wait_for, auth, run_jobs
 from workers import logs
 from workers.cli import app as cli
@@ -458,6 +458,40 @@ async def test_operator_routes_steer_and_record_who_acted(
         ("transition", "operator:operator"),
     ]
     assert events[0]["reason"] == "fixed" and events[0]["job"] == str(failed)
+
+
+async def test_an_agents_text_is_printed_as_text_never_as_markup_or_escape_codes(
+    api: httpx.AsyncClient, agent_key: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent's cancel reason reaches `agentpay payments show`: `[/]` in it made rich
+    raise (the command died before the events), and an escape sequence in it went to the
+    operator's terminal as is (one can write the clipboard or clear the screen)."""
+    created = await api.post(
+        "/v1/payments",
+        json={"amount": 500, "currency": "usd", "payment_method": "pm_card_visa"},
+        headers=auth(agent_key),
+    )
+    reason = "oops [/] [bold]x \x1b]52;c;cHduZWQ=\x07 \x1b[2J\x9b"
+    canceled = await api.post(
+        f"/v1/payments/{created.json()['id']}/cancel",
+        json={"reason": reason},
+        headers=auth(agent_key),
+    )
+    assert canceled.status_code == 202, canceled.text
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()  # settings another test read are cached
+    try:
+        result = await asyncio.to_thread(  # the command runs its own event loop
+            CliRunner().invoke,
+            cli,
+            ["payments", "show", created.json()["id"]],
+            env={"COLUMNS": "300"},
+        )
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    assert "oops [/] [bold]x \ufffd]52;c;cHduZWQ=\ufffd \ufffd[2J\ufffd" in result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output
 
 
 def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -> None:

@@ -25,6 +25,7 @@ from workers.cli_common import (
     database_errors,
     fail,
     on_database,
+    plain,
     settings_for,
 )
 
@@ -335,7 +336,7 @@ def agents_list(
     for row in rows:
         table.add_row(
             str(row["id"]),
-            str(row["name"]),
+            plain(row["name"]),
             "yes" if row["is_operator"] else "",
             ", ".join(f"{p}…" for p in row["key_prefixes"]),
             f"{row['created_at']:%Y-%m-%d %H:%M}",

@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
+import re
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import psycopg
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from tasks.db import Conn, open_pool
 from tasks.settings import NoDatabase, Settings, get_settings
@@ -51,6 +53,17 @@ NO_DATABASE = 3
 # A command waits at most this long for a row lock (an operator's open `psql` transaction,
 # a worker's step), then gives up with exit code 3 instead of hanging.
 CLI_SESSION = {"lock_timeout": "5s"}
+
+
+# C0 and C1 control characters but tab and newline: terminal escape sequences start there.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def plain(value: Any) -> Text:
+    """A value from the database, to print: never read as rich markup (an agent's cancel
+    reason `[/]` would crash the command), and with control characters shown as U+FFFD (an
+    agent's text must not send escape sequences to an operator's terminal)."""
+    return Text(_CONTROL.sub("\ufffd", "" if value is None else str(value)))
 
 
 def fail(message: str, code: int = REFUSED) -> typer.Exit:

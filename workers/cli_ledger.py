@@ -19,6 +19,7 @@ from workers.cli_common import (
     fail,
     on_database,
     operator_actor,
+    plain,
     refused,
 )
 
@@ -93,7 +94,7 @@ def prices_list(
     table = Table("sku", "currency", "unit amount", "active", "description")
     for p in prices:
         table.add_row(
-            p.sku, p.currency, str(p.unit_amount), "yes" if p.active else "no", p.description or ""
+            p.sku, p.currency, str(p.unit_amount), "yes" if p.active else "no", plain(p.description)
         )
     console.print(table)
 

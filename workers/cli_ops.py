@@ -20,6 +20,7 @@ from workers.cli_common import (
     fail,
     on_database,
     operator_actor,
+    plain,
     refused,
     settings_for,
 )
@@ -84,18 +85,16 @@ def payments_show(
         f"key {found['provider']['idempotency_key'] or '-'}"
     )
     if p["failure"]:
-        console.print(f"[red]failure {p['failure']['code']}: {p['failure']['message']}[/]")
+        console.print(
+            plain(f"failure {p['failure']['code']}: {p['failure']['message']}"), style="red"
+        )
     events = Table(title="Events", title_justify="left")
     for column in ("at", "type", "from", "to", "actor", "reason"):
         events.add_column(column)
     for e in found["events"]:
         events.add_row(
             f"{e['created_at']:%H:%M:%S.%f}"[:-3],
-            e["type"],
-            e["from_status"] or "",
-            e["to_status"] or "",
-            e["actor"],
-            e["reason"] or "",
+            *(plain(e[k]) for k in ("type", "from_status", "to_status", "actor", "reason")),
         )
     console.print(events)
     _print_rows(
@@ -116,7 +115,7 @@ def _print_rows(title: str, rows: list[dict[str, Any]], columns: list[str]) -> N
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        table.add_row(*(plain(row.get(c)) for c in columns))
     console.print(table)
 
 

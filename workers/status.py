@@ -16,6 +16,7 @@ from rich.text import Text
 from api.metrics import Snapshot, read_snapshot
 from tasks.db import open_pool
 from tasks.settings import ROLES, Settings
+from workers.cli_common import plain
 
 
 async def fetch(settings: Settings) -> Snapshot:
@@ -46,7 +47,7 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: in
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(_fmt(row.get(c)) for c in columns))
+        table.add_row(*(plain(_fmt(row.get(c))) for c in columns))
     return table
 
 
