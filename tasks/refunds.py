@@ -41,6 +41,17 @@ class RefundAmountError(ValueError):
     """The amount asked for is not refundable (not positive, or more than remains)."""
 
 
+class RefundLimitError(ValueError):
+    """The payment has had as many refunds as one payment may (`MAX_REFUNDS_PER_PAYMENT`)."""
+
+
+# Refunds one payment may have (any outcome). Each costs provider calls, events and a sync
+# that lists all of the payment's refunds: a cap keeps one agent's thousand one-cent refunds
+# from spending the fleet's provider rate limit. (Stripe sets no such cap; no real use needs
+# more than a few.)
+MAX_REFUNDS_PER_PAYMENT = 50
+
+
 async def pending_amount(conn: Conn, payment_id: str) -> int:
     cur = await conn.execute(
         """SELECT coalesce(sum(amount), 0)::bigint AS n FROM payment_refunds
@@ -62,7 +73,8 @@ async def request_refund(
     """Ask for a refund of `amount` (None: all that remains) of a payment the caller locked;
     returns the refund record. Raises ValueError when the payment's state does not allow a
     refund (or, with no amount given, nothing remains), RefundAmountError (a ValueError) when
-    the amount does not fit."""
+    the amount does not fit, RefundLimitError (a ValueError) when the payment has had
+    `MAX_REFUNDS_PER_PAYMENT` refunds already."""
     if payment["status"] not in REQUESTABLE:
         raise ValueError(
             "Only a succeeded, reconciled or partially refunded payment can be refunded; "
@@ -87,6 +99,15 @@ async def request_refund(
     problem = money.amount_problem(amount, payment["currency"])
     if problem:
         raise RefundAmountError(f"Refund amount: {problem}.")
+    cur = await conn.execute(
+        "SELECT count(*) AS n FROM payment_refunds WHERE payment_id = %s", (payment["id"],)
+    )
+    made = await cur.fetchone()
+    if made is not None and made["n"] >= MAX_REFUNDS_PER_PAYMENT:
+        raise RefundLimitError(
+            f"This payment has had {made['n']} refunds, as many as one payment may "
+            f"({MAX_REFUNDS_PER_PAYMENT}); refund what remains in one."
+        )
     cur = await conn.execute(
         """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor)
            VALUES (%s, %s, %s, %s, %s, %s) RETURNING *""",

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # A worker process serves its own Prometheus metrics (job durations, provider calls) on
     # this port when set (0 or unset: not served).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    # The address a worker serves them on: loopback unless set (`0.0.0.0` for a scraper on
+    # another host); they are served without authentication.
+    metrics_host: str = "127.0.0.1"
     # The API's /metrics: when a token is set, a scrape must send `Authorization: Bearer
     # <token>` (it shows the whole platform's volume, which agents on the same port should not
     # read). Scrapes within `metrics_cache_seconds` of each other share one read of the views,
@@ -106,7 +109,8 @@ class Settings(BaseSettings):
     # Webhook signatures older than this are refused (Stripe's default tolerance).
     webhook_tolerance_seconds: int = Field(default=300, ge=1)
     # Tests only: the charge task SIGKILLs its own process right after the provider answered
-    # and before the outcome is committed, to prove a crash there charges once.
+    # and before the outcome is committed, to prove a crash there charges once. Refused with
+    # any STRIPE_API_KEY but the sandbox's.
     debug_crash_after_provider_call: bool = False
 
     # Pricing (tasks/pricing.py). Tax is charged on the subtotal (per total, not per line);
@@ -167,6 +171,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"AGENTPAY_STALLED_AFTER_SECONDS ({self.stalled_after_seconds}) must exceed "
                 f"heartbeat + shutdown grace ({floor}): a draining worker stops heartbeating"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _debug_crash_on_the_sandbox_only(self) -> Settings:
+        if self.debug_crash_after_provider_call and self.stripe_api_key != SANDBOX_API_KEY:
+            raise ValueError(
+                "AGENTPAY_DEBUG_CRASH_AFTER_PROVIDER_CALL is for tests against the sandbox "
+                "provider only: with a real STRIPE_API_KEY every charge worker would kill "
+                "itself after each provider call"
             )
         return self
 

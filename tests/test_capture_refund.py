@@ -311,6 +311,27 @@ async def test_refund_amounts_follow_the_currency_and_nothing_left_is_a_conflict
         assert [r["amount"] for r in await refunds.for_payment(conn, kwd["id"])] == [2000]
 
 
+async def test_a_payment_takes_a_bounded_number_of_refunds(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One-cent refunds without end each cost provider calls, events and a sync listing all
+    of them: one agent could spend the fleet's provider rate limit. Past the cap a refund is
+    a 409 refund_limit_reached, and nothing is recorded."""
+    monkeypatch.setattr(refunds, "MAX_REFUNDS_PER_PAYMENT", 3)
+    paid = await create(api, agent_key, amount=2000)
+    await run_jobs(pool)
+    answers = [
+        await api.post(
+            f"/v1/payments/{paid['id']}/refunds", json={"amount": 1}, headers=auth(agent_key)
+        )
+        for _ in range(4)
+    ]
+    assert [a.status_code for a in answers] == [202, 202, 202, 409]
+    assert answers[3].json()["error"]["code"] == "refund_limit_reached"
+    async with pool.connection() as conn:
+        assert len(await refunds.for_payment(conn, paid["id"])) == 3
+
+
 async def test_refund_before_reconcile_is_refused_and_leaves_nothing(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

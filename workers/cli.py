@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import sys
 from typing import Annotated, Any
@@ -199,6 +200,12 @@ def api(
     with database_errors():  # not configured: say so now, not in every request
         settings.resolved_database_url()
     logs.configure()
+    if host not in ("127.0.0.1", "::1", "localhost") and not settings.metrics_token:
+        logging.getLogger("agentpay.api").warning(
+            "serving on a public interface with /metrics open to anyone who reaches it "
+            "(the whole platform's payment volume): set AGENTPAY_METRICS_TOKEN",
+            extra={"host": host},
+        )
     # uvicorn shuts down gracefully on SIGTERM, then raises the signal again so the process
     # "dies of it" (exit status -15). A stop that was asked for is a clean exit: status 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -376,7 +376,7 @@ class RoleWorker:
         logs.set_role(self.role)
         instrument_provider()
         if s.metrics_port:
-            server, _ = start_http_server(s.metrics_port)
+            server, _ = start_http_server(s.metrics_port, addr=s.metrics_host)
             log.info("serving metrics", extra={"port": server.server_port})
         async with (
             open_pool(
