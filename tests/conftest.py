@@ -20,8 +20,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from click.testing import Result
 from procrastinate.worker import Worker
 from psycopg import sql
+from typer.testing import CliRunner
 
 import schema
 from api.app import create_app
@@ -258,6 +260,28 @@ def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
+
+
+def invoke_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    *,
+    database_url: str | None,
+    env: dict[str, str] | None = None,
+) -> Result:
+    """`agentpay <args>` in-process, on `database_url` (None: no DATABASE_URL at all). The
+    settings are cached per process: read again for the command, and dropped after it."""
+    from workers.cli import app as cli
+
+    if database_url is None:
+        monkeypatch.delenv("DATABASE_URL", raising=False)
+    else:
+        monkeypatch.setenv("DATABASE_URL", database_url)
+    get_settings.cache_clear()
+    try:
+        return CliRunner().invoke(cli, args, env=env)
+    finally:
+        get_settings.cache_clear()
 
 
 def server_port(n: int = 1) -> int:

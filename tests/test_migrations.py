@@ -8,11 +8,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from typer.testing import CliRunner
 
 import schema
-from tasks.settings import get_settings
-from workers.cli import app as cli
+from tests.conftest import invoke_cli
 
 
 def test_procrastinate_scripts_numbered_the_installed_version_are_applied(
@@ -54,12 +52,7 @@ def test_an_applied_migration_that_was_edited_is_refused(
     (folder / "0999_later.sql").write_text("CREATE TABLE later_one (id int);\n")
     with pytest.raises(schema.MigrationEdited, match="0005_operations"):
         schema.migrate(database_url)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()  # settings another test read are cached
-    try:
-        result = CliRunner().invoke(cli, ["migrate"])
-    finally:
-        get_settings.cache_clear()
+    result = invoke_cli(monkeypatch, ["migrate"], database_url=database_url)
     assert result.exit_code == 1, result.output
     assert "0005_operations" in result.output
     with psycopg.connect(database_url) as conn:  # nothing after it ran either
@@ -79,15 +72,10 @@ def test_a_migration_gives_up_its_lock_wait_instead_of_stalling_everyone(
     (folder / "0999_later.sql").write_text("ALTER TABLE payment_jobs ADD COLUMN later int;\n")
     monkeypatch.setattr(schema, "LOCK_TIMEOUT", "200ms")
     monkeypatch.setattr(schema, "LOCK_ATTEMPTS", 2)
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()
     with psycopg.connect(database_url, application_name="operator-psql") as holder:
         holder.execute("SELECT count(*) FROM payment_jobs").fetchone()  # holds it till commit
         holder_pid = holder.info.backend_pid
-        try:
-            result = CliRunner().invoke(cli, ["migrate"])
-        finally:
-            get_settings.cache_clear()
+        result = invoke_cli(monkeypatch, ["migrate"], database_url=database_url)
         with pytest.raises(schema.MigrationLocked, match=f"pid {holder_pid} \\(operator-psql"):
             schema.migrate(database_url)
         holder.rollback()
@@ -109,12 +97,7 @@ def test_commands_on_a_database_without_the_schema_say_to_migrate(
     3, not a traceback."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("DROP VIEW ops_queue_depth CASCADE")
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()
-    try:
-        result = CliRunner().invoke(cli, ["status"])
-    finally:
-        get_settings.cache_clear()
+    result = invoke_cli(monkeypatch, ["status"], database_url=database_url)
     assert result.exit_code == 3, result.output
     assert "run `agentpay migrate`" in result.output
     assert "ops_queue_depth" in result.output

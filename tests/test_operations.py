@@ -27,7 +27,7 @@ from tasks import agents, payments
 from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
-from tests.conftest import async_wait_for, auth, run_jobs
+from tests.conftest import async_wait_for, auth, invoke_cli, run_jobs
 from workers import logs
 from workers.cli import app as cli
 from workers.devstack import free_port
@@ -327,12 +327,8 @@ def test_without_a_database_a_command_says_so_and_exits_3(
 ) -> None:
     """No DATABASE_URL and no dev stack: one line and exit code 3, not a traceback (and not
     1 or 2, which mean refused and not found)."""
-    from tasks.settings import get_settings
 
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    get_settings.cache_clear()
-    result = CliRunner().invoke(cli, [*command, "--data-dir", str(tmp_path)])
-    get_settings.cache_clear()
+    result = invoke_cli(monkeypatch, [*command, "--data-dir", str(tmp_path)], database_url=None)
     assert result.exit_code == 3, result.output
     assert "The database is not available: No database" in result.output
     assert "Traceback" not in result.output
@@ -379,12 +375,12 @@ def test_a_database_that_does_not_answer_is_exit_3(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A configured database that refuses connections: the same one line and exit code 3."""
-    from tasks.settings import get_settings
 
-    monkeypatch.setenv("DATABASE_URL", f"postgresql://nobody@127.0.0.1:{free_port()}/none")
-    get_settings.cache_clear()
-    result = CliRunner().invoke(cli, ["migrate", "--data-dir", str(tmp_path)])
-    get_settings.cache_clear()
+    result = invoke_cli(
+        monkeypatch,
+        ["migrate", "--data-dir", str(tmp_path)],
+        database_url=f"postgresql://nobody@127.0.0.1:{free_port()}/none",
+    )
     assert result.exit_code == 3, result.output
     assert "The database is not available" in result.output
     assert "Traceback" not in result.output
@@ -397,8 +393,6 @@ def test_a_command_held_up_by_a_lock_gives_up_with_exit_3(
     after the CLI's lock timeout with exit code 3 (as docs/operations.md says), instead of
     waiting for as long as the other transaction stays open."""
     import threading
-
-    from tasks.settings import get_settings
 
     async def make() -> str:
         async with open_pool(database_url, min_size=1, max_size=1) as pool:
@@ -488,17 +482,13 @@ async def test_an_agents_text_is_printed_as_text_never_as_markup_or_escape_codes
         headers=auth(agent_key),
     )
     assert canceled.status_code == 202, canceled.text
-    monkeypatch.setenv("DATABASE_URL", database_url)
-    get_settings.cache_clear()  # settings another test read are cached
-    try:
-        result = await asyncio.to_thread(  # the command runs its own event loop
-            CliRunner().invoke,
-            cli,
-            ["payments", "show", created.json()["id"]],
-            env={"COLUMNS": "300"},
-        )
-    finally:
-        get_settings.cache_clear()
+    result = await asyncio.to_thread(  # the command runs its own event loop
+        invoke_cli,
+        monkeypatch,
+        ["payments", "show", created.json()["id"]],
+        database_url=database_url,
+        env={"COLUMNS": "300"},
+    )
     assert result.exit_code == 0, result.output
     assert "oops [/] [bold]x \ufffd]52;c;cHduZWQ=\ufffd \ufffd[2J\ufffd" in result.output
     assert "\x1b" not in result.output and "\x07" not in result.output

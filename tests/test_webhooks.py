@@ -167,16 +167,24 @@ async def test_unknown_event_types_are_stored_and_ignored(
         assert await cur.fetchone() == {"n": 0}
 
 
-async def test_an_event_stored_once_defers_one_reconcile(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
-) -> None:
+async def succeeded_without_its_reconcile(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> dict[str, Any]:
+    """A payment charged and `succeeded` whose reconcile job the charge step deferred is
+    lost: only an event can bring one back."""
     created = await create(api, agent_key)
     await run_jobs(pool, ("pricing", "risk", "charge"))
     payment = await fetch(api, agent_key, created["id"])
     assert payment["status"] == "succeeded"
     async with pool.connection() as conn:
-        # The reconcile job the charge step deferred is lost: the event must bring it back.
         await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile'")
+    return payment
+
+
+async def test_an_event_stored_once_defers_one_reconcile(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    payment = await succeeded_without_its_reconcile(api, agent_key, pool)
     event = {
         **EVENT,
         "data": {
@@ -270,12 +278,7 @@ async def test_an_event_with_nul_or_a_lone_surrogate_is_stored_once_and_acted_on
     """Metadata someone typed may hold `"\\u0000"` or a lone `"\\ud800"`: Postgres jsonb
     refused the event (a 500), and the provider delivered it again, forever. The stored copy
     has U+FFFD in their place."""
-    created = await create(api, agent_key)
-    await run_jobs(pool, ("pricing", "risk", "charge"))
-    payment = await fetch(api, agent_key, created["id"])
-    assert payment["status"] == "succeeded"
-    async with pool.connection() as conn:
-        await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile'")
+    payment = await succeeded_without_its_reconcile(api, agent_key, pool)
     metadata = {"payment_id": payment["id"], "note": "a\u0000b", "\ud800key": "c\udfffd"}
     event = {
         **EVENT,
