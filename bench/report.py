@@ -174,19 +174,23 @@ def derive(result: dict[str, Any]) -> None:
     }
     warnings = _warnings(result)
     result["warnings"] = [message for _, message in warnings]
-    doubtful = {stage for stage, _ in warnings}
+    doubtful = {stage for stages, _ in warnings for stage in stages}
     result["targets"] = [target.check(result, doubtful) for target in TARGETS]
     result["cpu_budget"] = _cpu_budget(result, best)
 
 
-def _warnings(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """What makes a stage's figures doubtful — errors, payments that never finished,
-    restarts — as (stage, message): its rates and percentiles leave those out."""
-    found: list[tuple[str, str]] = []
+def _warnings(result: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """What makes figures doubtful — errors, payments that never finished, restarts — as
+    (the stages whose figures it touches, message): their rates and percentiles leave those
+    out."""
+    found: list[tuple[tuple[str, ...], str]] = []
     enqueue = result["enqueue"]
     if enqueue["errors"]:
         found.append(
-            ("enqueue", f"enqueue: {enqueue['errors']} failed requests ({enqueue['first_error']})")
+            (
+                ("enqueue",),
+                f"enqueue: {enqueue['errors']} failed requests ({enqueue['first_error']})",
+            )
         )
     for key, p in result["pipeline"].items():
         problems = []
@@ -198,9 +202,12 @@ def _warnings(result: dict[str, Any]) -> list[tuple[str, str]]:
             problems.append(
                 f"{p['final'] - p['reconciled']} final but not reconciled ({p['statuses']})"
             )
+        found += [(("pipeline",), f"pipeline {key}: {problem}") for problem in problems]
         if p["restarts"]:
-            problems.append(f"{p['restarts']} process restarts")
-        found += [("pipeline", f"pipeline {key}: {problem}") for problem in problems]
+            # A process started again: the peak RSS read is the new one's (a worker killed
+            # for its memory would pass), and K = 1's stack also serves the latency stage.
+            stages = ("pipeline", "memory", *(("latency",) if key == "k1" else ()))
+            found.append((stages, f"pipeline {key}: {p['restarts']} process restarts"))
     latency = result["latency"]
     if (
         latency["final"] < latency["payments"]
@@ -209,7 +216,7 @@ def _warnings(result: dict[str, Any]) -> list[tuple[str, str]]:
     ):
         found.append(
             (
-                "latency",
+                ("latency",),
                 f"latency: {latency['final']} of {latency['payments']} final, "
                 f"{latency['errors']} failed POSTs, {latency['statuses']}",
             )

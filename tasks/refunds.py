@@ -42,13 +42,15 @@ class RefundAmountError(ValueError):
 
 
 class RefundLimitError(ValueError):
-    """The payment has had as many refunds as one payment may (`MAX_REFUNDS_PER_PAYMENT`)."""
+    """The payment has had as many refunds asked of agentpay as one payment may
+    (`MAX_REFUNDS_PER_PAYMENT`), and this one is not for all that remains."""
 
 
-# Refunds one payment may have (any outcome). Each costs provider calls, events and a sync
-# that lists all of the payment's refunds: a cap keeps one agent's thousand one-cent refunds
-# from spending the fleet's provider rate limit. (Stripe sets no such cap; no real use needs
-# more than a few.)
+# Refunds asked of agentpay one payment may have (any outcome; refunds made at the provider,
+# which the sync takes in, do not count), but for a last one of all that remains, which is
+# always taken. Each costs provider calls, events and a sync that lists all of the payment's
+# refunds: a cap keeps one agent's thousand one-cent refunds from spending the fleet's
+# provider rate limit. (Stripe sets no such cap; no real use needs more than a few.)
 MAX_REFUNDS_PER_PAYMENT = 50
 
 
@@ -100,13 +102,14 @@ async def request_refund(
     if problem:
         raise RefundAmountError(f"Refund amount: {problem}.")
     cur = await conn.execute(
-        "SELECT count(*) AS n FROM payment_refunds WHERE payment_id = %s", (payment["id"],)
+        "SELECT count(*) AS n FROM payment_refunds WHERE payment_id = %s AND actor <> %s",
+        (payment["id"], OUTSIDE_ACTOR),
     )
-    made = await cur.fetchone()
-    if made is not None and made["n"] >= MAX_REFUNDS_PER_PAYMENT:
+    asked = await cur.fetchone()
+    if asked is not None and asked["n"] >= MAX_REFUNDS_PER_PAYMENT and amount != remaining:
         raise RefundLimitError(
-            f"This payment has had {made['n']} refunds, as many as one payment may "
-            f"({MAX_REFUNDS_PER_PAYMENT}); refund what remains in one."
+            f"This payment has had {asked['n']} refunds, as many as one payment may "
+            f"({MAX_REFUNDS_PER_PAYMENT}); refund all that remains ({remaining}) in one."
         )
     cur = await conn.execute(
         """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor)

@@ -88,3 +88,10 @@ def test_quick_bench_reports_every_figure_as_a_positive_number() -> None:
     assert verdicts["latency.p50_ms"] == verdicts["latency.p99_ms"] == (False, True)
     assert verdicts["enqueue.paced.p99_ms"] == (False, False)
     assert any(w.startswith("latency:") for w in doubted["warnings"])
+    # A process started again during K = 1: its memory and the latency stage are in doubt.
+    restarted = copy.deepcopy(result)
+    restarted["pipeline"]["k1"]["restarts"] = 1
+    derive(restarted)
+    verdicts = {t["figure"]: t["doubtful"] for t in restarted["targets"]}
+    assert verdicts["memory.worker_max_mb"] and verdicts["latency.p99_ms"]
+    assert not verdicts["ratios.claim_largest_vs_smallest"]

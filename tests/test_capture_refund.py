@@ -316,20 +316,27 @@ async def test_a_payment_takes_a_bounded_number_of_refunds(
 ) -> None:
     """One-cent refunds without end each cost provider calls, events and a sync listing all
     of them: one agent could spend the fleet's provider rate limit. Past the cap a refund is
-    a 409 refund_limit_reached, and nothing is recorded."""
+    a 409 refund_limit_reached, and nothing is recorded — but for one of all that remains,
+    which is always taken (the money would be stuck otherwise)."""
     monkeypatch.setattr(refunds, "MAX_REFUNDS_PER_PAYMENT", 3)
     paid = await create(api, agent_key, amount=2000)
     await run_jobs(pool)
-    answers = [
-        await api.post(
-            f"/v1/payments/{paid['id']}/refunds", json={"amount": 1}, headers=auth(agent_key)
-        )
-        for _ in range(4)
-    ]
+    async with pool.connection() as conn:  # made in the Dashboard (and failed): not counted
+        for n in range(3):
+            await conn.execute(
+                "INSERT INTO payment_refunds (id, payment_id, amount, currency, actor, status)"
+                " VALUES (%s, %s, 1, 'usd', %s, 'failed')",
+                (f"rfd_outside_{n}", paid["id"], refunds.OUTSIDE_ACTOR),
+            )
+    path = f"/v1/payments/{paid['id']}/refunds"
+    answers = [await api.post(path, json={"amount": 1}, headers=auth(agent_key)) for _ in range(4)]
     assert [a.status_code for a in answers] == [202, 202, 202, 409]
     assert answers[3].json()["error"]["code"] == "refund_limit_reached"
+    assert "all that remains (1997)" in answers[3].json()["error"]["message"]
     async with pool.connection() as conn:
-        assert len(await refunds.for_payment(conn, paid["id"])) == 3
+        assert len(await refunds.for_payment(conn, paid["id"])) == 3 + 3
+    rest = await api.post(path, headers=auth(agent_key))
+    assert rest.status_code == 202 and rest.json()["amount"] == 1997
 
 
 async def test_refund_before_reconcile_is_refused_and_leaves_nothing(

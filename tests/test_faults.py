@@ -19,7 +19,7 @@ from psycopg.rows import dict_row
 from tasks import charge, payments, provider, reconcile
 from tasks.app import Backoff
 from tasks.db import Pool
-from tasks.settings import get_settings
+from tasks.settings import SANDBOX_API_KEY, get_settings
 from tests.conftest import FAST_ENV, async_wait_for, run_jobs, wait_for
 from tests.conftest import stop_process as stop
 from tests.test_pipeline import create, fetch
@@ -495,7 +495,13 @@ def start_charge_worker(database_url: str, **env: str) -> subprocess.Popen[bytes
     return subprocess.Popen(
         [sys.executable, "-m", "workers", "worker", "charge", "--concurrency", "2"],
         cwd=ROOT,
-        env={**os.environ, **FAST_ENV, "DATABASE_URL": database_url, **env},
+        env={
+            **os.environ,
+            **FAST_ENV,
+            "DATABASE_URL": database_url,
+            "STRIPE_API_KEY": SANDBOX_API_KEY,  # not a developer's own (the crash switch)
+            **env,
+        },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -72,17 +72,20 @@ def test_a_migration_gives_up_its_lock_wait_instead_of_stalling_everyone(
     (folder / "0999_later.sql").write_text("ALTER TABLE payment_jobs ADD COLUMN later int;\n")
     monkeypatch.setattr(schema, "LOCK_TIMEOUT", "200ms")
     monkeypatch.setattr(schema, "LOCK_ATTEMPTS", 2)
-    with psycopg.connect(database_url, application_name="operator-psql") as holder:
+    # (An application name rich would read as markup: the message is printed as text.)
+    with psycopg.connect(database_url, application_name="operator-psql [/]") as holder:
         holder.execute("SELECT count(*) FROM payment_jobs").fetchone()  # holds it till commit
         holder_pid = holder.info.backend_pid
         result = invoke_cli(monkeypatch, ["migrate"], database_url=database_url)
-        with pytest.raises(schema.MigrationLocked, match=f"pid {holder_pid} \\(operator-psql"):
+        with pytest.raises(
+            schema.MigrationLocked, match=f"pid {holder_pid} \\(operator-psql \\[/\\]"
+        ):
             schema.migrate(database_url)
         holder.rollback()
     assert result.exit_code == 3, result.output
     assert result.output.startswith("applied 0998_first\n"), result.output
     assert "migration 0999_later waited 2 times 200ms" in result.output
-    assert f"pid {holder_pid} (operator-psql, idle in transaction" in result.output
+    assert f"pid {holder_pid} (operator-psql [/], idle in transaction" in result.output
     with psycopg.connect(database_url) as conn:
         assert conn.execute(
             "SELECT count(*) FROM schema_migrations WHERE name = '0999_later'"
@@ -143,3 +146,22 @@ def test_an_up_to_date_migrate_does_not_wait_on_readers_of_its_ledger(database_u
     runner.join(30)
     assert finished_while_read
     assert done == [[]]
+
+
+def test_a_missing_function_of_ours_says_to_migrate_and_any_other_is_a_bug() -> None:
+    """A release whose procrastinate or agentpay functions are not in the database yet: the
+    command says to run migrate (exit 3). An undefined function that is not one we ship
+    (`operator does not exist: text = integer`) is a bug in a query, and is not hidden."""
+    import typer
+
+    from workers.cli_common import database_errors
+
+    ours = psycopg.errors.UndefinedFunction(
+        "function procrastinate_retry_job_v2(bigint, timestamp with time zone) does not exist"
+    )
+    with pytest.raises(typer.Exit) as exited, database_errors():
+        raise ours
+    assert exited.value.exit_code == 3
+    bug = psycopg.errors.UndefinedFunction("operator does not exist: text = integer")
+    with pytest.raises(psycopg.errors.UndefinedFunction), database_errors():
+        raise bug

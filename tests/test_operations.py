@@ -361,11 +361,15 @@ def test_a_setting_that_does_not_parse_is_one_line_and_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_the_debug_crash_switch_is_refused_against_a_real_provider() -> None:
+def test_the_debug_crash_switch_is_refused_against_a_real_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Left set in production, every charge worker would kill itself after each provider
     call: it is taken with the sandbox's key only."""
     from pydantic import ValidationError
 
+    monkeypatch.delenv("STRIPE_API_KEY", raising=False)  # a developer's own, exported
+    monkeypatch.delenv("AGENTPAY_STRIPE_API_KEY", raising=False)
     assert Settings(debug_crash_after_provider_call=True).debug_crash_after_provider_call
     with pytest.raises(ValidationError, match="sandbox provider only"):
         Settings(debug_crash_after_provider_call=True, stripe_api_key="sk_live_real")

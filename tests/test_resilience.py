@@ -242,33 +242,53 @@ async def test_each_worker_says_its_role_so_a_role_without_one_shows(
         assert one(conn, "SELECT count(*) FROM worker_roles") == 0  # gone with its worker
 
 
-async def test_a_worker_whose_role_cannot_be_written_works_and_leaves_no_row(
+async def test_a_worker_whose_role_cannot_be_written_yet_works_and_writes_it_later(
     pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The role is for the operators' eyes: a worker that cannot write it (a connection that
-    died a moment ago) works on. It failed instead, outside procrastinate's clean-up, and its
-    row stayed behind, to be counted as a stalled worker for the retention."""
+    died a moment ago) works on, and writes it at a later heartbeat. It failed instead,
+    outside procrastinate's clean-up, and its row stayed behind, counted as stalled."""
     from tasks.app import app
     from workers.worker import _Worker
 
     payment_id, _ = await _received_payment(pool)
     execute = app.connector.execute_query_async
+    refused: list[str] = []
 
-    async def cut_on_role(query: str, **arguments: Any) -> None:
-        if query.startswith("INSERT INTO worker_roles"):
+    async def cut_once_on_role(query: str, **arguments: Any) -> None:
+        if query.startswith("INSERT INTO worker_roles") and not refused:
+            refused.append(query)
             raise psycopg.OperationalError("the connection is lost")
         await execute(query, **arguments)
 
-    monkeypatch.setattr(app.connector, "execute_query_async", cut_on_role)
+    async def one_row(sql: str) -> Any:
+        async with pool.connection() as conn:
+            cur = await conn.execute(sql)
+            return await cur.fetchone()
+
+    monkeypatch.setattr(app.connector, "execute_query_async", cut_once_on_role)
     worker = _Worker(
-        app, queues=["pricing"], wait=False, install_signal_handlers=False, listen_notify=False
+        app,
+        queues=["pricing"],
+        install_signal_handlers=False,
+        listen_notify=False,
+        update_heartbeat_interval=0.2,
     )
-    await asyncio.wait_for(worker.run(), 30)  # runs the job, then stops: nothing left to do
-    async with pool.connection() as conn:
-        cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
-        assert await cur.fetchone() == {"status": "priced"}
-        cur = await conn.execute("SELECT count(*) AS n FROM procrastinate_workers")
-        assert await cur.fetchone() == {"n": 0}
+    running = asyncio.create_task(worker.run())
+    await async_wait_for(
+        lambda: one_row(
+            f"SELECT 1 FROM payment_jobs WHERE id = '{payment_id}' AND status = 'priced'"
+        ),
+        what="the worker to run the job",
+    )
+    await async_wait_for(
+        lambda: one_row("SELECT role FROM worker_roles WHERE role = 'pricing'"),
+        what="the role, written at a later heartbeat",
+    )
+    worker.stop()
+    await asyncio.wait_for(running, 30)
+    assert refused
+    assert await one_row("SELECT count(*) AS n FROM procrastinate_workers") == {"n": 0}
 
 
 async def test_a_stop_that_hangs_reports_what_it_waits_for(

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from api.models import wait_is_over
-from tasks import ledger
+from tasks import ledger, payments
 from tasks.db import Pool, open_pool
 from tasks.settings import Settings
 from workers.devstack import DevStack, new_agent_keys
@@ -483,17 +483,13 @@ async def check_invariants(
 
 def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> bool:
     """Whether the provider's intents for a payment (status, amount received) are what its
-    state says: one `succeeded` that received `amount_captured` for a succeeded payment, one
+    state says: one `succeeded` that received what the payment collected (`amount_captured`,
+    or its total before reconcile wrote it) for a succeeded payment, one
     `requires_capture` for an authorized one, and for any other at most one intent, which
     neither took nor holds money (a canceled payment's is `canceled`)."""
     status = payment["status"]
     if status in SUCCEEDED_STATES:
-        captured = payment["amount_captured"]
-        return (
-            len(intents) == 1
-            and intents[0][0] == "succeeded"
-            and (captured is None or intents[0][1] == captured)
-        )
+        return intents == [("succeeded", payments.collected(payment))]
     if status == "authorized":
         return [s for s, _ in intents] == ["requires_capture"]
     if status == "canceled":
@@ -527,7 +523,7 @@ async def _money_checks(conn: Any, rows: dict[str, dict[str, Any]]) -> Check:
         waiting = row["status"] in HELD_STATES
         want_held = row["amount_total"] if waiting else 0
         settled = row["status"] in ("reconciled", "partially_refunded", "refunded")
-        want_collected = (row["amount_captured"] or 0) - row["amount_refunded"] if settled else 0
+        want_collected = payments.collected(row) - row["amount_refunded"] if settled else 0
         if (held, collected) != (want_held, want_collected):
             check.failures.append(
                 f"{pid} ({row['status']}): held {held}, collected {collected}; "

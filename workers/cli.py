@@ -27,6 +27,7 @@ from workers.cli_common import (
     fail,
     on_database,
     plain,
+    say_error,
     settings_for,
 )
 
@@ -57,11 +58,10 @@ def main() -> None:
     except ValidationError as error:
         # A setting that does not parse (AGENTPAY_…): one line each and the usage exit code,
         # not a traceback, from every command (the workers' and the API's processes too).
-        err = Console(stderr=True)
         for problem in error.errors():
             name = "_".join(str(part) for part in problem["loc"]).upper()
             where = f"AGENTPAY_{name}: " if name else ""
-            err.print(f"[red]Invalid setting: {where}{problem['msg']}[/]")
+            say_error(f"Invalid setting: {where}{problem['msg']}")
         raise SystemExit(USAGE) from None
 
 
@@ -168,7 +168,7 @@ def migrate(data_dir: DataDir = None) -> None:
         except schema.MigrationEdited as error:
             raise fail(str(error)) from error
         except schema.MigrationLocked as error:
-            Console(stderr=True).print(f"[red]{error}[/]")
+            say_error(str(error))
             raise typer.Exit(NO_DATABASE) from error
     if not applied:
         console.print("database is up to date")

@@ -66,9 +66,14 @@ def plain(value: Any) -> Text:
     return Text(_CONTROL.sub("\ufffd", "" if value is None else str(value)))
 
 
+def say_error(message: str, *, stderr: bool = True) -> None:
+    """One message in red, as text (it may quote the database or a setting: never markup)."""
+    Console(stderr=stderr).print(plain(message), style="red")
+
+
 def fail(message: str, code: int = REFUSED) -> typer.Exit:
     """Say why, in red, and return the exit to raise with `code`."""
-    Console().print(f"[red]{message}[/]")
+    say_error(message, stderr=False)
     return typer.Exit(code)
 
 
@@ -101,21 +106,32 @@ def database_errors() -> Iterator[None]:
     try:
         yield
     except psycopg.errors.LockNotAvailable as error:
-        Console(stderr=True).print(
-            f"[red]Another transaction holds a row this command needs (for over "
-            f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again.[/]"
+        say_error(
+            f"Another transaction holds a row this command needs (for over "
+            f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again."
         )
         raise typer.Exit(NO_DATABASE) from error
-    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as error:
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedColumn,
+        psycopg.errors.UndefinedFunction,
+    ) as error:
         first_line = str(error).splitlines()[0]
-        Console(stderr=True).print(
-            f"[red]The database lacks agentpay's schema, or this release's migrations "
-            f"({first_line}): run `agentpay migrate`.[/]"
+        if isinstance(error, psycopg.errors.UndefinedFunction) and not _OURS.search(first_line):
+            raise  # a function we do not ship: a bug (a type mismatch), not a missing schema
+        say_error(
+            f"The database lacks agentpay's schema, or this release's migrations "
+            f"({first_line}): run `agentpay migrate`."
         )
         raise typer.Exit(NO_DATABASE) from error
     except (NoDatabase, psycopg.OperationalError) as error:
-        Console(stderr=True).print(f"[red]The database is not available: {error}[/]")
+        say_error(f"The database is not available: {error}")
         raise typer.Exit(NO_DATABASE) from error
+
+
+# Functions a migration installs (procrastinate's, and agentpay's own): one missing means a
+# migration not applied.
+_OURS = re.compile(r"function (procrastinate_|agentpay_|ops_|ledger_|payment)")
 
 
 def on_database(

@@ -143,22 +143,36 @@ class _Worker(Worker):
         return worker
 
     async def _run_loop(self) -> None:
-        # procrastinate has just registered this worker: say which role it runs, and where,
-        # for `ops_workers` (the row goes with procrastinate's when it unregisters). Only
-        # for the operators' eyes: if it cannot be written, the worker works on (failing
-        # here, outside procrastinate's clean-up, would leave its row behind as stalled).
+        recording = asyncio.create_task(self._record_role(), name="record-role")
         try:
-            await self.app.connector.execute_query_async(
-                "INSERT INTO worker_roles (worker_id, role, pid, host)"
-                " VALUES (%(worker)s, %(role)s, %(pid)s, %(host)s)",
-                worker=self.worker_id,
-                role=self.role or ",".join(self.queues or []),
-                pid=os.getpid(),
-                host=socket.gethostname(),
-            )
-        except Exception as error:
-            log.warning("could not record the worker's role", extra={"error": repr(error)})
-        await super()._run_loop()
+            await super()._run_loop()
+        finally:
+            recording.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recording
+
+    async def _record_role(self) -> None:
+        """procrastinate has just registered this worker: say which role it runs, and where,
+        for `ops_workers` (the row goes with procrastinate's when it unregisters). Tried
+        again every heartbeat until written (a worker started in a database blip is not
+        shown roleless for its life); only for the operators' eyes, so a failure never
+        stops the worker (failing in `_run_loop`, outside procrastinate's clean-up, would
+        leave its row behind as stalled)."""
+        while True:
+            try:
+                await self.app.connector.execute_query_async(
+                    "INSERT INTO worker_roles (worker_id, role, pid, host)"
+                    " VALUES (%(worker)s, %(role)s, %(pid)s, %(host)s)"
+                    " ON CONFLICT (worker_id) DO NOTHING",
+                    worker=self.worker_id,
+                    role=self.role or ",".join(self.queues or []),
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                )
+                return
+            except Exception as error:
+                log.warning("could not record the worker's role", extra={"error": repr(error)})
+            await asyncio.sleep(self.update_heartbeat_interval)
 
     async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
         pending = set(side_tasks)
