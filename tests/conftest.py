@@ -262,6 +262,15 @@ def fees(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
 
 
+def quit_postgres_under(data_dir: Path) -> None:
+    """An immediate shutdown (SIGQUIT to the postmaster) of every embedded Postgres whose data
+    directory is under `data_dir` (pg_ctl starts one in a session of its own: killing the
+    process group that started it does not reach it)."""
+    for pidfile in data_dir.rglob("postmaster.pid"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+
+
 def invoke_cli(
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
@@ -347,8 +356,7 @@ def kill_all(process: subprocess.Popen[bytes], data_dir: Path | None = None) -> 
         os.killpg(process.pid, signal.SIGKILL)
     else:
         process.kill()
-    for pidfile in data_dir.rglob("postmaster.pid") if data_dir is not None else ():
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            os.kill(int(pidfile.read_text().split()[0]), signal.SIGQUIT)
+    if data_dir is not None:
+        quit_postgres_under(data_dir)
     out, err = process.communicate()
     return (out or b"").decode(errors="replace"), (err or b"").decode(errors="replace")

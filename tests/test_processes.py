@@ -21,7 +21,14 @@ from tasks import agents, payments
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import ROLES, Settings
-from tests.conftest import FAST_ENV, auth, server_port, stop_and_read, wait_for
+from tests.conftest import (
+    FAST_ENV,
+    auth,
+    quit_postgres_under,
+    server_port,
+    stop_and_read,
+    wait_for,
+)
 from tests.conftest import stop_process as stop
 from workers.demo import run_demo
 from workers.devstack import _dev_keys, new_agent_keys
@@ -179,6 +186,32 @@ def test_a_stack_does_not_start_over_one_that_runs(tmp_path: Path) -> None:
     finally:
         running.shutdown()
         running.server_close()
+
+
+def test_a_demo_stopped_by_sigterm_stops_all_it_started(tmp_path: Path) -> None:
+    """`kill` (or CI's timeout) on `agentpay demo` ended it at once, leaving its API, its
+    workers and its Postgres running; it now stops them, as Ctrl-C does."""
+    data_dir = Path("/tmp") / f"apdemo{os.getpid()}"  # short: Postgres' socket lives in it
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STRIPE_API_BASE")}
+    port = server_port()
+    argv = ["demo", "--payments", "5000", "--port", str(port), "--data-dir", str(data_dir)]
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "workers", *argv],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: stop_and_read can kill it all
+    )
+    try:
+        wait_for((data_dir / "demo" / "stack.json").exists, timeout=90, what="the demo's stack")
+        output = stop_and_read(demo, data_dir=data_dir)[0]
+        assert not list(data_dir.rglob("postmaster.pid")), output  # its Postgres stopped
+        with pytest.raises(httpx.ConnectError):  # and its API
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+    finally:
+        quit_postgres_under(data_dir)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: Path) -> None:

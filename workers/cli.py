@@ -29,6 +29,7 @@ from workers.cli_common import (
     plain,
     say_error,
     settings_for,
+    stop_signals_interrupt,
 )
 
 console = Console()
@@ -113,6 +114,7 @@ def demo(
     from workers.devstack import StackError
 
     logs.configure("WARNING")
+    stop_signals_interrupt()
     try:
         ok = run_demo(
             settings_for(data_dir),
@@ -144,6 +146,7 @@ def chaos(
     from workers.devstack import StackError
 
     logs.configure("ERROR")
+    stop_signals_interrupt()
     try:
         ok = run_chaos(
             settings_for(data_dir), payments=payments, seconds=seconds, seed=seed, console=console

@@ -35,9 +35,10 @@ def bench(
     under one)."""
     from bench import report, runner
     from workers import logs
-    from workers.cli_common import settings_for
+    from workers.cli_common import settings_for, stop_signals_interrupt
 
     logs.configure("WARNING")
+    stop_signals_interrupt()
     settings = settings_for(data_dir)
     console = Console(stderr=as_json)
     with console.status("benchmarking…") as status:

@@ -8,6 +8,7 @@ import asyncio
 import getpass
 import os
 import re
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,14 @@ def plain(value: Any) -> Text:
     reason `[/]` would crash the command), and with control characters shown as U+FFFD (an
     agent's text must not send escape sequences to an operator's terminal)."""
     return Text(_CONTROL.sub("\ufffd", "" if value is None else str(value)))
+
+
+def stop_signals_interrupt() -> None:
+    """SIGTERM and SIGHUP (a process manager's or CI's stop, a closed terminal) stop a
+    command that runs a stack of its own (demo, chaos, bench) as Ctrl-C does: its clean-up
+    runs, and what it started — its Postgres included — stops with it."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
 
 
 def say_error(message: str, *, stderr: bool = True) -> None:

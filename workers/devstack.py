@@ -325,9 +325,9 @@ async def new_agent_keys(database_url: str, prefix: str, n: int) -> list[str]:
 
 
 def run_forever(stack: DevStack) -> None:
-    """Block until SIGINT or SIGTERM, then stop the stack."""
+    """Block until SIGINT, SIGTERM or SIGHUP (a closed terminal), then stop the stack."""
     stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopped.set())
     try:
         while not stopped.wait(0.5):

