@@ -108,7 +108,8 @@ def demo(
 ) -> None:
     """Start a dev stack of its own (in `<data-dir>/demo`), let demo agents send payments over
     HTTP, show progress, and print a summary of outcomes, throughput and latency. Exits
-    non-zero if a payment did not end where it should."""
+    non-zero if a payment did not end where it should. (Its stack lifts the per-agent
+    velocity limits: a few agents send thousands of payments a minute.)"""
     from workers import logs
     from workers.demo import run_demo
     from workers.devstack import StackError

@@ -26,6 +26,14 @@ EXPECTED = {
 }
 MIX = ["pm_card_visa"] * 8 + ["pm_card_chargeDeclined", "pm_card_chargeDeclinedInsufficientFunds"]
 
+# A few agents send thousands of payments in a minute: the per-agent velocity limits (600
+# payments and $100,000 a minute by default) would reject some, and every payment here must
+# end as its card says.
+DEMO_ENV = {
+    "AGENTPAY_RISK_VELOCITY_MAX_COUNT": str(10**9),
+    "AGENTPAY_RISK_VELOCITY_MAX_AMOUNT": '{"default": 1000000000000000}',
+}
+
 FINAL_SQL = """
 SELECT p.id, p.status, p.payment_method, p.failure_code, p.created_at,
        (SELECT max(e.created_at) FROM payment_events e WHERE e.payment_id = p.id) AS settled_at
@@ -47,7 +55,9 @@ def run_demo(
     # and agent): a `dev` stack running in the data directory is left alone, and so are its
     # keys on a shared DATABASE_URL (though two fleets on one database share its queues).
     settings = settings.model_copy(update={"data_dir": settings.data_dir / "demo"})
-    stack = DevStack(settings, port=port, workers_per_role=workers_per_role, name="demo")
+    stack = DevStack(
+        settings, port=port, workers_per_role=workers_per_role, env=DEMO_ENV, name="demo"
+    )
     with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):
         info = stack.start()
     console.print(f"Stack up: API {info['api_url']}, {workers_per_role} worker(s) per role")
