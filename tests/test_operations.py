@@ -498,6 +498,41 @@ async def test_an_agents_text_is_printed_as_text_never_as_markup_or_escape_codes
     assert "\x1b" not in result.output and "\x07" not in result.output
 
 
+async def test_cli_cancel_of_an_authorized_payment_says_it_is_asked_of_the_provider(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An authorized payment is canceled at the provider, by the charge role: the command
+    printed `authorized` alone, which reads as "nothing happened"."""
+    created = await api.post(
+        "/v1/payments",
+        json={
+            "amount": 500,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "capture_method": "manual",
+        },
+        headers=auth(agent_key),
+    )
+    await run_jobs(pool)
+    payment_id = created.json()["id"]
+    result = await asyncio.to_thread(
+        invoke_cli,
+        monkeypatch,
+        ["payments", "cancel", payment_id, "--operator", "alice"],
+        database_url=database_url,
+        env={"COLUMNS": "300"},
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{payment_id}: authorized, cancel requested (by operator:alice)" in result.output
+    await run_jobs(pool)
+    async with pool.connection() as conn:
+        assert (await payments.get(conn, payment_id))["status"] == "canceled"
+
+
 def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -> None:
     async def setup() -> tuple[str, int]:
         async with open_pool(database_url, min_size=1, max_size=2) as pool, bind(pool):

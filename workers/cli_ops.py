@@ -130,6 +130,7 @@ def payments_cancel(
     in_review, approved); through the provider if authorized or requires_action. Other
     states are refused (exit 1); an unknown id exits 2."""
     from api.routes.ops import Refused, cancel_payment
+    from tasks import payments
 
     actor = operator_actor(operator)
     try:
@@ -138,7 +139,14 @@ def payments_cancel(
         )
     except Refused as error:
         raise refused(error) from error
-    console.print(f"{payment['id']}: {payment['status']} (by {actor})")
+    if payments.pending_action(payment) == "cancel":
+        # At the provider: the charge role cancels it there, and the payment then moves.
+        console.print(
+            f"{payment['id']}: {payment['status']}, cancel requested (by {actor}); the charge "
+            "role cancels it at the provider — `agentpay payments show` follows it"
+        )
+    else:
+        console.print(f"{payment['id']}: {payment['status']} (by {actor})")
 
 
 @jobs_app.command("retry")
