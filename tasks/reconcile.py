@@ -170,11 +170,16 @@ async def reconcile_payment(payment_id: str) -> Any:
         status = locked["status"]
         if status != payment["status"]:
             # Moved on while we asked the provider: that intent may be older than the new
-            # state, so it settles nothing. A move into `succeeded` deferred a reconcile; a
-            # move into another state reconcile acts on (`charging` → `requires_action` or
-            # `authorized`, as the charge job finished) deferred nothing, while the provider
-            # may be past it already (the webhook that brought us here said so): look again.
-            if status in RECONCILABLE and not await _job_waiting(conn, ROLE, payment_id, ("todo",)):
+            # state, so it settles nothing. A move into `succeeded` deferred a reconcile (it
+            # may be running already: none other is needed); a move into another state
+            # reconcile acts on (`charging` → `requires_action` or `authorized`, as the
+            # charge job finished) deferred nothing, while the provider may be past it
+            # already (the webhook that brought us here said so): look again.
+            if (
+                status in RECONCILABLE
+                and status != "succeeded"
+                and not await _job_waiting(conn, ROLE, payment_id, ("todo",))
+            ):
                 await defer(conn, ROLE, payment_id=payment_id)
             return None
         if status == "succeeded" and intent is not None:

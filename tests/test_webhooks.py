@@ -16,7 +16,8 @@ import uvicorn
 
 from api.app import create_app
 from sandbox.webhooks import sign_payload
-from tasks import charge, payments, webhooks
+from tasks import charge, payments, provider, reconcile, webhooks
+from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import WEBHOOK_SECRET, async_wait_for, auth, run_jobs, server_port, wait_for
@@ -345,6 +346,37 @@ async def test_an_event_during_a_running_charge_still_defers_a_reconcile(
     running = await post_event(api, {**event, "id": "evt_while_running"})
     assert running.json()["reconcile"] is True
     assert await reconcile_jobs(pool, created["id"]) == 1
+
+
+async def test_a_reconcile_that_finds_its_charge_succeeded_meanwhile_defers_no_other(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The provider's `succeeded` webhook often comes while the charge job runs: its
+    reconcile reads the provider while the payment is `charging`, and finds it `succeeded`
+    by the time it locks it. The charge's move deferred a reconcile, which may be running
+    already: another one was deferred, a provider call and a job for nothing (six in ten
+    payments of a quiet dev stack made one)."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    payment_id = created["id"]
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'charging' WHERE id = %s", (payment_id,)
+        )
+
+    async def charge_finishes_meanwhile(pid: str) -> None:
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE payment_jobs SET status = 'succeeded' WHERE id = %s", (payment_id,)
+            )
+            await defer(conn, "reconcile", payment_id=payment_id)
+            await conn.execute(  # the charge's reconcile is running already
+                "UPDATE procrastinate_jobs SET status = 'doing' WHERE task_name = 'reconcile'"
+            )
+
+    monkeypatch.setattr(provider, "find_intent", charge_finishes_meanwhile)
+    assert await reconcile.reconcile_payment(payment_id) is None
+    assert await reconcile_jobs(pool, payment_id) == 1  # the charge's, and no other
 
 
 @pytest.mark.parametrize(
