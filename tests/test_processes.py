@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -25,13 +26,14 @@ from tests.conftest import (
     FAST_ENV,
     auth,
     quit_postgres_under,
+    run_jobs,
     server_port,
     stop_and_read,
     wait_for,
 )
 from tests.conftest import stop_process as stop
 from workers.demo import run_demo
-from workers.devstack import _dev_keys, new_agent_keys
+from workers.devstack import _dev_keys, _waiting_on_the_provider, new_agent_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -186,6 +188,31 @@ def test_a_stack_does_not_start_over_one_that_runs(tmp_path: Path) -> None:
     finally:
         running.shutdown()
         running.server_close()
+
+
+async def test_dev_counts_the_payments_a_restarted_sandbox_cannot_finish(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, database_url: str
+) -> None:
+    """The sandbox keeps its PaymentIntents in memory: after `dev` starts again, a payment
+    the earlier start left authorized can never be captured (nor a pending refund made).
+    `dev` says how many there are; finished ones and ones not at the provider do not count."""
+    def body(capture: str) -> dict[str, Any]:
+        return {"amount": 500, "currency": "usd", "payment_method": "pm_card_visa"} | {
+            "capture_method": capture
+        }
+
+    for capture in ("manual", "automatic"):
+        await api.post("/v1/payments", json=body(capture), headers=auth(agent_key))
+    await run_jobs(pool)
+    await api.post("/v1/payments", json=body("automatic"), headers=auth(agent_key))  # received
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT status, count(*) AS n FROM payment_jobs GROUP BY 1")
+        assert {r["status"]: r["n"] for r in await cur.fetchall()} == {
+            "authorized": 1,
+            "reconciled": 1,
+            "received": 1,
+        }
+    assert await _waiting_on_the_provider(database_url) == 1
 
 
 def test_a_demo_stopped_by_sigterm_stops_all_it_started(tmp_path: Path) -> None:

@@ -94,6 +94,12 @@ def dev(
     console.print(f"  logs         {settings.data_dir / 'logs'}")
     if "worker_metrics_ports" in info:
         console.print(f"  metrics      {info['worker_metrics_ports']}  (worker=port)")
+    if stack.lost_at_provider:
+        console.print(
+            f"[yellow]{stack.lost_at_provider} payment(s) of an earlier start wait on the "
+            "provider, and this sandbox starts empty (it keeps nothing across restarts): "
+            "they cannot finish. Give a fresh --data-dir to start clean.[/]"
+        )
     console.print("Press Ctrl-C to stop.")
     run_forever(stack)
 

@@ -114,6 +114,9 @@ class DevStack:
         self.children: dict[str, Child] = {}
         self.info: dict[str, str] = {}
         self._stopping = threading.Event()
+        # Payments of an earlier start that wait on the provider: a new sandbox starts empty,
+        # so those cannot finish (set by `start` when it starts a sandbox).
+        self.lost_at_provider = 0
         self._supervisor: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -166,6 +169,8 @@ class DevStack:
             )
             self.sandbox.start()
             provider_base = self.sandbox.base_url
+        if self.sandbox is not None:
+            self.lost_at_provider = asyncio.run(_waiting_on_the_provider(database_url))
         operator_key, agent_key = asyncio.run(_dev_keys(database_url, self.name))
         self.info = {
             "api_url": api_url,
@@ -311,6 +316,21 @@ async def _dev_keys(database_url: str, stack: str = "dev") -> tuple[str, str]:
                     key = await agents.add_key(conn, found["id"], revoke_others=True)
                 keys.append(key)
     return keys[0], keys[1]
+
+
+async def _waiting_on_the_provider(database_url: str) -> int:
+    """Payments whose next step needs their PaymentIntent at the provider: charging, held
+    (authorized, requires_action), succeeded but not reconciled, or with a refund pending."""
+    async with open_pool(database_url, min_size=1, max_size=1) as pool:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                """SELECT count(*) AS n FROM payment_jobs
+                    WHERE provider_payment_id IS NOT NULL
+                      AND (status IN ('charging', 'requires_action', 'authorized', 'succeeded')
+                           OR refunds_pending > 0)"""
+            )
+            row = await cur.fetchone()
+    return int(row["n"]) if row else 0
 
 
 async def new_agent_keys(database_url: str, prefix: str, n: int) -> list[str]:
