@@ -302,7 +302,7 @@ def agents_create(
     if as_json:
         typer.echo(
             json.dumps(
-                {"id": agent.id, "name": agent.name, "operator": agent.is_operator, "key": key}
+                {"id": agent.id, "name": agent.name, "is_operator": agent.is_operator, "key": key}
             )
         )
     else:

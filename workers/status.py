@@ -161,7 +161,10 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
     )
     if s.unlimited_agents:
         names = ", ".join(a.get("name", a.get("id", "?")) for a in s.unlimited_agents)
-        parts.append(Text(f"Agents spending without a budget: {names}", style="yellow"))
+        parts.append(
+            plain(f"Agents that may spend without a budget (from external funding): {names}")
+        )
+        parts[-1].stylize("yellow")
     return Group(*parts)
 
 
