@@ -196,6 +196,7 @@ async def test_dev_counts_the_payments_a_restarted_sandbox_cannot_finish(
     """The sandbox keeps its PaymentIntents in memory: after `dev` starts again, a payment
     the earlier start left authorized can never be captured (nor a pending refund made).
     `dev` says how many there are; finished ones and ones not at the provider do not count."""
+
     def body(capture: str) -> dict[str, Any]:
         return {"amount": 500, "currency": "usd", "payment_method": "pm_card_visa"} | {
             "capture_method": capture
