@@ -284,9 +284,9 @@ def pipeline_stage(
         data_dir=data_dir / f"k{k}",
     )
     stack = DevStack(settings, port=api_port, workers_per_role=k)
-    info = stack.start()
     result: dict[str, Any] = {"workers_per_role": k}
     try:
+        info = stack.start()
         api_url = info["api_url"]
         keys = asyncio.run(new_agent_keys(url, "bench-agent", clients))
         groups = {

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -231,13 +233,18 @@ def test_a_demo_stopped_by_sigterm_stops_all_it_started(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stop_and_read can kill it all
     )
+
     try:
+        # Stopped as soon as it is up: the moment (after its stack.json, before its run) a
+        # stop used to skip its clean-up, leaving the API and workers behind.
         wait_for((data_dir / "demo" / "stack.json").exists, timeout=90, what="the demo's stack")
         output = stop_and_read(demo, data_dir=data_dir)[0]
         assert not list(data_dir.rglob("postmaster.pid")), output  # its Postgres stopped
         with pytest.raises(httpx.ConnectError):  # and its API
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     finally:
+        with contextlib.suppress(ProcessLookupError):  # what it left behind, if it did
+            os.killpg(demo.pid, signal.SIGKILL)
         quit_postgres_under(data_dir)
         shutil.rmtree(data_dir, ignore_errors=True)
 

@@ -228,9 +228,9 @@ def run_chaos(
     stack = DevStack(
         settings, port=0, workers_per_role=workers_per_role, env=CHAOS_ENV, name="chaos"
     )
-    with console.status("Starting the stack…"):
-        info = stack.start()
     try:
+        with console.status("Starting the stack…"):
+            info = stack.start()
         checks = asyncio.run(_run(stack, info, payments, seconds, console, seed))
     finally:
         with console.status("Stopping the stack…"):

@@ -7,14 +7,14 @@ import json
 import logging
 import signal
 import sys
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import psycopg
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from tasks.settings import ROLES, get_settings
+from tasks.settings import ROLES, Settings, get_settings
 from workers import cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
 from workers.cli_common import (
@@ -31,6 +31,9 @@ from workers.cli_common import (
     settings_for,
     stop_signals_interrupt,
 )
+
+if TYPE_CHECKING:
+    from workers.devstack import DevStack
 
 console = Console()
 app = typer.Typer(
@@ -76,16 +79,26 @@ def dev(
     sandbox provider (unless STRIPE_API_BASE is set), migrations, the API and the workers.
     Writes `<data-dir>/stack.json` when ready."""
     from workers import logs
-    from workers.devstack import DevStack, StackError, run_forever
+    from workers.devstack import DevStack, StackError
 
     logs.configure("WARNING")
+    stop_signals_interrupt()
     settings = settings_for(data_dir)
     stack = DevStack(settings, port=port, workers_per_role=workers_per_role)
     try:
-        with console.status("Starting the stack…"):
-            info = stack.start()
+        _serve(stack, settings, workers_per_role)
     except StackError as error:
         raise fail(str(error)) from None
+    finally:
+        stack.stop()
+
+
+def _serve(stack: DevStack, settings: Settings, workers_per_role: int) -> None:
+    """Start the dev stack, say where everything is, and run until interrupted."""
+    from workers.devstack import run_forever
+
+    with console.status("Starting the stack…"):
+        info = stack.start()
     console.print(f"[bold green]agentpay is running[/] — API {info['api_url']}")
     console.print(f"  database     {info['database_url']}")
     console.print(f"  provider     {info['provider_base']}")
@@ -101,7 +114,7 @@ def dev(
             "they cannot finish. Give a fresh --data-dir to start clean.[/]"
         )
     console.print("Press Ctrl-C to stop.")
-    run_forever(stack)
+    run_forever()
 
 
 @app.command()

@@ -58,10 +58,10 @@ def run_demo(
     stack = DevStack(
         settings, port=port, workers_per_role=workers_per_role, env=DEMO_ENV, name="demo"
     )
-    with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):
-        info = stack.start()
-    console.print(f"Stack up: API {info['api_url']}, {workers_per_role} worker(s) per role")
     try:
+        with console.status("Starting Postgres, the sandbox provider, the API and the workers…"):
+            info = stack.start()
+        console.print(f"Stack up: API {info['api_url']}, {workers_per_role} worker(s) per role")
         return asyncio.run(_run(info, payments, agents, console))
     finally:
         with console.status("Stopping the stack…"):

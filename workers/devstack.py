@@ -114,6 +114,7 @@ class DevStack:
         self.children: dict[str, Child] = {}
         self.info: dict[str, str] = {}
         self._stopping = threading.Event()
+        self._started = False
         # Payments of an earlier start that wait on the provider: a new sandbox starts empty,
         # so those cannot finish (set by `start` when it starts a sandbox).
         self.lost_at_provider = 0
@@ -149,6 +150,7 @@ class DevStack:
 
     def start(self) -> dict[str, str]:
         self._refuse_if_taken()
+        self._started = True  # from here on, `stop` stops what this start began
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         self.settings.stack_file.unlink(missing_ok=True)
@@ -261,6 +263,11 @@ class DevStack:
     # -- stopping ---------------------------------------------------------------------------
 
     def stop(self) -> None:
+        """Stop all it started, however far `start` got (safe to call again, and a no-op
+        for a stack that never started or was refused: another stack's stack.json stays)."""
+        if not self._started:
+            return
+        self._started = False
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
@@ -282,7 +289,11 @@ class DevStack:
         self.settings.stack_file.unlink(missing_ok=True)
 
     def __enter__(self) -> DevStack:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # what it began (a no-op when refused)
+            raise
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -344,13 +355,9 @@ async def new_agent_keys(database_url: str, prefix: str, n: int) -> list[str]:
     return keys
 
 
-def run_forever(stack: DevStack) -> None:
-    """Block until SIGINT, SIGTERM or SIGHUP (a closed terminal), then stop the stack."""
-    stopped = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stopped.set())
-    try:
-        while not stopped.wait(0.5):
-            pass
-    finally:
-        stack.stop()
+def run_forever() -> None:
+    """Block until Ctrl-C (or SIGTERM, SIGHUP: `cli_common.stop_signals_interrupt` makes
+    them the same); the caller stops the stack."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
