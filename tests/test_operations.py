@@ -28,6 +28,7 @@ from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
 from tests.conftest import async_wait_for, auth, invoke_cli, run_jobs
+from tests.test_pipeline import create
 from workers import logs
 from workers.cli import app as cli
 from workers.devstack import free_port
@@ -507,18 +508,8 @@ async def test_cli_cancel_of_an_authorized_payment_says_it_is_asked_of_the_provi
 ) -> None:
     """An authorized payment is canceled at the provider, by the charge role: the command
     printed `authorized` alone, which reads as "nothing happened"."""
-    created = await api.post(
-        "/v1/payments",
-        json={
-            "amount": 500,
-            "currency": "usd",
-            "payment_method": "pm_card_visa",
-            "capture_method": "manual",
-        },
-        headers=auth(agent_key),
-    )
+    payment_id = (await create(api, agent_key, capture_method="manual"))["id"]
     await run_jobs(pool)
-    payment_id = created.json()["id"]
     result = await asyncio.to_thread(
         invoke_cli,
         monkeypatch,

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -34,6 +33,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.conftest import stop_process as stop
+from tests.test_pipeline import create
 from workers.demo import run_demo
 from workers.devstack import _dev_keys, _waiting_on_the_provider, new_agent_keys
 
@@ -199,15 +199,10 @@ async def test_dev_counts_the_payments_a_restarted_sandbox_cannot_finish(
     the earlier start left authorized can never be captured (nor a pending refund made).
     `dev` says how many there are; finished ones and ones not at the provider do not count."""
 
-    def body(capture: str) -> dict[str, Any]:
-        return {"amount": 500, "currency": "usd", "payment_method": "pm_card_visa"} | {
-            "capture_method": capture
-        }
-
     for capture in ("manual", "automatic"):
-        await api.post("/v1/payments", json=body(capture), headers=auth(agent_key))
+        await create(api, agent_key, capture_method=capture)
     await run_jobs(pool)
-    await api.post("/v1/payments", json=body("automatic"), headers=auth(agent_key))  # received
+    await create(api, agent_key)  # still received
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT status, count(*) AS n FROM payment_jobs GROUP BY 1")
         assert {r["status"]: r["n"] for r in await cur.fetchall()} == {
