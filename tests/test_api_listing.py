@@ -193,7 +193,7 @@ async def test_waiters_are_woken_by_notify_through_one_listener(
     waiters = [asyncio.create_task(wait(p["id"], status=["canceled"])) for p in created]
     await async_wait_for(lambda: _listening(app_and_client[0], 3), timeout=10)
     assert await listeners(pool) == 1
-    # Nothing returns before the change.
+    # Nothing returns before the change (a window for a wrong answer, not synchronisation).
     await asyncio.sleep(0.2)
     assert not any(w.done() for w in waiters)
 

@@ -16,6 +16,7 @@ import stripe
 
 from sandbox import SandboxServer, create_app, decode_form
 from sandbox.forms import FormDecodeError
+from tests.conftest import wait_for
 
 API_KEY = "sk_test_sandbox_tests"
 WEBHOOK_SECRET = "whsec_test_sandbox"
@@ -66,14 +67,6 @@ def card_params(amount: int = 1000, **extra: Any) -> dict[str, Any]:
 
 def intents_tagged(client: stripe.StripeClient, value: str) -> list[Any]:
     return list(client.v1.payment_intents.search({"query": f"metadata['tag']:'{value}'"}).data)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def events_for(client: stripe.StripeClient, pi_id: str) -> list[str]:
