@@ -99,7 +99,11 @@ def start_sandbox(port: int, api_port: int, secret: str, log: Path) -> Process:
         log,
         {"STRIPE_WEBHOOK_SECRET": secret},
     )
-    _wait_http(f"http://127.0.0.1:{port}/_sandbox/health", proc.process, log)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/_sandbox/health", proc.process, log)
+    except BaseException:  # a stop while it starts: the caller has no handle on it yet
+        proc.stop()
+        raise
     return proc
 
 

@@ -180,6 +180,8 @@ def test_agents_commands_create_list_and_revoke(database_url: str, cli_env: Any)
     assert created.exit_code == 0, created.output
     info = json.loads(created.stdout)
     assert info["name"] == "cli-agent" and info["key"].startswith("apk_")
+    # is_operator as agents list and the API say it; operator, its first name, stays.
+    assert info["is_operator"] is False and info["operator"] is False
     operator = runner.invoke(app, ["agents", "create", "cli-op", "--operator"])
     assert operator.exit_code == 0 and "key: apk_" in operator.stdout
 

@@ -233,8 +233,11 @@ def test_a_demo_stopped_by_sigterm_stops_all_it_started(tmp_path: Path) -> None:
         # Stopped as soon as it is up: the moment (after its stack.json, before its run) a
         # stop used to skip its clean-up, leaving the API and workers behind.
         wait_for((data_dir / "demo" / "stack.json").exists, timeout=90, what="the demo's stack")
+        demo.send_signal(signal.SIGTERM)  # and again, impatiently, while it stops
         output = stop_and_read(demo, data_dir=data_dir)[0]
+        assert "Traceback" not in output, output
         assert not list(data_dir.rglob("postmaster.pid")), output  # its Postgres stopped
+        assert not (data_dir / "demo" / "stack.json").exists(), output
         with pytest.raises(httpx.ConnectError):  # and its API
             httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
     finally:

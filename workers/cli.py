@@ -315,7 +315,13 @@ def agents_create(
     if as_json:
         typer.echo(
             json.dumps(
-                {"id": agent.id, "name": agent.name, "is_operator": agent.is_operator, "key": key}
+                {
+                    "id": agent.id,
+                    "name": agent.name,
+                    "is_operator": agent.is_operator,
+                    "operator": agent.is_operator,  # its first name, kept for scripts
+                    "key": key,
+                }
             )
         )
     else:

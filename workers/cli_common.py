@@ -72,7 +72,10 @@ def stop_signals_interrupt() -> None:
     command that runs a stack of its own (demo, chaos, bench) as Ctrl-C does: its clean-up
     runs, and what it started — its Postgres included — stops with it."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
+        # Raised as SIGINT, so that whatever handles SIGINT then handles it: inside
+        # `asyncio.run`, asyncio's handler cancels the main task (a KeyboardInterrupt raised
+        # wherever the loop was left tasks failing with a traceback).
+        signal.signal(sig, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
 def say_error(message: str, *, stderr: bool = True) -> None:

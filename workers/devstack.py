@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -267,7 +268,11 @@ class DevStack:
         for a stack that never started or was refused: another stack's stack.json stays)."""
         if not self._started:
             return
+        with _signals_held():  # a second Ctrl-C must not cut the clean-up short
+            self._stop()
         self._started = False
+
+    def _stop(self) -> None:
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
@@ -298,6 +303,21 @@ class DevStack:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP ignored meanwhile (in the main thread, where they land)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -172,6 +172,8 @@ class _Worker(Worker):
                 return
             except Exception as error:
                 log.warning("could not record the worker's role", extra={"error": repr(error)})
+                if not _lost_connection(error):
+                    return  # an answer (the worker's row pruned, no permission): it stays so
             await asyncio.sleep(self.update_heartbeat_interval)
 
     async def _monitor_side_tasks(self, side_tasks: list[asyncio.Task[Any]]) -> None:
