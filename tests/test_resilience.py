@@ -32,6 +32,7 @@ from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, SANDBOX_API_KEY
 from tests.conftest import FAST_ENV, async_wait_for, auth, run_jobs, server_port, wait_for
 from tests.conftest import stop_process as stop
+from tests.test_faults import injected
 from workers.pg import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,13 +85,6 @@ def worker(role: str, database_url: str, provider_base: str, **env: str) -> subp
 
 def sandbox_faults(provider_base: str, **config: Any) -> None:
     httpx.post(f"{provider_base}/_sandbox/faults", json=config).raise_for_status()
-
-
-def delays_injected(provider_base: str) -> int:
-    """How many requests the sandbox has held back (`delay_ms`) since its faults were set."""
-    r = httpx.get(f"{provider_base}/_sandbox/faults")
-    r.raise_for_status()
-    return int(r.json()["injected"]["delay"])
 
 
 def intents_for(provider_base: str, payment_id: str) -> list[dict[str, Any]]:
@@ -454,7 +448,7 @@ async def test_a_job_cut_off_by_the_shutdown_grace_goes_back_to_its_queue(
     # Stopped once the job has claimed its payment and waits on the provider (a stop before
     # that could cut the claim off: the payment would stay `approved`).
     await async_wait_for(
-        lambda: asyncio.to_thread(delays_injected, provider_base),
+        lambda: asyncio.to_thread(lambda: injected(provider_base)["delay"]),
         what="the charge to reach the provider",
     )
     worker.stop()

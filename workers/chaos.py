@@ -58,6 +58,8 @@ REVIEW_AMOUNT = 150_000  # above the default review threshold (AGENTPAY_RISK_REV
 PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined"}
 MANUAL = {"capture", "release", "hold"}
 SUCCEEDED_STATES = {"succeeded", "reconciled", "partially_refunded", "refunded"}
+# Those past reconcile, which posted the capture to the ledger.
+CAPTURED_STATES = SUCCEEDED_STATES - {"succeeded"}
 # Payment states in which its total is held on the agent's holds account (risk took it).
 HELD_STATES = {"approved", "in_review", "charging", "requires_action", "authorized", "succeeded"}
 # PaymentIntent states in which the provider took or holds the customer's money.
@@ -522,7 +524,7 @@ async def _money_checks(conn: Any, rows: dict[str, dict[str, Any]]) -> Check:
         held, collected = money.get(pid, (0, 0))
         waiting = row["status"] in HELD_STATES
         want_held = row["amount_total"] if waiting else 0
-        settled = row["status"] in ("reconciled", "partially_refunded", "refunded")
+        settled = row["status"] in CAPTURED_STATES
         want_collected = payments.collected(row) - row["amount_refunded"] if settled else 0
         if (held, collected) != (want_held, want_collected):
             check.failures.append(
