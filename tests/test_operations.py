@@ -32,7 +32,7 @@ from tests.test_pipeline import create
 from workers import logs
 from workers.cli import app as cli
 from workers.devstack import free_port
-from workers.maintenance import Maintenance, prune_finished_jobs
+from workers.maintenance import Maintenance, fold_counts, prune_finished_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -890,6 +890,144 @@ async def test_stuck_requests_wait_on_the_fleet(pool: Pool) -> None:
         holding["id"]: ("authorized", "agent"),
         refunding["id"]: ("reconciled", "fleet"),
     }
+
+
+_DIRECT_TRANSITIONS = """
+SELECT coalesce(from_status, '') AS from_status, coalesce(to_status, '') AS to_status,
+       count(*) AS total
+  FROM payment_events WHERE type IN ('created', 'transition') GROUP BY 1, 2 ORDER BY 1, 2
+"""
+_DIRECT_WEBHOOKS = """
+SELECT type, CASE WHEN handled THEN 'handled' ELSE 'ignored' END AS outcome, count(*) AS total
+  FROM webhook_events GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+
+async def test_the_ops_counts_are_the_events_counted_and_folding_keeps_them(
+    pool: Pool, database_url: str
+) -> None:
+    """/metrics' transition and webhook counters come from running totals (every scrape
+    counted the whole history before): they must equal the events themselves, leave out a
+    rolled-back one, and stay the same when the totals of closed connections are folded."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "totals-agent")
+    connections = [
+        await psycopg.AsyncConnection.connect(database_url, autocommit=True, row_factory=dict_row)
+        for _ in range(3)
+    ]
+    pids = []
+    for n, c in enumerate(connections):
+        pids.append((await (await c.execute("SELECT pg_backend_pid() AS pid")).fetchone())["pid"])
+        async with c.transaction():
+            p = await _payment(c, agent.id)
+            locked = await payments.lock(c, p["id"])
+            assert locked is not None
+            await payments.transition(c, locked, "canceled", actor="test", reason="totals")
+            await c.execute(
+                """INSERT INTO webhook_events (id, type, payload, handled)
+                   VALUES (%s, 'payment_intent.succeeded', '{}', %s)""",
+                (f"evt_totals_{n}", n % 2 == 0),
+            )
+    with pytest.raises(RuntimeError):
+        async with connections[0].transaction():
+            await _payment(connections[0], agent.id)
+            raise RuntimeError("rolled back")
+
+    async def counts() -> list[list[dict[str, Any]]]:
+        queries = (
+            "SELECT * FROM ops_transition_counts",
+            _DIRECT_TRANSITIONS,
+            "SELECT * FROM ops_webhook_counts",
+            _DIRECT_WEBHOOKS,
+        )
+        async with pool.connection() as conn:
+            return [[dict(r) for r in await (await conn.execute(q)).fetchall()] for q in queries]
+
+    before = await counts()
+    transitions, direct_transitions, webhooks, direct_webhooks = before
+    assert transitions == direct_transitions
+    assert {(t["from_status"], t["to_status"]): t["total"] for t in transitions} == {
+        ("", "received"): 3,
+        ("received", "canceled"): 3,
+    }
+    assert webhooks == direct_webhooks
+    assert {(w["outcome"], w["total"]) for w in webhooks} == {("handled", 2), ("ignored", 1)}
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT DISTINCT backend FROM ops_transition_totals")
+        assert set(pids) <= {r["backend"] for r in await cur.fetchall()}
+        # A webhook event's outcome cannot change under its total.
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            await conn.execute("UPDATE webhook_events SET handled = NOT handled")
+
+    for c in connections:
+        await c.close()
+
+    async def gone() -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            )
+            row = await cur.fetchone()
+            return bool(row and row["n"] == 0)
+
+    await async_wait_for(gone, what="the closed connections' backends to end")
+    assert await fold_counts(pool) >= 2 * len(pids)
+    assert await counts() == before
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT (SELECT count(*) FROM ops_transition_totals WHERE backend = ANY(%s))
+                    + (SELECT count(*) FROM ops_webhook_totals WHERE backend = ANY(%s)) AS n""",
+            (pids, pids),
+        )
+        assert (await cur.fetchone())["n"] == 0
+
+
+async def test_the_stuck_view_covers_every_non_final_state_and_reads_no_final_payment(
+    pool: Pool,
+) -> None:
+    """ops_stuck_payments names the states it reads (so the planner reads them through their
+    index instead of every payment a scrape): every non-final state of payment_states must be
+    among them, and thousands of final payments must not be read."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "stuck-states-agent")
+        cur = await conn.execute(
+            """SELECT status FROM payment_states
+                WHERE NOT is_final AND status <> 'partially_refunded'"""
+        )
+        waiting = [r["status"] for r in await cur.fetchall()]
+        stuck = {s: (await _payment(conn, agent.id))["id"] for s in waiting}
+        await conn.execute("SET LOCAL session_replication_role = replica")  # states by hand
+        for status, payment_id in stuck.items():
+            await conn.execute(
+                """UPDATE payment_jobs SET status = %s, updated_at = now() - interval '1 hour'
+                    WHERE id = %s""",
+                (status, payment_id),
+            )
+        await conn.execute(
+            """INSERT INTO payment_jobs (id, agent_id, currency, payment_method, status,
+                                         amount_requested, updated_at)
+               SELECT 'pay_final_' || g, %s, 'usd', 'pm_card_visa', 'reconciled', 500,
+                      now() - interval '1 hour'
+                 FROM generate_series(1, 5000) AS g""",
+            (agent.id,),
+        )
+        await conn.execute("DELETE FROM procrastinate_jobs")
+    async with pool.connection() as conn:
+        await conn.execute("ANALYZE payment_jobs")
+        cur = await conn.execute("SELECT payment_id, status FROM ops_stuck_payments")
+        assert {r["status"]: r["payment_id"] for r in await cur.fetchall()} == stuck
+        cur = await conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) SELECT * FROM ops_stuck_payments")
+        row = await cur.fetchone()
+        assert row is not None
+    read = 0
+    plans = [row["QUERY PLAN"][0]["Plan"]]
+    while plans:
+        node = plans.pop()
+        plans.extend(node.get("Plans", []))
+        if node.get("Relation Name") == "payment_jobs":
+            loops = node.get("Actual Loops", 1)
+            read += (node["Actual Rows"] + node.get("Rows Removed by Filter", 0)) * loops
+    assert read <= len(stuck), read
 
 
 async def test_pruning_deletes_finished_jobs_after_their_retention(

@@ -7,7 +7,9 @@ interval in every worker process, one process at a time (an advisory lock elects
 - `sweep_stuck_payments`: a non-final payment with no job is driven on again;
 - `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
   backlog): finished procrastinate jobs are deleted after a retention, so the table every
-  claim reads stays small — the history of every payment lives in payment_events.
+  claim reads stays small — the history of every payment lives in payment_events;
+  with it, `fold_counts` keeps the ops views' running totals as small as the set of live
+  connections.
 """
 
 from __future__ import annotations
@@ -287,9 +289,23 @@ def database_lost(error: BaseException) -> bool:
     return False
 
 
+async def fold_counts(pool: Pool) -> int:
+    """Fold the running totals of the ops views (transitions, webhook events) that backends
+    no longer connected wrote into one row per label set (schema/migrations/0014); returns
+    how many rows were folded."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT ops_fold_counts() AS n")
+        row = await cur.fetchone()
+    folded = int(row["n"]) if row else 0
+    if folded:
+        log.info("folded the totals of closed connections", extra={"count": folded})
+    return folded
+
+
 class Maintenance:
-    """The services' schedule in one process (rescue and sweep every round; pruning every
-    `prune_interval_seconds`, or every round while its batches come back full)."""
+    """The services' schedule in one process (rescue and sweep every round; folding the
+    ops totals and pruning every `prune_interval_seconds`, pruning every round while its
+    batches come back full)."""
 
     def __init__(self, app: procrastinate.App, pool: Pool, settings: Settings) -> None:
         self.app = app
@@ -341,6 +357,7 @@ class Maintenance:
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds  # also when it fails
+                await fold_counts(self.pool)
                 pruned = await prune_finished_jobs(
                     self.pool,
                     succeeded_after=s.prune_succeeded_after_seconds,
