@@ -294,9 +294,13 @@ REFUND_EVENTS = frozenset(
         "refund.failed",
     }
 )
-# Where a refund made elsewhere can be taken in (`succeeded` waits for reconcile first), and
-# where one counted already can turn out to have failed (`refunded` too).
-SYNCABLE = REFUNDABLE | {"succeeded", "refunded"}
+# Where the provider may hold a captured PaymentIntent that agentpay has not reconciled yet
+# (a capture in the Dashboard, a charge whose answer was lost): a refund made there already
+# is taken in once reconcile has booked the capture it reverses.
+BEFORE_RECONCILE = frozenset({"charging", "requires_action", "authorized", "succeeded"})
+# Where a refund made elsewhere can be taken in (or will be, once reconciled), and where one
+# counted already can turn out to have failed (`refunded` too).
+SYNCABLE = REFUNDABLE | BEFORE_RECONCILE | {"refunded"}
 # Provider refund states that mean no money went back.
 NOT_REFUNDED = frozenset({"failed", "canceled"})
 OUTSIDE_ACTOR = "provider"
@@ -307,10 +311,11 @@ async def sync_refunds(payment_id: str) -> Any:
     """Take in refunds made at the provider outside agentpay (the Dashboard, Stripe's API
     with another key): each provider refund of the payment's intent that carries none of our
     refund ids and has succeeded is recorded as a refund (actor `provider`) and counted as
-    ours are — `amount_refunded`, the payment's status, the ledger. Deferred by the refund
-    webhooks; safe to run any number of times (a provider refund is taken in once, by its
-    id). Ours are left to their own jobs; a pending one of theirs is taken in when a later
-    event says it succeeded.
+    ours are — `amount_refunded`, the payment's status, the ledger — if it fits in what
+    remains (else it is a reconcile mismatch, field `refund_excess`). Deferred by the refund
+    webhooks, also before reconcile (then it waits for it); safe to run any number of times
+    (a provider refund is taken in once, by its id). Ours are left to their own jobs; a
+    pending one of theirs is taken in when a later event says it succeeded.
 
     A refund counted as succeeded that the provider now reports failed (Stripe's can fail
     afterwards, e.g. on a closed card) is not undone here: the money may be spent already.
@@ -321,8 +326,9 @@ async def sync_refunds(payment_id: str) -> Any:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] not in SYNCABLE or not payment["provider_payment_id"]:
         return None
-    if payment["status"] == "succeeded":
-        # Not reconciled yet (a refund cannot come before): look again once it is.
+    if payment["status"] in BEFORE_RECONCILE:
+        # Not reconciled yet (the capture a refund reverses is not booked): look again until
+        # it is, or until the payment ends without money taken (then nothing is syncable).
         async with pool().connection() as conn:
             await defer(
                 conn,
@@ -332,19 +338,32 @@ async def sync_refunds(payment_id: str) -> Any:
             )
         return None
     listed = await provider.list_refunds(payment["provider_payment_id"])
-    outside = [r for r in listed if r.refund_id is None and r.status == "succeeded"]
     taken = 0
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
         if locked is None or locked["status"] not in SYNCABLE:
             return None
+        # Ours carry one of this payment's refund ids; a refund_id in the metadata of a
+        # refund someone else made (another tool's own ticket number) does not make it ours.
+        cur = await conn.execute(
+            "SELECT id FROM payment_refunds WHERE payment_id = %s", (payment_id,)
+        )
+        ours = {row["id"] for row in await cur.fetchall()}
         await _record_failed_after_success(
             conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
         )
-        await _record_made_twice(conn, locked, listed)
+        await _record_made_twice(conn, locked, [r for r in listed if r.refund_id in ours])
         if locked["status"] not in REFUNDABLE:
             return taken
+        outside = [r for r in listed if r.refund_id not in ours and r.status == "succeeded"]
         for result in outside:
+            if result.amount > payments.collected(locked) - locked["amount_refunded"]:
+                # More than the payment has left to give back by our count: the provider
+                # let a refund counted here fail and the money go back again (an operator
+                # re-issuing it without our refund id). Counting it would break the totals;
+                # an operator settles it.
+                await _record_excess(conn, locked, result)
+                continue
             cur = await conn.execute(
                 """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor,
                                                 status, provider_refund_id, provider_status)
@@ -370,6 +389,29 @@ async def sync_refunds(payment_id: str) -> Any:
             )
             taken += 1
     return taken
+
+
+async def _record_excess(conn: Conn, payment: payments.Payment, result: provider.Refund) -> None:
+    """A refund made at the provider that does not fit in what remains: one reconcile
+    mismatch (field `refund_excess`), once per provider refund."""
+    cur = await conn.execute(
+        """SELECT 1 FROM reconcile_mismatches
+            WHERE payment_id = %s AND field = 'refund_excess'
+              AND actual->>'provider_refund_id' = %s""",
+        (payment["id"], result.id),
+    )
+    if await cur.fetchone() is not None:
+        return
+    found = {
+        "field": "refund_excess",
+        "expected": {
+            "refundable": payments.collected(payment) - payment["amount_refunded"],
+        },
+        "actual": {"provider_refund_id": result.id, "amount": result.amount},
+    }
+    await _put_before_an_operator(
+        conn, payment, [found], "a refund made at the provider is more than remains to refund"
+    )
 
 
 async def _record_failed_after_success(

@@ -910,3 +910,121 @@ async def test_a_partial_capture_made_at_the_provider_is_a_recorded_mismatch(
         assert await cur.fetchall() == [
             {"field": "amount_received", "expected": 3000, "actual": 1000}
         ]
+
+
+async def test_a_refund_made_at_the_provider_before_reconcile_is_taken_in_once_reconciled(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An authorized payment captured in the Dashboard and partly refunded there at once: the
+    refund's event comes while agentpay still has the payment `authorized`. It is taken in
+    once reconcile has booked the capture (the event used to be dropped: money back at the
+    provider, never counted)."""
+    from tasks import webhooks
+    from tasks.settings import get_settings
+    from tests.conftest import async_wait_for
+    from tests.test_ledger import assert_ledger_sound
+    from workers.maintenance import recheck_waiting_payments
+
+    monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", "0.2")
+    get_settings.cache_clear()
+    held = await authorized(api, agent_key, pool)
+    intent_id = held["provider_payment_id"]
+    httpx.post(
+        f"{provider_base}/v1/payment_intents/{intent_id}/capture", headers=SK
+    ).raise_for_status()
+    made = refund_at_provider(provider_base, intent_id, 1000)
+    async with pool.connection() as conn, conn.transaction():
+        stored = await webhooks.store(
+            conn, {"id": "evt_early_refund", "type": "refund.created", "data": {"object": made}}
+        )
+    assert stored["sync_refunds"] is True
+    await recheck_waiting_payments(pool, older_than=0)  # as the capture's webhook would
+
+    async def taken_in() -> dict[str, Any] | None:
+        await run_jobs(pool)
+        payment = await fetch(api, agent_key, held["id"])
+        return payment if payment["amount_refunded"] else None
+
+    payment = await async_wait_for(taken_in, what="the Dashboard refund to be taken in")
+    assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 1000)
+    async with pool.connection() as conn:
+        await assert_ledger_sound(conn)
+
+
+async def test_a_refund_made_elsewhere_with_a_refund_id_of_its_own_is_taken_in(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Another tool's refund may carry a `refund_id` in its metadata (its own ticket number):
+    only one of this payment's refund ids makes a provider refund ours."""
+    paid = await reconciled(api, agent_key, pool)
+    httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={
+            "payment_intent": paid["provider_payment_id"],
+            "amount": "700",
+            "metadata[refund_id]": "ZD-48213",
+        },
+        headers=SK,
+    ).raise_for_status()
+    assert await refunds.sync_refunds.func(paid["id"]) == 1
+    payment = await fetch(api, agent_key, paid["id"])
+    assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 700)
+
+
+async def test_a_refund_at_the_provider_beyond_what_remains_is_put_before_an_operator(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A refund of ours failed at the provider after it was counted; an operator gives the
+    money back from the Dashboard without our refund id. By agentpay's count it is more than
+    remains: the sync records it for an operator (once) and goes on taking in the refunds that
+    fit, instead of failing on the payment's limits at every try."""
+    paid = await reconciled(api, agent_key, pool)  # 2,000
+    asked = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 1500}, headers=auth(agent_key)
+    )
+    assert asked.status_code == 202, asked.text
+    await run_jobs(pool)
+    refund = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()[
+        "data"
+    ][0]
+    httpx.post(f"{provider_base}/_sandbox/refunds/{refund['provider_refund_id']}/fail")
+    reissued = refund_at_provider(provider_base, paid["provider_payment_id"], 1500)
+    for _ in range(2):
+        assert await refunds.sync_refunds.func(paid["id"]) == 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT field, actual FROM reconcile_mismatches WHERE payment_id = %s ORDER BY id",
+            (paid["id"],),
+        )
+        found = await cur.fetchall()
+    assert [m["field"] for m in found] == ["refund_status", "refund_excess"]
+    assert found[1]["actual"] == {"provider_refund_id": reissued["id"], "amount": 1500}
+    refund_at_provider(provider_base, paid["provider_payment_id"], 500)  # fits: taken in
+    assert await refunds.sync_refunds.func(paid["id"]) == 1
+    payment = await fetch(api, agent_key, paid["id"])
+    assert (payment["status"], payment["amount_refunded"]) == ("refunded", 2000)
+
+
+async def test_a_waiting_refund_does_not_hide_a_payment_whose_reconcile_is_gone(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """A refund asked for at `succeeded` waits (its job retries) until reconcile has run: if
+    the reconcile job is lost, the sweep must still re-drive it."""
+    from workers.maintenance import sweep_stuck_payments
+
+    created = await create(api, agent_key, amount=2000)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "succeeded"
+    asked = await api.post(
+        f"/v1/payments/{created['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert asked.status_code == 202, asked.text
+    async with pool.connection() as conn:
+        await conn.execute(
+            "DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile' AND status = 'todo'"
+        )
+    assert await sweep_stuck_payments(pool, older_than=0) == [created["id"]]

@@ -82,20 +82,21 @@ async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> l
 # No job for the payment waiting or running, and none of its jobs failed within the last
 # `older_than` seconds: a job that fails for good (a bad key, a bug) is run again once per
 # sweep period, not every maintenance round. (The payment itself does not change when its
-# job fails, so its `updated_at` alone says nothing about the last try.) The refund sync
-# does not count: it drives no step, and while the payment is `succeeded` it waits by
-# deferring itself again, so it would hide a payment whose reconcile failed for good.
+# job fails, so its `updated_at` alone says nothing about the last try.) Refund jobs do not
+# count: they drive no step, and before reconcile they wait for it (the refund by retrying,
+# the refund sync by deferring itself again), so they would hide a payment whose reconcile
+# failed for good.
 _NO_JOB_LATELY = sql.SQL(
     """NOT EXISTS (
                      SELECT 1 FROM procrastinate_jobs j
                      WHERE j.args->>'payment_id' = p.id
-                       AND j.task_name <> {sync}
+                       AND j.task_name NOT IN ({sync}, {refund})
                        AND (j.status IN ('todo', 'doing')
                             OR (j.status = 'failed' AND EXISTS (
                                 SELECT 1 FROM procrastinate_events e
                                  WHERE e.job_id = j.id AND e.type = 'failed'
                                    AND e.at > now() - make_interval(secs => %(older)s)))))"""
-).format(sync=sql.Literal(refunds.SYNC_TASK))
+).format(sync=sql.Literal(refunds.SYNC_TASK), refund=sql.Literal(refunds.TASK))
 
 
 async def sweep_stuck_payments(pool: Pool, older_than: float) -> list[str]:
