@@ -38,8 +38,9 @@ def error_body(type_: str, code: str, message: str, param: str | None = None) ->
     return {"error": {"type": type_, "code": code, "message": message, "param": param}}
 
 
-def not_found(what: str = "payment") -> ApiError:
-    return ApiError(404, "resource_missing", f"No such {what}", param="id")
+def not_found(what: str = "payment", param: str = "id") -> ApiError:
+    """404 for the resource named by `param` (the path's id, or a query parameter)."""
+    return ApiError(404, "resource_missing", f"No such {what}", param=param)
 
 
 _STATUS_CODES = {

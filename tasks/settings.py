@@ -209,7 +209,8 @@ class Settings(BaseSettings):
             return url
         raise NoDatabase(
             "No database: set DATABASE_URL, or start the dev stack (`agentpay dev`) "
-            f"so that {self.stack_file} exists."
+            f"so that {self.stack_file} exists (another data dir: --data-dir or "
+            "AGENTPAY_DATA_DIR)."
         )
 
 

@@ -534,6 +534,8 @@ async def test_deposits_are_for_operators_and_checked(
     assert whole.status_code == 201, whole.text
     other = await api.get("/v1/balance?agent_id=agt_someone", headers=auth(agent_key))
     assert other.status_code == 403
+    nobody = await api.get("/v1/balance?agent_id=agt_nobody", headers=auth(operator_key))
+    assert (nobody.status_code, nobody.json()["error"]["param"]) == (404, "agent_id")
     balance = (await api.get(f"/v1/balance?agent_id={me}", headers=auth(operator_key))).json()
     assert balance["available"] == [{"amount": 1000, "currency": "usd"}]
 

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
 from api.metrics import read_snapshot
@@ -210,6 +211,34 @@ async def test_status_json_metrics_and_views_agree_and_the_page_renders_them(
     assert anonymous.json()["error"]["code"] == "missing_api_key"
 
 
+async def test_status_keeps_ids_whole_and_shows_json_as_json(
+    pool: Pool, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a terminal of 100 columns the ids an operator copies into a command stay on one
+    line, and a mismatch's `expected` reads as JSON (operations.md has the operator copy its
+    `refund_id`), not as a Python dict."""
+    state = await _build_state(pool)
+    async with pool.connection() as conn:
+        await conn.execute(
+            """INSERT INTO reconcile_mismatches (payment_id, field, expected, actual)
+               VALUES (%s, 'refund_status', %s, %s)""",
+            (
+                state["stuck"],
+                Jsonb({"refund_id": "rfd_0123456789abcdef01234567", "status": "succeeded"}),
+                Jsonb({"status": "failed"}),
+            ),
+        )
+    narrow, wide = [
+        await asyncio.to_thread(
+            invoke_cli, monkeypatch, ["status"], database_url=database_url, env={"COLUMNS": n}
+        )
+        for n in ("100", "300")
+    ]
+    assert narrow.exit_code == wide.exit_code == 0, narrow.output
+    assert narrow.output.count(state["stuck"]) == 3  # stuck, failures and mismatches tables
+    assert '"refund_id": "rfd_0123456789abcdef01234567"' in wide.output
+
+
 async def test_metrics_are_read_once_per_cache_period_and_can_require_a_token(
     settings: Settings, pool: Pool, agent_key: str
 ) -> None:
@@ -340,6 +369,8 @@ def test_without_a_database_a_command_says_so_and_exits_3(
     [
         ("AGENTPAY_SHUTDOWN_GRACE_SECONDS", "60", "AGENTPAY_STALLED_AFTER_SECONDS"),
         ("AGENTPAY_FEE_FIXED", "30.5", "AGENTPAY_FEE_FIXED"),
+        # JSON that does not parse: pydantic-settings' own error, before validation.
+        ("AGENTPAY_FEE_FIXED", '{"usd": 30', "AGENTPAY_FEE_FIXED: not valid JSON"),
     ],
 )
 def test_a_setting_that_does_not_parse_is_one_line_and_exit_2(
@@ -553,6 +584,10 @@ def test_cli_steers_and_shows_a_payment(database_url: str, provider_base: str) -
     assert result.exit_code == 1  # already canceled: refused
     result = runner.invoke(cli, ["payments", "cancel", "pay_nope"], env=env)
     assert result.exit_code == 2
+    result = runner.invoke(cli, ["payments", "show", "pay_nope", "--json"], env=env)
+    # The reason on stderr: stdout, where a script reads the JSON, stays empty.
+    assert (result.exit_code, result.stdout) == (2, ""), result.output
+    assert "pay_nope" in result.stderr
     result = runner.invoke(cli, ["payments", "show", payment_id], env={**env, "COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "received" in result.output and "canceled" in result.output

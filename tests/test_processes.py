@@ -263,6 +263,9 @@ def test_dev_command_runs_the_stack_on_embedded_postgres_and_stops_it(tmp_path: 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group: stop_and_read can kill it all
+        # As a script's background job (`agentpay dev &`) starts: with SIGINT ignored. Its
+        # SIGTERM, turned into a SIGINT, used to do nothing then.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     stack_file = data_dir / "stack.json"
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import signal
 import sys
 from typing import TYPE_CHECKING, Annotated, Any
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import psycopg
 import typer
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich.console import Console
 
 from tasks.settings import ROLES, Settings, get_settings
@@ -66,6 +68,13 @@ def main() -> None:
             name = "_".join(str(part) for part in problem["loc"]).upper()
             where = f"AGENTPAY_{name}: " if name else ""
             say_error(f"Invalid setting: {where}{problem['msg']}")
+        raise SystemExit(USAGE) from None
+    except SettingsError as error:
+        # A dict or list setting whose JSON does not parse fails before validation.
+        field = re.search(r'field "(\w+)"', str(error))
+        name = f"AGENTPAY_{field.group(1).upper()}: " if field else ""
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        say_error(f"Invalid setting: {name}not valid JSON{cause}")
         raise SystemExit(USAGE) from None
 
 

@@ -71,6 +71,11 @@ def stop_signals_interrupt() -> None:
     """SIGTERM and SIGHUP (a process manager's or CI's stop, a closed terminal) stop a
     command that runs a stack of its own (demo, chaos, bench) as Ctrl-C does: its clean-up
     runs, and what it started — its Postgres included — stops with it."""
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
+        # Started as a script's background job (`agentpay dev &`), the process inherits
+        # SIGINT ignored (and Python then installs no handler of its own): the SIGINT raised
+        # below would do nothing, and the stack would run on after its SIGTERM.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         # Raised as SIGINT, so that whatever handles SIGINT then handles it: inside
         # `asyncio.run`, asyncio's handler cancels the main task (a KeyboardInterrupt raised
@@ -78,14 +83,16 @@ def stop_signals_interrupt() -> None:
         signal.signal(sig, lambda *_: signal.raise_signal(signal.SIGINT))
 
 
-def say_error(message: str, *, stderr: bool = True) -> None:
-    """One message in red, as text (it may quote the database or a setting: never markup)."""
-    Console(stderr=stderr).print(plain(message), style="red")
+def say_error(message: str) -> None:
+    """One message in red on stderr, as text (it may quote the database or a setting: never
+    markup)."""
+    Console(stderr=True).print(plain(message), style="red")
 
 
 def fail(message: str, code: int = REFUSED) -> typer.Exit:
-    """Say why, in red, and return the exit to raise with `code`."""
-    say_error(message, stderr=False)
+    """Say why, in red on stderr (stdout may be a `--json` document a script reads), and
+    return the exit to raise with `code`."""
+    say_error(message)
     return typer.Exit(code)
 
 

@@ -50,9 +50,10 @@ def status(
     ] = 2.0,
     data_dir: DataDir = None,
 ) -> None:
-    """The fleet at a glance from the ops_* views: queue depth, oldest wait and failures per
-    role, throughput, stuck payments, the review queue, recent failures, reconcile
-    mismatches. The numbers are those of /metrics and the /ops page."""
+    """The fleet at a glance from the ops_* views: live workers per role, queue depth,
+    oldest wait and failures per role, throughput, stuck payments, the review queue, recent
+    failures, reconcile mismatches, agents that may spend without a budget. The numbers are
+    those of /metrics and the /ops page."""
     from workers.status import show
 
     with database_errors():

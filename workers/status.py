@@ -36,7 +36,13 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    if isinstance(value, dict | list):  # JSON columns, as JSON: an operator copies from them
+        return json.dumps(value, default=str)
     return str(value)
+
+
+# Columns an operator copies whole into a command: never broken over two lines.
+_IDS = frozenset({"payment_id", "job_id", "agent_id", "worker_id"})
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: int | None) -> Any:
@@ -45,7 +51,9 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: in
         return Text(f"{title}{suffix}: none", style="dim")
     table = Table(title=f"{title}{suffix}", title_justify="left", expand=False)
     for column in columns:
-        table.add_column(column, overflow="fold")
+        # An id keeps its whole width; the other columns fold to make room.
+        width = max((len(_fmt(row.get(column))) for row in rows), default=0)
+        table.add_column(column, overflow="fold", min_width=width if column in _IDS else None)
     for row in rows:
         table.add_row(*(plain(_fmt(row.get(c))) for c in columns))
     return table

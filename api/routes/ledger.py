@@ -89,7 +89,7 @@ async def _whose(agent: agents.Agent, agent_id: str | None, pool: Any) -> str:
     async with pool.connection() as conn:
         found = await agents.find(conn, agent_id)
     if found is None:
-        raise not_found("agent")
+        raise not_found("agent", param="agent_id")
     return str(found["id"])
 
 
