@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,9 @@ async def test_status_json_metrics_and_views_agree_and_the_page_renders_them(
 
     over_http = await api.get("/v1/ops/status", headers=auth(operator_key))
     assert over_http.status_code == 200
+    # Timestamps written alike, so the two documents compare as they are.
+    utc = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z"
+    assert re.fullmatch(utc, status["at"]) and re.fullmatch(utc, over_http.json()["at"])
     assert [(q["role"], q["waiting"], q["running"]) for q in over_http.json()["queues"]] == [
         (q["role"], q["waiting"], q["running"]) for q in status["queues"]
     ]

@@ -26,6 +26,7 @@ from workers.cli_common import (
     AsJson,
     DataDir,
     database_errors,
+    dump_json,
     fail,
     on_database,
     plain,
@@ -373,7 +374,7 @@ def agents_list(
         transaction=False,
     )
     if as_json:
-        typer.echo(json.dumps(rows, default=str))
+        typer.echo(dump_json(rows))
         return
     table = Table()
     for column in ("id", "name", "operator", "keys", "created", "revoked"):

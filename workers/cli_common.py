@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import psycopg
+import pydantic_core
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -81,6 +82,12 @@ def stop_signals_interrupt() -> None:
         # `asyncio.run`, asyncio's handler cancels the main task (a KeyboardInterrupt raised
         # wherever the loop was left tasks failing with a traceback).
         signal.signal(sig, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+def dump_json(value: Any, *, indent: int | None = None) -> str:
+    """A command's `--json` document, written as the HTTP API writes its JSON (timestamps
+    as `2026-12-02T00:43:25.175763Z`), so the two can be compared as they are."""
+    return pydantic_core.to_json(value, indent=indent, fallback=str).decode()
 
 
 def say_error(message: str) -> None:

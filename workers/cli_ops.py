@@ -4,7 +4,6 @@ or --operator)."""
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -17,6 +16,7 @@ from workers.cli_common import (
     DataDir,
     Operator,
     database_errors,
+    dump_json,
     fail,
     on_database,
     operator_actor,
@@ -74,7 +74,7 @@ def payments_show(
     if found is None:
         raise fail(f"No payment {payment_id}", NOT_FOUND)
     if as_json:
-        typer.echo(json.dumps(found, default=str, indent=2))
+        typer.echo(dump_json(found, indent=2))
         return
     p = found["payment"]
     console.print(

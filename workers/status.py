@@ -16,7 +16,7 @@ from rich.text import Text
 from api.metrics import Snapshot, read_snapshot
 from tasks.db import open_pool
 from tasks.settings import ROLES, Settings
-from workers.cli_common import plain
+from workers.cli_common import dump_json, plain
 
 
 async def fetch(settings: Settings) -> Snapshot:
@@ -28,7 +28,7 @@ async def fetch(settings: Settings) -> Snapshot:
 
 
 def to_json(snapshot: Snapshot) -> str:
-    return json.dumps(snapshot.as_json(), default=str, indent=2)
+    return dump_json(snapshot.as_json(), indent=2)
 
 
 def _fmt(value: Any) -> str:
@@ -201,7 +201,7 @@ async def _watch(settings: Settings, console: Console, *, as_json: bool, every: 
                 except Exception as error:  # the database is away: say so, keep watching
                     print(f"cannot read the database: {error}", file=sys.stderr, flush=True)
                 else:
-                    print(json.dumps(snapshot.as_json(), default=str), flush=True)
+                    print(dump_json(snapshot.as_json()), flush=True)
                 await asyncio.sleep(every)
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
