@@ -60,6 +60,18 @@ async def add_key(conn: Conn, agent_id: str, *, revoke_others: bool = False) -> 
     return key
 
 
+async def rotate_key(conn: Conn, name_or_id: str) -> tuple[dict[str, Any], str] | None:
+    """A new key for a live agent (by id, else by name), every other key of it revoked in
+    the same transaction; None if there is no such live agent. Its budget, payments and
+    history stay: a leaked key is replaced without stranding them."""
+    found = await find(conn, name_or_id)
+    if found is None or found["revoked_at"] is not None:
+        return None
+    # Locked, so a concurrent revoke or rotation waits and sees this key.
+    await conn.execute("SELECT 1 FROM agents WHERE id = %s FOR UPDATE", (found["id"],))
+    return found, await add_key(conn, found["id"], revoke_others=True)
+
+
 async def revoke(conn: Conn, name_or_id: str) -> bool:
     """Revoke an agent (by id, else by name) and all its keys."""
     found = await find(conn, name_or_id)

@@ -197,8 +197,24 @@ def test_agents_commands_create_list_and_revoke(database_url: str, cli_env: Any)
     assert rows["cli-agent"]["revoked_at"] is None and rows["cli-op"]["is_operator"]
     assert info["key"] not in listed.stdout
 
+    # A leaked key replaced: the new one works, the old one not, the agent is the same.
+    rotated = runner.invoke(app, ["agents", "rotate-key", "cli-agent", "--json"])
+    assert rotated.exit_code == 0, rotated.output
+    new = json.loads(rotated.stdout)
+    assert (new["id"], new["name"]) == (info["id"], "cli-agent") and new["key"] != info["key"]
+    with psycopg.connect(database_url) as conn:
+        live = dict(
+            conn.execute(
+                "SELECT key_hash, revoked_at IS NULL FROM api_keys WHERE agent_id = %s",
+                (info["id"],),
+            ).fetchall()
+        )
+    assert live == {agents.hash_key(info["key"]): False, agents.hash_key(new["key"]): True}
+
     revoked = runner.invoke(app, ["agents", "revoke", "cli-agent"])
     assert revoked.exit_code == 0
+    gone = runner.invoke(app, ["agents", "rotate-key", "cli-agent"])
+    assert gone.exit_code == 2, gone.output  # a revoked agent gets no new key
     again = runner.invoke(app, ["agents", "revoke", "cli-agent"])
     assert again.exit_code == 2  # no live agent of that name: not found
     taken = runner.invoke(app, ["agents", "create", "cli-agent"])

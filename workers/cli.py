@@ -355,6 +355,29 @@ def agents_revoke(
     console.print(f"revoked {name}")
 
 
+@agents_app.command("rotate-key")
+def agents_rotate_key(
+    name: Annotated[str, typer.Argument(help="The agent's name or id")],
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Give a live agent a new API key and revoke all its others at once (a key leaked, or
+    due for rotation): its budget, payments and history stay. The key is shown once."""
+    from tasks import agents
+
+    rotated = on_database(data_dir, lambda conn: agents.rotate_key(conn, name))
+    if rotated is None:
+        raise fail(f"no live agent named {name!r}", NOT_FOUND)
+    agent, key = rotated
+    if as_json:
+        typer.echo(json.dumps({"id": agent["id"], "name": agent["name"], "key": key}))
+    else:
+        console.print(plain(f"new key for {agent['name']} ({agent['id']}): {key}"))
+        console.print(
+            "[dim]Its other keys are revoked. Store this one now: it is not shown again.[/]"
+        )
+
+
 @agents_app.command("list")
 def agents_list(
     include_revoked: Annotated[
