@@ -161,7 +161,9 @@ async def read_snapshot(conn: Conn, settings: Settings | None = None) -> Snapsho
         cur = await conn.execute(
             """SELECT (SELECT count(*) FROM ops_review_queue) AS review,
                       (SELECT count(*) FROM ops_recent_failures) AS failures,
-                      (SELECT count(*) FROM ops_reconcile_mismatches) AS mismatches"""
+                      (SELECT count(*) FROM ops_reconcile_mismatches) AS mismatches,
+                      -- Every mismatch ever found, resolved or not (few: a counter).
+                      (SELECT count(*) FROM reconcile_mismatches) AS mismatches_found"""
         )
         totals = await cur.fetchone()
         assert totals is not None
@@ -272,7 +274,12 @@ class SnapshotCollector(Collector):
         yield fail
         yield CounterMetricFamily(
             "agentpay_reconcile_mismatches",
-            "Fields where the provider disagreed with a payment",
+            "Fields where the provider disagreed with a payment (found, resolved or not)",
+            value=s.counts["mismatches_found"],
+        )
+        yield GaugeMetricFamily(
+            "agentpay_reconcile_mismatches_open",
+            "Reconcile mismatches no operator has resolved yet",
             value=s.counts["mismatches"],
         )
 

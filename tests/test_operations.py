@@ -243,6 +243,71 @@ async def test_status_keeps_ids_whole_and_shows_json_as_json(
     assert '"refund_id": "rfd_0123456789abcdef01234567"' in wide.output
 
 
+async def test_an_operator_resolves_a_mismatch_and_it_leaves_the_open_ones(
+    api: httpx.AsyncClient,
+    pool: Pool,
+    database_url: str,
+    operator_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Mismatches used to stay in `agentpay status` forever. Resolved (CLI or HTTP), one
+    leaves the view and the open gauge, keeps who, when and why, and its payment records it;
+    the found-counter an alert watches does not go down."""
+    state = await _build_state(pool)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """INSERT INTO reconcile_mismatches (payment_id, field, expected, actual)
+               SELECT %s, f, '{}', '{}' FROM unnest(ARRAY['amount', 'status']) AS f
+               RETURNING id""",
+            (state["stuck"],),
+        )
+        first, second = [r["id"] for r in await cur.fetchall()]
+
+    async def cli(*args: str) -> Any:
+        return await asyncio.to_thread(
+            invoke_cli, monkeypatch, ["mismatches", *args], database_url=database_url
+        )
+
+    done = await cli("resolve", str(first), "--operator", "alice", "--reason", "refunded by hand")
+    assert done.exit_code == 0, done.output
+    assert (await cli("resolve", str(first))).exit_code == 1  # resolved already: refused
+    assert (await cli("resolve", "999999")).exit_code == 2
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM ops_reconcile_mismatches")
+        assert [r["id"] for r in await cur.fetchall()] == [second]
+        cur = await conn.execute(
+            "SELECT resolved_by, resolution FROM reconcile_mismatches WHERE id = %s", (first,)
+        )
+        assert await cur.fetchone() == {
+            "resolved_by": "operator:alice",
+            "resolution": "refunded by hand",
+        }
+        cur = await conn.execute(
+            """SELECT actor, reason, data FROM payment_events
+                WHERE payment_id = %s AND type = 'mismatch_resolved'""",
+            (state["stuck"],),
+        )
+        assert await cur.fetchall() == [
+            {
+                "actor": "operator:alice",
+                "reason": "refunded by hand",
+                "data": {"mismatch_id": first, "field": "amount"},
+            }
+        ]
+
+    url = f"/v1/ops/mismatches/{second}/resolve"
+    over_http = await api.post(url, json={"reason": "provider right"}, headers=auth(operator_key))
+    assert over_http.status_code == 200, over_http.text
+    assert over_http.json()["resolved_by"].startswith("operator:")
+    again = await api.post(url, headers=auth(operator_key))
+    assert again.status_code == 409, again.text
+    missing = await api.post("/v1/ops/mismatches/999999/resolve", headers=auth(operator_key))
+    assert missing.status_code == 404, missing.text
+    metrics = _metrics((await api.get("/metrics")).text)
+    assert metrics[("agentpay_reconcile_mismatches_total", ())] == 2
+    assert metrics[("agentpay_reconcile_mismatches_open", ())] == 0
+
+
 async def test_metrics_are_read_once_per_cache_period_and_can_require_a_token(
     settings: Settings, pool: Pool, agent_key: str
 ) -> None:

@@ -38,6 +38,9 @@ console: Any = _Console()
 
 payments_app = typer.Typer(help="Look at and steer single payments.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Retry or cancel queue jobs.", no_args_is_help=True)
+mismatches_app = typer.Typer(
+    help="Settle what reconcile found the provider disagreeing with.", no_args_is_help=True
+)
 
 Reason = Annotated[str | None, typer.Option("--reason", help="Why (kept in the payment events)")]
 
@@ -189,3 +192,31 @@ def jobs_cancel(
         raise refused(error) from error
     state = "abort requested" if job["abort_requested"] else job["status"]
     console.print(f"job {job['id']} ({job['role']}): {state} (by {actor})")
+
+
+@mismatches_app.command("resolve")
+def mismatches_resolve(
+    mismatch_id: Annotated[
+        int, typer.Argument(help="The mismatch's id (ops_reconcile_mismatches.id)")
+    ],
+    operator: Operator = None,
+    reason: Reason = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Mark a reconcile mismatch settled once you have dealt with it (say how with --reason):
+    it leaves ops_reconcile_mismatches, `agentpay status` and the open-mismatch gauge; its row
+    keeps who resolved it, when and why, and its payment gets a `mismatch_resolved` event."""
+    from api.routes.ops import Refused, resolve_mismatch
+
+    actor = operator_actor(operator)
+    try:
+        found = on_database(
+            data_dir, lambda c: resolve_mismatch(c, mismatch_id, actor=actor, reason=reason)
+        )
+    except Refused as error:
+        raise refused(error) from error
+    console.print(
+        plain(
+            f"mismatch {found['id']} ({found['payment_id']}, {found['field']}): resolved by {actor}"
+        )
+    )

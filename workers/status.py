@@ -161,9 +161,9 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
     )
     parts.append(
         _table(
-            "Reconcile mismatches",
+            "Reconcile mismatches (resolve: agentpay mismatches resolve ID)",
             s.mismatches[:limit],
-            ["at", "payment_id", "field", "expected", "actual"],
+            ["id", "at", "payment_id", "field", "expected", "actual"],
             s.counts["mismatches"],
         )
     )

@@ -81,6 +81,49 @@ async def _record_job_action(
     )
 
 
+async def resolve_mismatch(
+    conn: Conn, mismatch_id: int, *, actor: str, reason: str | None = None
+) -> dict[str, Any]:
+    """Mark a reconcile mismatch settled by an operator (who, when, how: `reason`), with a
+    `mismatch_resolved` event on its payment. Refused: an unknown id (not_found), one
+    resolved already (conflict). Runs in the caller's transaction."""
+    cur = await conn.execute(
+        """SELECT id, payment_id, field, expected, actual, found_at, resolved_at, resolved_by,
+                  resolution
+             FROM reconcile_mismatches WHERE id = %s FOR UPDATE""",
+        (mismatch_id,),
+    )
+    found = await cur.fetchone()
+    if found is None:
+        raise Refused("not_found", f"No reconcile mismatch {mismatch_id}")
+    if found["resolved_at"] is not None:
+        raise Refused(
+            "conflict",
+            f"Reconcile mismatch {mismatch_id} was resolved already, by "
+            f"{found['resolved_by']} at {found['resolved_at']:%Y-%m-%d %H:%M:%S %Z}.",
+        )
+    cur = await conn.execute(
+        """UPDATE reconcile_mismatches SET resolved_at = now(), resolved_by = %s, resolution = %s
+            WHERE id = %s
+        RETURNING id, payment_id, field, expected, actual, found_at, resolved_at, resolved_by,
+                  resolution""",
+        (actor, reason, mismatch_id),
+    )
+    resolved = await cur.fetchone()
+    assert resolved is not None
+    payment = await payments.get(conn, resolved["payment_id"])
+    assert payment is not None  # a foreign key
+    await payments.record_event(
+        conn,
+        payment,
+        "mismatch_resolved",
+        actor=actor,
+        reason=reason,
+        data={"mismatch_id": mismatch_id, "field": resolved["field"]},
+    )
+    return resolved
+
+
 async def retry_job(
     conn: Conn, job_id: int, *, actor: str, reason: str | None = None
 ) -> dict[str, Any]:
@@ -291,6 +334,34 @@ async def cancel_payment_route(
         return await idem.respond(Payment.model_validate(payments.public(payment)))
 
 
+class Mismatch(BaseModel):
+    id: int
+    payment_id: str
+    field: str
+    expected: Any
+    actual: Any
+    found_at: datetime
+    resolved_at: datetime | None
+    resolved_by: str | None
+    resolution: str | None
+
+
+@router.post("/v1/ops/mismatches/{mismatch_id}/resolve", response_model=Mismatch, responses=ERRORS)
+async def resolve_mismatch_route(
+    mismatch_id: int, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
+) -> Response:
+    """Mark a reconcile mismatch settled (what was done goes in `reason`): it leaves
+    `ops_reconcile_mismatches` and the open-mismatch gauge."""
+    async with idem.transaction() as conn:
+        try:
+            found = await resolve_mismatch(
+                conn, mismatch_id, actor=operator.actor, reason=body.reason if body else None
+            )
+        except Refused as error:
+            raise _raise(error) from error
+        return await idem.respond(Mismatch.model_validate(found))
+
+
 @router.get("/v1/ops/status", responses=ERRORS)
 async def status_route(_: OperatorDep, pool: PoolDep, request: Request) -> dict[str, Any]:
     """What `agentpay status --json` prints: every ops view at one instant."""
@@ -441,7 +512,16 @@ def render_page(s: Snapshot, refresh: int) -> str:
         _table(
             "Reconcile mismatches",
             s.mismatches,
-            ["at", "payment_id", "status", "provider_payment_id", "field", "expected", "actual"],
+            [
+                "id",
+                "at",
+                "payment_id",
+                "status",
+                "provider_payment_id",
+                "field",
+                "expected",
+                "actual",
+            ],
             total=s.counts["mismatches"],
         ),
         _table(
