@@ -168,17 +168,17 @@ def _translate(error: stripe.StripeError, *, reading: bool = False) -> Exception
     if isinstance(error, stripe.CardError):
         body: Any = error.json_body or {}
         pi = (body.get("error") or {}).get("payment_intent")
+        decline_code = error.error.decline_code if error.error is not None else None
         return Declined(
-            _failure_code(error.code, getattr(error, "decline_code", None)) or "card_declined",
+            _failure_code(error.code, decline_code) or "card_declined",
             error.user_message or str(error),
             Intent.from_stripe(pi) if pi else None,
         )
-    if isinstance(error, stripe.IdempotencyError) and error.http_status == 409:
-        # The same key is still in flight (Stripe answers 409): try again later.
-        return Unknown(f"IdempotencyError: {error.user_message or error}")
     if isinstance(error, stripe.RateLimitError):
         return RateLimited(f"RateLimitError: {error.user_message or error}")
     if isinstance(error, stripe.APIConnectionError | stripe.APIError):
+        # A 409 (the same key still in flight) is an APIError: the SDK makes one of every
+        # status it has no class for.
         return Unknown(f"{type(error).__name__}: {error.user_message or error}")
     if isinstance(error, stripe.IdempotencyError):
         # Same key, other parameters: a bug of ours, never fixed by retrying.
