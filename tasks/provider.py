@@ -14,10 +14,11 @@ cannot act twice under two keys.
 modules that only record requests (`tasks.charge.request_cancel`, used by the API) import
 this one for its types, and the API process must never load the SDK.
 
-Errors come back as one of three things: `Declined` (a decline or a request the provider
-refuses: a recorded failure), `Unknown` (timeout, connection lost, 5xx or 409 after the SDK's
-own retries: retried by the job with backoff, resolved by retrieve), or `ProviderError`
-(anything retrying cannot fix, such as a bad API key: the job fails and is recorded).
+Errors come back as one of three things: `Declined` (a decline, or a request the provider
+refuses about this payment: a recorded failure), `Unknown` (timeout, connection lost, 5xx or
+409 after the SDK's own retries: retried by the job with backoff, resolved by retrieve), or
+`ProviderError` (anything retrying cannot fix, such as a bad API key or a refusal about our
+configuration: the job fails and is recorded, and the sweep drives the payment on later).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class Intent:
 
 
 class Declined(Exception):
-    """The provider refused the payment for good (a card decline, an invalid request)."""
+    """The provider refused the payment for good (a card decline, a request refused because
+    of this payment: its intent's state, its amount, its payment method — `_translate`)."""
 
     def __init__(self, code: str, message: str, intent: Intent | None = None) -> None:
         super().__init__(f"{code}: {message}")
@@ -80,7 +82,8 @@ class Declined(Exception):
 
 class ProviderError(Exception):
     """The provider refused the call for a reason retrying does not fix (a bad API key, a
-    request of ours it does not accept). Not retried: the job fails and is recorded."""
+    wrong address, a request of ours it does not accept). Not retried by the job: it fails
+    and is recorded, the payment waits, and the sweep drives it on again later."""
 
 
 class Unknown(TransientError):
@@ -157,12 +160,82 @@ def client(settings: Settings | None = None) -> Any:
     )
 
 
+# The refusals (`InvalidRequestError`) that are about the payment itself — its PaymentIntent's
+# or charge's state, its amount, its payment method or customer, the card — and so are a
+# recorded outcome (`Declined`). Any other refusal is about us (an address, a parameter the
+# account or API version does not take, a payment method type not activated, an object of
+# another account): no outcome, so a `ProviderError` — the payment waits and the sweep tries
+# again, and a fixed configuration lets it go on. A refusal whose answer carries the
+# PaymentIntent is about the payment whatever its code. Chosen from Stripe's error codes
+# (docs.stripe.com/error-codes; the SDK lists them in `PaymentIntent.LastPaymentError.code`);
+# codes about our account or our request, not the payment (`payment_method_unactivated`,
+# `balance_insufficient`, `parameter_*`, `*_invalid_parameter`), or that pass
+# (`payment_intent_rate_limit_exceeded`, `payment_method_provider_timeout`), are left out.
+PAYMENT_REFUSALS = frozenset(
+    {
+        # the PaymentIntent's state
+        "payment_intent_unexpected_state",
+        "payment_intent_incompatible_payment_method",
+        "payment_intent_authentication_failure",
+        "payment_intent_payment_attempt_failed",
+        "payment_intent_payment_attempt_expired",
+        # the charge's state (capture, refund)
+        "charge_already_captured",
+        "charge_already_refunded",
+        "charge_disputed",
+        "charge_expired_for_capture",
+        "charge_not_refundable",
+        "refund_disputed_payment",
+        "capture_charge_authorization_expired",
+        "capture_unauthorized_payment",
+        # the amount
+        "amount_too_large",
+        "amount_too_small",
+        "invalid_charge_amount",
+        "charge_exceeds_source_limit",
+        "charge_exceeds_transaction_limit",
+        # the payment method and the card
+        "payment_method_unexpected_state",
+        "payment_method_currency_mismatch",
+        "payment_method_provider_decline",
+        "payment_method_customer_decline",
+        "authentication_required",
+        "card_declined",
+        "card_decline_rate_limit_exceeded",
+        "expired_card",
+        "incorrect_cvc",
+        "incorrect_number",
+        "incorrect_zip",
+        "invalid_cvc",
+        "invalid_expiry_month",
+        "invalid_expiry_year",
+        "invalid_number",
+        "insufficient_funds",
+        "processing_error",
+    }
+)
+# `resource_missing` is the payment's when what is missing is its payment method or customer
+# (an agent's id); an intent, a charge or a refund we name that the provider does not know is
+# another account's (the key was changed) or a lost object: ours.
+PAYMENT_RESOURCES = frozenset({"payment_method", "customer"})
+
+
+def _about_the_payment(error: stripe.InvalidRequestError) -> bool:
+    if error.error is not None and error.error.payment_intent:
+        return True
+    if error.code == "resource_missing":
+        return error.param in PAYMENT_RESOURCES
+    return error.code in PAYMENT_REFUSALS
+
+
 def _translate(error: stripe.StripeError, *, reading: bool = False) -> Exception:
     """What a provider error means for us: a decline (recorded failure), an unknown outcome
-    (retried with the same key, or resolved by retrieve), or a permanent error (not retried:
-    a bad key, our bug). `reading`: the call only looks (retrieve, search) — the provider
-    refusing a read (no such object: a key of another account, a lost object) says nothing
-    about the payment's outcome, so it is never a decline."""
+    (retried with the same key, or resolved by retrieve), or a permanent error (not retried
+    by the job; the sweep drives the payment on later: a bad key, a wrong address, our bug).
+    `reading`: the call only looks (retrieve, search) — the provider refusing a read (no such
+    object: a key of another account, a lost object) says nothing about the payment's
+    outcome, so it is never a decline. A refused write is a decline only when the refusal is
+    about the payment (`PAYMENT_REFUSALS`)."""
     import stripe
 
     if isinstance(error, stripe.CardError):
@@ -183,9 +256,12 @@ def _translate(error: stripe.StripeError, *, reading: bool = False) -> Exception
     if isinstance(error, stripe.IdempotencyError):
         # Same key, other parameters: a bug of ours, never fixed by retrying.
         return ProviderError(f"IdempotencyError: {error.user_message or error}")
-    if isinstance(error, stripe.InvalidRequestError) and not reading:
+    if isinstance(error, stripe.InvalidRequestError) and not reading and _about_the_payment(error):
         return Declined(error.code or "invalid_request", error.user_message or str(error))
-    return ProviderError(f"{type(error).__name__}: {error.user_message or error}")
+    return ProviderError(
+        f"{type(error).__name__} ({error.http_status}, {error.code or 'no code'}): "
+        f"{error.user_message or error}"
+    )
 
 
 async def _call(method: Any, *args: Any, reading: bool = False) -> Intent:

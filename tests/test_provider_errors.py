@@ -9,9 +9,19 @@ them from a real answer."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
-from tasks import provider
+import httpx
+import pytest
+
+from tasks import charge, payments, provider
+from tasks.db import Pool
+from tasks.settings import SANDBOX_API_KEY, Settings, get_settings
+from tests.conftest import run_jobs
+from tests.test_faults import drain, intents_of
+from tests.test_pipeline import create, fetch
+from workers.maintenance import sweep_stuck_payments
 
 
 def sdk_error(status: int, error: dict[str, Any]) -> Any:
@@ -22,6 +32,217 @@ def sdk_error(status: int, error: dict[str, Any]) -> Any:
     return _APIRequestor._global_instance().specific_v1_api_error(
         json.dumps(body), status, body, {}, error
     )
+
+
+# --- 1. an invalid request is a decline only when it is about the payment ------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        # STRIPE_API_BASE ending in /v1: every path is /v1/v1/…, no code.
+        (
+            404,
+            {
+                "type": "invalid_request_error",
+                "message": "Unrecognized request URL (POST: /v1/v1/payment_intents).",
+            },
+        ),
+        # A parameter this account or API version does not take.
+        (
+            400,
+            {
+                "type": "invalid_request_error",
+                "code": "parameter_unknown",
+                "param": "payment_method_types",
+                "message": "Received unknown parameter: payment_method_types",
+            },
+        ),
+        # Automatic payment methods turned on for the account: a return_url is wanted.
+        (
+            400,
+            {
+                "type": "invalid_request_error",
+                "param": "return_url",
+                "message": "This PaymentIntent is configured to accept payment methods ...",
+            },
+        ),
+        # An intent of another account (the key was changed), on a write.
+        (
+            404,
+            {
+                "type": "invalid_request_error",
+                "code": "resource_missing",
+                "param": "intent",
+                "message": "No such payment_intent: 'pi_123'",
+            },
+        ),
+        # A payment method type not activated on the account.
+        (
+            400,
+            {
+                "type": "invalid_request_error",
+                "code": "payment_method_unactivated",
+                "message": "The payment method card is not activated for your account.",
+            },
+        ),
+    ],
+    ids=["unrecognized-url", "parameter-unknown", "return-url", "missing-intent", "unactivated"],
+)
+def test_a_refusal_about_our_configuration_is_no_decline(
+    status: int, error: dict[str, Any]
+) -> None:
+    translated = provider._translate(sdk_error(status, error))
+    assert isinstance(translated, provider.ProviderError), translated
+    assert not isinstance(translated, provider.Unknown)
+
+
+@pytest.mark.parametrize(
+    ("code", "param"),
+    [
+        ("payment_intent_unexpected_state", None),
+        ("payment_intent_incompatible_payment_method", "payment_method"),
+        ("amount_too_large", "amount"),
+        ("amount_too_small", "amount"),
+        ("charge_already_refunded", None),
+        ("charge_already_captured", None),
+        ("charge_expired_for_capture", None),
+        ("charge_not_refundable", "payment_intent"),
+        ("resource_missing", "payment_method"),
+        ("resource_missing", "customer"),
+        ("expired_card", None),
+    ],
+)
+def test_a_refusal_about_the_payment_is_a_decline(code: str, param: str | None) -> None:
+    error = {"type": "invalid_request_error", "code": code, "message": "refused"}
+    if param:
+        error["param"] = param
+    translated = provider._translate(sdk_error(400, error))
+    assert isinstance(translated, provider.Declined), translated
+    assert translated.code == code
+
+
+def test_every_payment_refusal_is_one_of_stripes_error_codes() -> None:
+    """The allowlist names codes Stripe sends (a typo would silently never match)."""
+    import typing
+
+    from stripe._payment_intent import PaymentIntent
+
+    def literals(hint: Any) -> set[str]:
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Literal:
+            return set(args)
+        return set().union(*(literals(arg) for arg in args))
+
+    codes = literals(PaymentIntent.LastPaymentError.__annotations__["code"])
+    assert len(codes) > 100
+    assert provider.PAYMENT_REFUSALS <= codes, provider.PAYMENT_REFUSALS - codes
+
+
+def test_a_refusal_carrying_the_payment_intent_is_a_decline() -> None:
+    """Whatever its code: the provider says it is about this PaymentIntent."""
+    error = {
+        "type": "invalid_request_error",
+        "code": "some_code_we_never_heard_of",
+        "message": "refused",
+        "payment_intent": {"id": "pi_1", "object": "payment_intent", "status": "succeeded"},
+    }
+    translated = provider._translate(sdk_error(400, error))
+    assert isinstance(translated, provider.Declined)
+    assert translated.code == "some_code_we_never_heard_of"
+
+
+def test_a_read_refused_is_never_a_decline() -> None:
+    error = {"type": "invalid_request_error", "code": "amount_too_large", "message": "refused"}
+    assert isinstance(
+        provider._translate(sdk_error(400, error), reading=True), provider.ProviderError
+    )
+
+
+@pytest.fixture
+def misconfigured(monkeypatch: pytest.MonkeyPatch, provider_base: str) -> Callable[[], None]:
+    """The provider's base address set with `/v1` at its end: every call is answered 404
+    "Unrecognized request URL", as Stripe answers it. Returns the fix."""
+    monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", "0.1")
+    get_settings.cache_clear()
+    right = provider.client
+
+    def wrong(settings: Settings | None = None) -> Any:
+        s = settings or get_settings()
+        return provider.connections.get(
+            SANDBOX_API_KEY,
+            f"{provider_base}/v1",
+            s.provider_timeout_seconds,
+            s.provider_max_network_retries,
+        )
+
+    monkeypatch.setattr(provider, "client", wrong)
+    return lambda: monkeypatch.setattr(provider, "client", right)
+
+
+async def test_a_misconfigured_provider_address_fails_no_payment(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    misconfigured: Callable[[], None],
+) -> None:
+    """The charge job fails and is recorded; the payment waits in `charging` with no failure
+    (it used to end `failed`, `invalid_request`, for good). Once the address is fixed, the
+    sweep drives it on and it is charged once."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    await run_jobs(pool, ("charge",))
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+        cur = await conn.execute(
+            "SELECT status, attempts FROM procrastinate_jobs WHERE task_name = 'charge'"
+        )
+        assert await cur.fetchone() == {"status": "failed", "attempts": 1}
+    assert payment is not None
+    assert (payment["status"], payment["failure_code"]) == ("charging", None)
+    assert intents_of(provider_base, created["id"]) == []
+
+    misconfigured()  # the operator fixes STRIPE_API_BASE
+    assert await sweep_stuck_payments(pool, older_than=0) == [created["id"]]
+    await drain(pool)
+    payment_now = await fetch(api, agent_key, created["id"])
+    assert payment_now["status"] == "reconciled", payment_now
+    [intent] = intents_of(provider_base, created["id"])
+    assert intent["status"] == "succeeded"
+
+
+async def test_a_misconfigured_provider_address_leaves_a_capture_to_be_asked_again(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A capture refused for a reason that is not the payment's: the job fails, the payment
+    stays `authorized` with its capture still asked for (the sweep of requests re-drives
+    it), and no `capture_failed` is recorded."""
+    created = await create(api, agent_key, capture_method="manual")
+    await run_jobs(pool)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, created["id"])
+        assert locked is not None and locked["status"] == "authorized"
+        await charge.request_capture(conn, locked, actor="test")
+
+    async def refused(*args: Any) -> provider.Intent:
+        raise provider._translate(
+            sdk_error(404, {"type": "invalid_request_error", "message": "Unrecognized URL"})
+        )
+
+    monkeypatch.setattr(provider, "capture_intent", refused)
+    with pytest.raises(provider.ProviderError):
+        await charge.capture_payment(created["id"])
+    async with pool.connection() as conn:
+        payment = await payments.get(conn, created["id"])
+        kinds = [e["type"] for e in await payments.events(conn, created["id"])]
+    assert payment is not None
+    assert payment["status"] == "authorized" and payment["capture_requested_at"] is not None
+    assert "capture_failed" not in kinds
 
 
 # --- 3. a card error's decline code ---------------------------------------------------------
