@@ -175,6 +175,18 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _api_base_without_version(self) -> Settings:
+        # The SDK adds `/v1/…` to the base itself: a base ending in `/v1` makes every call
+        # `/v1/v1/…`, which Stripe answers 404 "Unrecognized request URL".
+        base = (self.stripe_api_base or "").rstrip("/")
+        if base.lower().endswith("/v1"):
+            raise ValueError(
+                f"STRIPE_API_BASE ({self.stripe_api_base}) must not end in /v1: the SDK adds "
+                f"the API version to every path itself; set it to {base[:-3] or '/'}"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _debug_crash_on_the_sandbox_only(self) -> Settings:
         if self.debug_crash_after_provider_call and self.stripe_api_key != SANDBOX_API_KEY:
             raise ValueError(

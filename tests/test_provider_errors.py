@@ -161,8 +161,9 @@ def test_a_read_refused_is_never_a_decline() -> None:
 
 @pytest.fixture
 def misconfigured(monkeypatch: pytest.MonkeyPatch, provider_base: str) -> Callable[[], None]:
-    """The provider's base address set with `/v1` at its end: every call is answered 404
-    "Unrecognized request URL", as Stripe answers it. Returns the fix."""
+    """The provider's base address set with `/v1` at its end (settings refuse it now, so the
+    client is built by hand): every call is answered 404 "Unrecognized request URL", as
+    Stripe answers it. Returns the fix."""
     monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", "0.1")
     get_settings.cache_clear()
     right = provider.client
@@ -243,6 +244,13 @@ async def test_a_misconfigured_provider_address_leaves_a_capture_to_be_asked_aga
     assert payment is not None
     assert payment["status"] == "authorized" and payment["capture_requested_at"] is not None
     assert "capture_failed" not in kinds
+
+
+def test_settings_refuse_a_provider_address_ending_in_v1() -> None:
+    for base in ("https://api.stripe.com/v1", "https://api.stripe.com/v1/"):
+        with pytest.raises(ValueError, match="STRIPE_API_BASE"):
+            Settings(stripe_api_base=base)
+    assert Settings(stripe_api_base="https://api.stripe.com").stripe_api_base
 
 
 # --- 3. a card error's decline code ---------------------------------------------------------
