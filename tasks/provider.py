@@ -24,10 +24,11 @@ configuration: the job fails and is recorded, and the sweep drives the payment o
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,40 @@ def idempotency_key(payment_id: str, operation: str) -> str:
     return f"agentpay:{payment_id}:{operation}"
 
 
+@functools.cache
+def _http_client_class() -> type[Any]:
+    """The SDK's aiohttp client, with the response body read inside the error handling.
+
+    `stripe.AIOHTTPClient.request_async` reads the body after the SDK's own handling of
+    network errors: a connection cut mid-body (`aiohttp.ClientPayloadError`) or the timeout
+    running out after the headers came (`TimeoutError`) escaped untranslated — neither
+    retried by the SDK nor an unknown outcome to the job's backoff, so the job failed at
+    once. Here they are what any lost connection is, an `APIConnectionError` the SDK may
+    retry (same key): after its retries, `Unknown` (`_translate`). Every call goes through
+    this client, so this one place covers them all."""
+    import aiohttp
+    import stripe
+
+    class _AIOHTTPClient(stripe.AIOHTTPClient):
+        async def request_async(
+            self, method: str, url: str, headers: Mapping[str, str], post_data: Any = None
+        ) -> tuple[bytes, int, Mapping[str, str]]:
+            content, status, response_headers = await self.request_stream_async(
+                method, url, headers, post_data=post_data
+            )
+            try:
+                body = await content.read()
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise stripe.APIConnectionError(
+                    f"The connection was lost while reading the answer (HTTP {status}): "
+                    f"{type(error).__name__}: {error}",
+                    should_retry=True,
+                ) from error
+            return body, status, response_headers
+
+    return _AIOHTTPClient
+
+
 class _Clients:
     """One SDK client per event loop and configuration: its HTTP session (aiohttp) belongs to
     the loop it was opened on. The SDK's aiohttp client costs about a third of the CPU per
@@ -127,7 +162,7 @@ class _Clients:
             import aiohttp
             import stripe
 
-            http = stripe.AIOHTTPClient(timeout=aiohttp.ClientTimeout(total=timeout))
+            http = _http_client_class()(timeout=aiohttp.ClientTimeout(total=timeout))
             sdk = stripe.StripeClient(
                 api_key,
                 base_addresses={"api": api_base} if api_base else None,

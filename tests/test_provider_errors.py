@@ -8,8 +8,9 @@ them from a real answer."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -251,6 +252,106 @@ def test_settings_refuse_a_provider_address_ending_in_v1() -> None:
         with pytest.raises(ValueError, match="STRIPE_API_BASE"):
             Settings(stripe_api_base=base)
     assert Settings(stripe_api_base="https://api.stripe.com").stripe_api_base
+
+
+# --- 2. a connection cut or stalled after the headers is an unknown outcome ----------------
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+
+
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n"
+    b"Request-Id: req_stub\r\n\r\n"
+)
+
+
+class Stub:
+    """A local HTTP server that answers every request with `HEAD` and the start of a body,
+    then cuts the connection (`stall=False`) or sends nothing more (`stall=True`)."""
+
+    def __init__(self, stall: bool) -> None:
+        self.stall = stall
+        self.requests = 0
+        self.done = asyncio.Event()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await _read_request(reader)
+            self.requests += 1
+            writer.write(HEAD + b'{"id": "pi_cut", "object": "payment_int')
+            await writer.drain()
+            if self.stall:
+                await asyncio.wait_for(self.done.wait(), 10)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture(params=[False, True], ids=["cut-mid-body", "stalled-mid-body"])
+async def stub(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Stub]:
+    server_stub = Stub(stall=request.param)
+    server = await asyncio.start_server(server_stub.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("STRIPE_API_BASE", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_stub")
+    monkeypatch.setenv("AGENTPAY_PROVIDER_TIMEOUT_SECONDS", "0.5")
+    monkeypatch.setenv("AGENTPAY_PROVIDER_MAX_NETWORK_RETRIES", "1")
+    get_settings.cache_clear()
+    yield server_stub
+    server_stub.done.set()
+    server.close()
+    await server.wait_closed()
+    get_settings.cache_clear()
+
+
+PAYMENT = {
+    "id": "pay_stub",
+    "agent_id": "agt_stub",
+    "amount_total": 2000,
+    "currency": "usd",
+    "payment_method": "pm_card_visa",
+    "capture_method": "automatic",
+    "description": None,
+}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: provider.create_intent(PAYMENT),
+        lambda: provider.confirm_intent("pay_stub", "pi_stub"),
+        lambda: provider.retrieve_intent("pi_stub"),
+        lambda: provider.capture_intent("pay_stub", "pi_stub", "1.0"),
+        lambda: provider.refund("pay_stub", "pi_stub", "rfd_stub", 100),
+        lambda: provider.list_refunds("pi_stub"),
+        lambda: provider.retrieve_refund("re_stub"),
+    ],
+    ids=["create", "confirm", "retrieve", "capture", "refund", "list_refunds", "retrieve_refund"],
+)
+async def test_a_response_cut_after_its_headers_is_an_unknown_outcome(
+    stub: Stub, call: Callable[[], Awaitable[Any]]
+) -> None:
+    """The SDK's aiohttp client reads the body outside its own error handling: the
+    aiohttp/timeout error used to escape as is, and the job failed at once. Now it is a
+    connection error like any other — the SDK tries again (same key) and then it is
+    `Unknown`, which the job's backoff retries and reconcile resolves."""
+    with pytest.raises(provider.Unknown):
+        await asyncio.wait_for(call(), 10)
+    assert stub.requests == 2  # the SDK's own retry, with the same key
 
 
 # --- 3. a card error's decline code ---------------------------------------------------------
