@@ -65,10 +65,16 @@ async def rotate_key(conn: Conn, name_or_id: str) -> tuple[dict[str, Any], str] 
     the same transaction; None if there is no such live agent. Its budget, payments and
     history stay: a leaked key is replaced without stranding them."""
     found = await find(conn, name_or_id)
-    if found is None or found["revoked_at"] is not None:
+    if found is None:
         return None
-    # Locked, so a concurrent revoke or rotation waits and sees this key.
-    await conn.execute("SELECT 1 FROM agents WHERE id = %s FOR UPDATE", (found["id"],))
+    # Locked (a concurrent revoke or rotation waits, and sees this key), then read again: a
+    # revoke that committed meanwhile leaves nothing to rotate.
+    cur = await conn.execute(
+        "SELECT revoked_at FROM agents WHERE id = %s FOR UPDATE", (found["id"],)
+    )
+    row = await cur.fetchone()
+    if row is None or row["revoked_at"] is not None:
+        return None
     return found, await add_key(conn, found["id"], revoke_others=True)
 
 

@@ -306,6 +306,17 @@ NOT_REFUNDED = frozenset({"failed", "canceled"})
 OUTSIDE_ACTOR = "provider"
 
 
+async def sync_waiting(conn: Conn, payment_id: str) -> bool:
+    """Whether a sync of the payment's refunds waits to run (not yet started)."""
+    cur = await conn.execute(
+        """SELECT 1 FROM procrastinate_jobs
+            WHERE status = 'todo' AND task_name = %s AND args->>'payment_id' = %s
+            LIMIT 1""",
+        (SYNC_TASK, payment_id),
+    )
+    return await cur.fetchone() is not None
+
+
 @app.task(name=SYNC_TASK, queue=ROLE, retry=Backoff(max_attempts=12))
 async def sync_refunds(payment_id: str) -> Any:
     """Take in refunds made at the provider outside agentpay (the Dashboard, Stripe's API
@@ -328,14 +339,16 @@ async def sync_refunds(payment_id: str) -> Any:
         return None
     if payment["status"] in BEFORE_RECONCILE:
         # Not reconciled yet (the capture a refund reverses is not booked): look again until
-        # it is, or until the payment ends without money taken (then nothing is syncable).
+        # it is, or until the payment ends without money taken (then nothing is syncable) —
+        # unless another sync waits already (an event came while this one ran): one look.
         async with pool().connection() as conn:
-            await defer(
-                conn,
-                SYNC_TASK,
-                payment_id=payment_id,
-                schedule_in=get_settings().provider_recheck_seconds,
-            )
+            if not await sync_waiting(conn, payment_id):
+                await defer(
+                    conn,
+                    SYNC_TASK,
+                    payment_id=payment_id,
+                    schedule_in=get_settings().provider_recheck_seconds,
+                )
         return None
     listed = await provider.list_refunds(payment["provider_payment_id"])
     taken = 0
@@ -346,16 +359,23 @@ async def sync_refunds(payment_id: str) -> Any:
         # Ours carry one of this payment's refund ids; a refund_id in the metadata of a
         # refund someone else made (another tool's own ticket number) does not make it ours.
         cur = await conn.execute(
-            "SELECT id FROM payment_refunds WHERE payment_id = %s", (payment_id,)
+            "SELECT id, provider_refund_id FROM payment_refunds WHERE payment_id = %s",
+            (payment_id,),
         )
-        ours = {row["id"] for row in await cur.fetchall()}
+        recorded = await cur.fetchall()
+        ours = {row["id"] for row in recorded}
+        taken_in = {row["provider_refund_id"] for row in recorded}
         await _record_failed_after_success(
             conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
         )
         await _record_made_twice(conn, locked, [r for r in listed if r.refund_id in ours])
         if locked["status"] not in REFUNDABLE:
             return taken
-        outside = [r for r in listed if r.refund_id not in ours and r.status == "succeeded"]
+        outside = [
+            r
+            for r in listed
+            if r.refund_id not in ours and r.status == "succeeded" and r.id not in taken_in
+        ]
         for result in outside:
             if result.amount > payments.collected(locked) - locked["amount_refunded"]:
                 # More than the payment has left to give back by our count: the provider

@@ -297,17 +297,11 @@ async def _sync_needed(conn: Conn, payment_id: str) -> bool:
     """Whether a refund event can bring news the sync acts on — refunds made elsewhere (the
     payment can hold them, or will once reconciled), or a counted refund that failed since
     (a `refunded` payment too) — and no sync job for it is waiting already."""
-    cur = await conn.execute(
-        """SELECT p.status = ANY(%s)
-                  AND NOT EXISTS (
-                      SELECT 1 FROM procrastinate_jobs j
-                       WHERE j.status = 'todo' AND j.task_name = %s
-                         AND j.args->>'payment_id' = p.id) AS needed
-             FROM payment_jobs p WHERE p.id = %s""",
-        (sorted(refunds.SYNCABLE), refunds.SYNC_TASK, payment_id),
-    )
+    cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
     row = await cur.fetchone()
-    return bool(row and row["needed"])
+    if row is None or row["status"] not in refunds.SYNCABLE:
+        return False
+    return not await refunds.sync_waiting(conn, payment_id)
 
 
 async def _reconcile_needed(conn: Conn, payment_id: str) -> bool:

@@ -1028,3 +1028,41 @@ async def test_a_waiting_refund_does_not_hide_a_payment_whose_reconcile_is_gone(
             "DELETE FROM procrastinate_jobs WHERE task_name = 'reconcile' AND status = 'todo'"
         )
     assert await sweep_stuck_payments(pool, older_than=0) == [created["id"]]
+
+
+async def test_a_refund_taken_in_is_not_counted_again_nor_an_excess_at_the_next_sync(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Stripe sends several events for one refund, each a sync: a refund taken in already
+    is neither counted again nor, being more than what remains now, a mismatch."""
+    paid = await reconciled(api, agent_key, pool)  # 2,000
+    refund_at_provider(provider_base, paid["provider_payment_id"], 1500)
+    assert [await refunds.sync_refunds.func(paid["id"]) for _ in range(2)] == [1, 0]
+    payment = await fetch(api, agent_key, paid["id"])
+    assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 1500)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT field FROM reconcile_mismatches WHERE payment_id = %s", (paid["id"],)
+        )
+        assert await cur.fetchall() == []
+
+
+async def test_syncs_waiting_for_reconcile_merge_into_one(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Two refund events before reconcile (one came while the other's sync ran) made two
+    syncs, each deferring itself again every few seconds until reconcile: one does."""
+    from tasks.app import defer
+
+    held = await authorized(api, agent_key, pool)
+    async with pool.connection() as conn:
+        for _ in range(2):
+            await defer(conn, refunds.SYNC_TASK, payment_id=held["id"])
+    await run_jobs(pool, ("charge",))
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM procrastinate_jobs
+                WHERE task_name = %s AND status = 'todo' AND args->>'payment_id' = %s""",
+            (refunds.SYNC_TASK, held["id"]),
+        )
+        assert (await cur.fetchone())["n"] == 1

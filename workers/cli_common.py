@@ -93,7 +93,7 @@ def dump_json(value: Any, *, indent: int | None = None) -> str:
 def say_error(message: str) -> None:
     """One message in red on stderr, as text (it may quote the database or a setting: never
     markup)."""
-    Console(stderr=True).print(plain(message), style="red")
+    Console(stderr=True).print(plain(message), style="red", soft_wrap=True)
 
 
 def fail(message: str, code: int = REFUSED) -> typer.Exit:

@@ -41,8 +41,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Columns an operator copies whole into a command: never broken over two lines.
-_IDS = frozenset({"payment_id", "job_id", "agent_id", "worker_id"})
+# Columns an operator copies whole into a command: the other columns wrap first, so these
+# stay on one line wherever the terminal has room for them.
+_IDS = frozenset({"id", "payment_id", "job_id", "agent_id", "worker_id"})
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: int | None) -> Any:
@@ -51,9 +52,7 @@ def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: in
         return Text(f"{title}{suffix}: none", style="dim")
     table = Table(title=f"{title}{suffix}", title_justify="left", expand=False)
     for column in columns:
-        # An id keeps its whole width; the other columns fold to make room.
-        width = max((len(_fmt(row.get(column))) for row in rows), default=0)
-        table.add_column(column, overflow="fold", min_width=width if column in _IDS else None)
+        table.add_column(column, overflow="fold", no_wrap=column in _IDS)
     for row in rows:
         table.add_row(*(plain(_fmt(row.get(c))) for c in columns))
     return table
