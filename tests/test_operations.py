@@ -1233,6 +1233,38 @@ async def test_pruning_goes_on_every_round_while_its_batches_come_back_full(
     assert await _count(pool, "procrastinate_jobs") == 2  # the interval again
 
 
+async def test_webhook_events_go_after_their_retention_and_stay_counted(
+    pool: Pool, settings: Settings
+) -> None:
+    """Webhook events were kept forever. Past their retention the maintenance round deletes
+    them, a batch a round while batches come back full; /metrics still counts them."""
+    from tasks.app import app
+
+    async with pool.connection() as conn:
+        await conn.execute(
+            """INSERT INTO webhook_events (id, type, payload, handled, received_at)
+               SELECT 'evt_old_' || g, 'payment_intent.succeeded', '{}', false,
+                      now() - interval '31 days'
+                 FROM generate_series(1, 3) AS g"""
+        )
+        await conn.execute(
+            """INSERT INTO webhook_events (id, type, payload, handled)
+               VALUES ('evt_new', 'payment_intent.succeeded', '{}', false)"""
+        )
+        counted = await (await conn.execute("SELECT * FROM ops_webhook_counts")).fetchall()
+    s = settings.model_copy(update={"prune_batch_size": 2, "prune_interval_seconds": 3600.0})
+    maintenance = Maintenance(app, pool, s)
+    left = []
+    for _ in range(2):
+        assert await maintenance.run_once()
+        left.append(await _count(pool, "webhook_events"))
+    assert left == [2, 1]  # two, then (a full batch: the next round) the last old one
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM webhook_events")
+        assert [r["id"] for r in await cur.fetchall()] == ["evt_new"]
+        assert await (await conn.execute("SELECT * FROM ops_webhook_counts")).fetchall() == counted
+
+
 async def test_a_prune_that_fails_waits_its_interval_like_one_that_succeeds(
     pool: Pool, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,8 @@ interval in every worker process, one process at a time (an advisory lock elects
   backlog): finished procrastinate jobs are deleted after a retention, so the table every
   claim reads stays small — the history of every payment lives in payment_events;
   with it, `fold_counts` keeps the ops views' running totals as small as the set of live
-  connections.
+  connections, and `prune_webhook_events` deletes provider webhook events after their
+  retention.
 """
 
 from __future__ import annotations
@@ -269,6 +270,23 @@ async def prune_finished_jobs(
     return pruned
 
 
+async def prune_webhook_events(pool: Pool, *, older_than: float, batch: int = 5000) -> int:
+    """Delete provider webhook events that arrived more than `older_than` seconds ago, oldest
+    first, at most `batch`; returns how many went (their counts stay in ops_webhook_totals)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """DELETE FROM webhook_events
+                WHERE id IN (SELECT id FROM webhook_events
+                              WHERE received_at < now() - make_interval(secs => %s)
+                              ORDER BY received_at LIMIT %s)""",
+            (older_than, batch),
+        )
+        pruned = cur.rowcount
+    if pruned:
+        log.info("pruned webhook events", extra={"count": pruned})
+    return pruned
+
+
 # The server is going away or gone (admin, crash or cannot-connect-now shutdowns), and the
 # connection exceptions of class 08.
 _GONE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
@@ -365,7 +383,10 @@ class Maintenance:
                     failed_after=s.prune_failed_after_seconds,
                     batch=s.prune_batch_size,
                 )
-                if pruned >= s.prune_batch_size:
+                events = await prune_webhook_events(
+                    self.pool, older_than=s.webhook_retention_days * 86400, batch=s.prune_batch_size
+                )
+                if max(pruned, events) >= s.prune_batch_size:
                     # A full batch: more are due (a fleet finishing more jobs than a batch an
                     # interval). Go on next round instead of falling further behind.
                     self._next_prune = now
