@@ -213,6 +213,33 @@ async def test_dev_counts_the_payments_a_restarted_sandbox_cannot_finish(
     assert await _waiting_on_the_provider(database_url) == 1
 
 
+def test_only_the_first_stop_signal_interrupts() -> None:
+    """SIGTERM interrupts a stack's command as Ctrl-C does, once: another SIGTERM (CI and
+    process managers ask again) landing before the clean-up held signals off interrupted the
+    clean-up too (the full suite caught a demo that left its stack.json so)."""
+    script = """
+import os, signal, time
+from workers.cli_common import stop_signals_interrupt
+stop_signals_interrupt()
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(10)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+try:  # the clean-up, asked to stop again
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.2)
+    print("clean-up done", flush=True)
+except KeyboardInterrupt:
+    print("clean-up interrupted", flush=True)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.split("\n")[:2] == ["interrupted", "clean-up done"], done
+
+
 def test_a_demo_stopped_by_sigterm_stops_all_it_started(tmp_path: Path) -> None:
     """`kill` (or CI's timeout) on `agentpay demo` ended it at once, leaving its API, its
     workers and its Postgres running; it now stops them, as Ctrl-C does."""

@@ -71,17 +71,29 @@ def plain(value: Any) -> Text:
 def stop_signals_interrupt() -> None:
     """SIGTERM and SIGHUP (a process manager's or CI's stop, a closed terminal) stop a
     command that runs a stack of its own (demo, chaos, bench) as Ctrl-C does: its clean-up
-    runs, and what it started — its Postgres included — stops with it."""
+    runs, and what it started — its Postgres included — stops with it. Only the first one
+    counts: a stop asked again does not cut the clean-up short."""
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.SIG_DFL):
         # Started as a script's background job (`agentpay dev &`), the process inherits
         # SIGINT ignored (and Python then installs no handler of its own): the SIGINT raised
         # below would do nothing, and the stack would run on after its SIGTERM.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    asked: list[int] = []
+
+    def stop(sig: int, _: Any) -> None:
+        # Once: a second SIGTERM (a process manager or CI that asks twice, at once) landing
+        # after the first one's interrupt but before the clean-up holds signals off
+        # (`devstack._signals_held`) interrupted the clean-up itself, leaving stack.json and
+        # the API and workers behind. A stop that hangs is for SIGKILL.
+        if not asked:
+            asked.append(sig)
+            # Raised as SIGINT, so that whatever handles SIGINT then handles it: inside
+            # `asyncio.run`, asyncio's handler cancels the main task (a KeyboardInterrupt
+            # raised wherever the loop was left tasks failing with a traceback).
+            signal.raise_signal(signal.SIGINT)
+
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        # Raised as SIGINT, so that whatever handles SIGINT then handles it: inside
-        # `asyncio.run`, asyncio's handler cancels the main task (a KeyboardInterrupt raised
-        # wherever the loop was left tasks failing with a traceback).
-        signal.signal(sig, lambda *_: signal.raise_signal(signal.SIGINT))
+        signal.signal(sig, stop)
 
 
 def dump_json(value: Any, *, indent: int | None = None) -> str:
