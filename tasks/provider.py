@@ -249,17 +249,24 @@ PAYMENT_REFUSALS = frozenset(
         "processing_error",
     }
 )
-# `resource_missing` is the payment's when what is missing is its payment method or customer
-# (an agent's id); an intent, a charge or a refund we name that the provider does not know is
+# A refusal naming the payment method or customer the agent gave is about the payment, with
+# or without a code (`resource_missing`; a method used before without a customer and refused
+# for good comes with none): else the payment would wait in `charging` for ever, re-driven and
+# refused again. An intent, a charge or a refund we name that the provider does not know is
 # another account's (the key was changed) or a lost object: ours.
 PAYMENT_RESOURCES = frozenset({"payment_method", "customer"})
+# What Stripe says when an id exists, but in the other mode or account than the key's: the
+# key is wrong, not the agent's id (every saved-card payment would fail for good meanwhile).
+_OTHER_MODE = "a similar object exists in"
 
 
 def _about_the_payment(error: stripe.InvalidRequestError) -> bool:
     if error.error is not None and error.error.payment_intent:
         return True
-    if error.code == "resource_missing":
-        return error.param in PAYMENT_RESOURCES
+    if _OTHER_MODE in str(error.user_message or error):
+        return False
+    if error.param in PAYMENT_RESOURCES and not (error.code or "").startswith("parameter_"):
+        return True  # `parameter_*`: a parameter of ours the API does not take there
     return error.code in PAYMENT_REFUSALS
 
 

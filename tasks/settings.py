@@ -86,9 +86,10 @@ class Settings(BaseSettings):
     prune_interval_seconds: float = Field(default=60.0, gt=0)
     prune_batch_size: int = Field(default=5000, ge=1)
     # Provider webhook events are deleted this long after they arrived, on the same schedule.
-    # The provider redelivers an event for up to 3 days, and a redelivery must find its stored
-    # copy (to be answered as a duplicate): hence the floor of 4 days.
-    webhook_retention_days: float = Field(default=30.0, ge=4.0)
+    # A redelivery must find its stored copy, to be answered as a duplicate (a second copy of
+    # a dispute event would record the dispute twice): Stripe redelivers for up to 3 days by
+    # itself and keeps events, which an operator can resend, for 30 — hence the floor.
+    webhook_retention_days: float = Field(default=30.0, ge=30.0)
     # A payment that has not moved for this long shows in ops_stuck_payments.
     stuck_after_seconds: float = Field(default=300.0, gt=0)
     # A worker process serves its own Prometheus metrics (job durations, provider calls) on

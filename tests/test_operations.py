@@ -243,6 +243,24 @@ async def test_status_keeps_ids_whole_and_shows_json_as_json(
     assert '"refund_id": "rfd_0123456789abcdef01234567"' in wide.output
 
 
+def test_a_status_table_keeps_ids_whole_where_there_is_room_and_hides_no_column() -> None:
+    """Ids stay on one line when the terminal has room for them and a few characters of
+    every other column; in a narrower one all columns fold alike (unwrapped ids had left
+    the other columns zero wide, their values gone)."""
+    from rich.console import Console
+
+    from workers.status import _table
+
+    row = {"payment_id": "pay_815e29a1711dbf697f8aec09", "status": "charging", "job_id": 4123}
+    row |= {f"column_{n}": "value" for n in range(5)}
+    for width, whole in ((140, True), (60, False)):
+        console = Console(width=width, record=True)
+        console.print(_table("Stuck", [row], list(row), 1))
+        out = console.export_text()
+        assert (row["payment_id"] in out) is whole, out
+        assert "char" in out and "4123" in out, out  # every column shows something
+
+
 async def test_an_operator_resolves_a_mismatch_and_it_leaves_the_open_ones(
     api: httpx.AsyncClient,
     pool: Pool,

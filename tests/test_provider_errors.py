@@ -87,8 +87,26 @@ def sdk_error(status: int, error: dict[str, Any]) -> Any:
                 "message": "The payment method card is not activated for your account.",
             },
         ),
+        # The agent's customer exists, in the other mode: the key is wrong, not the id.
+        (
+            400,
+            {
+                "type": "invalid_request_error",
+                "code": "resource_missing",
+                "param": "customer",
+                "message": "No such customer: 'cus_1'; a similar object exists in live mode, "
+                "but a test mode key was used to make this request.",
+            },
+        ),
     ],
-    ids=["unrecognized-url", "parameter-unknown", "return-url", "missing-intent", "unactivated"],
+    ids=[
+        "unrecognized-url",
+        "parameter-unknown",
+        "return-url",
+        "missing-intent",
+        "unactivated",
+        "other-mode",
+    ],
 )
 def test_a_refusal_about_our_configuration_is_no_decline(
     status: int, error: dict[str, Any]
@@ -121,6 +139,20 @@ def test_a_refusal_about_the_payment_is_a_decline(code: str, param: str | None) 
     translated = provider._translate(sdk_error(400, error))
     assert isinstance(translated, provider.Declined), translated
     assert translated.code == code
+
+
+def test_a_refusal_of_the_payment_method_without_a_code_is_a_decline() -> None:
+    """Refused for good, about the agent's payment method, with no code: a decline (as a
+    ProviderError the payment waited in `charging` for ever, re-driven and refused again)."""
+    error = {
+        "type": "invalid_request_error",
+        "param": "payment_method",
+        "message": "The provided PaymentMethod was previously used with a PaymentIntent "
+        "without Customer attachment ... may not be used again.",
+    }
+    translated = provider._translate(sdk_error(400, error))
+    assert isinstance(translated, provider.Declined), translated
+    assert translated.code == "invalid_request"
 
 
 def test_every_payment_refusal_is_one_of_stripes_error_codes() -> None:

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
@@ -44,18 +44,36 @@ def _fmt(value: Any) -> str:
 # Columns an operator copies whole into a command: the other columns wrap first, so these
 # stay on one line wherever the terminal has room for them.
 _IDS = frozenset({"id", "payment_id", "job_id", "agent_id", "worker_id"})
+# The least width a wrapping column is left when the ids keep theirs.
+_NARROWEST = 4
+
+
+class _Table:
+    """Rows as a table whose id columns are not wrapped — when the terminal has room for the
+    ids whole and `_NARROWEST` characters of every other column; in a narrower one every
+    column folds alike (rich would shrink the others to nothing)."""
+
+    def __init__(self, title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        self.title, self.rows, self.columns = title, rows, columns
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        cells = [[_fmt(row.get(c)) for c in self.columns] for row in self.rows]
+        ids = [max(len(line[i]) for line in cells) for i, c in enumerate(self.columns) if c in _IDS]
+        others = len(self.columns) - len(ids)
+        room = sum(ids) + _NARROWEST * others + 3 * len(self.columns) + 1 <= options.max_width
+        table = Table(title=self.title, title_justify="left", expand=False)
+        for column in self.columns:
+            table.add_column(column, overflow="fold", no_wrap=room and column in _IDS)
+        for line in cells:
+            table.add_row(*(plain(cell) for cell in line))
+        yield table
 
 
 def _table(title: str, rows: list[dict[str, Any]], columns: list[str], total: int | None) -> Any:
     suffix = f" ({total})" if total is not None else ""
     if not rows:
         return Text(f"{title}{suffix}: none", style="dim")
-    table = Table(title=f"{title}{suffix}", title_justify="left", expand=False)
-    for column in columns:
-        table.add_column(column, overflow="fold", no_wrap=column in _IDS)
-    for row in rows:
-        table.add_row(*(plain(_fmt(row.get(c))) for c in columns))
-    return table
+    return _Table(f"{title}{suffix}", rows, columns)
 
 
 def _workers_headline(s: Snapshot) -> list[tuple[str, str]]:
