@@ -31,6 +31,17 @@ def provider_refunds(provider_base: str, intent_id: str) -> list[dict[str, Any]]
     return data
 
 
+async def mismatches_of(pool: Pool, payment_id: str) -> list[dict[str, Any]]:
+    """The payment's reconcile mismatches, oldest first: field, expected, actual."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT field, expected, actual FROM reconcile_mismatches
+                WHERE payment_id = %s ORDER BY id""",
+            (payment_id,),
+        )
+        return await cur.fetchall()
+
+
 def refund_at_provider(provider_base: str, intent_id: str, amount: int) -> dict[str, Any]:
     """A refund made at the provider directly (the Dashboard), not through agentpay."""
     response = httpx.post(
@@ -707,14 +718,6 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     ).json()
     assert failed["status"] == "failed"
 
-    async def mismatches() -> list[dict[str, Any]]:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
-                (paid["id"],),
-            )
-            return await cur.fetchall()
-
     for n in (1, 2):  # the event, then the same event again: one mismatch
         event = {
             "id": f"evt_refund_failed_{n}",
@@ -725,7 +728,7 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
             stored = await webhooks.store(conn, event)
         assert stored["sync_refunds"] is True
         await run_jobs(pool)
-        found = await mismatches()
+        found = await mismatches_of(pool, paid["id"])
         assert [(m["field"], m["expected"]["refund_id"], m["actual"]["status"]) for m in found] == [
             ("refund_status", refund["id"], "failed")
         ]
@@ -747,7 +750,9 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     listed = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()
     assert [r["id"] for r in listed["data"]] == [refund["id"]]
     assert (await fetch(api, agent_key, paid["id"]))["amount_refunded"] == 2000
-    assert [m["field"] for m in await mismatches()] == ["refund_status"]  # not made twice
+    assert [m["field"] for m in await mismatches_of(pool, paid["id"])] == [
+        "refund_status"
+    ]  # not made twice
 
 
 async def test_a_refund_made_twice_at_the_provider_is_put_before_an_operator(
@@ -774,12 +779,7 @@ async def test_a_refund_made_twice_at_the_provider_is_put_before_an_operator(
     ).json()
     for _ in range(2):  # the refund's events: once
         assert await refunds.sync_refunds.func(paid["id"]) == 0
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
-            (paid["id"],),
-        )
-        found = await cur.fetchall()
+    found = await mismatches_of(pool, paid["id"])
     assert [(m["field"], m["expected"]["refund_id"]) for m in found] == [
         ("refund_count", refund_id)
     ]
@@ -902,14 +902,9 @@ async def test_a_partial_capture_made_at_the_provider_is_a_recorded_mismatch(
     assert await recheck_waiting_payments(pool, older_than=0) == [held["id"]]
     await run_jobs(pool)
     assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
-            (held["id"],),
-        )
-        assert await cur.fetchall() == [
-            {"field": "amount_received", "expected": 3000, "actual": 1000}
-        ]
+    assert await mismatches_of(pool, held["id"]) == [
+        {"field": "amount_received", "expected": 3000, "actual": 1000}
+    ]
 
 
 async def test_a_refund_made_at_the_provider_before_reconcile_is_taken_in_once_reconciled(
@@ -995,12 +990,7 @@ async def test_a_refund_at_the_provider_beyond_what_remains_is_put_before_an_ope
     reissued = refund_at_provider(provider_base, paid["provider_payment_id"], 1500)
     for _ in range(2):
         assert await refunds.sync_refunds.func(paid["id"]) == 0
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT field, actual FROM reconcile_mismatches WHERE payment_id = %s ORDER BY id",
-            (paid["id"],),
-        )
-        found = await cur.fetchall()
+    found = await mismatches_of(pool, paid["id"])
     assert [m["field"] for m in found] == ["refund_status", "refund_excess"]
     assert found[1]["actual"] == {"provider_refund_id": reissued["id"], "amount": 1500}
     refund_at_provider(provider_base, paid["provider_payment_id"], 500)  # fits: taken in
@@ -1040,11 +1030,7 @@ async def test_a_refund_taken_in_is_not_counted_again_nor_an_excess_at_the_next_
     assert [await refunds.sync_refunds.func(paid["id"]) for _ in range(2)] == [1, 0]
     payment = await fetch(api, agent_key, paid["id"])
     assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 1500)
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT field FROM reconcile_mismatches WHERE payment_id = %s", (paid["id"],)
-        )
-        assert await cur.fetchall() == []
+    assert await mismatches_of(pool, paid["id"]) == []
 
 
 async def test_syncs_waiting_for_reconcile_merge_into_one(
