@@ -223,13 +223,13 @@ from workers.cli_common import stop_signals_interrupt
 stop_signals_interrupt()
 try:
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(10)
+    time.sleep(10)  # ends at the interrupt (not synchronisation: it is what is interrupted)
 except KeyboardInterrupt:
     print("interrupted", flush=True)
 try:  # the clean-up, asked to stop again
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGHUP)
-    time.sleep(0.2)
+    time.sleep(0.2)  # clean-up work the signals must not cut short (not synchronisation)
     print("clean-up done", flush=True)
 except KeyboardInterrupt:
     print("clean-up interrupted", flush=True)

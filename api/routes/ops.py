@@ -105,13 +105,11 @@ async def resolve_mismatch(
     cur = await conn.execute(
         """UPDATE reconcile_mismatches SET resolved_at = now(), resolved_by = %s, resolution = %s
             WHERE id = %s
-        RETURNING id, payment_id, field, expected, actual, found_at, resolved_at, resolved_by,
-                  resolution""",
+        RETURNING resolved_at, resolved_by, resolution""",
         (actor, reason, mismatch_id),
     )
-    resolved = await cur.fetchone()
-    assert resolved is not None
-    payment = await payments.get(conn, resolved["payment_id"])
+    found |= await cur.fetchone() or {}
+    payment = await payments.get(conn, found["payment_id"])
     assert payment is not None  # a foreign key
     await payments.record_event(
         conn,
@@ -119,9 +117,9 @@ async def resolve_mismatch(
         "mismatch_resolved",
         actor=actor,
         reason=reason,
-        data={"mismatch_id": mismatch_id, "field": resolved["field"]},
+        data={"mismatch_id": mismatch_id, "field": found["field"]},
     )
-    return resolved
+    return found
 
 
 async def retry_job(
