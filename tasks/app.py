@@ -121,3 +121,19 @@ async def defer(
         scheduled_at,
     )
     await conn.execute(_DEFER_JOBS, {"jobs": [job]})
+
+
+async def job_waiting(
+    conn: Any, task_name: str, payment_id: str, statuses: tuple[str, ...] = ("todo", "doing")
+) -> bool:
+    """Whether a `task_name` job for the payment is in one of `statuses` (by default queued
+    or running: it will act on the payment)."""
+    cur = await conn.execute(
+        """SELECT EXISTS (
+               SELECT 1 FROM procrastinate_jobs
+                WHERE task_name = %s AND args->>'payment_id' = %s
+                  AND status::text = ANY(%s)) AS waiting""",
+        (task_name, payment_id, list(statuses)),
+    )
+    row = await cur.fetchone()
+    return bool(row and row["waiting"])

@@ -14,11 +14,14 @@ An unknown outcome (timeout, 5xx after the SDK's retries, a lost response) leave
 Capture and cancel are asked for with `request_capture` / `request_cancel` inside the
 caller's transaction (the API, the CLI); the "capture" and "cancel" jobs then call the
 provider and settle the payment from what the provider answers — or, when the provider
-refuses, from the PaymentIntent as it is.
+refuses, from the PaymentIntent as it is. A cancel asked for while `charging` stops the
+charge from going on (a charge job no longer starts it) and cancels the PaymentIntent if
+there is one; whichever the provider did first — the confirm or the cancel — decides.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from datetime import UTC, datetime
@@ -26,16 +29,18 @@ from typing import Any
 
 from tasks import payments, provider
 from tasks import refunds as refunds  # registers the "refund" task on this queue
-from tasks.app import Backoff, app, defer, pool
+from tasks.app import Backoff, TransientError, app, defer, job_waiting, pool
 from tasks.db import Conn
 from tasks.settings import get_settings
 
 ROLE = "charge"
 ACTOR = f"worker:{ROLE}"
+log = logging.getLogger("agentpay.charge")
 
 # States a cancel takes effect in at once: the provider has not been asked anything yet.
 CANCEL_NOW = frozenset({"received", "priced", "in_review", "approved"})
-# States a cancel needs the provider for: the PaymentIntent exists and is cancelable.
+# States a cancel needs the provider for: a PaymentIntent exists (or, while `charging`, may
+# be being made) and may be cancelable.
 CANCEL_AT_PROVIDER = payments.CANCEL_PENDING_IN
 
 # What a PaymentIntent's status means for a payment that is `charging`.
@@ -89,10 +94,10 @@ async def settle(
 
 async def claim(payment_id: str) -> payments.Payment | None:
     """Step 1: the payment to charge, now `charging` with its key stored; None if it is
-    already past charging."""
+    already past charging, or a cancel was asked for (the cancel job settles it)."""
     async with pool().connection() as conn, conn.transaction():
         payment = await payments.lock(conn, payment_id)
-        if payment is None:
+        if payment is None or payment["cancel_requested_at"] is not None:
             return None
         if payment["status"] == "approved":
             await payments.transition(
@@ -160,6 +165,21 @@ def _unconfirmed(intent: provider.Intent) -> bool:
     return intent.status in ("requires_confirmation", "requires_payment_method") and (
         outcome(intent) is None
     )
+
+
+async def search_intent(payment_id: str) -> provider.Intent | None:
+    """The intent of a payment whose intent id was never stored, by search. Search refused
+    (not offered to every account, e.g. Stripe's accounts in India) is the same as not found:
+    the keyed create gives back the intent the lost call made, never a second one while the
+    key lives (24 hours at Stripe), and an intent we never stored was never confirmed."""
+    try:
+        return await provider.find_intent(payment_id)
+    except provider.ProviderError as error:
+        log.warning(
+            "search for the payment's intent refused; taking it as not found",
+            extra={"payment_id": payment_id, "error": str(error)},
+        )
+        return None
 
 
 async def _store_intent_id(payment_id: str, intent_id: str) -> str:
@@ -233,9 +253,10 @@ async def request_cancel(
     """Cancel a payment (locked by the caller), in the caller's transaction.
 
     Not yet at the provider (received, priced, in_review, approved): canceled at once.
-    Authorized or requires_action: the request is recorded and the "cancel" job cancels the
-    PaymentIntent, then the payment. Any other state raises ValueError, as does a cancel of a
-    payment whose capture was asked for."""
+    Charging, authorized or requires_action: the request is recorded and the "cancel" job
+    cancels the PaymentIntent, then the payment (a charging payment may be charged first:
+    the provider decides). Any other state raises ValueError, as does a cancel of a payment
+    whose capture was asked for."""
     status = payment["status"]
     now = datetime.now(UTC)
     if status in CANCEL_NOW:
@@ -250,8 +271,8 @@ async def request_cancel(
         return payment
     if status not in CANCEL_AT_PROVIDER:
         raise ValueError(
-            f"A payment that is {status} cannot be canceled; only one not yet charged, "
-            "authorized or waiting for authentication can."
+            f"A payment that is {status} cannot be canceled; only one not yet charged "
+            "(up to charging), authorized or waiting for authentication can."
         )
     if payment["capture_requested_at"] is not None:
         raise ValueError("A capture was requested for this payment; it cannot be canceled.")
@@ -312,6 +333,15 @@ async def _settle_action(
                 data={"code": refused.code if refused else None, "provider_status": intent.status},
             )
             await payments.update(conn, payment_id, **{f"{action}_requested_at": None})
+            if payment["status"] == "charging":
+                # The charge goes on (still processing, or not confirmed yet): reconcile
+                # looks again and hands it back to the charge role if need be.
+                await defer(
+                    conn,
+                    "reconcile",
+                    payment_id=payment_id,
+                    schedule_in=get_settings().provider_recheck_seconds,
+                )
         return to
 
 
@@ -325,9 +355,54 @@ async def capture_payment(payment_id: str) -> Any:
     return await _settle_action(payment_id, states, *acted, action="capture")
 
 
+class ChargeInFlight(TransientError):
+    """A charge job for the payment is waiting or running: whether a PaymentIntent is made
+    depends on it, so the cancel waits for it."""
+
+
+async def _cancel_before_any_intent(payment_id: str) -> str | None:
+    """A cancel of a `charging` payment with no PaymentIntent id stored. Every intent we
+    confirm has its id stored first, so none of ours took money; one may exist all the same
+    (a create whose answer was lost, or a charge job making one now). Found by search, it is
+    stored and the cancel goes on at the provider (None). Not found, and no charge job
+    waiting or running that could still make one: the payment is canceled here ("canceled";
+    a charge job started later finds the cancel and does nothing). While one is: raises
+    ChargeInFlight, and the job is tried again."""
+    async with pool().connection() as conn:
+        payment = await payments.get(conn, payment_id)
+    if payment is None or payment["status"] != "charging" or payment["provider_payment_id"]:
+        return None
+    found = await search_intent(payment_id)
+    async with pool().connection() as conn, conn.transaction():
+        payment = await payments.lock(conn, payment_id)
+        if (
+            payment is None
+            or payment["status"] != "charging"
+            or payment["provider_payment_id"]
+            or payment["cancel_requested_at"] is None
+        ):
+            return None
+        if found is not None:
+            await payments.update(conn, payment_id, provider_payment_id=found.id)
+            return None
+        if await job_waiting(conn, ROLE, payment_id):
+            raise ChargeInFlight(f"a charge job for {payment_id} is waiting or running")
+        await payments.transition(
+            conn,
+            payment,
+            "canceled",
+            actor=ACTOR,
+            reason="cancel: no PaymentIntent was made",
+        )
+        return "canceled"
+
+
 @app.task(name="cancel", queue=ROLE, retry=Backoff(max_attempts=12))
 async def cancel_payment(payment_id: str) -> Any:
-    """authorized | requires_action → canceled: cancel the PaymentIntent, keyed per request."""
+    """charging | authorized | requires_action → canceled: cancel the PaymentIntent, keyed per
+    request (a charging payment's is looked for first; with none, it is canceled here)."""
+    if await _cancel_before_any_intent(payment_id) is not None:
+        return "canceled"
     acted = await _act(payment_id, CANCEL_AT_PROVIDER, provider.cancel_intent, action="cancel")
     if acted is None:
         return None

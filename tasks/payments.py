@@ -311,9 +311,9 @@ async def page(
 
 
 # What an action asked for on a payment waits in: a capture while `authorized`, a cancel
-# while the provider still has to be asked (`authorized`, `requires_action`).
+# while the provider still has to be asked (`charging`, `authorized`, `requires_action`).
 CAPTURE_PENDING_IN = frozenset({"authorized"})
-CANCEL_PENDING_IN = frozenset({"authorized", "requires_action"})
+CANCEL_PENDING_IN = frozenset({"charging", "authorized", "requires_action"})
 
 
 def pending_action(payment: Payment) -> str | None:

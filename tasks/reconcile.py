@@ -8,7 +8,8 @@ now (retrieved, never re-created), so an event that arrives late or out of order
 move a payment backwards:
 - `charging` (an unknown outcome): settled from the intent — found by its stored id, or by
   searching `metadata['payment_id']` when the create call's answer was lost — or handed back
-  to the charge role (whose calls are idempotent) when no charge job is waiting already;
+  to the charge role (whose calls are idempotent) when no charge job is waiting already
+  (to the cancel job instead, when a cancel was asked for);
 - `authorized` / `requires_action`: moved on when the intent has (captured, canceled,
   authenticated, failed), e.g. after a webhook.
 Webhooks and the maintenance sweep defer this task; it is safe to run any number of times.
@@ -16,18 +17,16 @@ Webhooks and the maintenance sweep defer this task; it is safe to run any number
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tasks import payments, provider
-from tasks.app import Backoff, app, defer, pool
-from tasks.charge import settle
+from tasks.app import Backoff, app, defer, job_waiting, pool
+from tasks.charge import search_intent, settle
 from tasks.db import Conn
 from tasks.settings import get_settings
 
 ROLE = "reconcile"
 ACTOR = f"worker:{ROLE}"
-log = logging.getLogger("agentpay.reconcile")
 
 # The states reconcile acts on; anything else is left alone.
 RECONCILABLE = frozenset({"succeeded", "charging", "authorized", "requires_action"})
@@ -99,22 +98,6 @@ async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provid
     return "reconciled"
 
 
-async def _job_waiting(
-    conn: Conn, task: str, payment_id: str, statuses: tuple[str, ...] = ("todo", "doing")
-) -> bool:
-    """Whether a `task` job for the payment is in one of `statuses` (queued or running: it
-    will act on the payment)."""
-    cur = await conn.execute(
-        """SELECT EXISTS (
-               SELECT 1 FROM procrastinate_jobs
-                WHERE task_name = %s AND args->>'payment_id' = %s
-                  AND status::text = ANY(%s)) AS waiting""",
-        (task, payment_id, list(statuses)),
-    )
-    row = await cur.fetchone()
-    return bool(row and row["waiting"])
-
-
 async def _resolve_charging(
     conn: Conn, payment: payments.Payment, intent: provider.Intent | None
 ) -> str | None:
@@ -131,25 +114,13 @@ async def _resolve_charging(
         if intent.status == "processing":
             await defer(conn, ROLE, payment_id=payment["id"], schedule_in=recheck)
             return None
-    # Not created, not confirmed: the charge role (idempotent) goes on, unless it already is.
-    if not await _job_waiting(conn, "charge", payment["id"]):
-        await defer(conn, "charge", payment_id=payment["id"], schedule_in=recheck)
+    # Not created, not confirmed: the charge role (idempotent) goes on, unless it already is
+    # — or, when a cancel was asked for, the cancel job settles it instead (a charge job
+    # does not start a payment whose cancel is pending).
+    task = "cancel" if payment["cancel_requested_at"] is not None else "charge"
+    if not await job_waiting(conn, task, payment["id"]):
+        await defer(conn, task, payment_id=payment["id"], schedule_in=recheck)
     return None
-
-
-async def _search(payment_id: str) -> provider.Intent | None:
-    """The intent of a payment whose intent id was never stored, by search. Search refused
-    (not offered to every account, e.g. Stripe's accounts in India) is the same as not found:
-    the keyed create gives back the intent the lost call made, never a second one while the
-    key lives (24 hours at Stripe), and an intent we never stored was never confirmed."""
-    try:
-        return await provider.find_intent(payment_id)
-    except provider.ProviderError as error:
-        log.warning(
-            "search for the payment's intent refused; going on with the keyed create",
-            extra={"payment_id": payment_id, "error": str(error)},
-        )
-        return None
 
 
 @app.task(name=ROLE, queue=ROLE, retry=Backoff(max_attempts=12))
@@ -162,7 +133,7 @@ async def reconcile_payment(payment_id: str) -> Any:
     if payment["provider_payment_id"]:
         intent = await provider.retrieve_intent(payment["provider_payment_id"])
     elif payment["status"] == "charging":
-        intent = await _search(payment_id)
+        intent = await search_intent(payment_id)
     async with pool().connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment_id)
         if locked is None:
@@ -178,7 +149,7 @@ async def reconcile_payment(payment_id: str) -> Any:
             if (
                 status in RECONCILABLE
                 and status != "succeeded"
-                and not await _job_waiting(conn, ROLE, payment_id, ("todo",))
+                and not await job_waiting(conn, ROLE, payment_id, ("todo",))
             ):
                 await defer(conn, ROLE, payment_id=payment_id)
             return None

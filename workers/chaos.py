@@ -82,7 +82,7 @@ class Tracked:
     scenario: str
     id: str | None = None
     error: str | None = None
-    too_late: bool = False  # a cancel_early the API refused: already at the provider
+    too_late: bool = False  # a cancel_early that came after the charge
 
 
 class Api:
@@ -169,11 +169,18 @@ async def _play(
             "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"{tag}-c"
         )
         if code == 409 and answer.get("error", {}).get("code") == "payment_unexpected_state":
-            # Too late to cancel (already at the provider): an agent's fair outcome.
+            # Too late to cancel (already charged): an agent's fair outcome.
             tracked.scenario = "visa"
             tracked.too_late = True
         elif code >= 400:
             raise RuntimeError(f"cancel refused: {code} {answer}")
+        elif answer["status"] == "charging":
+            # Asked while the charge was under way: the provider settles it, by whichever
+            # it did first, the confirm or the cancel.
+            ended = await _wait_status(api, key, pid, {"canceled", "succeeded", "failed"}, within)
+            if ended != "canceled":
+                tracked.scenario = "visa"
+                tracked.too_late = True
     elif s in ("capture", "release"):
         if await _wait_status(api, key, pid, {"authorized", "failed"}, within) == "authorized":
             action = "capture" if s == "capture" else "cancel"
@@ -298,7 +305,7 @@ async def _run(
             checks = await check_invariants(pool, provider, plan)
     checks.insert(0, _faults_check(killer.kills, injected))
     late = sum(t.too_late for t in plan)
-    console.print(f"{late} early cancels came too late (the payment was at the provider)")
+    console.print(f"{late} early cancels came too late (the payment was charged first)")
     await provider.aclose()
     await api.close()
     return checks

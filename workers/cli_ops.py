@@ -131,8 +131,9 @@ def payments_cancel(
     data_dir: DataDir = None,
 ) -> None:
     """Cancel a payment: at once if it has not reached the provider (received, priced,
-    in_review, approved); through the provider if authorized or requires_action. Other
-    states are refused (exit 1); an unknown id exits 2."""
+    in_review, approved); through the provider if charging, authorized or requires_action
+    (while charging, a charge the provider confirmed first wins). Other states are refused
+    (exit 1); an unknown id exits 2."""
     from api.routes.ops import Refused, cancel_payment
     from tasks import payments
 

@@ -24,7 +24,7 @@ import psycopg
 from procrastinate.jobs import Status
 from psycopg import sql
 
-from tasks import refunds
+from tasks import payments, refunds
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -154,25 +154,29 @@ async def recheck_waiting_payments(pool: Pool, older_than: float) -> list[str]:
 
 async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     """Re-drive what an agent or operator asked for whose job is gone (failed for good after
-    its retries, or lost): a capture or cancel of an `authorized`/`requires_action` payment,
-    a refund still `pending`, and the sync of refunds made outside agentpay whose latest job
-    failed. The jobs are idempotent (stable provider keys; a provider refund is taken in once,
-    by its id), so a re-drive never acts twice. Returns what was re-driven (payment ids,
-    refund ids)."""
+    its retries, or lost): a capture of an `authorized` payment, a cancel of a `charging`,
+    `authorized` or `requires_action` one, a refund still `pending`, and the sync of refunds
+    made outside agentpay whose latest job failed. The jobs are idempotent (stable provider
+    keys; a provider refund is taken in once, by its id), so a re-drive never acts twice.
+    Returns what was re-driven (payment ids, refund ids)."""
     redriven: list[str] = []
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
             sql.SQL("""SELECT p.id, CASE WHEN p.cancel_requested_at IS NOT NULL THEN 'cancel'
                                  ELSE 'capture' END AS task
                FROM payment_jobs p
-               WHERE p.status IN ('authorized', 'requires_action')
-                 AND (p.capture_requested_at IS NOT NULL OR p.cancel_requested_at IS NOT NULL)
+               WHERE ((p.status = ANY(%(cancel_in)s) AND p.cancel_requested_at IS NOT NULL)
+                      OR (p.status = ANY(%(capture_in)s) AND p.capture_requested_at IS NOT NULL))
                  AND p.updated_at < now() - make_interval(secs => %(older)s)
                  AND {no_job_lately}
                ORDER BY p.updated_at
                LIMIT 500
                FOR UPDATE OF p SKIP LOCKED""").format(no_job_lately=_NO_JOB_LATELY),
-            {"older": older_than},
+            {
+                "older": older_than,
+                "cancel_in": sorted(payments.CANCEL_PENDING_IN),
+                "capture_in": sorted(payments.CAPTURE_PENDING_IN),
+            },
         )
         for row in await cur.fetchall():
             await defer(conn, row["task"], payment_id=row["id"])

@@ -86,9 +86,10 @@ async def cancel_payment(
     idem: IdempotencyDep,
     body: Annotated[CancelRequest | None, Body()] = None,
 ) -> Response:
-    """Cancel a payment. Not yet at the provider: `canceled` at once. `authorized` or
-    `requires_action`: the charge role cancels the PaymentIntent, then the payment. Any other
-    state: 409."""
+    """Cancel a payment. Not yet at the provider: `canceled` at once. `charging`, `authorized`
+    or `requires_action`: the charge role cancels the PaymentIntent, then the payment (while
+    `charging`, a charge the provider confirmed first wins: the payment follows it). Any
+    other state: 409."""
     async with idem.transaction() as conn:
         payment = await _locked(conn, payment_id, agent)
         try:

@@ -197,7 +197,8 @@ async def cancel_payment(
     conn: Conn, payment_id: str, *, actor: str, reason: str | None = None
 ) -> payments.Payment:
     """Cancel a payment as an operator (tasks.charge.request_cancel: at once when it has not
-    reached the provider, through the provider when authorized or requires_action)."""
+    reached the provider, through the provider when charging, authorized or
+    requires_action)."""
     payment = await payments.lock(conn, payment_id)
     if payment is None:
         raise Refused("not_found", f"No payment {payment_id}")
@@ -320,8 +321,8 @@ async def cancel_job_route(
 async def cancel_payment_route(
     payment_id: str, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
 ) -> Response:
-    """Cancel any agent's payment (not yet charged: at once; authorized or requires_action:
-    through the provider)."""
+    """Cancel any agent's payment (not yet at the provider: at once; charging, authorized or
+    requires_action: through the provider)."""
     async with idem.transaction() as conn:
         try:
             payment = await cancel_payment(

@@ -1,0 +1,225 @@
+"""A cancel asked for while a payment is `charging`: the provider's own state machine settles
+the race with the charge, and a payment left in `charging` (a refusal agentpay does not
+recognise) has a way out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tasks import charge, payments, provider, reconcile
+from tasks.db import Pool
+from tasks.settings import get_settings
+from tests.conftest import auth, run_jobs
+from tests.test_capture_refund import _lose_jobs, intent
+from tests.test_faults import intents_of
+from tests.test_pipeline import create, fetch
+from workers.maintenance import sweep_stuck_payments, sweep_stuck_requests
+
+
+def refuse(operation: str) -> Any:
+    """A provider call refused for a reason no rule of `tasks.provider` recognises: the job
+    fails and the payment waits in `charging`."""
+
+    async def refused(*args: Any, **kwargs: Any) -> Any:
+        raise provider.ProviderError(f"{operation} refused for an unknown reason")
+
+    return refused
+
+
+async def ledger_kinds(pool: Pool, payment_id: str) -> list[str]:
+    """The kinds of the payment's ledger postings, by name."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT kind FROM ledger_transactions WHERE payment_id = %s ORDER BY kind",
+            (payment_id,),
+        )
+        return [r["kind"] for r in await cur.fetchall()]
+
+
+async def jobs_of(pool: Pool, payment_id: str, status: str) -> list[str]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT task_name FROM procrastinate_jobs
+                WHERE args->>'payment_id' = %s AND status = %s ORDER BY id""",
+            (payment_id, status),
+        )
+        return [r["task_name"] for r in await cur.fetchall()]
+
+
+async def cancel(api: httpx.AsyncClient, key: str, payment_id: str) -> dict[str, Any]:
+    response = await api.post(f"/v1/payments/{payment_id}/cancel", headers=auth(key))
+    assert response.status_code == 202, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def test_a_cancel_ends_a_payment_stuck_in_charging_by_canceling_its_intent(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    monkeypatch.setattr(provider, "confirm_intent", refuse("confirm"))
+    await run_jobs(pool, ("charge",))
+    stuck = await fetch(api, agent_key, created["id"])
+    assert stuck["status"] == "charging" and stuck["provider_payment_id"]
+    assert await jobs_of(pool, created["id"], "failed") == ["charge"]
+
+    answer = await cancel(api, agent_key, created["id"])
+    assert (answer["status"], answer["pending_action"]) == ("charging", "cancel")
+    await run_jobs(pool, ("charge",))
+
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["pending_action"]) == ("canceled", None)
+    assert intent(provider_base, stuck["provider_payment_id"])["status"] == "canceled"
+    assert await ledger_kinds(pool, created["id"]) == ["hold", "release"]
+    # Final: the sweep has nothing to drive on.
+    assert await sweep_stuck_payments(pool, older_than=0) == []
+
+
+async def test_a_cancel_of_a_payment_whose_intent_was_never_made_needs_no_provider(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    real_create = provider.create_intent
+    monkeypatch.setattr(provider, "create_intent", refuse("create"))
+    await run_jobs(pool, ("charge",))
+    stuck = await fetch(api, agent_key, created["id"])
+    assert (stuck["status"], stuck["provider_payment_id"]) == ("charging", None)
+
+    await cancel(api, agent_key, created["id"])
+    await run_jobs(pool, ("charge",))
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
+    assert intents_of(provider_base, created["id"]) == []
+
+    # The provider takes creates again; a charge job run now (a late retry, a re-drive)
+    # finds the payment canceled and makes no intent.
+    monkeypatch.setattr(provider, "create_intent", real_create)
+    assert await charge.charge_payment(created["id"]) is None
+    assert intents_of(provider_base, created["id"]) == []
+    assert await ledger_kinds(pool, created["id"]) == ["hold", "release"]
+
+
+async def test_a_cancel_waits_for_a_charge_job_that_could_still_make_an_intent(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    # The charge job claimed the payment (`charging`) and is still queued to go on.
+    assert await charge.claim(created["id"]) is not None
+    await cancel(api, agent_key, created["id"])
+    assert await jobs_of(pool, created["id"], "todo") == ["charge", "cancel"]
+
+    with pytest.raises(charge.ChargeInFlight):
+        await charge.cancel_payment(created["id"])
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "charging"
+
+    # The charge job runs: a cancel is pending, so it asks the provider nothing.
+    assert await charge.charge_payment(created["id"]) is None
+    assert intents_of(provider_base, created["id"]) == []
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET status = 'succeeded' WHERE task_name = 'charge'"
+        )
+    assert await charge.cancel_payment(created["id"]) == "canceled"
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
+    assert intents_of(provider_base, created["id"]) == []
+
+
+async def test_a_charge_the_provider_confirmed_before_the_cancel_goes_on(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    # The charge was confirmed at the provider; its worker died before recording it.
+    claimed = await charge.claim(created["id"])
+    assert claimed is not None
+    confirmed = await charge.call_provider(claimed)
+    assert confirmed.status == "succeeded"
+
+    await cancel(api, agent_key, created["id"])
+    await run_jobs(pool)
+
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["pending_action"]) == ("reconciled", None)
+    [pi] = intents_of(provider_base, created["id"])
+    assert (pi["status"], pi["amount_received"]) == ("succeeded", 2000)
+    async with pool.connection() as conn:
+        events = await payments.events(conn, created["id"])
+    assert [(e["from_status"], e["to_status"]) for e in events if e["type"] == "transition"][
+        -2:
+    ] == [("charging", "succeeded"), ("succeeded", "reconciled")]
+    assert await ledger_kinds(pool, created["id"]) == ["capture", "hold"]
+
+
+async def test_a_lost_cancel_of_a_charging_payment_is_driven_on_and_never_handed_to_charge(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    monkeypatch.setattr(provider, "confirm_intent", refuse("confirm"))
+    await run_jobs(pool, ("charge",))
+    monkeypatch.undo()  # the provider would confirm now: nothing may ask it to
+    await cancel(api, agent_key, created["id"])
+    await _lose_jobs(pool, "cancel")
+
+    # Reconcile (a webhook, the stuck-payment sweep) hands it to the cancel job, not to
+    # charge, and the sweep of requests re-drives the lost cancel too.
+    await reconcile.reconcile_payment(created["id"])
+    assert await jobs_of(pool, created["id"], "todo") == ["cancel"]
+    assert await sweep_stuck_requests(pool, older_than=0) == []  # a cancel job is waiting
+    await _lose_jobs(pool, "cancel")
+    assert await sweep_stuck_requests(pool, older_than=0) == [created["id"]]
+    await run_jobs(pool)
+
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
+    [pi] = intents_of(provider_base, created["id"])
+    assert pi["status"] == "canceled"
+
+
+async def test_a_cancel_the_provider_refuses_while_charging_leaves_the_charge_going_on(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    with monkeypatch.context() as patched:
+        patched.setattr(provider, "confirm_intent", refuse("confirm"))
+        await run_jobs(pool, ("charge",))
+    await cancel(api, agent_key, created["id"])
+
+    async def refused(*args: Any) -> Any:
+        raise provider.Declined("payment_intent_unexpected_state", "cannot cancel it now")
+
+    monkeypatch.setattr(provider, "cancel_intent", refused)
+    assert await charge.cancel_payment(created["id"]) is None
+
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["pending_action"]) == ("charging", None)
+    async with pool.connection() as conn:
+        events = await payments.events(conn, created["id"])
+    assert [e["type"] for e in events][-1] == "cancel_failed"
+    # Not left behind: reconcile looks again, and hands it back to the charge role.
+    assert await jobs_of(pool, created["id"], "todo") == ["cancel", "reconcile"]
+    await _lose_jobs(pool, "cancel")  # the job this test ran by hand
+    monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", "0")  # its delays: none
+    get_settings.cache_clear()
+    await reconcile.reconcile_payment(created["id"])
+    assert await jobs_of(pool, created["id"], "todo") == ["reconcile", "charge"]
+    await _lose_jobs(pool, "reconcile")  # the job this test ran by hand
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "reconciled"
