@@ -466,20 +466,46 @@ async def statement(
     conn: Conn, agent_id: str, *, limit: int = 50, starting_after: int | None = None
 ) -> list[dict[str, Any]]:
     """The entries on an agent's accounts, newest first, each with the account's balance
-    right after it."""
+    right after it: the account's balance now, less what was posted to it after the entry
+    (the entries newer than the page, summed once per account, and those before it on the
+    page). A page reads what it shows and the entries newer than it, through the
+    `(account_id, id)` index, not the agent's whole history nor the whole ledger (the row
+    comparisons keep the planner on that index: with `x.account_id = a.id` alone it may walk
+    the primary key backwards and filter, through every account's entries); balances and
+    entries are read by one statement, so they agree."""
     cur = await conn.execute(
-        """SELECT * FROM (
-               SELECT e.id, e.transaction_id, t.kind AS type, a.kind AS account, e.amount,
-                      e.currency, sum(e.amount) OVER (PARTITION BY e.account_id ORDER BY e.id)
-                          AS balance_after,
-                      t.payment_id, t.description, t.actor, e.created_at
-               FROM ledger_entries e
-               JOIN ledger_accounts a ON a.id = e.account_id
-               JOIN ledger_transactions t ON t.id = e.transaction_id
-               WHERE a.agent_id = %s) s
-           WHERE %s::bigint IS NULL OR id < %s
-           ORDER BY id DESC LIMIT %s""",
-        (agent_id, starting_after, starting_after, limit),
+        """WITH accounts AS (
+               SELECT id, kind, balance FROM ledger_accounts WHERE agent_id = %(agent)s),
+           page AS (
+               SELECT e.*, a.kind AS account_kind, a.balance
+                 FROM accounts a
+                 CROSS JOIN LATERAL (
+                       SELECT * FROM ledger_entries x
+                        WHERE x.account_id = a.id
+                          AND (x.account_id, x.id)
+                              < (a.id, coalesce(%(after)s::bigint, 9223372036854775807))
+                        ORDER BY x.account_id DESC, x.id DESC LIMIT %(limit)s) e
+                ORDER BY e.id DESC LIMIT %(limit)s),
+           newer AS (
+               SELECT a.id AS account_id,
+                      (SELECT sum(x.amount) FROM ledger_entries x
+                        WHERE x.account_id = a.id
+                          AND (x.account_id, x.id) >= (a.id, %(after)s::bigint)) AS amount
+                 FROM accounts a
+                WHERE %(after)s::bigint IS NOT NULL)
+           SELECT p.id, p.transaction_id, t.kind AS type, p.account_kind AS account, p.amount,
+                  p.currency,
+                  p.balance - coalesce(n.amount, 0)
+                      - coalesce(sum(p.amount) OVER (
+                            PARTITION BY p.account_id ORDER BY p.id DESC
+                            ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                      AS balance_after,
+                  t.payment_id, t.description, t.actor, p.created_at
+             FROM page p
+             JOIN ledger_transactions t ON t.id = p.transaction_id
+             LEFT JOIN newer n ON n.account_id = p.account_id
+            ORDER BY p.id DESC""",
+        {"agent": agent_id, "after": starting_after, "limit": limit},
     )
     rows = await cur.fetchall()
     for row in rows:

@@ -505,6 +505,25 @@ async def test_succeeded_failed_canceled_and_refunded_payments_leave_exact_balan
     ).json()
     assert older["data"][0]["id"] < page["data"][-1]["id"]
 
+    # Page by page, each entry's `balance_after` is its account's running total.
+    shown: list[dict[str, Any]] = []
+    after = None
+    while True:
+        url = "/v1/balance/transactions?limit=3" + (f"&starting_after={after}" if after else "")
+        page = (await api.get(url, headers=auth(agent_key))).json()
+        shown += page["data"]
+        if not page["has_more"]:
+            break
+        after = page["data"][-1]["id"]
+    running: dict[tuple[str, str], int] = {}
+    expected = {}
+    for row in sorted(shown, key=lambda r: r["id"]):
+        account = (row["account"], row["currency"])
+        running[account] = running.get(account, 0) + row["amount"]
+        expected[row["id"]] = running[account]
+    assert len({r["id"] for r in shown}) == len(shown) >= 10
+    assert [r["balance_after"] for r in shown] == [expected[r["id"]] for r in shown]
+
 
 async def test_deposits_are_for_operators_and_checked(
     api: httpx.AsyncClient, agent_key: str, operator_key: str
