@@ -410,6 +410,22 @@ class RefundFailure(BaseModel):
     message: str | None = None
 
 
+def _refund_create_schema(schema: dict[str, Any]) -> None:
+    _strip_null(schema, ("amount",))
+
+
+class RefundCreate(BaseModel):
+    """A refund. Without `amount`, all that remains refundable (leave it out: a null amount
+    is refused, not taken as "all")."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_refund_create_schema)
+
+    amount: MinorUnits | None = Field(default=None, description="Minor units")
+    reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
+
+    _no_nulls = field_validator("amount", mode="before")(_not_null)
+
+
 class Refund(BaseModel):
     id: str
     object: Literal["refund"] = "refund"

@@ -169,6 +169,24 @@ async def test_errors_name_the_parameter(api: httpx.AsyncClient, agent_key: str)
         assert response.json()["error"]["param"] == param, response.text
 
 
+async def test_a_refund_with_a_null_amount_is_refused_not_taken_as_all(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Leaving `amount` out refunds all that remains; a null, from an agent whose partial
+    amount came out empty, must not."""
+    created = (await api.post("/v1/payments", json=GOOD, headers=auth(agent_key))).json()
+    response = await api.post(
+        f"/v1/payments/{created['id']}/refunds", json={"amount": None}, headers=auth(agent_key)
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "amount"
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM payment_refunds")
+        assert await cur.fetchone() == {"n": 0}
+    schema = (await api.get("/openapi.json")).json()["components"]["schemas"]["RefundCreate"]
+    assert "anyOf" not in schema["properties"]["amount"]  # not documented as nullable
+
+
 async def test_currency_exponents_are_respected(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:

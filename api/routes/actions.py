@@ -7,7 +7,7 @@ never calls the provider: the answer is 202 with the payment (or the refund) as 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from fastapi.responses import Response
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.deps import AgentDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import MinorUnits, Payment, Refund, RefundList, SafeText
+from api.models import Payment, Refund, RefundCreate, RefundList, SafeText
 from api.routes.payments import visible
 from tasks import agents, charge, payments, refunds
 from tasks.db import Conn
@@ -38,15 +38,6 @@ class CancelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: SafeText | None = Field(default=None, max_length=500)
-
-
-class RefundCreate(BaseModel):
-    """A refund. Without `amount`, all that remains refundable."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    amount: MinorUnits | None = Field(default=None, description="Minor units")
-    reason: Literal["duplicate", "fraudulent", "requested_by_customer"] | None = None
 
 
 async def _locked(conn: Conn, payment_id: str, agent: agents.Agent) -> payments.Payment:
