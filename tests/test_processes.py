@@ -406,7 +406,8 @@ def test_a_stopping_api_answers_its_long_polls_at_once(database_url: str, tmp_pa
             with psycopg.connect(database_url, autocommit=True) as conn:
                 row = conn.execute(
                     """SELECT count(*) FROM pg_stat_activity
-                        WHERE query = 'LISTEN agentpay_payment_status'"""
+                        WHERE datname = current_database()
+                          AND query = 'LISTEN agentpay_payment_status'"""
                 ).fetchone()
             return bool(row and row[0])
 

@@ -681,7 +681,8 @@ async def test_postgres_restart_under_load_needs_no_process_restart(
                     one(
                         conn,
                         "SELECT count(*) FROM pg_stat_activity"
-                        " WHERE query LIKE 'LISTEN %%procrastinate%%'",
+                        " WHERE datname = current_database()"
+                        " AND query LIKE 'LISTEN %%procrastinate%%'",
                     )
                     == len(fleet)
                 ),
