@@ -151,6 +151,74 @@ async def test_cancel_releases_an_authorized_payment(
     assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
 
 
+async def test_a_cancel_asked_for_while_a_capture_is_pending_is_refused(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The reverse of the above: once a capture is asked for, a cancel is a 409 and records
+    nothing; the capture goes on."""
+    payment = await authorized(api, agent_key, pool)
+    capture = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert capture.status_code == 202, capture.text
+    refused = await api.post(f"/v1/payments/{payment['id']}/cancel", headers=auth(agent_key))
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "payment_unexpected_state"
+    assert (await fetch(api, agent_key, payment["id"]))["pending_action"] == "capture"
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    pi = intent(provider_base, payment["provider_payment_id"])
+    assert (pi["status"], pi["amount_received"]) == ("succeeded", 3000)
+    async with pool.connection() as conn:
+        events = [e["type"] for e in await payments.events(conn, payment["id"])]
+    assert "cancel_requested" not in events
+
+
+async def test_a_cancel_the_provider_refuses_with_nothing_changed_lets_a_capture_follow(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The provider refuses the cancel of an `authorized` payment, and its intent is as it
+    was (still `requires_capture`): the refusal is recorded (`cancel_failed`), the request
+    is withdrawn, and the payment stays `authorized`, free to be captured."""
+    from tasks import provider
+
+    payment = await authorized(api, agent_key, pool)
+    calls: list[str] = []
+
+    async def refuse(payment_id: str, intent_id: str, request: str) -> provider.Intent:
+        calls.append(intent_id)
+        raise provider.Declined("payment_intent_unexpected_state", "cannot cancel right now")
+
+    monkeypatch.setattr(provider, "cancel_intent", refuse)
+    asked = await api.post(f"/v1/payments/{payment['id']}/cancel", headers=auth(agent_key))
+    assert asked.status_code == 202, asked.text
+    assert asked.json()["pending_action"] == "cancel"
+    await run_jobs(pool)
+    assert calls == [payment["provider_payment_id"]]
+
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["pending_action"]) == ("authorized", None)
+    async with pool.connection() as conn:
+        row = await payments.get(conn, payment["id"])
+        events = await payments.events(conn, payment["id"])
+    assert row is not None and row["cancel_requested_at"] is None
+    failed = [e for e in events if e["type"] == "cancel_failed"]
+    assert len(failed) == 1
+    assert failed[0]["data"]["code"] == "payment_intent_unexpected_state"
+    assert failed[0]["data"]["provider_status"] == "requires_capture"
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "requires_capture"
+
+    capture = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert capture.status_code == 202, capture.text
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    pi = intent(provider_base, payment["provider_payment_id"])
+    assert (pi["status"], pi["amount_received"]) == ("succeeded", 3000)
+
+
 async def test_cancel_of_a_payment_waiting_for_authentication_cancels_its_intent(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
@@ -260,6 +328,39 @@ async def test_partial_then_full_refund(
     assert [e["type"] for e in events].count("refund") == 1
     nothing = await api.post(f"/v1/payments/{pid}/refunds", headers=auth(agent_key))
     assert nothing.status_code == 409
+
+
+async def test_two_refunds_sent_at_once_never_add_up_to_more_than_was_paid(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Two refunds of 1,500 on a 2,000 payment, sent at the same moment: the payment's row
+    lock orders them, so the second sees the first's pending 1,500 and is refused (400
+    amount_invalid); only one reaches the provider."""
+    import asyncio
+
+    paid = await reconciled(api, agent_key, pool)  # 2,000
+    path = f"/v1/payments/{paid['id']}/refunds"
+    answers = await asyncio.gather(
+        *(
+            api.post(
+                path,
+                json={"amount": 1500},
+                headers={**auth(agent_key), "Idempotency-Key": f"race-{n}"},
+            )
+            for n in range(2)
+        )
+    )
+    assert sorted(a.status_code for a in answers) == [202, 400], [a.text for a in answers]
+    refused = next(a for a in answers if a.status_code == 400).json()["error"]
+    assert (refused["code"], refused["param"]) == ("amount_invalid", "amount")
+    async with pool.connection() as conn:
+        assert [r["amount"] for r in await refunds.for_payment(conn, paid["id"])] == [1500]
+
+    await run_jobs(pool)
+    at_provider = provider_refunds(provider_base, paid["provider_payment_id"])
+    assert sum(r["amount"] for r in at_provider) == 1500
+    after = await fetch(api, agent_key, paid["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 1500)
 
 
 async def test_the_pending_refund_count_follows_every_change_of_the_refunds(
@@ -904,6 +1005,32 @@ async def test_a_partial_capture_made_at_the_provider_is_a_recorded_mismatch(
     assert (await fetch(api, agent_key, held["id"]))["status"] == "reconciled"
     assert await mismatches_of(pool, held["id"]) == [
         {"field": "amount_received", "expected": 3000, "actual": 1000}
+    ]
+
+
+async def test_metadata_changed_at_the_provider_is_a_recorded_mismatch(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The intent's `metadata[agent_id]` was changed at the provider (the Dashboard, another
+    tool) between the charge and reconcile: reconcile records the disagreement and still
+    reconciles the payment (the money is as it should be)."""
+    created = await create(api, agent_key, amount=2000)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "succeeded"
+    updated = httpx.post(
+        f"{provider_base}/v1/payment_intents/{payment['provider_payment_id']}",
+        data={"metadata[agent_id]": "someone-else"},
+        headers=SK,
+    )
+    assert updated.status_code == 200, updated.text
+    assert updated.json()["metadata"]["agent_id"] == "someone-else"
+    assert updated.json()["metadata"]["payment_id"] == payment["id"]  # merged, not replaced
+
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+    assert await mismatches_of(pool, payment["id"]) == [
+        {"field": "metadata.agent_id", "expected": payment["agent_id"], "actual": "someone-else"}
     ]
 
 
