@@ -296,6 +296,79 @@ async def test_unknown_outcomes_leave_the_payment_charging_until_resolved(
     await assert_exactly_once(api, agent_key, pool, provider_base, [created])
 
 
+async def test_an_intent_still_processing_is_looked_at_again_later_not_settled(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The confirm answers `processing` (a bank debit, a slow network), and so does the first
+    look after it: the payment stays `charging`, a reconcile is scheduled
+    `provider_recheck_seconds` later (each time), and once the intent has succeeded the
+    payment ends reconciled — confirmed once, one intent."""
+    import dataclasses
+    from datetime import UTC, datetime, timedelta
+
+    recheck = 2.0
+    monkeypatch.setenv("AGENTPAY_PROVIDER_RECHECK_SECONDS", str(recheck))
+    get_settings.cache_clear()
+    real_confirm, real_retrieve = provider.confirm_intent, provider.retrieve_intent
+    confirms: list[str] = []
+    retrieves: list[str] = []
+
+    async def confirm_processing(payment_id: str, intent_id: str) -> provider.Intent:
+        confirms.append(intent_id)
+        intent = await real_confirm(payment_id, intent_id)  # the money moves, once
+        assert intent.status == "succeeded"
+        return dataclasses.replace(intent, status="processing") if len(confirms) == 1 else intent
+
+    async def retrieve_processing_once(intent_id: str) -> provider.Intent:
+        retrieves.append(intent_id)
+        intent = await real_retrieve(intent_id)
+        return dataclasses.replace(intent, status="processing") if len(retrieves) == 1 else intent
+
+    monkeypatch.setattr(provider, "confirm_intent", confirm_processing)
+    monkeypatch.setattr(provider, "retrieve_intent", retrieve_processing_once)
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    before = datetime.now(UTC)
+    await run_jobs(pool, ("charge",))
+    after = datetime.now(UTC)
+
+    payment = await fetch(api, agent_key, created["id"])
+    assert (payment["status"], payment["failure"]) == ("charging", None)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT status::text AS status, scheduled_at FROM procrastinate_jobs
+                WHERE task_name = 'reconcile' AND args->>'payment_id' = %s""",
+            (created["id"],),
+        )
+        jobs = await cur.fetchall()
+    assert [j["status"] for j in jobs] == ["todo"]
+    scheduled_at = jobs[0]["scheduled_at"]
+    assert scheduled_at is not None
+    assert before + timedelta(seconds=recheck) <= scheduled_at <= after + timedelta(seconds=recheck)
+
+    await drain(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    assert len(confirms) == 1 and len(retrieves) >= 2  # looked again after `processing`
+    intents = intents_of(provider_base, created["id"])
+    assert [(i["id"], i["status"]) for i in intents] == [
+        (payment["provider_payment_id"], "succeeded")
+    ]
+    assert intents[0]["amount_received"] == payment["amount_total"]
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM procrastinate_jobs
+                WHERE task_name = 'reconcile' AND args->>'payment_id' = %s""",
+            (created["id"],),
+        )
+        row = await cur.fetchone()
+    assert row is not None and row["n"] >= 3  # after the confirm, after the look, succeeded
+
+
 async def test_errors_not_worth_retrying_are_not_retried(
     api: httpx.AsyncClient,
     agent_key: str,
