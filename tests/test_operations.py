@@ -854,6 +854,41 @@ async def test_a_dead_workers_job_is_rescued_and_its_row_goes(
     assert len(stalled) == 1  # what agentpay_workers{state="stalled"} counts
 
 
+async def test_only_one_maintenance_round_runs_at_a_time(pool: Pool, settings: Settings) -> None:
+    """Every worker process runs maintenance; a round takes a transaction-scoped advisory
+    lock first, and a process that cannot get it skips its round, doing nothing (two
+    sweeps at once would each re-drive the same stuck payment)."""
+    from tasks.app import app
+    from workers.maintenance import _LOCK_KEY
+
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "one-round-agent")
+        payment = await _payment(conn, agent.id)
+        # Its pricing job was lost, an hour ago: a payment the sweep re-drives.
+        await conn.execute("DELETE FROM procrastinate_jobs")
+        await conn.execute("SET LOCAL session_replication_role = replica")  # no triggers
+        await conn.execute(
+            "UPDATE payment_jobs SET updated_at = now() - interval '1 hour' WHERE id = %s",
+            (payment["id"],),
+        )
+
+    async def jobs() -> list[tuple[str, str]]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT task_name, args->>'payment_id' AS pid FROM procrastinate_jobs ORDER BY id"
+            )
+            return [(r["task_name"], r["pid"]) for r in await cur.fetchall()]
+
+    maintenance = Maintenance(app, pool, settings.model_copy(update={"sweep_after_seconds": 600}))
+    async with pool.connection() as other, other.transaction():
+        await other.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        assert await maintenance.run_once() is False
+        assert await jobs() == []  # not re-driven
+    # The other round's transaction ended: this one runs, and re-drives the payment.
+    assert await maintenance.run_once() is True
+    assert await jobs() == [("pricing", payment["id"])]
+
+
 async def test_the_rescue_waits_for_heartbeats_after_the_database_comes_back(
     pool: Pool, settings: Settings
 ) -> None:
