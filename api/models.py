@@ -12,7 +12,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    JsonValue,
     StrictInt,
     ValidationInfo,
     WithJsonSchema,
@@ -69,7 +68,12 @@ def _known_currency(value: str) -> str:
 
 Currency = Annotated[
     str,
-    Field(min_length=3, max_length=3, description="Lowercase ISO 4217 code, e.g. usd"),
+    Field(
+        min_length=3,
+        max_length=3,
+        description="Lowercase ISO 4217 code, e.g. usd",
+        json_schema_extra={"enum": [*sorted(money.CURRENCIES)]},
+    ),
     AfterValidator(_known_currency),
 ]
 
@@ -161,16 +165,13 @@ Metadata = Annotated[
 ]
 
 
-_CURRENCY_ENUM: list[JsonValue] = [*sorted(money.CURRENCIES)]
-
-
 class PaymentCreate(BaseModel):
     """A payment request. Give `amount` (minor units) or `line_items`, not both."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_payment_create_schema)
 
     # `currency` comes first so that the amount checks below can see it.
-    currency: Currency = Field(json_schema_extra={"enum": _CURRENCY_ENUM})
+    currency: Currency
     amount: MinorUnits | None = Field(
         default=None,
         description="Minor units, e.g. 1999 = $19.99, 500 = ¥500; three-decimal currencies "

@@ -37,6 +37,13 @@ def test_openapi_document_covers_security_and_errors(settings: Settings) -> None
                 # their own that also takes HTTP Basic, which FastAPI cannot document.
                 if not path.startswith("/v1/ops/"):
                     assert operation.get("security") == [{"HTTPBearer": []}], (method, path)
+            # A key reused with another request, or still in flight, is a 409.
+            if any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", [])):
+                assert "409" in codes, (method, path)
+    # Every currency a request takes is one of those the server accepts.
+    schemas = document["components"]["schemas"]
+    for name in ("PaymentCreate", "DepositCreate", "PriceSet"):
+        assert schemas[name]["properties"]["currency"]["enum"] == sorted(money.CURRENCIES), name
     create = document["paths"]["/v1/payments"]["post"]
     assert {"409", "413", "429"} <= set(create["responses"])
     assert any(p["name"] == "Idempotency-Key" for p in create["parameters"])

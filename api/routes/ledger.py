@@ -20,6 +20,9 @@ router = APIRouter(tags=["ledger"])
 ERRORS = responses(
     400, 401, 403, 404, 413, 429, 500, described={403: "Not allowed", 404: "No such agent"}
 )
+DEPOSIT_ERRORS = responses(
+    400, 401, 403, 404, 409, 413, 429, 500, described={403: "Not allowed", 404: "No such agent"}
+)
 
 
 class Amount(BaseModel):
@@ -121,7 +124,10 @@ async def list_balance_transactions(
 
 
 @router.post(
-    "/v1/agents/{agent_id}/deposits", status_code=201, response_model=Deposit, responses=ERRORS
+    "/v1/agents/{agent_id}/deposits",
+    status_code=201,
+    response_model=Deposit,
+    responses=DEPOSIT_ERRORS,
 )
 async def create_deposit(
     agent_id: str, body: DepositCreate, operator: OperatorDep, idem: IdempotencyDep

@@ -17,6 +17,7 @@ from tasks import money, pricing
 router = APIRouter(prefix="/v1/prices", tags=["prices"])
 
 ERRORS = responses(400, 401, 403, 413, 429, 500)
+SET_ERRORS = responses(400, 401, 403, 409, 413, 429, 500)
 
 
 class PriceSet(BaseModel):
@@ -47,7 +48,7 @@ def _public(price: pricing.Price) -> dict[str, Any]:
     return {"object": "price", **price.__dict__}
 
 
-@router.post("", response_model=Price, responses=ERRORS)
+@router.post("", response_model=Price, responses=SET_ERRORS)
 async def set_price(body: PriceSet, _: OperatorDep, idem: IdempotencyDep) -> Response:
     """Create or replace the price of a SKU in a currency (operators only). Setting the same
     price again changes nothing."""
