@@ -1471,7 +1471,9 @@ def test_log_lines_carry_ids_and_never_secrets() -> None:
     try:
         with logs.job_context(42, "pay_abc", "charge"):
             logger.warning(
-                "calling with sk_test_supersecret and Bearer apk_verysecret",
+                "calling with sk_test_supersecret and Bearer apk_verysecret; no database at "
+                "postgresql://app:urlsecret@db.internal/pay nor at "
+                "host=db port=5432 password=kwsecret user=app, nor password = 'quoted secret'",
                 extra={
                     "api_key": "apk_x",
                     "payment_method": "pm_card_chargeDeclinedInsufficientFunds",
@@ -1484,7 +1486,19 @@ def test_log_lines_carry_ids_and_never_secrets() -> None:
     line = json.loads(stream.getvalue())
     assert (line["job_id"], line["payment_id"], line["role"]) == (42, "pay_abc", "charge")
     text = stream.getvalue()
-    for secret in ("supersecret", "verysecret", "apk_x", "sk_live_zzz", "InsufficientFunds"):
+    for secret in (
+        "supersecret",
+        "verysecret",
+        "apk_x",
+        "sk_live_zzz",
+        "InsufficientFunds",
+        "urlsecret",
+        "kwsecret",
+        "quoted secret",
+    ):
         assert secret not in text
+    # What is not secret stays readable.
+    assert "postgresql://app:[redacted]@db.internal/pay" in line["message"]
+    assert "port=5432 password=[redacted] user=app" in line["message"]
     assert line["params"]["amount"] == 5
     assert line["payment_method"] == "pm_card_…"

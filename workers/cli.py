@@ -107,11 +107,12 @@ def dev(
 def _serve(stack: DevStack, settings: Settings, workers_per_role: int) -> None:
     """Start the dev stack, say where everything is, and run until interrupted."""
     from workers.devstack import run_forever
+    from workers.logs import scrub
 
     with console.status("Starting the stack…"):
         info = stack.start()
     console.print(f"[bold green]agentpay is running[/] — API {info['api_url']}")
-    console.print(f"  database     {info['database_url']}")
+    console.print(f"  database     {scrub(info['database_url'])}")
     console.print(f"  provider     {info['provider_base']}")
     console.print(f"  workers      {workers_per_role} per role ({', '.join(ROLES)})")
     console.print(f"  stack file   {settings.stack_file}  (keys for the dev agent and operator)")
