@@ -243,7 +243,7 @@ async def request_capture(conn: Conn, payment: payments.Payment, *, actor: str) 
         await payments.record_event(
             conn, payment, "capture_requested", actor=actor, reason="capture requested"
         )
-    await defer(conn, "capture", payment_id=payment["id"])
+    await _defer_once(conn, "capture", payment["id"])
     return payment
 
 
@@ -281,8 +281,16 @@ async def request_cancel(
         await payments.record_event(
             conn, payment, "cancel_requested", actor=actor, reason=reason or "cancel requested"
         )
-    await defer(conn, "cancel", payment_id=payment["id"])
+    await _defer_once(conn, "cancel", payment["id"])
     return payment
+
+
+async def _defer_once(conn: Conn, task_name: str, payment_id: str) -> None:
+    """Defer the job that carries out a request, unless one is queued already (it will):
+    asking again re-drives a request whose job is gone, but an agent asking a thousand
+    times does not queue a thousand jobs."""
+    if not await job_waiting(conn, task_name, payment_id, ("todo",)):
+        await defer(conn, task_name, payment_id=payment_id)
 
 
 async def _act(

@@ -73,6 +73,8 @@ async def test_a_cancel_ends_a_payment_stuck_in_charging_by_canceling_its_intent
 
     answer = await cancel(api, agent_key, created["id"])
     assert (answer["status"], answer["pending_action"]) == ("charging", "cancel")
+    await cancel(api, agent_key, created["id"])  # asked again: still one job
+    assert await jobs_of(pool, created["id"], "todo") == ["cancel"]
     await run_jobs(pool, ("charge",))
 
     after = await fetch(api, agent_key, created["id"])

@@ -80,9 +80,15 @@ async def test_manual_capture_waits_in_authorized_then_capture_moves_it_on(
     response = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
     assert response.status_code == 202, response.text
     assert response.json()["status"] == "authorized"  # the API never calls the provider
-    # Asking twice is harmless: one capture, one request event.
-    again = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
-    assert again.status_code == 202
+    # Asking again is harmless: one capture, one request event, one job queued.
+    for _ in range(3):
+        again = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+        assert again.status_code == 202
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM procrastinate_jobs WHERE task_name = 'capture'"
+        )
+        assert await cur.fetchone() == {"n": 1}
 
     await run_jobs(pool)
     after = await fetch(api, agent_key, payment["id"])
