@@ -33,13 +33,16 @@ class StatusHub:
     def __init__(self, conninfo: str) -> None:
         self.conninfo = conninfo
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._per_owner: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self.listening = asyncio.Event()
         self.stopping = False
 
     @contextlib.contextmanager
-    def watch(self, payment_id: str) -> Iterator[asyncio.Event]:
-        """An event set whenever `payment_id` changes status (or might have)."""
+    def watch(self, payment_id: str, *, owner: str = "") -> Iterator[asyncio.Event]:
+        """An event set whenever `payment_id` changes status (or might have), for `owner`
+        (an agent: `waits_of` counts them)."""
+        self._per_owner[owner] = self._per_owner.get(owner, 0) + 1
         event = asyncio.Event()
         self._waiters.setdefault(payment_id, set()).add(event)
         self._ensure_running()
@@ -51,10 +54,19 @@ class StatusHub:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[payment_id]
+            left = self._per_owner[owner] - 1
+            if left:
+                self._per_owner[owner] = left
+            else:
+                del self._per_owner[owner]
 
     @property
     def waiting(self) -> int:
         return sum(len(w) for w in self._waiters.values())
+
+    def waits_of(self, owner: str) -> int:
+        """How many waits `owner` holds open."""
+        return self._per_owner.get(owner, 0)
 
     def _ensure_running(self) -> None:
         if self._task is None or self._task.done():

@@ -168,6 +168,9 @@ class Settings(BaseSettings):
     # the payment even without a notification (a safety net).
     long_poll_max_seconds: float = Field(default=60.0, gt=0)
     long_poll_recheck_seconds: float = Field(default=5.0, gt=0)
+    # The most waits one agent may hold open at once in one API process (more is a 429):
+    # each is cheap, but a change wakes all of a payment's waiters into the pool at once.
+    long_poll_max_per_agent: int = Field(default=200, ge=1)
 
     @model_validator(mode="after")
     def _stalled_after_shutdown_window(self) -> Settings:

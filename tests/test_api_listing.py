@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -288,6 +289,46 @@ async def test_wait_returns_on_a_settled_state_by_default(
     assert response.status_code == 200
     assert response.json()["status"] in SETTLED_STATES
     assert response.json()["status"] in ("succeeded", "reconciled")
+
+
+async def test_an_agent_holds_a_bounded_number_of_waits_open(
+    settings: Settings, pool: Pool, agent_key: str
+) -> None:
+    async with pool.connection() as conn, conn.transaction():
+        _, other_key = await agents.create(conn, "agent-b")
+    app = create_app(settings.model_copy(update={"long_poll_max_per_agent": 2}))
+    app.state.pool = pool
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as api:
+        created = await create_many(api, agent_key, 3)
+        (theirs,) = await create_many(api, other_key, 1)
+        open_waits = [await _wait_task(api, agent_key, p["id"]) for p in created[:2]]
+        await async_wait_for(lambda: _listening(app, 2), timeout=10)
+
+        refused = await api.get(f"/v1/payments/{created[2]['id']}/wait", headers=auth(agent_key))
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "too_many_waits"
+        assert refused.headers["Retry-After"] == "1"
+        # Another agent is not held to this one's waits.
+        other = await api.get(
+            f"/v1/payments/{theirs['id']}/wait", params={"timeout": 0}, headers=auth(other_key)
+        )
+        assert other.status_code == 200
+
+        # One ends (its payment canceled): room for another.
+        async with pool.connection() as conn, conn.transaction():
+            payment = await payments.lock(conn, created[0]["id"])
+            assert payment is not None
+            await payments.transition(conn, payment, "canceled", actor="test")
+        assert (await open_waits[0]).status_code == 200
+        again = await api.get(
+            f"/v1/payments/{created[2]['id']}/wait", params={"timeout": 0}, headers=auth(agent_key)
+        )
+        assert again.status_code == 200
+        open_waits[1].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await open_waits[1]
+    await app.state.status_hub.close()
 
 
 async def test_wait_times_out_with_the_payment_as_it_is(

@@ -239,13 +239,25 @@ async def wait_for_payment(
     null): after a capture, cancel or refund request, this is how it ended.
 
     The wait is woken by Postgres LISTEN/NOTIFY, not by polling; it holds no database
-    connection while it waits. An API process that is stopping answers at once."""
+    connection while it waits. An API process that is stopping answers at once. An agent
+    holds at most `AGENTPAY_LONG_POLL_MAX_PER_AGENT` waits open in one API process (200):
+    one more is a 429 `too_many_waits`."""
     settings = request.app.state.settings
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait_seconds, settings.long_poll_max_seconds)
     conninfo = pool.conninfo if isinstance(pool.conninfo, str) else None
     status_hub = hub(request.app, conninfo or settings.resolved_database_url())
-    with status_hub.watch(payment_id) as changed:
+    most = settings.long_poll_max_per_agent
+    if status_hub.waits_of(agent.id) >= most:
+        raise ApiError(
+            429,
+            "too_many_waits",
+            f"This agent already waits on {most} payments here; let one end, or list them "
+            "(GET /v1/payments) instead.",
+            type_="rate_limit_error",
+            headers={"Retry-After": "1"},
+        )
+    with status_hub.watch(payment_id, owner=agent.id) as changed:
         while True:
             # Cleared before reading: a change from here on sets it again.
             changed.clear()
