@@ -16,7 +16,9 @@ caller's transaction (the API, the CLI); the "capture" and "cancel" jobs then ca
 provider and settle the payment from what the provider answers — or, when the provider
 refuses, from the PaymentIntent as it is. A cancel asked for while `charging` stops the
 charge from going on (a charge job no longer starts it) and cancels the PaymentIntent if
-there is one; whichever the provider did first — the confirm or the cancel — decides.
+there is one; whichever the provider did first — the confirm or the cancel — decides. An
+intent becomes the payment's only while no cancel is asked for (`payments.store_provider_id`),
+so one made after the cancel is never confirmed.
 """
 
 from __future__ import annotations
@@ -111,13 +113,20 @@ async def claim(payment_id: str) -> payments.Payment | None:
         return payment if payment["status"] == "charging" else None
 
 
-async def call_provider(payment: payments.Payment) -> provider.Intent:
+async def call_provider(payment: payments.Payment) -> provider.Intent | None:
     """Step 2: create (or find) and confirm the PaymentIntent. Raises provider.Unknown when
-    the outcome is not known; a decline comes back as a failed intent."""
+    the outcome is not known; a decline comes back as a failed intent. None when the intent
+    made could not become the payment's (a cancel came first): it is not confirmed."""
     try:
         if payment["provider_payment_id"] is None:
             intent = await provider.create_intent(payment)
             stored = await _store_intent_id(payment["id"], intent.id)
+            if stored is None:
+                # A cancel was asked for since this job claimed the payment (this worker
+                # may have been frozen past its rescue): the intent was never ours to
+                # confirm, and the cancel may have ended the payment without it.
+                await _cancel_unowned(payment["id"], intent)
+                return None
             if stored != intent.id:
                 # Another intent became the payment's meanwhile (reconcile found the one an
                 # earlier, lost create made, after its key had expired): go on with that one;
@@ -182,9 +191,21 @@ async def search_intent(payment_id: str) -> provider.Intent | None:
         return None
 
 
-async def _store_intent_id(payment_id: str, intent_id: str) -> str:
+async def _store_intent_id(payment_id: str, intent_id: str) -> str | None:
     async with pool().connection() as conn:
         return await payments.store_provider_id(conn, payment_id, intent_id)
+
+
+async def _cancel_unowned(payment_id: str, intent: provider.Intent) -> None:
+    """Cancel at the provider an intent the payment never took as its own, so that it does
+    not wait there unconfirmed (it holds no money either way). A failure is only logged."""
+    try:
+        await provider.cancel_intent(payment_id, intent.id, "unowned")
+    except (provider.Declined, provider.Unknown, provider.ProviderError) as error:
+        log.warning(
+            "could not cancel an intent the payment never took",
+            extra={"payment_id": payment_id, "intent": intent.id, "error": str(error)},
+        )
 
 
 async def finish(payment_id: str, intent: provider.Intent) -> str | None:
@@ -218,6 +239,8 @@ async def charge_payment(payment_id: str) -> Any:
     if payment is None:
         return None
     intent = await call_provider(payment)
+    if intent is None:
+        return None
     _crash_if_asked()
     return await finish(payment_id, intent)
 

@@ -140,14 +140,18 @@ async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
     return await _update(conn, payment_id, columns)
 
 
-async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str:
-    """Record the provider's id of a payment once (the UPDATE takes the row lock itself). A
-    payment that already has one keeps it. Returns the id the payment now has: this one, or
-    the one stored before — read by a statement of its own, since an UPDATE that waited for
-    another transaction storing one still reads the row as it was before that commit."""
+async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str | None:
+    """Record the provider's id of the payment being charged, once (the UPDATE takes the row
+    lock itself), and only while it is `charging` with no cancel asked for. A payment that
+    already has one keeps it. Returns the id the payment now has — this one, or the one
+    stored before, read by a statement of its own (an UPDATE that waited for another
+    transaction storing one still reads the row as it was before that commit) — or None:
+    the payment has none and takes none, so this intent must never be confirmed (a cancel
+    was asked for first, and may already have ended the payment without the provider)."""
     cur = await conn.execute(
         """UPDATE payment_jobs SET provider_payment_id = %s
-           WHERE id = %s AND provider_payment_id IS NULL""",
+           WHERE id = %s AND provider_payment_id IS NULL
+             AND status = 'charging' AND cancel_requested_at IS NULL""",
         (provider_payment_id, payment_id),
     )
     if cur.rowcount == 1:
@@ -156,11 +160,7 @@ async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: st
         "SELECT provider_payment_id FROM payment_jobs WHERE id = %s", (payment_id,)
     )
     row = await cur.fetchone()
-    return (
-        str(row["provider_payment_id"])
-        if row and row["provider_payment_id"]
-        else provider_payment_id
-    )
+    return str(row["provider_payment_id"]) if row and row["provider_payment_id"] else None
 
 
 async def transition(

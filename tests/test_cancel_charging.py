@@ -225,3 +225,26 @@ async def test_a_cancel_the_provider_refuses_while_charging_leaves_the_charge_go
     await _lose_jobs(pool, "reconcile")  # the job this test ran by hand
     await run_jobs(pool)
     assert (await fetch(api, agent_key, created["id"]))["status"] == "reconciled"
+
+
+async def test_a_charge_worker_woken_after_the_cancel_ended_the_payment_never_confirms(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A worker frozen after its claim (past the stalled-job rescue, whose re-run found the
+    cancel and did nothing) wakes up after the cancel job ended the payment without the
+    provider, and goes on with its provider call: the intent it makes is never the
+    payment's, never confirmed."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    frozen = await charge.claim(created["id"])
+    assert frozen is not None
+    await cancel(api, agent_key, created["id"])
+    # The charge job's re-run (it finds the cancel and does nothing), then the cancel job.
+    await run_jobs(pool, ("charge",))
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
+
+    assert await charge.call_provider(frozen) is None  # the frozen worker wakes up
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["provider_payment_id"]) == ("canceled", None)
+    assert [pi["status"] for pi in intents_of(provider_base, created["id"])] == ["canceled"]
+    assert await ledger_kinds(pool, created["id"]) == ["hold", "release"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -269,19 +270,33 @@ async def test_a_rolled_back_step_leaves_no_transition_and_no_next_job(
     assert payment is not None and payment["status"] == "received"
 
 
-async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
-    """A re-run that got another id (it cannot, with a stable key, but the code must not
-    care) never replaces the stored one."""
+async def charging_payment(pool: Pool, agent_name: str) -> payments.Payment:
+    """A payment driven to `charging`, as the roles would leave it for the provider call."""
     async with pool.connection() as conn, conn.transaction():
-        agent, _ = await agents.create(conn, "agent-store-id")
+        agent, _ = await agents.create(conn, agent_name)
         payment = await payments.insert(
             conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
         )
+        for to in ("priced", "approved", "charging"):
+            await payments.transition(conn, payment, to, actor="test")
+    return payment
+
+
+async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
+    """A re-run that got another id (it cannot, with a stable key, but the code must not
+    care) never replaces the stored one."""
+    payment = await charging_payment(pool, "agent-store-id")
     async with pool.connection() as conn:
         assert await payments.store_provider_id(conn, payment["id"], "pi_first") == "pi_first"
         assert await payments.store_provider_id(conn, payment["id"], "pi_second") == "pi_first"
         stored = await payments.get(conn, payment["id"])
     assert stored is not None and stored["provider_payment_id"] == "pi_first"
+    # A payment not being charged takes no id: one whose cancel was asked for first.
+    other = await charging_payment(pool, "agent-store-canceling")
+    async with pool.connection() as conn:
+        await payments.update(conn, other["id"], cancel_requested_at=datetime.now(UTC))
+        assert await payments.store_provider_id(conn, other["id"], "pi_late") is None
+        assert (await payments.get(conn, other["id"]) or {}).get("provider_payment_id") is None
 
 
 async def test_storing_the_provider_id_while_another_stores_one_returns_the_other(
@@ -289,11 +304,7 @@ async def test_storing_the_provider_id_while_another_stores_one_returns_the_othe
 ) -> None:
     """Reconcile stores an id in its transaction; the charge job's store waits for it and,
     once it commits, returns that id — not a stale read of the row without one."""
-    async with pool.connection() as conn, conn.transaction():
-        agent, _ = await agents.create(conn, "agent-store-race")
-        payment = await payments.insert(
-            conn, agent_id=agent.id, currency="usd", payment_method="pm_card_visa", amount=500
-        )
+    payment = await charging_payment(pool, "agent-store-race")
     async with pool.connection() as first, pool.connection() as second:
         async with first.transaction():
             await first.execute(

@@ -132,7 +132,7 @@ def payments_cancel(
 ) -> None:
     """Cancel a payment: at once if it has not reached the provider (received, priced,
     in_review, approved); through the provider if charging, authorized or requires_action
-    (while charging, a charge the provider confirmed first wins). Other states are refused
+    (while charging, a charge that took the money first wins). Other states are refused
     (exit 1); an unknown id exits 2."""
     from api.routes.ops import Refused, cancel_payment
     from tasks import payments

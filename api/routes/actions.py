@@ -79,7 +79,7 @@ async def cancel_payment(
 ) -> Response:
     """Cancel a payment. Not yet at the provider: `canceled` at once. `charging`, `authorized`
     or `requires_action`: the charge role cancels the PaymentIntent, then the payment (while
-    `charging`, a charge the provider confirmed first wins: the payment follows it). Any
+    `charging`, a charge that took the money first wins: the payment follows it). Any
     other state: 409."""
     async with idem.transaction() as conn:
         payment = await _locked(conn, payment_id, agent)
