@@ -1473,7 +1473,9 @@ def test_log_lines_carry_ids_and_never_secrets() -> None:
             logger.warning(
                 "calling with sk_test_supersecret and Bearer apk_verysecret; no database at "
                 "postgresql://app:urlsecret@db.internal/pay nor at "
-                "host=db port=5432 password=kwsecret user=app, nor password = 'quoted secret'",
+                "host=db port=5432 password=kwsecret user=app, nor password = 'quoted secret'"
+                " (PGPASSWORD=envsecret, {'password': 'dictsecret'}, "
+                "postgresql://app:at@secret@db/pay); see http://host:8000/a?next=b@c",
                 extra={
                     "api_key": "apk_x",
                     "payment_method": "pm_card_chargeDeclinedInsufficientFunds",
@@ -1495,10 +1497,14 @@ def test_log_lines_carry_ids_and_never_secrets() -> None:
         "urlsecret",
         "kwsecret",
         "quoted secret",
+        "envsecret",
+        "dictsecret",
+        "at@secret",
     ):
         assert secret not in text
     # What is not secret stays readable.
     assert "postgresql://app:[redacted]@db.internal/pay" in line["message"]
     assert "port=5432 password=[redacted] user=app" in line["message"]
+    assert "http://host:8000/a?next=b@c" in line["message"]
     assert line["params"]["amount"] == 5
     assert line["payment_method"] == "pm_card_…"

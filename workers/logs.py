@@ -26,10 +26,14 @@ _SECRET_TEXT = re.compile(
     r"(sk|rk|pk)_(test|live)_[A-Za-z0-9_]+|whsec_[A-Za-z0-9_]+|apk_[A-Za-z0-9_\-]+"
     r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=\-]+"
 )
-# A password in a connection string (psycopg's pool logs the conninfo it fails to reach):
-# `scheme://user:PASSWORD@host` and `password=PASSWORD`.
-_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^/\s@]*@")
-_CONNINFO_PASSWORD = re.compile(r"(?i)(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+# A password in a connection string (psycopg's pool logs the conninfo it fails to reach) or
+# beside its name: `scheme://user:PASSWORD@host` (up to the last `@` before the host),
+# `password=PASSWORD`, `PGPASSWORD=…`, `password: …`, `'password': '…'`.
+_URL_PASSWORD = re.compile(r"(://[^/\s:@]*):[^/\s?#]*@")
+_NAMED_PASSWORD = re.compile(
+    r"""(?i)((?<![A-Za-z0-9])\w*password['"]?\s*[=:]\s*)"""
+    r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[^\s&;,'"}]+)"""
+)
 _KEEP = {"idempotency_key"}
 
 _role: str | None = None
@@ -57,7 +61,7 @@ def job_context(job_id: int | None, payment_id: str | None, role: str | None) ->
 def scrub(text: str) -> str:
     """`text` with anything that looks like a key or credential replaced."""
     text = _URL_PASSWORD.sub(r"\1:[redacted]@", text)
-    text = _CONNINFO_PASSWORD.sub(r"\1[redacted]", text)
+    text = _NAMED_PASSWORD.sub(r"\1[redacted]", text)
     return _SECRET_TEXT.sub("[redacted]", text)
 
 
