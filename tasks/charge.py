@@ -31,7 +31,7 @@ from typing import Any
 
 from tasks import payments, provider
 from tasks import refunds as refunds  # registers the "refund" task on this queue
-from tasks.app import Backoff, TransientError, app, defer, job_waiting, pool
+from tasks.app import Backoff, app, defer, job_waiting, pool
 from tasks.db import Conn
 from tasks.settings import get_settings
 
@@ -123,8 +123,8 @@ async def call_provider(payment: payments.Payment) -> provider.Intent | None:
             stored = await _store_intent_id(payment["id"], intent.id)
             if stored is None:
                 # A cancel was asked for since this job claimed the payment (this worker
-                # may have been frozen past its rescue): the intent was never ours to
-                # confirm, and the cancel may have ended the payment without it.
+                # may have been frozen past its rescue): the charge does not go on, and the
+                # cancel may have ended the payment without this intent.
                 await _cancel_unowned(payment["id"], intent)
                 return None
             if stored != intent.id:
@@ -197,8 +197,9 @@ async def _store_intent_id(payment_id: str, intent_id: str) -> str | None:
 
 
 async def _cancel_unowned(payment_id: str, intent: provider.Intent) -> None:
-    """Cancel at the provider an intent the payment never took as its own, so that it does
-    not wait there unconfirmed (it holds no money either way). A failure is only logged."""
+    """Cancel at the provider an intent made after the payment's cancel was asked for, so
+    that it does not wait there unconfirmed (it holds no money either way; if the cancel job
+    took it as the payment's, it cancels it too). A failure is only logged."""
     try:
         await provider.cancel_intent(payment_id, intent.id, "unowned")
     except (provider.Declined, provider.Unknown, provider.ProviderError) as error:
@@ -386,19 +387,14 @@ async def capture_payment(payment_id: str) -> Any:
     return await _settle_action(payment_id, states, *acted, action="capture")
 
 
-class ChargeInFlight(TransientError):
-    """A charge job for the payment is waiting or running: whether a PaymentIntent is made
-    depends on it, so the cancel waits for it."""
-
-
 async def _cancel_before_any_intent(payment_id: str) -> str | None:
     """A cancel of a `charging` payment with no PaymentIntent id stored. Every intent we
-    confirm has its id stored first, so none of ours took money; one may exist all the same
-    (a create whose answer was lost, or a charge job making one now). Found by search, it is
-    stored and the cancel goes on at the provider (None). Not found, and no charge job
-    waiting or running that could still make one: the payment is canceled here ("canceled";
-    a charge job started later finds the cancel and does nothing). While one is: raises
-    ChargeInFlight, and the job is tried again."""
+    confirm has its id stored first, and none is stored once a cancel is asked for
+    (`payments.store_provider_id`), so none of ours took money or ever will. One may exist
+    all the same (a create whose answer was lost, or a charge job making one now): found by
+    search, it is stored and the cancel goes on at the provider (None). Not found: the
+    payment is canceled here ("canceled"); an intent a charge job makes later is never
+    confirmed, and that job cancels it."""
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] != "charging" or payment["provider_payment_id"]:
@@ -416,8 +412,6 @@ async def _cancel_before_any_intent(payment_id: str) -> str | None:
         if found is not None:
             await payments.update(conn, payment_id, provider_payment_id=found.id)
             return None
-        if await job_waiting(conn, ROLE, payment_id):
-            raise ChargeInFlight(f"a charge job for {payment_id} is waiting or running")
         await payments.transition(
             conn,
             payment,

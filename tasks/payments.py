@@ -143,11 +143,12 @@ async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
 async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str | None:
     """Record the provider's id of the payment being charged, once (the UPDATE takes the row
     lock itself), and only while it is `charging` with no cancel asked for. A payment that
-    already has one keeps it. Returns the id the payment now has — this one, or the one
-    stored before, read by a statement of its own (an UPDATE that waited for another
-    transaction storing one still reads the row as it was before that commit) — or None:
-    the payment has none and takes none, so this intent must never be confirmed (a cancel
-    was asked for first, and may already have ended the payment without the provider)."""
+    already has one keeps it. Returns the id of the intent the charge goes on with — this
+    one, or the one stored before, read by a statement of its own (an UPDATE that waited for
+    another transaction storing one still reads the row as it was before that commit) — or
+    None when it must not go on: a cancel was asked for (the cancel job settles the payment,
+    perhaps without the provider; no intent may be confirmed after it), or the payment is
+    no longer `charging`."""
     cur = await conn.execute(
         """UPDATE payment_jobs SET provider_payment_id = %s
            WHERE id = %s AND provider_payment_id IS NULL
@@ -157,7 +158,9 @@ async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: st
     if cur.rowcount == 1:
         return provider_payment_id
     cur = await conn.execute(
-        "SELECT provider_payment_id FROM payment_jobs WHERE id = %s", (payment_id,)
+        """SELECT provider_payment_id FROM payment_jobs
+            WHERE id = %s AND status = 'charging' AND cancel_requested_at IS NULL""",
+        (payment_id,),
     )
     row = await cur.fetchone()
     return str(row["provider_payment_id"]) if row and row["provider_payment_id"] else None

@@ -113,30 +113,29 @@ async def test_a_cancel_of_a_payment_whose_intent_was_never_made_needs_no_provid
     assert await ledger_kinds(pool, created["id"]) == ["hold", "release"]
 
 
-async def test_a_cancel_waits_for_a_charge_job_that_could_still_make_an_intent(
+async def test_a_cancel_that_finds_an_intent_being_made_wins_over_its_charge_job(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
+    """The charge job has claimed the payment and created its intent, not yet stored it;
+    the cancel job finds the intent by search, takes it as the payment's and cancels it.
+    The charge job, going on, must not confirm it."""
     created = await create(api, agent_key)
     await run_jobs(pool, ("pricing", "risk"))
-    # The charge job claimed the payment (`charging`) and is still queued to go on.
-    assert await charge.claim(created["id"]) is not None
+    running = await charge.claim(created["id"])
+    assert running is not None
+    made = await provider.create_intent(running)
     await cancel(api, agent_key, created["id"])
-    assert await jobs_of(pool, created["id"], "todo") == ["charge", "cancel"]
 
-    with pytest.raises(charge.ChargeInFlight):
-        await charge.cancel_payment(created["id"])
-    assert (await fetch(api, agent_key, created["id"]))["status"] == "charging"
-
-    # The charge job runs: a cancel is pending, so it asks the provider nothing.
-    assert await charge.charge_payment(created["id"]) is None
-    assert intents_of(provider_base, created["id"]) == []
-    async with pool.connection() as conn:
-        await conn.execute(
-            "UPDATE procrastinate_jobs SET status = 'succeeded' WHERE task_name = 'charge'"
-        )
     assert await charge.cancel_payment(created["id"]) == "canceled"
-    assert (await fetch(api, agent_key, created["id"]))["status"] == "canceled"
-    assert intents_of(provider_base, created["id"]) == []
+    assert intent(provider_base, made.id)["status"] == "canceled"
+    # The charge job goes on: its keyed create gives back the same intent, which it may
+    # not take, nor confirm.
+    assert await charge.call_provider(running) is None
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["provider_payment_id"]) == ("canceled", made.id)
+    assert [pi["status"] for pi in intents_of(provider_base, created["id"])] == ["canceled"]
+    # The charge job itself, run now, finds the cancel and asks the provider nothing.
+    assert await charge.charge_payment(created["id"]) is None
 
 
 async def test_a_charge_the_provider_confirmed_before_the_cancel_goes_on(

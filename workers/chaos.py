@@ -83,6 +83,10 @@ class Tracked:
     id: str | None = None
     error: str | None = None
     too_late: bool = False  # a cancel_early that came after the charge
+    # cancel_early: seconds between the POST and the cancel, so that cancels land in every
+    # state up to the charge (`charging` included) and some after it.
+    cancel_after: float = 0.0
+    while_charging: bool = False  # a cancel_early the API took while the charge was under way
 
 
 class Api:
@@ -165,6 +169,7 @@ async def _play(
         raise RuntimeError(f"create refused: {code} {payment}")
     pid = tracked.id = payment["id"]
     if s == "cancel_early":
+        await asyncio.sleep(tracked.cancel_after)
         code, answer = await api.call(
             "POST", f"/v1/payments/{pid}/cancel", key, idempotency_key=f"{tag}-c"
         )
@@ -177,6 +182,7 @@ async def _play(
         elif answer["status"] == "charging":
             # Asked while the charge was under way: the provider settles it, by whichever
             # it did first, the confirm or the cancel.
+            tracked.while_charging = True
             ended = await _wait_status(api, key, pid, {"canceled", "succeeded", "failed"}, within)
             if ended != "canceled":
                 tracked.scenario = "visa"
@@ -260,6 +266,8 @@ async def _run(
     plan = [
         Tracked(rng.choices(names, weights=[SCENARIOS[s][0] for s in names])[0]) for _ in range(n)
     ]
+    for tracked in plan:
+        tracked.cancel_after = rng.choice((0.0, rng.uniform(0.0, 0.3)))
     provider = httpx.AsyncClient(base_url=info["provider_base"], timeout=30)
     api = Api(info["api_url"])
     keys = await new_agent_keys(info["database_url"], "chaos-agent", 4)
@@ -305,7 +313,11 @@ async def _run(
             checks = await check_invariants(pool, provider, plan)
     checks.insert(0, _faults_check(killer.kills, injected))
     late = sum(t.too_late for t in plan)
-    console.print(f"{late} early cancels came too late (the payment was charged first)")
+    during = sum(t.while_charging for t in plan)
+    console.print(
+        f"{during} early cancels came while the charge was under way; {late} came too late "
+        "(the payment was charged first)"
+    )
     await provider.aclose()
     await api.close()
     return checks
