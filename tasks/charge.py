@@ -121,17 +121,18 @@ async def call_provider(payment: payments.Payment) -> provider.Intent | None:
         if payment["provider_payment_id"] is None:
             intent = await provider.create_intent(payment)
             stored = await _store_intent_id(payment["id"], intent.id)
-            if stored is None:
-                # A cancel was asked for since this job claimed the payment (this worker
-                # may have been frozen past its rescue): the charge does not go on, and the
-                # cancel may have ended the payment without this intent.
-                await _cancel_unowned(payment["id"], intent)
+            if not stored.go_on:
+                # A cancel was asked for, or the payment moved on (this worker may have been
+                # frozen past its rescue, whose re-run charged it): this job stops. An
+                # intent the payment did not take is canceled; its own is left alone.
+                if stored.id != intent.id:
+                    await _cancel_unowned(payment["id"], intent)
                 return None
-            if stored != intent.id:
+            if stored.id is not None and stored.id != intent.id:
                 # Another intent became the payment's meanwhile (reconcile found the one an
                 # earlier, lost create made, after its key had expired): go on with that one;
                 # this one is never confirmed.
-                intent = await provider.retrieve_intent(stored)
+                intent = await provider.retrieve_intent(stored.id)
         else:
             intent = await provider.retrieve_intent(payment["provider_payment_id"])
         if _unconfirmed(intent):
@@ -191,15 +192,15 @@ async def search_intent(payment_id: str) -> provider.Intent | None:
         return None
 
 
-async def _store_intent_id(payment_id: str, intent_id: str) -> str | None:
+async def _store_intent_id(payment_id: str, intent_id: str) -> payments.StoredId:
     async with pool().connection() as conn:
         return await payments.store_provider_id(conn, payment_id, intent_id)
 
 
 async def _cancel_unowned(payment_id: str, intent: provider.Intent) -> None:
-    """Cancel at the provider an intent made after the payment's cancel was asked for, so
-    that it does not wait there unconfirmed (it holds no money either way; if the cancel job
-    took it as the payment's, it cancels it too). A failure is only logged."""
+    """Cancel at the provider an intent the payment did not take (made after its cancel was
+    asked for, or beside the one it has), so that it does not wait there unconfirmed (it
+    holds no money either way). A failure is only logged."""
     try:
         await provider.cancel_intent(payment_id, intent.id, "unowned")
     except (provider.Declined, provider.Unknown, provider.ProviderError) as error:

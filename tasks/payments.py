@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -140,15 +140,22 @@ async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
     return await _update(conn, payment_id, columns)
 
 
-async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> str | None:
+class StoredId(NamedTuple):
+    """What `store_provider_id` found: the payment's intent id now, and whether its charge
+    may go on with it (it is `charging`, with no cancel asked for, and has an intent)."""
+
+    id: str | None
+    go_on: bool
+
+
+async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: str) -> StoredId:
     """Record the provider's id of the payment being charged, once (the UPDATE takes the row
-    lock itself), and only while it is `charging` with no cancel asked for. A payment that
-    already has one keeps it. Returns the id of the intent the charge goes on with — this
-    one, or the one stored before, read by a statement of its own (an UPDATE that waited for
-    another transaction storing one still reads the row as it was before that commit) — or
-    None when it must not go on: a cancel was asked for (the cancel job settles the payment,
-    perhaps without the provider; no intent may be confirmed after it), or the payment is
-    no longer `charging`."""
+    lock itself), and only while its charge may go on: `charging`, with no cancel asked for
+    (the cancel job settles the payment, perhaps without the provider, and no intent may be
+    confirmed after it). A payment that already has an id keeps it. Returns the id the
+    payment has now — this one, or the one stored before, read by a statement of its own
+    (an UPDATE that waited for another transaction storing one still reads the row as it was
+    before that commit) — and whether the charge may go on."""
     cur = await conn.execute(
         """UPDATE payment_jobs SET provider_payment_id = %s
            WHERE id = %s AND provider_payment_id IS NULL
@@ -156,14 +163,18 @@ async def store_provider_id(conn: Conn, payment_id: str, provider_payment_id: st
         (provider_payment_id, payment_id),
     )
     if cur.rowcount == 1:
-        return provider_payment_id
+        return StoredId(provider_payment_id, True)
     cur = await conn.execute(
-        """SELECT provider_payment_id FROM payment_jobs
-            WHERE id = %s AND status = 'charging' AND cancel_requested_at IS NULL""",
+        """SELECT provider_payment_id,
+                  status = 'charging' AND cancel_requested_at IS NULL AS go_on
+             FROM payment_jobs WHERE id = %s""",
         (payment_id,),
     )
     row = await cur.fetchone()
-    return str(row["provider_payment_id"]) if row and row["provider_payment_id"] else None
+    stored = row["provider_payment_id"] if row else None
+    # Going on needs an intent that is the payment's: none stored (the UPDATE failed on the
+    # state, read again here as it may have changed since) is no going on.
+    return StoredId(stored, bool(row and row["go_on"] and stored))
 
 
 async def transition(

@@ -139,9 +139,14 @@ async def reconcile_payment(payment_id: str) -> Any:
         if locked is None:
             return None
         status = locked["status"]
-        if status != payment["status"]:
-            # Moved on while we asked the provider: that intent may be older than the new
-            # state, so it settles nothing. A move into `succeeded` deferred a reconcile (it
+        if (
+            status != payment["status"]
+            or locked["provider_payment_id"] != payment["provider_payment_id"]
+        ):
+            # Moved on while we asked the provider — or another intent became the payment's
+            # (the charge job stored its own while a search, lagging, gave us a stray):
+            # that intent may be older than the new state, or not the payment's, so it
+            # settles nothing. A move into `succeeded` deferred a reconcile (it
             # may be running already: none other is needed); a move into another state
             # reconcile acts on (`charging` → `requires_action` or `authorized`, as the
             # charge job finished) deferred nothing, while the provider may be past it

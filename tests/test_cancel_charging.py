@@ -247,3 +247,25 @@ async def test_a_charge_worker_woken_after_the_cancel_ended_the_payment_never_co
     assert (after["status"], after["provider_payment_id"]) == ("canceled", None)
     assert [pi["status"] for pi in intents_of(provider_base, created["id"])] == ["canceled"]
     assert await ledger_kinds(pool, created["id"]) == ["hold", "release"]
+
+
+async def test_a_late_charge_job_leaves_the_intent_its_payment_took_alone(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """No cancel at all: a charge job frozen in its create call is rescued, and the re-run
+    authorizes the payment (same create key, same intent). The first job wakes up: its
+    intent is the payment's now, so it stops without touching it."""
+    created = await create(api, agent_key, capture_method="manual")
+    await run_jobs(pool, ("pricing", "risk"))
+    frozen = await charge.claim(created["id"])
+    assert frozen is not None
+    await run_jobs(pool, ("charge",))  # the rescued re-run
+    held = await fetch(api, agent_key, created["id"])
+    assert held["status"] == "authorized"
+
+    assert await charge.call_provider(frozen) is None
+    assert intent(provider_base, held["provider_payment_id"])["status"] == "requires_capture"
+    captured = await api.post(f"/v1/payments/{created['id']}/capture", headers=auth(agent_key))
+    assert captured.status_code == 202, captured.text
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, created["id"]))["status"] == "reconciled"

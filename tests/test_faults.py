@@ -620,3 +620,52 @@ async def test_a_charge_worker_killed_between_the_provider_call_and_the_commit(
     assert ("transition", "succeeded", "provider status succeeded") in await _events(
         pool, created["id"]
     )
+
+
+async def test_reconcile_settles_nothing_from_an_intent_the_payment_did_not_take(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stray intent of the payment exists at the provider, canceled (left by a create
+    whose key was re-derived, then canceled by someone). Reconcile searches while the
+    charge job stores and confirms its own intent; search, lagging, shows only the stray.
+    The stray must not settle the payment (it would end `canceled` with the money taken)."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    running = await charge.claim(created["id"])
+    assert running is not None
+    stray = httpx.post(
+        f"{provider_base}/v1/payment_intents",
+        data={
+            "amount": 2000,
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "payment_method_types[0]": "card",
+            "metadata[payment_id]": created["id"],
+            "metadata[agent_id]": running["agent_id"],
+        },
+        headers={**SK, "Idempotency-Key": "a-key-re-derived-since"},
+    ).json()
+    httpx.post(f"{provider_base}/v1/payment_intents/{stray['id']}/cancel", headers=SK)
+    stray_intent = await provider.retrieve_intent(stray["id"])
+    charged: list[provider.Intent] = []
+
+    async def search_lagging(payment_id: str) -> provider.Intent:
+        got = await charge.call_provider(running)  # meanwhile: stored and confirmed
+        assert got is not None
+        charged.append(got)
+        return stray_intent
+
+    monkeypatch.setattr(reconcile, "search_intent", search_lagging)
+    assert await reconcile.reconcile_payment(created["id"]) is None
+    monkeypatch.undo()
+    await charge.finish(created["id"], charged[0])
+    await drain(pool)
+
+    payment = await fetch(api, agent_key, created["id"])
+    assert (payment["status"], payment["provider_payment_id"]) == ("reconciled", charged[0].id)
+    statuses = {i["id"]: i["status"] for i in intents_of(provider_base, created["id"])}
+    assert statuses == {charged[0].id: "succeeded", stray["id"]: "canceled"}

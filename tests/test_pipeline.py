@@ -287,15 +287,16 @@ async def test_the_provider_id_is_stored_once(pool: Pool) -> None:
     care) never replaces the stored one."""
     payment = await charging_payment(pool, "agent-store-id")
     async with pool.connection() as conn:
-        assert await payments.store_provider_id(conn, payment["id"], "pi_first") == "pi_first"
-        assert await payments.store_provider_id(conn, payment["id"], "pi_second") == "pi_first"
+        first = await payments.store_provider_id(conn, payment["id"], "pi_first")
+        second = await payments.store_provider_id(conn, payment["id"], "pi_second")
+        assert first == second == ("pi_first", True)
         stored = await payments.get(conn, payment["id"])
     assert stored is not None and stored["provider_payment_id"] == "pi_first"
     # A payment not being charged takes no id: one whose cancel was asked for first.
     other = await charging_payment(pool, "agent-store-canceling")
     async with pool.connection() as conn:
         await payments.update(conn, other["id"], cancel_requested_at=datetime.now(UTC))
-        assert await payments.store_provider_id(conn, other["id"], "pi_late") is None
+        assert await payments.store_provider_id(conn, other["id"], "pi_late") == (None, False)
         assert (await payments.get(conn, other["id"]) or {}).get("provider_payment_id") is None
 
 
@@ -324,7 +325,7 @@ async def test_storing_the_provider_id_while_another_stores_one_returns_the_othe
                 return bool(row and row["n"])
 
             await async_wait_for(blocked, what="the second store to wait for the lock")
-        assert await asyncio.wait_for(waiting, 10) == "pi_found"
+        assert await asyncio.wait_for(waiting, 10) == ("pi_found", True)
 
 
 async def test_defer_writes_the_job_procrastinate_would(pool: Pool) -> None:
