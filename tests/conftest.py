@@ -21,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 from click.testing import Result
+from fastapi import FastAPI
 from procrastinate.worker import Worker
 from psycopg import sql
 from typer.testing import CliRunner
@@ -210,13 +211,22 @@ async def operator_key(pool: Pool) -> str:
     return key
 
 
-@pytest.fixture
-async def api(settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
-    """The API in-process, on this test's pool (no network)."""
+@contextlib.asynccontextmanager
+async def in_process_api(
+    settings: Settings, pool: Pool
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An API app with `settings`, in-process on `pool` (no network), and a client of it."""
     app = create_app(settings)
     app.state.pool = pool
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as client:
+        yield app, client
+
+
+@pytest.fixture
+async def api(settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
+    """The API in-process, on this test's pool (no network)."""
+    async with in_process_api(settings, pool) as (_, client):
         yield client
 
 

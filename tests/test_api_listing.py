@@ -24,7 +24,7 @@ from api.models import (
 from tasks import agents, payments
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import async_wait_for, auth, run_jobs
+from tests.conftest import async_wait_for, auth, in_process_api, run_jobs
 
 BODY = {"amount": 1200, "currency": "usd", "payment_method": "pm_card_visa"}
 
@@ -34,10 +34,8 @@ async def app_and_client(
     settings: Settings, pool: Pool
 ) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The API in-process with a long recheck, so only a notification wakes a waiter early."""
-    app = create_app(settings.model_copy(update={"long_poll_recheck_seconds": 60.0}))
-    app.state.pool = pool
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as client:
+    long_recheck = settings.model_copy(update={"long_poll_recheck_seconds": 60.0})
+    async with in_process_api(long_recheck, pool) as (app, client):
         yield app, client
     hub = getattr(app.state, "status_hub", None)
     if hub is not None:
@@ -296,10 +294,8 @@ async def test_an_agent_holds_a_bounded_number_of_waits_open(
 ) -> None:
     async with pool.connection() as conn, conn.transaction():
         _, other_key = await agents.create(conn, "agent-b")
-    app = create_app(settings.model_copy(update={"long_poll_max_per_agent": 2}))
-    app.state.pool = pool
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as api:
+    two_waits = settings.model_copy(update={"long_poll_max_per_agent": 2})
+    async with in_process_api(two_waits, pool) as (app, api):
         created = await create_many(api, agent_key, 3)
         (theirs,) = await create_many(api, other_key, 1)
         open_waits = [await _wait_task(api, agent_key, p["id"]) for p in created[:2]]

@@ -23,12 +23,11 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
-from api.app import create_app
 from tasks import charge, payments, provider, reconcile
 from tasks.app import Backoff, defer
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import auth, run_jobs
+from tests.conftest import auth, in_process_api, run_jobs
 from tests.test_cancel_charging import jobs_of, ledger_kinds
 from tests.test_faults import intents_of
 from tests.test_ledger import assert_ledger_sound
@@ -286,10 +285,8 @@ async def finish_job(pool: Pool, payment_id: str, task: str, retried: bool) -> N
 async def api(settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
     """The API in-process, as conftest's, without the per-agent rate limit: hundreds of
     examples ask it several times each, faster than an agent may."""
-    app = create_app(settings.model_copy(update={"api_rate_limit_per_second": 0}))
-    app.state.pool = pool
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-    async with httpx.AsyncClient(transport=transport, base_url="http://agentpay.test") as client:
+    unlimited = settings.model_copy(update={"api_rate_limit_per_second": 0})
+    async with in_process_api(unlimited, pool) as (_, client):
         yield client
 
 
