@@ -507,14 +507,15 @@ def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> b
     state says: one `succeeded` that received what the payment collected (`amount_captured`,
     or its total before reconcile wrote it) for a succeeded payment, one
     `requires_capture` for an authorized one, and for any other at most one intent, which
-    neither took nor holds money (a canceled payment's is `canceled`)."""
+    neither took nor holds money (a canceled payment's is `canceled`, or never confirmed: an
+    intent a charge job made after the cancel, whose own cancel call failed or was cut)."""
     status = payment["status"]
     if status in SUCCEEDED_STATES:
         return intents == [("succeeded", payments.collected(payment))]
     if status == "authorized":
         return [s for s, _ in intents] == ["requires_capture"]
     if status == "canceled":
-        return [s for s, _ in intents] in ([], ["canceled"])
+        return [s for s, _ in intents] in ([], ["canceled"], ["requires_confirmation"])
     return len(intents) <= 1 and not {s for s, _ in intents} & MONEY_MOVED
 
 
