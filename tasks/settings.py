@@ -11,6 +11,7 @@ import json
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -147,6 +148,11 @@ class Settings(BaseSettings):
     risk_blocked_payment_methods: list[str] = Field(default_factory=list)
     # May an agent with no budget (never created with one, never funded) spend at all?
     allow_unbudgeted_spending: bool = True
+    # Who binds a provider Customer (`cus_…`) to the one agent whose payments may name it
+    # (tasks/customers.py): "first_use", the first agent whose payment names it, or else an
+    # operator (`agentpay customers bind`); with "operator", only an operator does, and a
+    # payment naming an unbound Customer is refused.
+    customer_binding: Literal["first_use", "operator"] = "first_use"
 
     # The agent-facing API (api/, docs/api.md).
     # Request bodies above this many bytes are refused with 413 before they are parsed

@@ -1,9 +1,10 @@
 """Operators' commands: `agentpay status`, `agentpay payments show|cancel`, `agentpay jobs
-retry|cancel`. Each action is recorded in payment_events as `operator:<name>` (the OS user,
-or --operator)."""
+retry|cancel`, `agentpay mismatches resolve`, `agentpay customers bind|unbind|list`. Each
+action is recorded as `operator:<name>` (the OS user, or --operator)."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 import typer
@@ -221,3 +222,106 @@ def mismatches_resolve(
             f"mismatch {found['id']} ({found['payment_id']}, {found['field']}): resolved by {actor}"
         )
     )
+
+
+# --- customers ---------------------------------------------------------------------------
+
+customers_app = typer.Typer(
+    help="Which agent may charge each provider Customer's saved payment methods.",
+    no_args_is_help=True,
+)
+
+CustomerId = Annotated[str, typer.Argument(help="The provider Customer's id (cus_…)")]
+
+
+def _check_customer(customer: str) -> str:
+    if not re.fullmatch(r"cus_[A-Za-z0-9]+", customer):
+        raise typer.BadParameter(f"{customer!r} is no Customer id (cus_…)", param_hint="CUSTOMER")
+    return customer
+
+
+@customers_app.command("bind")
+def customers_bind(
+    customer: CustomerId,
+    agent: Annotated[str, typer.Argument(help="The agent's name or id")],
+    operator: Operator = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Bind CUSTOMER to AGENT: from now on only AGENT's payments (and operators') may name it;
+    it is moved from any agent it was bound to. Payments already made keep going."""
+    from tasks import agents, customers
+
+    _check_customer(customer)
+    actor = operator_actor(operator)
+
+    async def work(conn: Any) -> tuple[dict[str, Any] | None, str | None]:
+        found = await agents.find(conn, agent)
+        if found is None or found["revoked_at"] is not None:
+            return None, None
+        return found, await customers.bind(conn, customer, found["id"], actor=actor)
+
+    found, previous = on_database(data_dir, work)
+    if found is None:
+        raise fail(f"no live agent named {agent!r}", NOT_FOUND)
+    moved = f" (moved from {previous})" if previous else ""
+    console.print(plain(f"{customer} bound to {found['name']} ({found['id']}){moved}"))
+
+
+@customers_app.command("unbind")
+def customers_unbind(customer: CustomerId, data_dir: DataDir = None) -> None:
+    """Take CUSTOMER from its agent. With AGENTPAY_CUSTOMER_BINDING=first_use the next agent
+    whose payment names it gets it; with `operator`, no agent's payment may name it."""
+    from tasks import customers
+
+    _check_customer(customer)
+    previous = on_database(data_dir, lambda conn: customers.unbind(conn, customer))
+    if previous is None:
+        raise fail(f"{customer} is bound to no agent", NOT_FOUND)
+    console.print(plain(f"{customer} unbound (was {previous})"))
+
+
+@customers_app.command("list")
+def customers_list(
+    agent: Annotated[str | None, typer.Option("--agent", help="Only this agent's")] = None,
+    shared: Annotated[
+        bool,
+        typer.Option(
+            "--shared",
+            help="Instead: Customers that payments of agents other than their owner named "
+            "(before they were bound, or moved), and those no agent owns",
+        ),
+    ] = False,
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Bound Customers and their agents."""
+    from tasks import agents, customers
+
+    async def work(conn: Any) -> list[dict[str, Any]] | None:
+        if shared:
+            return await customers.shared(conn)
+        if agent is None:
+            return await customers.list_all(conn)
+        found = await agents.find(conn, agent)
+        return None if found is None else await customers.list_all(conn, agent_id=found["id"])
+
+    rows = on_database(data_dir, work, transaction=False)
+    if rows is None:
+        raise fail(f"no agent named {agent!r}", NOT_FOUND)
+    if as_json:
+        typer.echo(dump_json(rows))
+        return
+    if shared:
+        table = Table("customer", "owner", "named by payments of")
+        for row in rows:
+            table.add_row(row["customer"], plain(row["agent_id"]), ", ".join(row["others"]))
+    else:
+        table = Table("customer", "agent", "bound by", "bound at")
+        for row in rows:
+            table.add_row(
+                row["customer"],
+                plain(f"{row['agent_name']} ({row['agent_id']})"),
+                plain(row["bound_by"]),
+                f"{row['bound_at']:%Y-%m-%d %H:%M}",
+            )
+    console.print(table)

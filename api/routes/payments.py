@@ -23,7 +23,7 @@ from api.models import (
     wait_is_over,
 )
 from api.waiters import StatusHub
-from tasks import payments
+from tasks import customers, payments
 from tasks.agents import Agent
 from tasks.app import defer
 from tasks.db import Conn
@@ -59,13 +59,43 @@ def _payment(row: payments.Payment) -> Payment:
     "",
     status_code=202,
     response_model=Payment,
-    responses=responses(400, 401, 409, 413, 429, 500),
+    responses=responses(
+        400,
+        401,
+        403,
+        409,
+        413,
+        429,
+        500,
+        described={
+            403: "The `customer` is bound to another agent (or to none, where only "
+            "operators bind Customers): `customer_not_allowed`"
+        },
+    ),
 )
-async def create_payment(body: PaymentCreate, agent: AgentDep, idem: IdempotencyDep) -> Response:
+async def create_payment(
+    body: PaymentCreate, agent: AgentDep, idem: IdempotencyDep, request: Request
+) -> Response:
     """Record a payment and enqueue its pricing, atomically. The pipeline runs from there.
 
-    Send an `Idempotency-Key` to make retries safe: a retry gets the first response back."""
+    Send an `Idempotency-Key` to make retries safe: a retry gets the first response back.
+    A `customer` belongs to one agent: the first whose payment names it, or the one an
+    operator bound it to; another agent naming it gets a 403 `customer_not_allowed` (not
+    stored under the key: once an operator binds it to you, the same request goes through)."""
+    # The refusal below is no stored answer: the transaction, key included, rolls back.
     async with idem.transaction(may_refuse=False) as conn:
+        if body.customer is not None and not agent.is_operator:
+            binding = request.app.state.settings.customer_binding
+            if not await customers.may_use(conn, body.customer, agent.id, binding):
+                raise ApiError(
+                    403,
+                    "customer_not_allowed",
+                    f"Customer {body.customer} is bound to another agent"
+                    if binding == "first_use"
+                    else f"Customer {body.customer} is not bound to this agent",
+                    type_="permission_error",
+                    param="customer",
+                )
         payment = await payments.insert(
             conn,
             agent_id=agent.id,
