@@ -24,7 +24,7 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
@@ -317,7 +317,7 @@ def _list_params(
     limit: int,
     starting_after: str | None,
     ending_before: str | None,
-    status: str | None,
+    status: str | Sequence[str] | None,
     created_gte: datetime | None,
     created_lte: datetime | None,
 ) -> dict[str, Any]:
@@ -325,7 +325,8 @@ def _list_params(
     for name, value in (
         ("starting_after", starting_after),
         ("ending_before", ending_before),
-        ("status", status),
+        # Several states: `status=a&status=b` (httpx sends a list so), payments in any of them.
+        ("status", status if status is None or isinstance(status, str) else list(status)),
         ("created[gte]", created_gte.isoformat() if created_gte else None),
         ("created[lte]", created_lte.isoformat() if created_lte else None),
     ):
@@ -480,7 +481,7 @@ class AsyncAgentPay(_Base):
         limit: int = 10,
         starting_after: str | None = None,
         ending_before: str | None = None,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         created_gte: datetime | None = None,
         created_lte: datetime | None = None,
     ) -> PaymentList:
@@ -719,7 +720,7 @@ class AgentPay(_Base):
         limit: int = 10,
         starting_after: str | None = None,
         ending_before: str | None = None,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         created_gte: datetime | None = None,
         created_lte: datetime | None = None,
     ) -> PaymentList:

@@ -72,6 +72,9 @@ _DESCRIPTIONS = {
     "Retry-After seconds, with the same Idempotency-Key",
 }
 
+# FastAPI's 400 for a body its JSON parser raised on with anything but a syntax error.
+_BODY_UNREADABLE = "There was an error parsing the body"
+
 # How long a client should wait before trying again after a 503.
 RETRY_AFTER_SECONDS = 1
 
@@ -100,6 +103,8 @@ def responses(
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:
+    if loc[:1] in (("query",), ("header",)) and len(loc) > 1:
+        return str(loc[1])  # `status`, not `status.0`, for the first value of a list
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 
@@ -141,6 +146,9 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_, code = _STATUS_CODES.get(exc.status_code, ("api_error", "error"))
         message = exc.detail if isinstance(exc.detail, str) else code
+        if (exc.status_code, message) == (400, _BODY_UNREADABLE):
+            # JSON Python will not read, e.g. an integer of more than 4,300 digits.
+            code, message = "body_invalid", "The body could not be read as JSON."
         return JSONResponse(
             error_body(type_, code, message),
             status_code=exc.status_code,

@@ -124,9 +124,12 @@ def _json_number(text: str) -> Any:
 def fingerprint(method: str, path: str, body: bytes) -> bytes:
     """SHA-256 of the request: method, path and the JSON body with its keys sorted and whole
     numbers as integers (so the same parameters in another order, spacing or spelling —
-    `2000.0` — are the same request); no body is the empty object, as validation reads it."""
+    `2000.0` — are the same request); no body, and `null`, are the empty object, as validation
+    reads them."""
     try:
         parsed = json.loads(body, parse_float=_json_number) if body.strip() else {}
+        if parsed is None:  # `null` is read as no body (refunds, cancels): the same request
+            parsed = {}
         canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":"))
         content = canonical.encode()
     # Not JSON, or nested too deep for the parser: the bytes as they are. (api/limits.py

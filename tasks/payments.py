@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from psycopg import sql
@@ -275,14 +276,15 @@ async def page(
     *,
     agent_id: str | None,
     limit: int,
-    status: str | None = None,
+    status: Sequence[str] | None = None,
     created: dict[str, Any] | None = None,
     starting_after: Payment | None = None,
     ending_before: Payment | None = None,
 ) -> tuple[list[Payment], bool]:
     """One page of payments, newest first (by created_at, then id), and whether more follow.
 
-    With `agent_id` only that agent's; `created` bounds created_at (keys gte, gt, lte, lt);
+    With `agent_id` only that agent's; `status`: only in one of those states; `created`
+    bounds created_at (keys gte, gt, lte, lt);
     `starting_after` pages on to older payments than that one, `ending_before` back to newer
     ones (the page is still newest first); with both, the page walks down from
     `starting_after` and stops at `ending_before`."""
@@ -291,9 +293,9 @@ async def page(
     if agent_id is not None:
         conditions.append(sql.SQL("agent_id = %(agent_id)s"))
         params["agent_id"] = agent_id
-    if status is not None:
-        conditions.append(sql.SQL("status = %(status)s"))
-        params["status"] = status
+    if status:
+        conditions.append(sql.SQL("status = ANY(%(status)s)"))
+        params["status"] = list(status)
     operators = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
     for bound, value in (created or {}).items():
         if value is not None:

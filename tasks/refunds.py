@@ -87,10 +87,10 @@ async def request_refund(
         - payment["amount_refunded"]
         - await pending_amount(conn, payment["id"])
     )
+    if remaining <= 0:
+        # Whatever amount was asked for, the payment's state is what is wrong.
+        raise ValueError("Nothing remains to refund on this payment.")
     if amount is None:
-        if remaining <= 0:
-            # Nothing asked for in particular: the payment's state is what is wrong.
-            raise ValueError("Nothing remains to refund on this payment.")
         amount = remaining
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise RefundAmountError("The refund amount must be a positive integer (minor units).")

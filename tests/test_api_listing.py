@@ -430,3 +430,52 @@ async def test_rate_limits_are_per_agent_and_shared_by_api_processes(
         cur = await conn.execute("SELECT count(*) AS n FROM payment_jobs")
         row = await cur.fetchone()
     assert row is not None and row["n"] == 1
+
+
+async def test_a_list_takes_several_states_and_refuses_what_it_would_ignore(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """An agent asking for `status=failed&status=canceled`, or misspelling `created[gte]`,
+    must not get a page it did not ask for without being told."""
+    created = await create_many(api, agent_key, 3)
+    async with pool.connection() as conn, conn.transaction():
+        for row, to in ((created[0], "canceled"), (created[1], "rejected")):
+            payment = await payments.lock(conn, row["id"])
+            assert payment is not None
+            await payments.transition(conn, payment, to, actor="test")
+
+    async def get(query: str) -> httpx.Response:
+        return await api.get(f"/v1/payments?{query}", headers=auth(agent_key))
+
+    both = await get("status=canceled&status=rejected")
+    assert both.status_code == 200, both.text
+    assert [p["id"] for p in both.json()["data"]] == [created[1]["id"], created[0]["id"]]
+
+    for query, param, code in (
+        ("created[ge]=2024-01-01", "created[ge]", "parameter_unknown"),
+        ("foo=bar", "foo", "parameter_unknown"),
+        ("limit=1&limit=2", "limit", "parameter_invalid"),
+        ("starting_after=pay_1&starting_after=pay_2", "starting_after", "parameter_invalid"),
+    ):
+        response = await get(query)
+        assert response.status_code == 400, (query, response.text)
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == (code, param), query
+    # The same on other routes: a wait, the balance.
+    wait = await api.get(
+        f"/v1/payments/{created[2]['id']}/wait?timeout=1&statuses=canceled", headers=auth(agent_key)
+    )
+    assert wait.status_code == 400 and wait.json()["error"]["param"] == "statuses", wait.text
+    balance = await api.get("/v1/balance?currency=usd", headers=auth(agent_key))
+    assert balance.status_code == 400 and balance.json()["error"]["param"] == "currency"
+
+
+async def test_both_cursors_bound_one_page(api: httpx.AsyncClient, agent_key: str) -> None:
+    ids = [p["id"] for p in await create_many(api, agent_key, 5)][::-1]  # newest first
+    page = await api.get(
+        "/v1/payments",
+        params={"starting_after": ids[0], "ending_before": ids[4], "limit": 10},
+        headers=auth(agent_key),
+    )
+    assert page.status_code == 200, page.text
+    assert [p["id"] for p in page.json()["data"]] == ids[1:4]

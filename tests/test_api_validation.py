@@ -187,6 +187,48 @@ async def test_a_refund_with_a_null_amount_is_refused_not_taken_as_all(
     assert "anyOf" not in schema["properties"]["amount"]  # not documented as nullable
 
 
+async def test_a_null_body_is_the_same_request_as_no_body(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    """Validation reads `null` as no body (a cancel, a refund of all that remains), so the
+    idempotency fingerprint must too: a retry sending `null` replays, not a 409."""
+    created = (await api.post("/v1/payments", json=GOOD, headers=auth(agent_key))).json()
+    headers = {**auth(agent_key), "Idempotency-Key": "cancel-once"}
+    path = f"/v1/payments/{created['id']}/cancel"
+    first = await api.post(path, headers=headers)
+    assert first.status_code == 202, first.text
+    again = await api.post(
+        path, content=b"null", headers={**headers, "Content-Type": "application/json"}
+    )
+    assert again.status_code == 202, again.text
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert again.content == first.content
+
+
+async def test_a_number_too_long_to_read_is_an_invalid_body(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    body = b'{"amount": ' + b"9" * 5000 + b', "currency": "usd", "payment_method": "pm_card_visa"}'
+    response = await api.post(
+        "/v1/payments",
+        content=body,
+        headers={**auth(agent_key), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "body_invalid"
+
+
+async def test_a_trailing_slash_is_a_404_not_a_redirect(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """A redirect would have a client resend its POST (or turn it into a GET)."""
+    response = await api.post("/v1/payments/", json=GOOD, headers=auth(agent_key))
+    assert_error_shape(response, 404, ())
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM payment_jobs")
+        assert await cur.fetchone() == {"n": 0}
+
+
 async def test_currency_exponents_are_respected(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:

@@ -425,6 +425,12 @@ async def test_refund_amounts_follow_the_currency_and_nothing_left_is_a_conflict
     again = await api.post(f"/v1/payments/{kwd['id']}/refunds", headers=auth(agent_key))
     assert again.status_code == 409, again.text
     assert again.json()["error"]["param"] is None
+    # Whatever amount is asked for then: the same answer, the state is what is wrong.
+    some = await api.post(
+        f"/v1/payments/{kwd['id']}/refunds", json={"amount": 10}, headers=auth(agent_key)
+    )
+    assert some.status_code == 409, some.text
+    assert some.json()["error"]["code"] == again.json()["error"]["code"]
     async with pool.connection() as conn:
         assert [r["amount"] for r in await refunds.for_payment(conn, kwd["id"])] == [2000]
 

@@ -173,7 +173,10 @@ async def list_payments(
         str | None,
         Query(max_length=64, description="A payment id: the page ends before it (newer)"),
     ] = None,
-    status: Annotated[PaymentStatus | None, Query(description="Only in this state")] = None,
+    status: Annotated[
+        list[PaymentStatus] | None,
+        Query(description="Only in this state (repeat it for any of several)"),
+    ] = None,
     created_gte: Annotated[Timestamp | None, Query(alias="created[gte]")] = None,
     created_gt: Annotated[Timestamp | None, Query(alias="created[gt]")] = None,
     created_lte: Annotated[Timestamp | None, Query(alias="created[lte]")] = None,
@@ -183,7 +186,9 @@ async def list_payments(
 
     Page on with `starting_after` = the last id of a page while `has_more` is true; page back
     with `ending_before` = the first id of a page (a cursor that names no payment of yours is a
-    404). `created` bounds take ISO 8601 timestamps (UTC when no zone is given), ISO 8601
+    404); with both, the page walks down from `starting_after` and stops before
+    `ending_before`. `status` may be repeated (`status=failed&status=canceled`: either).
+    `created` bounds take ISO 8601 timestamps (UTC when no zone is given), ISO 8601
     dates (`2024-02-28`: its midnight UTC) or whole Unix seconds."""
     created = {
         "gte": _utc(created_gte),

@@ -1,0 +1,58 @@
+"""Query strings are checked as strictly as bodies: on `/v1` routes a parameter the route does
+not take (`created[ge]` for `created[gte]`, `foo`) is a 400 `parameter_unknown`, and a
+parameter that takes one value given twice (`status=failed&status=canceled` where only one
+state is filtered on) is a 400 `parameter_invalid` — FastAPI would silently drop the one and
+keep the last of the other, and an agent would read a page it did not ask for."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from typing import Annotated, Any, Union, get_args, get_origin
+
+from fastapi import Request
+from fastapi.dependencies.models import Dependant
+
+from api.errors import ApiError
+
+_MANY = (list, tuple, set, frozenset)
+
+
+def _takes_many(annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin in _MANY:
+        return True
+    if origin is Annotated:
+        return _takes_many(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return any(_takes_many(arg) for arg in get_args(annotation))
+    return False
+
+
+def _parameters(dependant: Dependant) -> Iterator[tuple[str, bool]]:
+    for field in dependant.query_params:
+        yield field.alias, _takes_many(field.field_info.annotation)
+    for sub in dependant.dependencies:
+        yield from _parameters(sub)
+
+
+async def known_query_parameters(request: Request) -> None:
+    """An app-wide dependency: refuses unknown and repeated query parameters (module doc)."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not getattr(route, "path", "").startswith("/v1/"):
+        return
+    taken = dict(_parameters(dependant))
+    seen: set[str] = set()
+    for name, _ in request.query_params.multi_items():
+        if name not in taken:
+            known = ", ".join(sorted(taken)) or "none"
+            raise ApiError(
+                400,
+                "parameter_unknown",
+                f"Unknown query parameter {name!r} (this route takes: {known})",
+                param=name,
+            )
+        if name in seen and not taken[name]:
+            raise ApiError(400, "parameter_invalid", f"{name}: give it once", param=name)
+        seen.add(name)
