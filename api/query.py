@@ -12,10 +12,13 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from fastapi import Request
 from fastapi.dependencies.models import Dependant
+from fastapi.routing import APIRoute
 
 from api.errors import ApiError
 
 _MANY = (list, tuple, set, frozenset)
+# Per route (path and methods): its query parameters, and whether each takes several values.
+_taken: dict[tuple[str, frozenset[str]], dict[str, bool]] = {}
 
 
 def _takes_many(annotation: Any) -> bool:
@@ -38,11 +41,15 @@ def _parameters(dependant: Dependant) -> Iterator[tuple[str, bool]]:
 
 async def known_query_parameters(request: Request) -> None:
     """An app-wide dependency: refuses unknown and repeated query parameters (module doc)."""
+    if not request.scope.get("query_string"):
+        return  # most requests (every POST of an agent): nothing to look at
     route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None or not getattr(route, "path", "").startswith("/v1/"):
+    if not isinstance(route, APIRoute) or not route.path.startswith("/v1/"):
         return
-    taken = dict(_parameters(dependant))
+    key = (route.path, frozenset(route.methods or ()))
+    taken = _taken.get(key)
+    if taken is None:
+        taken = _taken[key] = dict(_parameters(route.dependant))
     seen: set[str] = set()
     for name, _ in request.query_params.multi_items():
         if name not in taken:
