@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from api import errors, idempotency, metrics
 from api.limits import BodyLimits
-from api.query import known_query_parameters
 from api.routes import actions, health, ledger, ops, payments, prices, review, webhooks
 from api.routes import agents as agents_routes
 from tasks.db import Pool, open_pool
@@ -188,8 +187,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # the provider's signature), which no such request carries. A body of another type
         # is a 415 (api/limits.py).
         strict_content_type=False,
-        # Unknown or repeated query parameters are a 400, not ignored (api/query.py).
-        dependencies=[Depends(known_query_parameters)],
         # `/v1/payments/` is a 404 in the one error shape, not a redirect a client would
         # follow with its POST resent (or turned into a GET).
         redirect_slashes=False,

@@ -326,13 +326,19 @@ def _list_params(
         ("starting_after", starting_after),
         ("ending_before", ending_before),
         # Several states: `status=a&status=b` (httpx sends a list so), payments in any of them.
-        ("status", status if status is None or isinstance(status, str) else list(status)),
+        ("status", status if status is None or isinstance(status, str) else _states(status)),
         ("created[gte]", created_gte.isoformat() if created_gte else None),
         ("created[lte]", created_lte.isoformat() if created_lte else None),
     ):
         if value is not None:
             params[name] = value
     return params
+
+
+def _states(status: Sequence[str]) -> list[str]:
+    if not status:
+        raise ValueError("status: name at least one state, or leave it out")
+    return list(status)
 
 
 def _segment(value: str) -> str:

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import ratelimit
 from api.errors import ApiError
+from api.query import check_query
 from tasks import agents
 from tasks.db import Pool
 
@@ -62,7 +63,8 @@ async def current_agent(
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> agents.Agent:
     """The agent whose key is in `Authorization`, after it took a token from its rate limit
-    (api/ratelimit.py). 401 without a live key, 429 over the limit."""
+    (api/ratelimit.py). 401 without a live key, 429 over the limit, then 400 for a query
+    parameter the route does not take (api/query.py)."""
     key = presented_key(request)
     if key is None:
         basic = request.headers.get("authorization", "").lower().startswith("basic ")
@@ -91,6 +93,7 @@ async def current_agent(
             type_="authentication_error",
             headers=_challenge(request),
         )
+    check_query(request)
     return agent
 
 

@@ -185,8 +185,8 @@ class PaymentCreate(BaseModel):
         pattern=r"^cus_[A-Za-z0-9]+$",
         description="The provider's Customer the payment method belongs to (a saved card). "
         "Stripe requires it for a payment method attached to a Customer; one used without a "
-        "Customer cannot be used again. A Customer belongs to one agent: the first whose "
-        "payment names it, or the one an operator bound it to (403 customer_not_allowed).",
+        "Customer cannot be used again. A Customer belongs to the one agent an operator bound "
+        "it to; naming one not bound to you is a 403 customer_not_allowed.",
     )
     capture_method: Literal["automatic", "manual"] = "automatic"
     description: SafeText | None = Field(default=None, max_length=1000)

@@ -1,8 +1,10 @@
-"""Query strings are checked as strictly as bodies: on `/v1` routes a parameter the route does
-not take (`created[ge]` for `created[gte]`, `foo`) is a 400 `parameter_unknown`, and a
-parameter that takes one value given twice (`status=failed&status=canceled` where only one
-state is filtered on) is a 400 `parameter_invalid` — FastAPI would silently drop the one and
-keep the last of the other, and an agent would read a page it did not ask for."""
+"""Query strings are checked as strictly as bodies. On the routes that take a key (checked
+once the key is: api/deps.py) a parameter the route does not take (`created[ge]` for
+`created[gte]`, `foo`) is a 400 `parameter_unknown`, and one that takes a single value given
+twice (`limit=1&limit=2`) a 400 `parameter_invalid` — FastAPI would silently drop the one and
+keep the last of the other, and an agent would read a page it did not ask for. Provider
+webhooks take no key and are not checked: an endpoint may be registered with a query string
+of its own."""
 
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ def _parameters(dependant: Dependant) -> Iterator[tuple[str, bool]]:
         yield from _parameters(sub)
 
 
-async def known_query_parameters(request: Request) -> None:
-    """An app-wide dependency: refuses unknown and repeated query parameters (module doc)."""
+def check_query(request: Request) -> None:
+    """Refuse the request's unknown and repeated query parameters (module doc)."""
     if not request.scope.get("query_string"):
         return  # most requests (every POST of an agent): nothing to look at
     route = request.scope.get("route")

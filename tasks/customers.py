@@ -1,10 +1,14 @@
 """Who may charge a provider Customer's saved payment methods (`customer_owners`, 0017).
 
 Every agent charges through one provider account, where any Customer (`cus_…`) can be named
-by anyone who knows its id. So each Customer belongs to one agent: an operator binds it
-(`agentpay customers bind`), or — with `AGENTPAY_CUSTOMER_BINDING=first_use`, the default —
-the first agent whose payment names it gets it. A payment of another agent naming it is
-refused before anything is recorded. Operators' own payments may name any Customer."""
+by anyone who knows its id, and agentpay makes none itself: they come from wherever the
+cards were saved. So each Customer belongs to one agent, and a payment of another agent
+naming it is refused before anything is recorded. With `AGENTPAY_CUSTOMER_BINDING=operator`
+(the default) an operator binds it (`agentpay customers bind`), and a Customer bound to no
+agent may be named by none; with `first_use` the first agent whose payment names it gets it
+— for a fleet whose agents all act for the same owner, since any agent that learns an id
+first takes that card. Operators' own payments may name any Customer. Every change of owner
+is kept in `customer_owner_changes`."""
 
 from __future__ import annotations
 
@@ -31,10 +35,13 @@ async def may_use(conn: Conn, customer: str, agent_id: str, binding: Binding) ->
     is refused if it committed."""
     if binding == "first_use":
         cur = await conn.execute(
-            """INSERT INTO customer_owners (customer, agent_id, bound_by)
-               VALUES (%s, %s, 'agent:' || %s)
-               ON CONFLICT (customer) DO NOTHING RETURNING agent_id""",
-            (customer, agent_id, agent_id),
+            """WITH bound AS (
+                   INSERT INTO customer_owners (customer, agent_id, bound_by)
+                   VALUES (%(c)s, %(a)s, 'agent:' || %(a)s)
+                   ON CONFLICT (customer) DO NOTHING RETURNING customer, agent_id, bound_by)
+               INSERT INTO customer_owner_changes (customer, agent_id, actor)
+               SELECT customer, agent_id, bound_by FROM bound RETURNING agent_id""",
+            {"c": customer, "a": agent_id},
         )
         if await cur.fetchone():
             return True
@@ -50,23 +57,49 @@ async def bind(conn: Conn, customer: str, agent_id: str, *, actor: str) -> str |
         "SELECT agent_id FROM customer_owners WHERE customer = %s FOR UPDATE", (customer,)
     )
     before = await cur.fetchone()
+    previous = before["agent_id"] if before else None
+    if previous == agent_id:
+        return None
     await conn.execute(
         """INSERT INTO customer_owners (customer, agent_id, bound_by) VALUES (%s, %s, %s)
            ON CONFLICT (customer) DO UPDATE
               SET agent_id = EXCLUDED.agent_id, bound_by = EXCLUDED.bound_by, bound_at = now()""",
         (customer, agent_id, actor),
     )
-    previous = before["agent_id"] if before else None
-    return previous if previous != agent_id else None
+    await _record(conn, customer, agent_id, previous, actor)
+    return previous
 
 
-async def unbind(conn: Conn, customer: str) -> str | None:
+async def unbind(conn: Conn, customer: str, *, actor: str) -> str | None:
     """Take the Customer from its agent; returns that agent's id, None if it was unbound."""
     cur = await conn.execute(
         "DELETE FROM customer_owners WHERE customer = %s RETURNING agent_id", (customer,)
     )
     row = await cur.fetchone()
-    return row["agent_id"] if row else None
+    if row is None:
+        return None
+    await _record(conn, customer, None, row["agent_id"], actor)
+    return str(row["agent_id"])
+
+
+async def _record(
+    conn: Conn, customer: str, agent_id: str | None, previous: str | None, actor: str
+) -> None:
+    await conn.execute(
+        """INSERT INTO customer_owner_changes (customer, agent_id, previous_agent_id, actor)
+           VALUES (%s, %s, %s, %s)""",
+        (customer, agent_id, previous, actor),
+    )
+
+
+async def changes(conn: Conn, customer: str) -> list[dict[str, Any]]:
+    """Every change of the Customer's owner, oldest first."""
+    cur = await conn.execute(
+        """SELECT agent_id, previous_agent_id, actor, at FROM customer_owner_changes
+            WHERE customer = %s ORDER BY id""",
+        (customer,),
+    )
+    return await cur.fetchall()
 
 
 async def list_all(conn: Conn, *, agent_id: str | None = None) -> list[dict[str, Any]]:

@@ -149,10 +149,11 @@ class Settings(BaseSettings):
     # May an agent with no budget (never created with one, never funded) spend at all?
     allow_unbudgeted_spending: bool = True
     # Who binds a provider Customer (`cus_…`) to the one agent whose payments may name it
-    # (tasks/customers.py): "first_use", the first agent whose payment names it, or else an
-    # operator (`agentpay customers bind`); with "operator", only an operator does, and a
-    # payment naming an unbound Customer is refused.
-    customer_binding: Literal["first_use", "operator"] = "first_use"
+    # (tasks/customers.py): "operator" (`agentpay customers bind`; a payment naming an
+    # unbound Customer is refused), or "first_use": the first agent whose payment names it,
+    # for fleets whose agents all act for one owner (any agent that learns an id first gets
+    # that saved card).
+    customer_binding: Literal["operator", "first_use"] = "operator"
 
     # The agent-facing API (api/, docs/api.md).
     # Request bodies above this many bytes are refused with 413 before they are parsed

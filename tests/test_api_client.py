@@ -501,3 +501,15 @@ async def test_a_post_spelled_in_lowercase_still_carries_its_key() -> None:
     ) as client:
         await client.request("post", "/v1/agents/agt_x/deposits", json={"amount": 1})
     assert len(keys) == 2 and keys[0] is not None and keys[0] == keys[1]
+
+
+def test_a_list_of_no_states_is_refused_not_sent_as_no_filter() -> None:
+    """`status=[]` would send no `status` at all: every payment, not none."""
+    from api.client import _list_params
+
+    assert _list_params(10, None, None, ["failed", "canceled"], None, None)["status"] == [
+        "failed",
+        "canceled",
+    ]
+    with pytest.raises(ValueError, match="at least one state"):
+        _list_params(10, None, None, [], None, None)

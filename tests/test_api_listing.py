@@ -461,6 +461,9 @@ async def test_a_list_takes_several_states_and_refuses_what_it_would_ignore(
         assert response.status_code == 400, (query, response.text)
         error = response.json()["error"]
         assert (error["code"], error["param"]) == (code, param), query
+    # Without a key, a key is what is wrong.
+    anonymous = await api.get("/v1/payments?foo=bar")
+    assert anonymous.status_code == 401, anonymous.text
     # The same on other routes: a wait, the balance.
     wait = await api.get(
         f"/v1/payments/{created[2]['id']}/wait?timeout=1&statuses=canceled", headers=auth(agent_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,14 @@ async def cli(monkeypatch: pytest.MonkeyPatch, database_url: str, *args: str) ->
     return await asyncio.to_thread(invoke_cli, monkeypatch, list(args), database_url=database_url)
 
 
+@pytest.fixture
+async def first_use_api(settings: Settings, pool: Pool) -> AsyncIterator[httpx.AsyncClient]:
+    """The API with AGENTPAY_CUSTOMER_BINDING=first_use."""
+    first_use = settings.model_copy(update={"customer_binding": "first_use"})
+    async with in_process_api(first_use, pool) as (_, api):
+        yield api
+
+
 def refused_for_customer(response: httpx.Response) -> None:
     assert response.status_code == 403, response.text
     error = response.json()["error"]
@@ -68,11 +77,12 @@ def refused_for_customer(response: httpx.Response) -> None:
 
 
 async def test_the_first_agent_to_name_a_customer_gets_it_and_another_is_refused(
-    api: httpx.AsyncClient,
+    first_use_api: httpx.AsyncClient,
     pool: Pool,
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    api = first_use_api
     alice, alice_key = await new_agent(pool, "alice")
     bob, bob_key = await new_agent(pool, "bob")
 
@@ -114,17 +124,32 @@ async def test_the_first_agent_to_name_a_customer_gets_it_and_another_is_refused
     ]
 
     # Unbound, the next agent to name it gets it.
-    result = await cli(monkeypatch, database_url, "customers", "unbind", "cus_Alice1")
+    result = await cli(
+        monkeypatch, database_url, "customers", "unbind", "cus_Alice1", "--operator", "olga"
+    )
     assert result.exit_code == 0, result.output
     assert (await pay(api, alice_key, "cus_Alice1")).status_code == 202
     assert await owner(pool, "cus_Alice1") == alice
     missing = await cli(monkeypatch, database_url, "customers", "unbind", "cus_Nobody")
     assert missing.exit_code == 2, missing.output
 
+    # Every change of owner is kept: first use, the move, the unbind, first use again.
+    shown = await cli(monkeypatch, database_url, "customers", "show", "cus_Alice1", "--json")
+    assert shown.exit_code == 0, shown.output
+    history = json.loads(shown.output)
+    assert history["agent_id"] == alice
+    assert [(c["agent_id"], c["previous_agent_id"], c["actor"]) for c in history["changes"]] == [
+        (alice, None, f"agent:{alice}"),
+        (bob, alice, "operator:olga"),
+        (None, bob, "operator:olga"),
+        (alice, None, f"agent:{alice}"),
+    ]
+
 
 async def test_two_agents_naming_a_new_customer_at_once_one_gets_it(
-    api: httpx.AsyncClient, pool: Pool
+    first_use_api: httpx.AsyncClient, pool: Pool
 ) -> None:
+    api = first_use_api
     keys = {}
     for name in ("alice", "bob", "carol", "dave"):
         agent_id, key = await new_agent(pool, name)
@@ -139,9 +164,10 @@ async def test_two_agents_naming_a_new_customer_at_once_one_gets_it(
 
 
 async def test_a_payment_refused_later_leaves_the_customer_unbound(
-    api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
+    first_use_api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The binding is part of the payment's transaction: if that rolls back, so does it."""
+    api = first_use_api
     _, alice_key = await new_agent(pool, "alice")
     bob, bob_key = await new_agent(pool, "bob")
 
@@ -157,32 +183,32 @@ async def test_a_payment_refused_later_leaves_the_customer_unbound(
     assert await owner(pool, "cus_Rolled") == bob
 
 
-async def test_with_operator_binding_only_a_bound_customer_may_be_named(
-    settings: Settings,
+async def test_by_default_only_a_customer_an_operator_bound_may_be_named(
+    api: httpx.AsyncClient,
     pool: Pool,
     operator_key: str,
     database_url: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Customers are made outside agentpay: naming one first proves nothing, so by default
+    an operator says whose it is."""
     alice, alice_key = await new_agent(pool, "alice")
     _, bob_key = await new_agent(pool, "bob")
-    strict = settings.model_copy(update={"customer_binding": "operator"})
-    async with in_process_api(strict, pool) as (_, api):
-        refused = await pay(api, alice_key, "cus_Team7")
-        refused_for_customer(refused)
-        assert "not bound to this agent" in refused.json()["error"]["message"]
-        assert await owner(pool, "cus_Team7") is None
+    refused = await pay(api, alice_key, "cus_Team7")
+    refused_for_customer(refused)
+    assert "not bound to this agent" in refused.json()["error"]["message"]
+    assert await owner(pool, "cus_Team7") is None
 
-        result = await cli(monkeypatch, database_url, "customers", "bind", "cus_Team7", alice)
-        assert result.exit_code == 0, result.output
-        assert (await pay(api, alice_key, "cus_Team7")).status_code == 202
-        refused_for_customer(await pay(api, bob_key, "cus_Team7"))
+    result = await cli(monkeypatch, database_url, "customers", "bind", "cus_Team7", alice)
+    assert result.exit_code == 0, result.output
+    assert (await pay(api, alice_key, "cus_Team7")).status_code == 202
+    refused_for_customer(await pay(api, bob_key, "cus_Team7"))
 
-        # An operator's own payment may name any Customer, and binds none.
-        assert (await pay(api, operator_key, "cus_Team7")).status_code == 202
-        assert (await pay(api, operator_key, "cus_Free9")).status_code == 202
-        assert await owner(pool, "cus_Free9") is None
-        assert await owner(pool, "cus_Team7") == alice
+    # An operator's own payment may name any Customer, and binds none.
+    assert (await pay(api, operator_key, "cus_Team7")).status_code == 202
+    assert (await pay(api, operator_key, "cus_Free9")).status_code == 202
+    assert await owner(pool, "cus_Free9") is None
+    assert await owner(pool, "cus_Team7") == alice
 
     # The payments named by a bound Customer run as any other.
     await run_jobs(pool)
@@ -194,6 +220,11 @@ async def test_with_operator_binding_only_a_bound_customer_may_be_named(
 def test_bind_refuses_what_is_no_customer_or_no_live_agent(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO agents (id, name) VALUES ('agt_alice', 'alice');"
+            "INSERT INTO agents (id, name, revoked_at) VALUES ('agt_gone', 'gone', now())"
+        )
     result = invoke_cli(
         monkeypatch, ["customers", "bind", "pm_card_visa", "alice"], database_url=database_url
     )
@@ -203,11 +234,15 @@ def test_bind_refuses_what_is_no_customer_or_no_live_agent(
     )
     assert result.exit_code == 2, result.output
     assert "no live agent" in result.output
+    result = invoke_cli(
+        monkeypatch, ["customers", "bind", "cus_X1", "gone"], database_url=database_url
+    )
+    assert result.exit_code == 2, result.output
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM customer_owners").fetchone() == (0,)
 
 
-def test_the_migration_binds_each_customer_to_the_agent_that_named_it_first(
+def test_the_migration_binds_each_customer_to_the_live_agent_that_named_it_first(
     pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = pg_server.fresh_name()
@@ -222,13 +257,22 @@ def test_the_migration_binds_each_customer_to_the_agent_that_named_it_first(
         with psycopg.connect(url) as conn:
             conn.execute(
                 """INSERT INTO agents (id, name) VALUES ('agt_a', 'a'), ('agt_b', 'b');
+                   INSERT INTO agents (id, name, is_operator) VALUES ('agt_op', 'op', true);
+                   INSERT INTO agents (id, name, revoked_at) VALUES ('agt_old', 'old', now());
                    INSERT INTO payment_jobs (id, agent_id, currency, payment_method, customer,
                                              created_at, amount_requested)
                    VALUES ('pay_1', 'agt_b', 'usd', 'pm_card_visa', 'cus_Shared',
                            now() - interval '1 day', 100),
                           ('pay_2', 'agt_a', 'usd', 'pm_card_visa', 'cus_Shared', now(), 100),
                           ('pay_3', 'agt_a', 'usd', 'pm_card_visa', 'cus_OnlyA', now(), 100),
-                          ('pay_4', 'agt_a', 'usd', 'pm_card_visa', NULL, now(), 100)"""
+                          ('pay_4', 'agt_a', 'usd', 'pm_card_visa', NULL, now(), 100),
+                          -- an operator's and a revoked agent's payments came first: no owner
+                          ('pay_5', 'agt_op', 'usd', 'pm_card_visa', 'cus_Team',
+                           now() - interval '2 days', 100),
+                          ('pay_6', 'agt_old', 'usd', 'pm_card_visa', 'cus_Team',
+                           now() - interval '2 days', 100),
+                          ('pay_7', 'agt_a', 'usd', 'pm_card_visa', 'cus_Team', now(), 100),
+                          ('pay_8', 'agt_old', 'usd', 'pm_card_visa', 'cus_Old', now(), 100)"""
             )
         assert schema.migrate(url) == ["0017_customer_owners"]
         with psycopg.connect(url) as conn:
@@ -236,15 +280,23 @@ def test_the_migration_binds_each_customer_to_the_agent_that_named_it_first(
                 "SELECT customer, agent_id, bound_by FROM customer_owners ORDER BY customer"
             ).fetchall()
         assert rows == [
-            ("cus_OnlyA", "agt_a", "agent:agt_a"),
-            ("cus_Shared", "agt_b", "agent:agt_b"),
+            ("cus_OnlyA", "agt_a", "migration"),
+            ("cus_Shared", "agt_b", "migration"),
+            ("cus_Team", "agt_a", "migration"),
         ]
+        with psycopg.connect(url) as conn:
+            changes = conn.execute(
+                "SELECT customer, agent_id, actor FROM customer_owner_changes ORDER BY customer"
+            ).fetchall()
+        assert changes == [(c, a, "migration") for c, a, _ in rows]
         shared = invoke_cli(
             monkeypatch, ["customers", "list", "--shared", "--json"], database_url=url
         )
         assert shared.exit_code == 0, shared.output
         assert [(r["customer"], r["agent_id"], r["others"]) for r in json.loads(shared.output)] == [
-            ("cus_Shared", "agt_b", ["agt_a"])
+            ("cus_Old", None, ["agt_old"]),
+            ("cus_Shared", "agt_b", ["agt_a"]),
+            ("cus_Team", "agt_a", ["agt_old", "agt_op"]),
         ]
     finally:
         pg_server.drop(name)

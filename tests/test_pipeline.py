@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tasks import agents, charge, payments, pricing, reconcile, risk
+from tasks import agents, charge, customers, payments, pricing, reconcile, risk
 from tasks.db import Pool
 from tests.conftest import async_wait_for, auth, run_jobs
 
@@ -90,6 +90,11 @@ async def test_a_payment_names_the_customer_its_saved_card_belongs_to(
     """Stripe refuses a payment method attached to a Customer without that Customer (and one
     used without a Customer cannot be used again): the payment carries `customer` to the
     PaymentIntent it creates. Anything but a Customer id is refused before it is recorded."""
+    async with pool.connection() as conn, conn.transaction():
+        agent = await conn.execute("SELECT id FROM agents WHERE name = 'agent-a'")
+        row = await agent.fetchone()
+        assert row is not None
+        await customers.bind(conn, "cus_Saved42", row["id"], actor="operator:test")
     created = await create(api, agent_key, customer="cus_Saved42")
     assert created["customer"] == "cus_Saved42"
     await run_jobs(pool)

@@ -1,5 +1,5 @@
 """Operators' commands: `agentpay status`, `agentpay payments show|cancel`, `agentpay jobs
-retry|cancel`, `agentpay mismatches resolve`, `agentpay customers bind|unbind|list`. Each
+retry|cancel`, `agentpay mismatches resolve`, `agentpay customers bind|unbind|show|list`. Each
 action is recorded as `operator:<name>` (the OS user, or --operator)."""
 
 from __future__ import annotations
@@ -268,16 +268,50 @@ def customers_bind(
 
 
 @customers_app.command("unbind")
-def customers_unbind(customer: CustomerId, data_dir: DataDir = None) -> None:
-    """Take CUSTOMER from its agent. With AGENTPAY_CUSTOMER_BINDING=first_use the next agent
-    whose payment names it gets it; with `operator`, no agent's payment may name it."""
+def customers_unbind(
+    customer: CustomerId, operator: Operator = None, data_dir: DataDir = None
+) -> None:
+    """Take CUSTOMER from its agent: no agent's payment may name it then (with
+    AGENTPAY_CUSTOMER_BINDING=first_use, the next agent whose payment names it gets it)."""
     from tasks import customers
 
     _check_customer(customer)
-    previous = on_database(data_dir, lambda conn: customers.unbind(conn, customer))
+    actor = operator_actor(operator)
+    previous = on_database(data_dir, lambda conn: customers.unbind(conn, customer, actor=actor))
     if previous is None:
         raise fail(f"{customer} is bound to no agent", NOT_FOUND)
     console.print(plain(f"{customer} unbound (was {previous})"))
+
+
+@customers_app.command("show")
+def customers_show(customer: CustomerId, as_json: AsJson = False, data_dir: DataDir = None) -> None:
+    """CUSTOMER's agent now, and every change of its owner: who bound, moved or unbound it,
+    when."""
+    from tasks import customers
+
+    _check_customer(customer)
+
+    async def work(conn: Any) -> dict[str, Any]:
+        return {
+            "customer": customer,
+            "agent_id": await customers.owner(conn, customer),
+            "changes": await customers.changes(conn, customer),
+        }
+
+    found = on_database(data_dir, work, transaction=False)
+    if as_json:
+        typer.echo(dump_json(found))
+        return
+    console.print(plain(f"{customer}: bound to {found['agent_id'] or 'no agent'}"))
+    table = Table("at", "agent", "before", "by")
+    for change in found["changes"]:
+        table.add_row(
+            f"{change['at']:%Y-%m-%d %H:%M:%S}",
+            plain(change["agent_id"] or "(unbound)"),
+            plain(change["previous_agent_id"]),
+            plain(change["actor"]),
+        )
+    console.print(table)
 
 
 @customers_app.command("list")

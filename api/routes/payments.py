@@ -68,8 +68,8 @@ def _payment(row: payments.Payment) -> Payment:
         429,
         500,
         described={
-            403: "The `customer` is bound to another agent (or to none, where only "
-            "operators bind Customers): `customer_not_allowed`"
+            403: "The `customer` is not bound to this agent (an operator binds it): "
+            "`customer_not_allowed`"
         },
     ),
 )
@@ -79,9 +79,9 @@ async def create_payment(
     """Record a payment and enqueue its pricing, atomically. The pipeline runs from there.
 
     Send an `Idempotency-Key` to make retries safe: a retry gets the first response back.
-    A `customer` belongs to one agent: the first whose payment names it, or the one an
-    operator bound it to; another agent naming it gets a 403 `customer_not_allowed` (not
-    stored under the key: once an operator binds it to you, the same request goes through)."""
+    A `customer` belongs to the one agent an operator bound it to; naming one not bound to
+    you is a 403 `customer_not_allowed` (not stored under the key: once an operator binds it
+    to you, the same request goes through)."""
     # The refusal below is no stored answer: the transaction, key included, rolls back.
     async with idem.transaction(may_refuse=False) as conn:
         if body.customer is not None and not agent.is_operator:
