@@ -210,7 +210,7 @@ class SnapshotCollector(Collector):
             "scheduled": "Jobs waiting for a later time (retries, re-checks)",
             "running": "Jobs a worker holds",
             "oldest_waiting_seconds": "Age of the oldest job due and waiting",
-            "failed_last_hour": "Jobs that failed for good in the last hour",
+            "failed_last_hour": "Jobs failed for good in the last hour, their work not done since",
         }
         for column, text in gauges.items():
             name = (
