@@ -286,10 +286,14 @@ async def test_an_operator_resolves_a_mismatch_and_it_leaves_the_open_ones(
             invoke_cli, monkeypatch, ["mismatches", *args], database_url=database_url
         )
 
+    # A difference about money is not closed without saying what was done about it.
+    for blank in ((), ("--reason", " ")):
+        unexplained = await cli("resolve", str(first), *blank)
+        assert unexplained.exit_code == 2, unexplained.output
     done = await cli("resolve", str(first), "--operator", "alice", "--reason", "refunded by hand")
     assert done.exit_code == 0, done.output
-    assert (await cli("resolve", str(first))).exit_code == 1  # resolved already: refused
-    assert (await cli("resolve", "999999")).exit_code == 2
+    assert (await cli("resolve", str(first), "--reason", "x")).exit_code == 1  # resolved already
+    assert (await cli("resolve", "999999", "--reason", "x")).exit_code == 2
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT id FROM ops_reconcile_mismatches")
         assert [r["id"] for r in await cur.fetchall()] == [second]
@@ -314,12 +318,18 @@ async def test_an_operator_resolves_a_mismatch_and_it_leaves_the_open_ones(
         ]
 
     url = f"/v1/ops/mismatches/{second}/resolve"
+    for body in (None, {}, {"reason": ""}):
+        unexplained = await api.post(url, json=body, headers=auth(operator_key))
+        assert unexplained.status_code == 400, unexplained.text
+        assert unexplained.json()["error"]["param"] in ("reason", None), unexplained.text
     over_http = await api.post(url, json={"reason": "provider right"}, headers=auth(operator_key))
     assert over_http.status_code == 200, over_http.text
     assert over_http.json()["resolved_by"].startswith("operator:")
-    again = await api.post(url, headers=auth(operator_key))
+    again = await api.post(url, json={"reason": "x"}, headers=auth(operator_key))
     assert again.status_code == 409, again.text
-    missing = await api.post("/v1/ops/mismatches/999999/resolve", headers=auth(operator_key))
+    missing = await api.post(
+        "/v1/ops/mismatches/999999/resolve", json={"reason": "x"}, headers=auth(operator_key)
+    )
     assert missing.status_code == 404, missing.text
     metrics = _metrics((await api.get("/metrics")).text)
     assert metrics[("agentpay_reconcile_mismatches_total", ())] == 2
@@ -509,6 +519,26 @@ def test_a_database_that_does_not_answer_is_exit_3(
     assert "Traceback" not in result.output
 
 
+def test_a_command_with_no_database_says_why_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool's warning for each failed attempt is not printed (an operator saw six of
+    them, with the URL); the one line says the last attempt's reason, password scrubbed."""
+    import workers.cli_common
+
+    monkeypatch.setattr(workers.cli_common, "CONNECT_SECONDS", 1.5)
+    result = invoke_cli(
+        monkeypatch,
+        ["jobs", "retry", "5", "--data-dir", str(tmp_path)],
+        database_url=f"postgresql://nobody:hunter2@127.0.0.1:{free_port()}/none",
+    )
+    assert result.exit_code == 3, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("The database is not available") and "refused" in lines[0]
+    assert "hunter2" not in result.output
+
+
 def test_a_command_held_up_by_a_lock_gives_up_with_exit_3(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -615,6 +645,58 @@ async def test_an_agents_text_is_printed_as_text_never_as_markup_or_escape_codes
     assert result.exit_code == 0, result.output
     assert "oops [/] [bold]x \ufffd]52;c;cHduZWQ=\ufffd \ufffd[2J\ufffd" in result.output
     assert "\x1b" not in result.output and "\x07" not in result.output
+
+
+async def test_a_jobs_error_is_shown_to_operators_not_to_the_agent(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    operator_key: str,
+    pool: Pool,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A failed job's message may quote the database or the provider: the agent sees which
+    step failed and the error's type, as with a 500; `payments show` prints the message in
+    the event's row (it was only in --json)."""
+    payment_id = (await create(api, agent_key))["id"]
+    async with pool.connection() as conn, conn.transaction():
+        payment = await payments.get(conn, payment_id)
+        assert payment is not None
+        await payments.record_event(
+            conn,
+            payment,
+            "job_failed",
+            actor="worker:charge",
+            reason="charge job failed for good",
+            data={
+                "job_id": 7,
+                "role": "charge",
+                "error_type": "IdempotencyError",
+                "error": "Keys for idempotent requests can only be used once",
+            },
+        )
+
+    async def failed_event(key: str) -> dict[str, Any]:
+        events = await api.get(f"/v1/payments/{payment_id}/events", headers=auth(key))
+        assert events.status_code == 200, events.text
+        return next(e for e in events.json()["data"] if e["type"] == "job_failed")
+
+    seen_by_agent = await failed_event(agent_key)
+    assert seen_by_agent["data"] == {
+        "job_id": 7,
+        "role": "charge",
+        "error_type": "IdempotencyError",
+    }
+    assert "can only be used once" in (await failed_event(operator_key))["data"]["error"]
+    result = await asyncio.to_thread(
+        invoke_cli,
+        monkeypatch,
+        ["payments", "show", payment_id],
+        database_url=database_url,
+        env={"COLUMNS": "400"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "IdempotencyError: Keys for idempotent requests can only be used once" in result.output
 
 
 async def test_cli_cancel_of_an_authorized_payment_says_it_is_asked_of_the_provider(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import os
 import re
 import signal
@@ -22,6 +23,7 @@ from rich.text import Text
 
 from tasks.db import Conn, open_pool
 from tasks.settings import NoDatabase, Settings, get_settings
+from workers.logs import scrub
 
 T = TypeVar("T")
 
@@ -55,6 +57,8 @@ NO_DATABASE = 3
 # A command waits at most this long for a row lock (an operator's open `psql` transaction,
 # a worker's step), then gives up with exit code 3 instead of hanging.
 CLI_SESSION = {"lock_timeout": "5s"}
+# How long a command tries to reach the database before it gives up (exit 3).
+CONNECT_SECONDS = 10.0
 
 
 # C0 and C1 control characters but tab and newline: terminal escape sequences start there.
@@ -138,33 +142,56 @@ def settings_for(data_dir: Path | None) -> Settings:
 def database_errors() -> Iterator[None]:
     """No database configured, none answering (10 s), one without agentpay's schema, or a
     transient refusal (lock or statement timeout, serialization failure): one line on stderr
-    and exit code 3. The
-    command's transaction was rolled back — unless the connection broke during its commit,
-    when it may have gone through: look before running a deposit or a create again."""
+    and exit code 3. The command's transaction was rolled back — unless the connection broke
+    during its commit, when it may have gone through: look before running a deposit or a
+    create again. The pool's own warnings (one per failed connection attempt) are not
+    printed: the last one's reason ends that line instead."""
+    with _pool_warnings_kept() as warnings:
+        try:
+            yield
+        except psycopg.errors.LockNotAvailable as error:
+            say_error(
+                f"Another transaction holds a row this command needs (for over "
+                f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again."
+            )
+            raise typer.Exit(NO_DATABASE) from error
+        except (
+            psycopg.errors.UndefinedTable,
+            psycopg.errors.UndefinedColumn,
+            psycopg.errors.UndefinedFunction,
+        ) as error:
+            first_line = str(error).splitlines()[0]
+            if isinstance(error, psycopg.errors.UndefinedFunction) and not _OURS.search(first_line):
+                raise  # a function we do not ship: a bug (a type mismatch), no missing schema
+            say_error(
+                f"The database lacks agentpay's schema, or this release's migrations "
+                f"({first_line}): run `agentpay migrate`."
+            )
+            raise typer.Exit(NO_DATABASE) from error
+        except (NoDatabase, psycopg.OperationalError) as error:
+            last = f" (last attempt: {scrub(warnings[-1]).splitlines()[0]})" if warnings else ""
+            say_error(f"The database is not available: {error}{last}")
+            raise typer.Exit(NO_DATABASE) from error
+
+
+@contextmanager
+def _pool_warnings_kept() -> Iterator[list[str]]:
+    """psycopg.pool's warnings kept in a list, not printed, for as long as this lasts."""
+    logger = logging.getLogger("psycopg.pool")
+    kept: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            kept.append(record.getMessage())
+
+    handler, propagate = Keep(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
     try:
-        yield
-    except psycopg.errors.LockNotAvailable as error:
-        say_error(
-            f"Another transaction holds a row this command needs (for over "
-            f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again."
-        )
-        raise typer.Exit(NO_DATABASE) from error
-    except (
-        psycopg.errors.UndefinedTable,
-        psycopg.errors.UndefinedColumn,
-        psycopg.errors.UndefinedFunction,
-    ) as error:
-        first_line = str(error).splitlines()[0]
-        if isinstance(error, psycopg.errors.UndefinedFunction) and not _OURS.search(first_line):
-            raise  # a function we do not ship: a bug (a type mismatch), not a missing schema
-        say_error(
-            f"The database lacks agentpay's schema, or this release's migrations "
-            f"({first_line}): run `agentpay migrate`."
-        )
-        raise typer.Exit(NO_DATABASE) from error
-    except (NoDatabase, psycopg.OperationalError) as error:
-        say_error(f"The database is not available: {error}")
-        raise typer.Exit(NO_DATABASE) from error
+        yield kept
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
 
 
 # Functions a migration installs (procrastinate's, and agentpay's own): one missing means a
@@ -180,7 +207,9 @@ def on_database(
 
     async def run() -> T:
         url = settings.resolved_database_url()
-        async with open_pool(url, min_size=1, max_size=1, timeout=10, session=CLI_SESSION) as pool:
+        async with open_pool(
+            url, min_size=1, max_size=1, timeout=CONNECT_SECONDS, session=CLI_SESSION
+        ) as pool:
             async with pool.connection() as conn:
                 if not transaction:
                     return await work(conn)

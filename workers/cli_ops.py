@@ -97,9 +97,13 @@ def payments_show(
     for column in ("at", "type", "from", "to", "actor", "reason"):
         events.add_column(column)
     for e in found["events"]:
+        reason = e["reason"]
+        if e["type"] == "job_failed" and e["data"].get("error"):
+            reason = f"{reason}: {e['data'].get('error_type')}: {e['data']['error']}"
         events.add_row(
             f"{e['created_at']:%H:%M:%S.%f}"[:-3],
-            *(plain(e[k]) for k in ("type", "from_status", "to_status", "actor", "reason")),
+            *(plain(e[k]) for k in ("type", "from_status", "to_status", "actor")),
+            plain(reason),
         )
     console.print(events)
     _print_rows(
@@ -201,8 +205,11 @@ def mismatches_resolve(
     mismatch_id: Annotated[
         int, typer.Argument(help="The mismatch's id (ops_reconcile_mismatches.id)")
     ],
+    reason: Annotated[
+        str,
+        typer.Option("--reason", help="What was done about it (required; kept with it)"),
+    ],
     operator: Operator = None,
-    reason: Reason = None,
     data_dir: DataDir = None,
 ) -> None:
     """Mark a reconcile mismatch settled once you have dealt with it (say how with --reason):
@@ -210,6 +217,8 @@ def mismatches_resolve(
     keeps who resolved it, when and why, and its payment gets a `mismatch_resolved` event."""
     from api.routes.ops import Refused, resolve_mismatch
 
+    if not reason.strip():
+        raise typer.BadParameter("say what was done about it", param_hint="--reason")
     actor = operator_actor(operator)
     try:
         found = on_database(

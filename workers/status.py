@@ -178,7 +178,7 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
     )
     parts.append(
         _table(
-            "Reconcile mismatches (resolve: agentpay mismatches resolve ID)",
+            "Reconcile mismatches (resolve: agentpay mismatches resolve ID --reason …)",
             s.mismatches[:limit],
             ["id", "at", "payment_id", "field", "expected", "actual"],
             s.counts["mismatches"],

@@ -82,7 +82,7 @@ async def _record_job_action(
 
 
 async def resolve_mismatch(
-    conn: Conn, mismatch_id: int, *, actor: str, reason: str | None = None
+    conn: Conn, mismatch_id: int, *, actor: str, reason: str
 ) -> dict[str, Any]:
     """Mark a reconcile mismatch settled by an operator (who, when, how: `reason`), with a
     `mismatch_resolved` event on its payment. Refused: an unknown id (not_found), one
@@ -275,6 +275,16 @@ class Action(BaseModel):
     )
 
 
+class Resolution(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: SafeText = Field(
+        min_length=1,
+        max_length=500,
+        description="What was done about it (kept with the mismatch and in the events)",
+    )
+
+
 class Job(BaseModel):
     id: int
     role: str
@@ -347,14 +357,15 @@ class Mismatch(BaseModel):
 
 @router.post("/v1/ops/mismatches/{mismatch_id}/resolve", response_model=Mismatch, responses=ERRORS)
 async def resolve_mismatch_route(
-    mismatch_id: int, operator: OperatorDep, idem: IdempotencyDep, body: Action | None = None
+    mismatch_id: int, operator: OperatorDep, idem: IdempotencyDep, body: Resolution
 ) -> Response:
-    """Mark a reconcile mismatch settled (what was done goes in `reason`): it leaves
+    """Mark a reconcile mismatch settled, saying what was done (`reason`, required: a
+    difference about money is not closed without an explanation): it leaves
     `ops_reconcile_mismatches` and the open-mismatch gauge."""
     async with idem.transaction() as conn:
         try:
             found = await resolve_mismatch(
-                conn, mismatch_id, actor=operator.actor, reason=body.reason if body else None
+                conn, mismatch_id, actor=operator.actor, reason=body.reason
             )
         except Refused as error:
             raise _raise(error) from error

@@ -317,9 +317,16 @@ async def wait_for_payment(
     responses=responses(400, 401, 404, 429, 500),
 )
 async def payment_events(payment_id: str, agent: AgentDep, pool: PoolDep) -> dict[str, Any]:
-    """Every transition of the payment, oldest first."""
+    """Every transition of the payment, oldest first, and what else happened to it. A
+    `job_failed` event says which step failed and the error's type; its message (which may
+    quote the database or the provider) is for operators, as a 500's is."""
     async with pool.connection() as conn:
         payment = await visible(conn, payment_id, agent)
         if payment is None:
             raise not_found()
-        return {"object": "list", "data": await payments.events(conn, payment_id)}
+        events = await payments.events(conn, payment_id)
+    if not agent.is_operator:
+        for event in events:
+            if event["type"] == "job_failed":
+                event["data"] = {k: v for k, v in event["data"].items() if k != "error"}
+    return {"object": "list", "data": events}
