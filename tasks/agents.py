@@ -7,8 +7,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from tasks import audit
 from tasks.db import Conn
-from tasks.payments import new_id
+from tasks.payments import FINAL_STATES, new_id
 
 KEY_PREFIX = "apk_"
 
@@ -34,36 +35,62 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-async def create(conn: Conn, name: str, *, is_operator: bool = False) -> tuple[Agent, str]:
-    """Create an agent with one key; returns the agent and the key (never stored)."""
+async def create(
+    conn: Conn, name: str, *, is_operator: bool = False, actor: str | None = None
+) -> tuple[Agent, str]:
+    """Create an agent with one key; returns the agent and the key (never stored). Recorded
+    in the operator audit as `agent.create` by `actor` (None: the database user)."""
     agent_id = new_id("agt")
     await conn.execute(
         "INSERT INTO agents (id, name, is_operator) VALUES (%s, %s, %s)",
         (agent_id, name, is_operator),
     )
     key = await add_key(conn, agent_id)
+    await audit.record(
+        conn,
+        "agent.create",
+        agent_id,
+        {"name": name, "is_operator": is_operator, "key_prefix": key_prefix(key)},
+        actor=actor,
+    )
     return Agent(agent_id, name, is_operator), key
 
 
+def key_prefix(key: str) -> str:
+    """What is kept of a key to tell it by (api_keys.prefix): `apk_` and 6 characters."""
+    return key[: len(KEY_PREFIX) + 6]
+
+
 async def add_key(conn: Conn, agent_id: str, *, revoke_others: bool = False) -> str:
-    """A new key for the agent (its others revoked, with `revoke_others`)."""
+    """A new key for the agent (its others revoked, with `revoke_others`). Not audited:
+    `create` and `rotate_key` record what they did with it."""
     if revoke_others:
-        await conn.execute(
-            "UPDATE api_keys SET revoked_at = now() WHERE agent_id = %s AND revoked_at IS NULL",
-            (agent_id,),
-        )
+        await _revoke_keys(conn, agent_id)
     key = new_key()
     await conn.execute(
         "INSERT INTO api_keys (key_hash, agent_id, prefix) VALUES (%s, %s, %s)",
-        (hash_key(key), agent_id, key[: len(KEY_PREFIX) + 6]),
+        (hash_key(key), agent_id, key_prefix(key)),
     )
     return key
 
 
-async def rotate_key(conn: Conn, name_or_id: str) -> tuple[dict[str, Any], str] | None:
+async def _revoke_keys(conn: Conn, agent_id: str) -> list[str]:
+    """Revoke the agent's live keys; their prefixes."""
+    cur = await conn.execute(
+        """UPDATE api_keys SET revoked_at = now() WHERE agent_id = %s AND revoked_at IS NULL
+           RETURNING prefix""",
+        (agent_id,),
+    )
+    return sorted(str(row["prefix"]) for row in await cur.fetchall())
+
+
+async def rotate_key(
+    conn: Conn, name_or_id: str, *, actor: str | None = None
+) -> tuple[dict[str, Any], str] | None:
     """A new key for a live agent (by id, else by name), every other key of it revoked in
     the same transaction; None if there is no such live agent. Its budget, payments and
-    history stay: a leaked key is replaced without stranding them."""
+    history stay: a leaked key is replaced without stranding them. Recorded as
+    `agent.rotate_key` by `actor`."""
     found = await find(conn, name_or_id)
     if found is None:
         return None
@@ -75,20 +102,66 @@ async def rotate_key(conn: Conn, name_or_id: str) -> tuple[dict[str, Any], str] 
     row = await cur.fetchone()
     if row is None or row["revoked_at"] is not None:
         return None
-    return found, await add_key(conn, found["id"], revoke_others=True)
+    revoked = await _revoke_keys(conn, found["id"])
+    key = await add_key(conn, found["id"])
+    await audit.record(
+        conn,
+        "agent.rotate_key",
+        found["id"],
+        {
+            "name": found["name"],
+            "is_operator": found["is_operator"],
+            "key_prefix": key_prefix(key),
+            "keys_revoked": revoked,
+        },
+        actor=actor,
+    )
+    return found, key
 
 
-async def revoke(conn: Conn, name_or_id: str) -> bool:
-    """Revoke an agent (by id, else by name) and all its keys."""
+async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> dict[str, Any] | None:
+    """Revoke a live agent (by id, else by name) and all its keys; None if there is no such
+    live agent. Its payments not in a final state go on (holds stay until each ends): the
+    result's `in_flight` counts them by state. Recorded as `agent.revoke` by `actor`."""
     found = await find(conn, name_or_id)
-    if found is None or found["revoked_at"] is not None:
-        return False
-    await conn.execute("UPDATE agents SET revoked_at = now() WHERE id = %s", (found["id"],))
-    await conn.execute(
-        "UPDATE api_keys SET revoked_at = now() WHERE agent_id = %s AND revoked_at IS NULL",
+    if found is None:
+        return None
+    # Only the revoke that sets revoked_at records one (a concurrent one waits on the row,
+    # then finds it revoked).
+    cur = await conn.execute(
+        """UPDATE agents SET revoked_at = now() WHERE id = %s AND revoked_at IS NULL
+           RETURNING revoked_at""",
         (found["id"],),
     )
-    return True
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    revoked = await _revoke_keys(conn, found["id"])
+    in_flight = await payments_in_flight(conn, found["id"])
+    await audit.record(
+        conn,
+        "agent.revoke",
+        found["id"],
+        {
+            "name": found["name"],
+            "is_operator": found["is_operator"],
+            "keys_revoked": revoked,
+            "in_flight": in_flight,
+        },
+        actor=actor,
+    )
+    return {**found, "revoked_at": row["revoked_at"], "in_flight": in_flight}
+
+
+async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:
+    """The agent's payments not in a final state, counted by state."""
+    cur = await conn.execute(
+        """SELECT status, count(*) AS n FROM payment_jobs
+           WHERE agent_id = %s AND status <> ALL(%s)
+           GROUP BY status ORDER BY status""",
+        (agent_id, sorted(FINAL_STATES)),
+    )
+    return {str(row["status"]): int(row["n"]) for row in await cur.fetchall()}
 
 
 async def find(conn: Conn, name_or_id: str) -> dict[str, Any] | None:

@@ -15,13 +15,14 @@ SKU, or a total the currency cannot charge, rejects the payment with that reason
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from tasks import money, payments
+from tasks import audit, money, payments
 from tasks.app import Backoff, app, defer, pool
 from tasks.db import Conn
 from tasks.settings import Settings, get_settings
@@ -60,35 +61,118 @@ async def set_price(
     *,
     description: str | None = None,
     active: bool = True,
+    actor: str | None = None,
 ) -> Price:
-    """Create or replace the price of `sku` in `currency` (validated like a charge amount)."""
+    """Create or replace the price of `sku` in `currency` (validated like a charge amount);
+    `change_price`, without the previous price."""
+    _, price = await change_price(
+        conn, sku, currency, unit_amount, description=description, active=active, actor=actor
+    )
+    return price
+
+
+async def change_price(
+    conn: Conn,
+    sku: str,
+    currency: str,
+    unit_amount: int,
+    *,
+    description: str | None = None,
+    active: bool = True,
+    actor: str | None = None,
+) -> tuple[Price | None, Price]:
+    """Create or replace the price of `sku` in `currency`; the previous price (None: there
+    was none) and the new one. A description left out keeps the previous one. A change is
+    recorded in the operator audit as `price.set` by `actor` (None: the database user),
+    with the previous and the new price; setting the same price again changes and records
+    nothing."""
     problem = money.amount_problem(unit_amount, currency)
     if problem:
         raise ValueError(problem)
-    cur = await conn.execute(
-        """INSERT INTO prices (sku, currency, unit_amount, description, active)
-           VALUES (%s, %s, %s, %s, %s)
-           ON CONFLICT (sku, currency) DO UPDATE
-              SET unit_amount = EXCLUDED.unit_amount,
-                  description = coalesce(EXCLUDED.description, prices.description),
-                  active = EXCLUDED.active,
-                  updated_at = now()
-           RETURNING sku, currency, unit_amount, description, active""",
-        (sku, currency, unit_amount, description, active),
-    )
-    row = await cur.fetchone()
-    assert row is not None
-    return Price(**row)
+    # A new price is inserted; an existing one is locked first, so that the previous price
+    # recorded is the one replaced even when another transaction sets it at the same time
+    # (prices are never deleted: the second read finds the row the insert ran into).
+    while True:
+        cur = await conn.execute(
+            """INSERT INTO prices (sku, currency, unit_amount, description, active)
+               VALUES (%s, %s, %s, %s, %s)
+               ON CONFLICT (sku, currency) DO NOTHING
+               RETURNING sku, currency, unit_amount, description, active""",
+            (sku, currency, unit_amount, description, active),
+        )
+        inserted = await cur.fetchone()
+        if inserted is not None:
+            previous, price = None, Price(**inserted)
+            break
+        cur = await conn.execute(
+            """SELECT sku, currency, unit_amount, description, active FROM prices
+               WHERE sku = %s AND currency = %s FOR UPDATE""",
+            (sku, currency),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            continue  # deleted by hand in between: insert it
+        previous = Price(**row)
+        price = Price(
+            sku,
+            currency,
+            unit_amount,
+            previous.description if description is None else description,
+            active,
+        )
+        if price == previous:
+            return previous, price
+        await conn.execute(
+            """UPDATE prices SET unit_amount = %s, description = %s, active = %s,
+                                 updated_at = now()
+               WHERE sku = %s AND currency = %s""",
+            (price.unit_amount, price.description, price.active, sku, currency),
+        )
+        break
+    await _record(conn, previous, price, actor)
+    return previous, price
 
 
-async def set_active(conn: Conn, sku: str, currency: str | None, active: bool) -> int:
-    """Activate or deactivate a SKU (in one currency, or all); returns the prices changed."""
-    cur = await conn.execute(
-        """UPDATE prices SET active = %s, updated_at = now()
-           WHERE sku = %s AND (%s::text IS NULL OR currency = %s)""",
-        (active, sku, currency, currency),
+def _terms(price: Price | None) -> dict[str, Any] | None:
+    if price is None:
+        return None
+    return {
+        "unit_amount": price.unit_amount,
+        "description": price.description,
+        "active": price.active,
+    }
+
+
+async def _record(conn: Conn, previous: Price | None, price: Price, actor: str | None) -> None:
+    await audit.record(
+        conn,
+        "price.set",
+        price.sku,
+        {"currency": price.currency, "previous": _terms(previous), "new": _terms(price)},
+        actor=actor,
     )
-    return cur.rowcount
+
+
+async def set_active(
+    conn: Conn, sku: str, currency: str | None, active: bool, *, actor: str | None = None
+) -> int:
+    """Activate or deactivate a SKU (in one currency, or all); returns the prices changed,
+    each recorded as `price.set` by `actor`."""
+    cur = await conn.execute(
+        """SELECT sku, currency, unit_amount, description, active FROM prices
+           WHERE sku = %s AND (%s::text IS NULL OR currency = %s) AND active <> %s
+           ORDER BY currency FOR UPDATE""",
+        (sku, currency, currency, active),
+    )
+    changed = [Price(**row) for row in await cur.fetchall()]
+    for previous in changed:
+        await conn.execute(
+            """UPDATE prices SET active = %s, updated_at = now()
+               WHERE sku = %s AND currency = %s""",
+            (active, previous.sku, previous.currency),
+        )
+        await _record(conn, previous, dataclasses.replace(previous, active=active), actor)
+    return len(changed)
 
 
 async def list_prices(

@@ -337,13 +337,19 @@ async def _dev_keys(database_url: str, stack: str = "dev") -> tuple[str, str]:
     stack.json stop working (a demo or chaos run on the same database leaves a dev stack's
     keys alone)."""
     keys = []
+    actor = f"stack:{stack}"  # in `agentpay audit`: the keys the stack minted itself
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn, conn.transaction():
             for name, is_operator in ((f"{stack}-operator", True), (f"{stack}-agent", False)):
                 found = await agents.find(conn, name)
                 if found is None:
-                    _, key = await agents.create(conn, name, is_operator=is_operator)
-                else:
+                    _, key = await agents.create(conn, name, is_operator=is_operator, actor=actor)
+                    keys.append(key)
+                    continue
+                rotated = await agents.rotate_key(conn, found["id"], actor=actor)
+                if rotated is not None:
+                    key = rotated[1]
+                else:  # revoked by an operator: a key as before, which authenticates nobody
                     key = await agents.add_key(conn, found["id"], revoke_others=True)
                 keys.append(key)
     return keys[0], keys[1]
@@ -370,7 +376,9 @@ async def new_agent_keys(database_url: str, prefix: str, n: int) -> list[str]:
     async with open_pool(database_url, min_size=1, max_size=1) as pool:
         async with pool.connection() as conn, conn.transaction():
             for i in range(n):
-                _, key = await agents.create(conn, f"{prefix}-{i + 1}-{time.time_ns()}")
+                _, key = await agents.create(
+                    conn, f"{prefix}-{i + 1}-{time.time_ns()}", actor=f"stack:{prefix}"
+                )
                 keys.append(key)
     return keys
 

@@ -49,9 +49,10 @@ def _public(price: pricing.Price) -> dict[str, Any]:
 
 
 @router.post("", response_model=Price, responses=SET_ERRORS)
-async def set_price(body: PriceSet, _: OperatorDep, idem: IdempotencyDep) -> Response:
-    """Create or replace the price of a SKU in a currency (operators only). Setting the same
-    price again changes nothing."""
+async def set_price(body: PriceSet, operator: OperatorDep, idem: IdempotencyDep) -> Response:
+    """Create or replace the price of a SKU in a currency (operators only); a description
+    left out keeps the previous one. Setting the same price again changes nothing. A change
+    is recorded, with the price it replaced, in the operator audit by `operator:<name>`."""
     problem = money.amount_problem(body.unit_amount, body.currency)
     if problem:
         raise ApiError(400, "parameter_invalid", f"unit_amount: {problem}", param="unit_amount")
@@ -63,6 +64,7 @@ async def set_price(body: PriceSet, _: OperatorDep, idem: IdempotencyDep) -> Res
             body.unit_amount,
             description=body.description,
             active=body.active,
+            actor=operator.actor,
         )
         return await idem.respond(Price.model_validate(_public(price)))
 
