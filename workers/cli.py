@@ -17,7 +17,7 @@ from pydantic_settings import SettingsError
 from rich.console import Console
 
 from tasks.settings import ROLES, Settings, get_settings
-from workers import cli_ledger, cli_ops
+from workers import cli_audit, cli_ledger, cli_ops
 from workers.cli_bench import bench as bench_command
 from workers.cli_common import (
     NO_DATABASE,
@@ -25,10 +25,12 @@ from workers.cli_common import (
     USAGE,
     AsJson,
     DataDir,
+    Operator,
     database_errors,
     dump_json,
     fail,
     on_database,
+    operator_actor,
     plain,
     say_error,
     settings_for,
@@ -59,6 +61,7 @@ app.command("bench")(bench_command)
 app.add_typer(cli_ledger.prices_app, name="prices")
 app.add_typer(cli_ledger.review_app, name="review")
 agents_app.command("deposit")(cli_ledger.agents_deposit)
+app.command("audit")(cli_audit.audit)
 
 
 def main() -> None:
@@ -310,13 +313,16 @@ def agents_create(
     ] = None,
     currency: Annotated[str, typer.Option(help="Currency of --budget")] = "usd",
 ) -> None:
-    """Create an agent and print its API key. The key is shown once; only a hash is kept."""
+    """Create an agent and print its API key. The key is shown once; only a hash is kept.
+    Recorded in `agentpay audit` as by `operator:$AGENTPAY_OPERATOR`, else by the OS user
+    (here `--operator` makes the new agent an operator: it names no one)."""
     from tasks import agents
 
     cli_ledger.check_budget(budget, currency)
+    actor = operator_actor(None)
 
     async def create(conn: Any) -> tuple[agents.Agent, str]:
-        created = await agents.create(conn, name, is_operator=operator)
+        created = await agents.create(conn, name, is_operator=operator, actor=actor)
         if budget is not None:
             await cli_ledger.open_budget(conn, created[0].id, budget, currency)
         return created
@@ -348,27 +354,47 @@ def agents_create(
 @agents_app.command("revoke")
 def agents_revoke(
     name: Annotated[str, typer.Argument(help="The agent's name or id")],
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Revoke an agent and every key it has."""
+    """Revoke an agent and every key it has. Its payments not in a final state go on (their
+    budget holds stay until each ends): the command says how many, by state."""
     from tasks import agents
 
-    if not on_database(data_dir, lambda conn: agents.revoke(conn, name)):
+    actor = operator_actor(operator)
+    revoked = on_database(data_dir, lambda conn: agents.revoke(conn, name, actor=actor))
+    if revoked is None:
         raise fail(f"no live agent named {name!r}", NOT_FOUND)
-    console.print(f"revoked {name}")
+    console.print(
+        plain(f"revoked {revoked['name']} ({revoked['id']}) and its keys"), soft_wrap=True
+    )
+    in_flight = revoked["in_flight"]
+    if in_flight:
+        states = ", ".join(f"{n} {state}" for state, n in in_flight.items())
+        console.print(
+            plain(
+                f"{sum(in_flight.values())} of its payments are still in flight ({states}): "
+                "they go on, and their budget holds stay until each ends. To stop one: "
+                "agentpay payments cancel ID"
+            ),
+            style="yellow",
+            soft_wrap=True,
+        )
 
 
 @agents_app.command("rotate-key")
 def agents_rotate_key(
     name: Annotated[str, typer.Argument(help="The agent's name or id")],
     as_json: AsJson = False,
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
     """Give a live agent a new API key and revoke all its others at once (a key leaked, or
     due for rotation): its budget, payments and history stay. The key is shown once."""
     from tasks import agents
 
-    rotated = on_database(data_dir, lambda conn: agents.rotate_key(conn, name))
+    actor = operator_actor(operator)
+    rotated = on_database(data_dir, lambda conn: agents.rotate_key(conn, name, actor=actor))
     if rotated is None:
         raise fail(f"no live agent named {name!r}", NOT_FOUND)
     agent, key = rotated

@@ -53,26 +53,50 @@ def prices_set(
     sku: Annotated[str, typer.Argument(help="The SKU")],
     unit_amount: Annotated[int, typer.Argument(help="Unit amount in minor units (1999 = $19.99)")],
     currency: Currency = "usd",
-    description: Annotated[str | None, typer.Option(help="What it is")] = None,
+    description: Annotated[
+        str | None, typer.Option(help="What it is [default: the previous description]")
+    ] = None,
     inactive: Annotated[bool, typer.Option("--inactive", help="Retire it (not on sale)")] = False,
+    operator: Operator = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Create or replace the price of SKU in a currency."""
+    """Create or replace the price of SKU in a currency. Says what it was; a change is kept
+    in `agentpay audit` (who, when, from what to what)."""
     from tasks import money, pricing
 
     _check_currency(currency)
     problem = money.amount_problem(unit_amount, currency)
     if problem:
         raise typer.BadParameter(problem, param_hint="UNIT_AMOUNT")
+    actor = operator_actor(operator)
 
-    async def work(conn: Any) -> pricing.Price:
-        return await pricing.set_price(
-            conn, sku, currency, unit_amount, description=description, active=not inactive
+    async def work(conn: Any) -> tuple[pricing.Price | None, pricing.Price]:
+        return await pricing.change_price(
+            conn,
+            sku,
+            currency,
+            unit_amount,
+            description=description,
+            active=not inactive,
+            actor=actor,
         )
 
-    price = on_database(data_dir, work)
+    previous, price = on_database(data_dir, work)
+    console.print(plain(f"{price.sku} = {_terms(price)}"), soft_wrap=True)
+    if previous is None:
+        console.print("new price")
+    elif previous == price:
+        console.print("unchanged")
+    else:
+        console.print(plain(f"was {_terms(previous)}"), soft_wrap=True)
+    if description is None and price.description is not None:
+        console.print(plain(f"description kept: {price.description!r}"), soft_wrap=True)
+
+
+def _terms(price: Any) -> str:
     state = "active" if price.active else "inactive"
-    console.print(f"{price.sku} = {price.unit_amount} {price.currency} ({state})")
+    described = f", {price.description!r}" if price.description is not None else ""
+    return f"{price.unit_amount} {price.currency} ({state}{described})"
 
 
 @prices_app.command("list")
