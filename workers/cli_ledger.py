@@ -164,7 +164,12 @@ def _decide(
     console.print(f"{payment['id']} is {payment['status']}")
 
 
-Note = Annotated[str | None, typer.Option(help="Why (kept in the payment's events)")]
+Note = Annotated[
+    str | None,
+    typer.Option(
+        "--note", "--reason", help="Why (kept in the payment's events); --reason is the same"
+    ),
+]
 
 
 @review_app.command("approve")
