@@ -8,12 +8,13 @@ naming it is refused before anything is recorded. With `AGENTPAY_CUSTOMER_BINDIN
 agent may be named by none; with `first_use` the first agent whose payment names it gets it
 — for a fleet whose agents all act for the same owner, since any agent that learns an id
 first takes that card. Operators' own payments may name any Customer. Every change of owner
-is kept in `customer_owner_changes`."""
+is recorded in the operator audit (tasks/audit.py: `customer.bind`, `customer.unbind`)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+from tasks import audit
 from tasks.db import Conn
 
 Binding = Literal["first_use", "operator"]
@@ -35,15 +36,14 @@ async def may_use(conn: Conn, customer: str, agent_id: str, binding: Binding) ->
     is refused if it committed."""
     if binding == "first_use":
         cur = await conn.execute(
-            """WITH bound AS (
-                   INSERT INTO customer_owners (customer, agent_id, bound_by)
-                   VALUES (%(c)s, %(a)s, 'agent:' || %(a)s)
-                   ON CONFLICT (customer) DO NOTHING RETURNING customer, agent_id, bound_by)
-               INSERT INTO customer_owner_changes (customer, agent_id, actor)
-               SELECT customer, agent_id, bound_by FROM bound RETURNING agent_id""",
+            """INSERT INTO customer_owners (customer, agent_id, bound_by)
+               VALUES (%(c)s, %(a)s, 'agent:' || %(a)s)
+               ON CONFLICT (customer) DO NOTHING RETURNING bound_by""",
             {"c": customer, "a": agent_id},
         )
-        if await cur.fetchone():
+        row = await cur.fetchone()
+        if row is not None:
+            await _record(conn, customer, agent_id, None, row["bound_by"])
             return True
     # Read in a statement of its own: its snapshot sees a binding that the INSERT above
     # waited for, which the INSERT's own snapshot would not.
@@ -85,18 +85,20 @@ async def unbind(conn: Conn, customer: str, *, actor: str) -> str | None:
 async def _record(
     conn: Conn, customer: str, agent_id: str | None, previous: str | None, actor: str
 ) -> None:
-    await conn.execute(
-        """INSERT INTO customer_owner_changes (customer, agent_id, previous_agent_id, actor)
-           VALUES (%s, %s, %s, %s)""",
-        (customer, agent_id, previous, actor),
-    )
+    action = "customer.bind" if agent_id else "customer.unbind"
+    data = {"agent_id": agent_id, "previous_agent_id": previous}
+    await audit.record(conn, action, customer, data, actor=actor)
 
 
 async def changes(conn: Conn, customer: str) -> list[dict[str, Any]]:
-    """Every change of the Customer's owner, oldest first."""
+    """Every change of the Customer's owner since 0019, oldest first (`agent_id` None: it
+    was unbound)."""
     cur = await conn.execute(
-        """SELECT agent_id, previous_agent_id, actor, at FROM customer_owner_changes
-            WHERE customer = %s ORDER BY id""",
+        """SELECT data->>'agent_id' AS agent_id, data->>'previous_agent_id' AS previous_agent_id,
+                  actor, at
+             FROM operator_audit
+            WHERE subject = %s AND action IN ('customer.bind', 'customer.unbind')
+            ORDER BY id""",
         (customer,),
     )
     return await cur.fetchall()

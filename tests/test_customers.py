@@ -284,11 +284,6 @@ def test_the_migration_binds_each_customer_to_the_live_agent_that_named_it_first
             ("cus_Shared", "agt_b", "migration"),
             ("cus_Team", "agt_a", "migration"),
         ]
-        with psycopg.connect(url) as conn:
-            changes = conn.execute(
-                "SELECT customer, agent_id, actor FROM customer_owner_changes ORDER BY customer"
-            ).fetchall()
-        assert changes == [(c, a, "migration") for c, a, _ in rows]
         shared = invoke_cli(
             monkeypatch, ["customers", "list", "--shared", "--json"], database_url=url
         )

@@ -12,6 +12,9 @@
 --                                of its payments not in a final state then)
 --   price.set         SKU        currency, previous and new {unit_amount, description,
 --                                active} (previous null: a new price); only when one changed
+--   customer.bind     cus_…      agent_id, previous_agent_id (tasks/customers.py; actor
+--                                `agent:<id>` when its first payment bound it, first_use)
+--   customer.unbind   cus_…      agent_id null, previous_agent_id
 --
 -- `actor` as payment_events record it: `operator:<name>` (the CLI's --operator,
 -- AGENTPAY_OPERATOR or the OS user; the operator agent's name over HTTP), `stack:<name>` (the
