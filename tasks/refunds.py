@@ -364,6 +364,7 @@ async def sync_refunds(payment_id: str) -> Any:
         )
         recorded = await cur.fetchall()
         ours = {row["id"] for row in recorded}
+        await _take_in_replacements(conn, locked, recorded, listed)
         taken_in = {row["provider_refund_id"] for row in recorded}
         await _record_failed_after_success(
             conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
@@ -409,6 +410,51 @@ async def sync_refunds(payment_id: str) -> Any:
             )
             taken += 1
     return taken
+
+
+async def _take_in_replacements(
+    conn: Conn,
+    payment: payments.Payment,
+    recorded: list[dict[str, Any]],
+    listed: list[provider.Refund],
+) -> None:
+    """A refund of ours whose provider refund failed or was canceled after it succeeded, and
+    that an operator made again at the provider with our refund id in its metadata (as
+    docs/operations.md says): the refund now names the one that succeeded, with a
+    `refund_replaced` event — it kept naming the failed one, and the new one showed nowhere.
+    Updates `recorded` in place."""
+    status = {r.id: r.status for r in listed}
+    for row in recorded:
+        if status.get(row["provider_refund_id"]) not in NOT_REFUNDED:
+            continue
+        again = [
+            r
+            for r in listed
+            if r.refund_id == row["id"]
+            and r.status == "succeeded"
+            and r.id != row["provider_refund_id"]
+        ]
+        if len(again) != 1:
+            continue  # none yet; or more than one, which _record_made_twice puts to a person
+        failed, replacement = row["provider_refund_id"], again[0].id
+        await conn.execute(
+            """UPDATE payment_refunds SET provider_refund_id = %s, provider_status = 'succeeded'
+                WHERE id = %s""",
+            (replacement, row["id"]),
+        )
+        row["provider_refund_id"] = replacement
+        await payments.record_event(
+            conn,
+            payment,
+            "refund_replaced",
+            actor=OUTSIDE_ACTOR,
+            reason="a refund that failed at the provider was made again there",
+            data={
+                "refund_id": row["id"],
+                "failed_provider_refund_id": failed,
+                "provider_refund_id": replacement,
+            },
+        )
 
 
 async def _record_excess(conn: Conn, payment: payments.Payment, result: provider.Refund) -> None:

@@ -862,6 +862,17 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     await run_jobs(pool)
     listed = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()
     assert [r["id"] for r in listed["data"]] == [refund["id"]]
+    # It names the refund that succeeded now, not the failed one, and the events say so.
+    assert listed["data"][0]["provider_refund_id"] == again["id"]
+    events = (await api.get(f"/v1/payments/{paid['id']}/events", headers=auth(agent_key))).json()
+    replaced = [e["data"] for e in events["data"] if e["type"] == "refund_replaced"]
+    assert replaced == [
+        {
+            "refund_id": refund["id"],
+            "failed_provider_refund_id": failed["id"],
+            "provider_refund_id": again["id"],
+        }
+    ]
     assert (await fetch(api, agent_key, paid["id"]))["amount_refunded"] == 2000
     assert [m["field"] for m in await mismatches_of(pool, paid["id"])] == [
         "refund_status"
