@@ -154,12 +154,13 @@ async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> di
 
 
 async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:
-    """The agent's payments not in a final state, counted by state."""
+    """The agent's payments the fleet still carries on (not in a final state, nor
+    `partially_refunded`: settled, only more refunds may come), counted by state."""
     cur = await conn.execute(
         """SELECT status, count(*) AS n FROM payment_jobs
            WHERE agent_id = %s AND status <> ALL(%s)
            GROUP BY status ORDER BY status""",
-        (agent_id, sorted(FINAL_STATES)),
+        (agent_id, sorted(FINAL_STATES | {"partially_refunded"})),
     )
     return {str(row["status"]): int(row["n"]) for row in await cur.fetchall()}
 

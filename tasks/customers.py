@@ -22,11 +22,18 @@ Binding = Literal["first_use", "operator"]
 
 async def owner(conn: Conn, customer: str) -> str | None:
     """The id of the agent the Customer is bound to, or None."""
+    bound = await binding(conn, customer)
+    return bound["agent_id"] if bound else None
+
+
+async def binding(conn: Conn, customer: str) -> dict[str, Any] | None:
+    """The Customer's binding (agent_id, bound_by, bound_at: `migration` for one 0017 made),
+    or None."""
     cur = await conn.execute(
-        "SELECT agent_id FROM customer_owners WHERE customer = %s", (customer,)
+        "SELECT agent_id, bound_by, bound_at FROM customer_owners WHERE customer = %s",
+        (customer,),
     )
-    row = await cur.fetchone()
-    return row["agent_id"] if row else None
+    return await cur.fetchone()
 
 
 async def may_use(conn: Conn, customer: str, agent_id: str, binding: Binding) -> bool:
@@ -52,7 +59,18 @@ async def may_use(conn: Conn, customer: str, agent_id: str, binding: Binding) ->
 
 async def bind(conn: Conn, customer: str, agent_id: str, *, actor: str) -> str | None:
     """Bind the Customer to the agent (moving it from any other), in the caller's
-    transaction; returns the agent it was bound to before, if another."""
+    transaction; returns the agent it was bound to before, if another. Of two binds at once
+    the second waits for the first and moves it from the first's agent."""
+    cur = await conn.execute(
+        """INSERT INTO customer_owners (customer, agent_id, bound_by) VALUES (%s, %s, %s)
+           ON CONFLICT (customer) DO NOTHING RETURNING agent_id""",
+        (customer, agent_id, actor),
+    )
+    if await cur.fetchone() is not None:
+        await _record(conn, customer, agent_id, None, actor)
+        return None
+    # Bound already (or by a transaction that committed while the INSERT waited): a statement
+    # of its own sees it, and locks it.
     cur = await conn.execute(
         "SELECT agent_id FROM customer_owners WHERE customer = %s FOR UPDATE", (customer,)
     )

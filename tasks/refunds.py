@@ -359,16 +359,17 @@ async def sync_refunds(payment_id: str) -> Any:
         # Ours carry one of this payment's refund ids; a refund_id in the metadata of a
         # refund someone else made (another tool's own ticket number) does not make it ours.
         cur = await conn.execute(
-            "SELECT id, provider_refund_id FROM payment_refunds WHERE payment_id = %s",
+            """SELECT id, provider_refund_id, amount, status FROM payment_refunds
+                WHERE payment_id = %s""",
             (payment_id,),
         )
         recorded = await cur.fetchall()
         ours = {row["id"] for row in recorded}
-        await _take_in_replacements(conn, locked, recorded, listed)
-        taken_in = {row["provider_refund_id"] for row in recorded}
         await _record_failed_after_success(
             conn, locked, [r for r in listed if r.status in NOT_REFUNDED]
         )
+        await _take_in_replacements(conn, locked, recorded, listed)
+        taken_in = {row["provider_refund_id"] for row in recorded}
         await _record_made_twice(conn, locked, [r for r in listed if r.refund_id in ours])
         if locked["status"] not in REFUNDABLE:
             return taken
@@ -418,24 +419,28 @@ async def _take_in_replacements(
     recorded: list[dict[str, Any]],
     listed: list[provider.Refund],
 ) -> None:
-    """A refund of ours whose provider refund failed or was canceled after it succeeded, and
-    that an operator made again at the provider with our refund id in its metadata (as
-    docs/operations.md says): the refund now names the one that succeeded, with a
-    `refund_replaced` event — it kept naming the failed one, and the new one showed nowhere.
+    """A refund of ours counted as made whose provider refund failed or was canceled after it
+    succeeded, and that an operator made again at the provider with our refund id in its
+    metadata and the same amount (as docs/operations.md says): the refund now names the one
+    that succeeded, with a `refund_replaced` event — it kept naming the failed one, and the
+    new one showed nowhere. Anything else (another amount, two of them, one taken in already
+    as made outside agentpay) is left to the operator, before whom the failure was put.
     Updates `recorded` in place."""
     status = {r.id: r.status for r in listed}
+    known = {row["provider_refund_id"] for row in recorded}
     for row in recorded:
-        if status.get(row["provider_refund_id"]) not in NOT_REFUNDED:
+        if (
+            row["status"] != "succeeded"
+            or status.get(row["provider_refund_id"]) not in NOT_REFUNDED
+        ):
             continue
         again = [
             r
             for r in listed
-            if r.refund_id == row["id"]
-            and r.status == "succeeded"
-            and r.id != row["provider_refund_id"]
+            if r.refund_id == row["id"] and r.status == "succeeded" and r.id not in known
         ]
-        if len(again) != 1:
-            continue  # none yet; or more than one, which _record_made_twice puts to a person
+        if len(again) != 1 or again[0].amount != row["amount"]:
+            continue  # none yet, or not a plain re-issue: the mismatch stands for a person
         failed, replacement = row["provider_refund_id"], again[0].id
         await conn.execute(
             """UPDATE payment_refunds SET provider_refund_id = %s, provider_status = 'succeeded'
@@ -493,7 +498,8 @@ async def _record_failed_after_success(
               AND r.provider_refund_id = ANY(%s)
               AND NOT EXISTS (SELECT 1 FROM reconcile_mismatches m
                                WHERE m.payment_id = r.payment_id AND m.field = 'refund_status'
-                                 AND m.expected->>'refund_id' = r.id)""",
+                                 AND m.expected->>'refund_id' = r.id
+                                 AND m.actual->>'provider_refund_id' = r.provider_refund_id)""",
         (payment["id"], [r.id for r in failed]),
     )
     now_failed = {r.id: r.status for r in failed}

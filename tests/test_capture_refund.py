@@ -879,6 +879,129 @@ async def test_a_refund_that_fails_after_it_succeeded_is_put_before_an_operator(
     ]  # not made twice
 
 
+async def test_only_a_plain_re_issue_of_a_failed_refund_replaces_it(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A re-issue for another amount is not taken as the refund (the failure stays before an
+    operator); a same-amount one is, even seen in the same sync as the failure (which is
+    still put before the operator); and a replacement that fails in turn is put before the
+    operator again."""
+    from tasks import webhooks
+
+    async def refunded_then_failed() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        paid = await reconciled(api, agent_key, pool)
+        asked = await api.post(
+            f"/v1/payments/{paid['id']}/refunds", json={"amount": 1000}, headers=auth(agent_key)
+        )
+        assert asked.status_code == 202, asked.text
+        await run_jobs(pool)
+        refund = await ours(paid, asked.json()["id"])
+        assert refund["status"] == "succeeded"
+        failed = httpx.post(
+            f"{provider_base}/_sandbox/refunds/{refund['provider_refund_id']}/fail"
+        ).json()
+        assert failed["status"] == "failed"
+        return paid, refund, failed
+
+    async def ours(paid: dict[str, Any], refund_id: str) -> dict[str, Any]:
+        listed = await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))
+        return next(r for r in listed.json()["data"] if r["id"] == refund_id)
+
+    async def sync(event_id: str, refund: dict[str, Any]) -> None:
+        async with pool.connection() as conn, conn.transaction():
+            await webhooks.store(
+                conn, {"id": event_id, "type": "refund.updated", "data": {"object": refund}}
+            )
+        await run_jobs(pool)
+
+    def refund_again(paid: dict[str, Any], refund_id: str, amount: int) -> dict[str, Any]:
+        made: dict[str, Any] = httpx.post(
+            f"{provider_base}/v1/refunds",
+            data={
+                "payment_intent": paid["provider_payment_id"],
+                "amount": amount,
+                "metadata[refund_id]": refund_id,
+            },
+            headers=SK,
+        ).json()
+        assert (made["status"], made["amount"]) == ("succeeded", amount), made
+        return made
+
+    def failed_ids(found: list[dict[str, Any]]) -> list[str]:
+        return [m["actual"]["provider_refund_id"] for m in found if m["field"] == "refund_status"]
+
+    # Another amount: not ours.
+    paid, refund, failed = await refunded_then_failed()
+    refund_again(paid, refund["id"], 500)
+    await sync("evt_1", failed)
+    assert (await ours(paid, refund["id"]))["provider_refund_id"] == refund["provider_refund_id"]
+    assert failed_ids(await mismatches_of(pool, paid["id"])) == [refund["provider_refund_id"]]
+
+    # The same amount, in the sync that first sees the failure: ours, and the failure recorded.
+    paid, refund, failed = await refunded_then_failed()
+    right = refund_again(paid, refund["id"], 1000)
+    await sync("evt_2", failed)
+    assert (await ours(paid, refund["id"]))["provider_refund_id"] == right["id"]
+    after = await fetch(api, agent_key, paid["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 1000)
+    assert failed_ids(await mismatches_of(pool, paid["id"])) == [refund["provider_refund_id"]]
+
+    # The replacement fails in turn: before the operator again, once.
+    failed_again = httpx.post(f"{provider_base}/_sandbox/refunds/{right['id']}/fail").json()
+    for n in (3, 4):
+        await sync(f"evt_{n}", failed_again)
+    assert failed_ids(await mismatches_of(pool, paid["id"])) == [
+        refund["provider_refund_id"],
+        right["id"],
+    ]
+
+
+async def test_a_re_issue_taken_in_as_made_outside_is_not_taken_again(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """An operator re-issued a failed refund without our id (taken in as made outside
+    agentpay), then added our id to it at the provider: the sync goes on as before (it
+    failed for good on the provider refund id being taken)."""
+    from tasks import refunds, webhooks
+
+    paid = await reconciled(api, agent_key, pool)
+    asked = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 1000}, headers=auth(agent_key)
+    )
+    await run_jobs(pool)
+    listed = (await api.get(f"/v1/payments/{paid['id']}/refunds", headers=auth(agent_key))).json()
+    first_id = listed["data"][0]["provider_refund_id"]
+    failed = httpx.post(f"{provider_base}/_sandbox/refunds/{first_id}/fail").json()
+    again = httpx.post(
+        f"{provider_base}/v1/refunds",
+        data={
+            "payment_intent": paid["provider_payment_id"],
+            "amount": 1000,
+            "metadata[refund_id]": asked.json()["id"],
+        },
+        headers=SK,
+    ).json()
+    async with pool.connection() as conn, conn.transaction():
+        # As the sync had taken it in before its metadata named our refund.
+        await conn.execute(
+            """INSERT INTO payment_refunds (id, payment_id, amount, currency, reason, actor,
+                                            status, provider_refund_id, provider_status)
+               VALUES ('rfd_outside1', %s, 1000, 'usd', 'made at the provider', 'provider',
+                       'succeeded', %s, 'succeeded')""",
+            (paid["id"], again["id"]),
+        )
+        await webhooks.store(
+            conn, {"id": "evt_f", "type": "refund.failed", "data": {"object": failed}}
+        )
+    await run_jobs(pool)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT status FROM procrastinate_jobs WHERE task_name = %s", (refunds.SYNC_TASK,)
+        )
+        assert {r["status"] for r in await cur.fetchall()} == {"succeeded"}
+    assert [m["field"] for m in await mismatches_of(pool, paid["id"])] == ["refund_status"]
+
+
 async def test_a_refund_made_twice_at_the_provider_is_put_before_an_operator(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

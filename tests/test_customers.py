@@ -293,5 +293,38 @@ def test_the_migration_binds_each_customer_to_the_live_agent_that_named_it_first
             ("cus_Shared", "agt_b", ["agt_a"]),
             ("cus_Team", "agt_a", ["agt_old", "agt_op"]),
         ]
+        shown = invoke_cli(
+            monkeypatch, ["customers", "show", "cus_OnlyA", "--json"], database_url=url
+        )
+        assert shown.exit_code == 0, shown.output
+        assert {k: json.loads(shown.output)[k] for k in ("agent_id", "bound_by")} == {
+            "agent_id": "agt_a",
+            "bound_by": "migration",
+        }
     finally:
         pg_server.drop(name)
+
+
+async def test_two_binds_at_once_record_the_move_between_them(pool: Pool) -> None:
+    """The second bind waits for the first and says it moved the Customer from the first's
+    agent (it recorded no previous agent, and the CLI said nothing moved)."""
+    alice, _ = await new_agent(pool, "alice")
+    bob, _ = await new_agent(pool, "bob")
+    async with pool.connection() as first, pool.connection() as second:
+        async with first.transaction():
+            assert await customers.bind(first, "cus_Both", alice, actor="operator:a") is None
+            later = asyncio.create_task(_bind_in(second, "cus_Both", bob))
+            await asyncio.sleep(0)  # let it start and wait on the row
+            done, _ = await asyncio.wait({later}, timeout=0.3)
+            assert not done  # it waits for the first transaction
+        assert await later == alice
+        history = await customers.changes(first, "cus_Both")
+    assert [(c["agent_id"], c["previous_agent_id"]) for c in history] == [
+        (alice, None),
+        (bob, alice),
+    ]
+
+
+async def _bind_in(conn: Any, customer: str, agent_id: str) -> str | None:
+    async with conn.transaction():
+        return await customers.bind(conn, customer, agent_id, actor="operator:b")

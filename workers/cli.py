@@ -374,8 +374,8 @@ def agents_revoke(
         console.print(
             plain(
                 f"{sum(in_flight.values())} of its payments are still in flight ({states}): "
-                "they go on, and their budget holds stay until each ends. To stop one: "
-                "agentpay payments cancel ID"
+                "the fleet carries them on, and a hold on the budget stays until its payment "
+                "ends. To stop one not yet charged: agentpay payments cancel ID"
             ),
             style="yellow",
             soft_wrap=True,

@@ -301,9 +301,12 @@ def customers_show(customer: CustomerId, as_json: AsJson = False, data_dir: Data
     _check_customer(customer)
 
     async def work(conn: Any) -> dict[str, Any]:
+        bound = await customers.binding(conn, customer)
         return {
             "customer": customer,
-            "agent_id": await customers.owner(conn, customer),
+            "agent_id": bound["agent_id"] if bound else None,
+            "bound_by": bound["bound_by"] if bound else None,
+            "bound_at": bound["bound_at"] if bound else None,
             "changes": await customers.changes(conn, customer),
         }
 
@@ -311,7 +314,12 @@ def customers_show(customer: CustomerId, as_json: AsJson = False, data_dir: Data
     if as_json:
         typer.echo(dump_json(found))
         return
-    console.print(plain(f"{customer}: bound to {found['agent_id'] or 'no agent'}"))
+    bound = (
+        f"bound to {found['agent_id']} by {found['bound_by']} at {found['bound_at']:%Y-%m-%d %H:%M}"
+        if found["agent_id"]
+        else "bound to no agent"
+    )
+    console.print(plain(f"{customer}: {bound}"))
     table = Table("at", "agent", "before", "by")
     for change in found["changes"]:
         table.add_row(
