@@ -581,6 +581,14 @@ async def test_cli_creates_an_agent_with_a_budget_and_funds_it(
     assert "balance 5250 eur" in funded.output
     missing = await asyncio.to_thread(invoke, "agents", "deposit", "nobody", "250")
     assert missing.exit_code == 2  # not found
+    # An operator reads it as the agent does (GET /v1/balance).
+    shown = await asyncio.to_thread(invoke, "agents", "balance", "shopper", "--json")
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["available"] == [{"amount": 5250, "currency": "eur"}]
+    table = await asyncio.to_thread(invoke, "agents", "balance", "shopper")
+    assert "eur" in table.output and "5250" in table.output, table.output
+    nobody = await asyncio.to_thread(invoke, "agents", "balance", "nobody")
+    assert nobody.exit_code == 2
     bad = await asyncio.to_thread(
         invoke, "agents", "create", "x", "--budget", "15", "--currency", "kwd"
     )

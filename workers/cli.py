@@ -61,6 +61,7 @@ app.command("bench")(bench_command)
 app.add_typer(cli_ledger.prices_app, name="prices")
 app.add_typer(cli_ledger.review_app, name="review")
 agents_app.command("deposit")(cli_ledger.agents_deposit)
+agents_app.command("balance")(cli_ledger.agents_balance)
 app.command("audit")(cli_audit.audit)
 
 

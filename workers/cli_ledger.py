@@ -234,6 +234,38 @@ def agents_deposit(
         )
 
 
+def agents_balance(
+    name: Annotated[str, typer.Argument(help="The agent's name or id")],
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """An agent's budget per currency: available, and held for its payments in flight (what
+    the agent reads at GET /v1/balance)."""
+    from tasks import agents, ledger
+
+    async def work(conn: Any) -> dict[str, Any] | None:
+        agent = await agents.find(conn, name)
+        return None if agent is None else await ledger.balance(conn, agent["id"])
+
+    found = on_database(data_dir, work, transaction=False)
+    if found is None:
+        raise fail(f"no agent named {name!r}", NOT_FOUND)
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    if not found["budgeted"]:
+        spends = "may spend without one" if found["unlimited"] else "may not spend"
+        console.print(plain(f"{name} has no budget: it {spends}"))
+    held = {h["currency"]: h["amount"] for h in found["held"]}
+    table = Table("currency", "available", "held")
+    for row in found["available"]:
+        table.add_row(row["currency"], str(row["amount"]), str(held.pop(row["currency"], 0)))
+    for currency, amount in held.items():
+        table.add_row(currency, "", str(amount))
+    if table.row_count:
+        console.print(table)
+
+
 async def open_budget(conn: Any, agent_id: str, amount: int, currency: str) -> None:
     """`agents create --budget`: hold the new agent to a budget, in its creating
     transaction."""
