@@ -314,7 +314,6 @@ async def test_two_binds_at_once_record_the_move_between_them(pool: Pool) -> Non
         async with first.transaction():
             assert await customers.bind(first, "cus_Both", alice, actor="operator:a") is None
             later = asyncio.create_task(_bind_in(second, "cus_Both", bob))
-            await asyncio.sleep(0)  # let it start and wait on the row
             done, _ = await asyncio.wait({later}, timeout=0.3)
             assert not done  # it waits for the first transaction
         assert await later == alice
