@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from api import errors, idempotency, metrics
+from api import errors, idempotency, metrics, ratelimit
 from api.limits import BodyLimits
 from api.routes import actions, health, ledger, ops, payments, prices, review, webhooks
 from api.routes import agents as agents_routes
@@ -193,6 +193,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics_cache = metrics.ScrapeCache()
+    app.state.invalid_keys = ratelimit.InvalidKeys(
+        settings.api_invalid_keys_per_second, settings.api_invalid_keys_burst
+    )
     errors.install(app)
     idempotency.install(app)
     app.add_middleware(

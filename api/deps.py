@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -63,7 +64,8 @@ async def current_agent(
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> agents.Agent:
     """The agent whose key is in `Authorization`, after it took a token from its rate limit
-    (api/ratelimit.py). 401 without a live key, 429 over the limit, then 400 for a query
+    (api/ratelimit.py). 401 without a live key, 429 over the limit (or, for an address that
+    sent too many keys that were none, before the key is looked up), then 400 for a query
     parameter the route does not take (api/query.py)."""
     key = presented_key(request)
     if key is None:
@@ -78,6 +80,18 @@ async def current_agent(
             headers=_challenge(request),
         )
     settings = request.app.state.settings
+    address = request.client.host if request.client else ""
+    invalid_keys: ratelimit.InvalidKeys = request.app.state.invalid_keys
+    wait = invalid_keys.wait(address)
+    if wait > 0:
+        seconds = max(1, math.ceil(wait))
+        raise ApiError(
+            429,
+            "too_many_invalid_keys",
+            f"Too many requests with an invalid API key from this address; retry in {seconds} s.",
+            type_="rate_limit_error",
+            headers={"Retry-After": str(seconds)},
+        )
     async with pool.connection() as conn:
         agent = await ratelimit.authenticate(
             conn,
@@ -86,6 +100,7 @@ async def current_agent(
             burst=settings.api_rate_limit_burst,
         )
     if agent is None:
+        invalid_keys.spent(address)
         raise ApiError(
             401,
             "invalid_api_key",

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hmac
 import math
+import time
+from collections import OrderedDict
 
 from api.errors import ApiError
 from tasks.agents import Agent, hash_key
@@ -57,3 +59,38 @@ def _refuse_if_waiting(wait: float) -> None:
             type_="rate_limit_error",
             headers={"Retry-After": str(seconds)},
         )
+
+
+class InvalidKeys:
+    """Per client address, a token bucket of requests whose key was no live key, in this
+    process's memory (a guesser needs no agent's bucket to flood: each wrong key cost a
+    database lookup). `wait(address)` is how long the address must wait before the next
+    request is looked at (0: now); `spent(address)` takes a token for a wrong key. At most
+    `MAX_ADDRESSES` buckets are kept, the least recently used dropped first (a dropped one
+    is whole again: forgetting is the lenient side)."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def _tokens(self, address: str, now: float) -> float:
+        tokens, at = self._buckets.get(address, (self.burst, now))
+        return min(self.burst, tokens + (now - at) * self.rate)
+
+    def wait(self, address: str) -> float:
+        if self.rate <= 0 or address not in self._buckets:
+            return 0.0
+        tokens = self._tokens(address, time.monotonic())
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
+    def spent(self, address: str) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        self._buckets[address] = (self._tokens(address, now) - 1, now)
+        self._buckets.move_to_end(address)
+        while len(self._buckets) > self.MAX_ADDRESSES:
+            self._buckets.popitem(last=False)

@@ -166,6 +166,12 @@ class Settings(BaseSettings):
     # second it refills, and the burst it holds. 0 turns rate limiting off.
     api_rate_limit_per_second: float = Field(default=100.0, ge=0)
     api_rate_limit_burst: int = Field(default=200, ge=1)
+    # Per client address, in each API process's memory: how many requests with a key that is
+    # no live key it may send a second, and in a burst; past them, every request from that
+    # address is a 429 until its bucket refills, without a database lookup (a flood of
+    # guessed keys would otherwise cost a lookup each, and hold the pool). 0: no limit.
+    api_invalid_keys_per_second: float = Field(default=5.0, ge=0)
+    api_invalid_keys_burst: int = Field(default=50, ge=1)
     # Idempotency keys and their stored responses are kept at least this long (Stripe: 24 h),
     # then pruned by the API process every `idempotency_prune_interval_seconds`.
     idempotency_retention_hours: float = Field(default=24.0, ge=24.0)

@@ -227,3 +227,47 @@ def test_agents_commands_create_list_and_revoke(database_url: str, cli_env: Any)
     assert next(a for a in listed if a["name"] == "cli-agent")["revoked_at"] is not None
     live = runner.invoke(app, ["agents", "list"])
     assert "cli-op" in live.stdout
+
+
+async def test_an_address_sending_keys_that_are_none_is_held_off_before_any_lookup(
+    settings: Settings, pool: Pool, agent_key: str
+) -> None:
+    """Each wrong key cost a database lookup, with no agent's bucket to limit it: a guesser
+    could hold the pool. Past a burst of wrong keys an address waits, whatever it sends;
+    other addresses go on."""
+    strict = settings.model_copy(
+        update={"api_invalid_keys_per_second": 0.01, "api_invalid_keys_burst": 3}
+    )
+    app = create_app(strict)
+    app.state.pool = pool
+
+    def client(address: str) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=app, client=(address, 1234))
+        return httpx.AsyncClient(transport=transport, base_url="http://agentpay.test")
+
+    async with client("203.0.113.7") as guesser, client("198.51.100.2") as other:
+        for n in range(3):
+            wrong = await guesser.get("/v1/payments", headers=auth(f"apk_guess{n}"))
+            assert wrong.status_code == 401, wrong.text
+        held = await guesser.get("/v1/payments", headers=auth("apk_guess9"))
+        assert held.status_code == 429, held.text
+        assert held.json()["error"]["code"] == "too_many_invalid_keys"
+        assert int(held.headers["Retry-After"]) >= 1
+        # Held off whatever it sends, a live key included; another address is not.
+        assert (await guesser.get("/v1/payments", headers=auth(agent_key))).status_code == 429
+        assert (await other.get("/v1/payments", headers=auth(agent_key))).status_code == 200
+        assert (await other.get("/v1/payments", headers=auth("apk_typo"))).status_code == 401
+
+
+def test_the_invalid_key_buckets_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A guesser spread over many addresses cannot grow the process without bound: the least
+    recently used bucket is dropped (and that address is whole again)."""
+    from api.ratelimit import InvalidKeys
+
+    monkeypatch.setattr(InvalidKeys, "MAX_ADDRESSES", 2)
+    buckets = InvalidKeys(rate=0.01, burst=1)
+    for address in ("a", "b", "c"):
+        buckets.spent(address)
+    assert buckets.wait("a") == 0  # forgotten
+    assert buckets.wait("b") > 0 and buckets.wait("c") > 0
+    assert InvalidKeys(rate=0, burst=1).wait("a") == 0  # 0 turns it off
