@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import math
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -82,16 +81,11 @@ async def current_agent(
     settings = request.app.state.settings
     address = request.client.host if request.client else ""
     invalid_keys: ratelimit.InvalidKeys = request.app.state.invalid_keys
-    wait = invalid_keys.wait(address)
-    if wait > 0:
-        seconds = max(1, math.ceil(wait))
-        raise ApiError(
-            429,
-            "too_many_invalid_keys",
-            f"Too many requests with an invalid API key from this address; retry in {seconds} s.",
-            type_="rate_limit_error",
-            headers={"Retry-After": str(seconds)},
-        )
+    ratelimit.refuse_if_waiting(
+        invalid_keys.wait(address),
+        "too_many_invalid_keys",
+        "Too many requests with an invalid API key from this address",
+    )
     async with pool.connection() as conn:
         agent = await ratelimit.authenticate(
             conn,

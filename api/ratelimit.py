@@ -45,17 +45,20 @@ async def authenticate(conn: Conn, key: str, *, rate: float, burst: int) -> Agen
     # The lookup is by digest; compare it once more in constant time all the same.
     if row is None or not hmac.compare_digest(bytes(row["key_hash"]), digest):
         return None
-    _refuse_if_waiting(float(row["wait"]))
+    refuse_if_waiting(float(row["wait"]))
     return Agent(row["id"], row["name"], row["is_operator"])
 
 
-def _refuse_if_waiting(wait: float) -> None:
+def refuse_if_waiting(
+    wait: float, code: str = "rate_limited", what: str = "Too many requests from this agent"
+) -> None:
+    """A 429 with Retry-After (whole seconds, at least 1) when `wait` seconds remain."""
     if wait > 0:
         seconds = max(1, math.ceil(wait))
         raise ApiError(
             429,
-            "rate_limited",
-            f"Too many requests from this agent; retry in {seconds} s.",
+            code,
+            f"{what}; retry in {seconds} s.",
             type_="rate_limit_error",
             headers={"Retry-After": str(seconds)},
         )
