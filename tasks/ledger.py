@@ -3,7 +3,8 @@
 Accounts: per agent and currency an `agent_budget` (what the agent may still spend) and an
 `agent_holds` (what risk reserved for its payments in flight); per currency the platform's
 `external_funding` (where deposits come from, and what agents without a budget spend),
-`provider_clearing` (what the provider collected for us) and `platform_fees`.
+`provider_clearing` (what the provider collected for us), `platform_fees` and `disputes_lost`
+(what chargebacks took back).
 
 A transaction's entries sum to zero in every currency (checked by Postgres at commit); the
 ledger is append-only (a correction is a new transaction). An entry on an agent's budget or
@@ -25,7 +26,11 @@ Postings of a payment, each at most once (keyed by the payment or refund id):
   fees share what was collected (in proportion) and the source gets the rest back;
 - release (→ rejected | failed | canceled): holds -total, source +total;
 - refund (provider-confirmed): source +amount, provider clearing and platform fees - the
-  amount split between them in proportion (largest remainder, cumulative over refunds).
+  amount split between them in proportion (largest remainder, cumulative over refunds and
+  lost disputes);
+- dispute_lost (a chargeback the customer won, keyed by the dispute id): disputes lost
+  +amount, provider clearing and platform fees - the amount split as a refund's. The agent's
+  budget is not given back: the agent spent it, the platform lost it.
 
 Every payment transition passes through `on_transition` inside the transition's own
 transaction, so ledger effects commit or roll back with the state change that causes them.
@@ -53,6 +58,7 @@ AGENT_HOLDS = "agent_holds"
 EXTERNAL_FUNDING = "external_funding"
 PROVIDER_CLEARING = "provider_clearing"
 PLATFORM_FEES = "platform_fees"
+DISPUTES_LOST = "disputes_lost"
 
 _NOT_NEGATIVE = "ledger_accounts_agent_not_negative"
 # Transitions that end a payment without a charge: its hold goes back where it came from.
@@ -390,8 +396,8 @@ async def on_transition(conn: Conn, payment: Payment, from_status: str, to_statu
 async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> None:
     """Ledger effects of a refund of `amount` that the provider has confirmed: the amount
     goes back to where the payment's hold came from, out of provider clearing and platform
-    fees in proportion (cumulative over the payment's refunds, so a full refund reverses the
-    capture exactly). Once per `refund_id`."""
+    fees in proportion (cumulative over the payment's refunds and lost disputes, so a full
+    refund reverses the capture exactly). Once per `refund_id`."""
     if amount <= 0:
         raise ValueError("a refund amount is positive")
     captured = await _captured(conn, payment["id"])
@@ -400,30 +406,112 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
             "refund %s of payment %s: nothing captured to reverse", refund_id, payment["id"]
         )
         return
-    currency = payment["currency"]
-    before = await _refunded(conn, payment["id"])
-    after = before + amount
-    if after > captured["total"]:
+    before = await _reversed(conn, payment["id"])
+    if before + amount > captured["total"]:
         raise ValueError(
-            f"refunds of payment {payment['id']} ({after}) exceed what was captured "
+            f"refunds of payment {payment['id']} ({before + amount}) exceed what was captured "
             f"({captured['total']})"
         )
+    await _post_reversal(
+        conn,
+        payment,
+        "refund",
+        captured,
+        before,
+        amount,
+        to_account=captured["source"],
+        reference=refund_id,
+        actor=None,
+        description="refund",
+    )
+
+
+@dataclass(frozen=True)
+class DisputeLoss:
+    """What booking a lost dispute did: `booked` (posted now; 0 when nothing was, or when
+    it was booked before) and, when not all of it could be, `problem` (for the operator)."""
+
+    booked: int
+    problem: str | None = None
+
+
+async def post_dispute_loss(
+    conn: Conn, payment: Payment, *, dispute_id: str, amount: int, currency: str
+) -> DisputeLoss:
+    """Ledger effects of a dispute the customer won: `amount` (positive, in `currency`, the
+    dispute's) leaves provider clearing and platform fees in the proportion a refund uses,
+    and goes to `disputes_lost`; the agent's budget stays as it is. Once per `dispute_id`.
+    Books at most what remains of the capture after refunds and other lost disputes, and
+    nothing when the payment has no capture or another currency (`problem` says so). The
+    caller holds the payment row locked (as refunds do), so the proportion is taken on
+    settled numbers."""
+    if amount <= 0:
+        raise ValueError("a disputed amount is positive")
+    pid = payment["id"]
+    if await _transaction_of(conn, "dispute_lost", dispute_id) is not None:
+        return DisputeLoss(0)
+    captured = await _captured(conn, pid)
+    if captured is None:
+        return DisputeLoss(0, "the payment has no capture in the ledger to take it from")
+    if currency != payment["currency"]:
+        return DisputeLoss(0, f"the dispute is in {currency}, the payment in {payment['currency']}")
+    before = await _reversed(conn, pid)
+    booked = min(amount, captured["total"] - before)
+    if booked <= 0:
+        return DisputeLoss(0, "refunds and lost disputes already took back all it collected")
+    await _post_reversal(
+        conn,
+        payment,
+        "dispute_lost",
+        captured,
+        before,
+        booked,
+        to_account=await account(conn, DISPUTES_LOST, currency),
+        reference=dispute_id,
+        actor="provider",
+        description="dispute lost",
+    )
+    if booked < amount:
+        return DisputeLoss(
+            booked, f"only {booked} of it was left of what the payment collected: booked that"
+        )
+    return DisputeLoss(booked)
+
+
+async def _post_reversal(
+    conn: Conn,
+    payment: Payment,
+    kind: str,
+    captured: dict[str, int],
+    before: int,
+    amount: int,
+    *,
+    to_account: int,
+    reference: str,
+    actor: str | None,
+    description: str,
+) -> str | None:
+    """Take `amount` of a captured payment back out of provider clearing and platform fees
+    into `to_account`: the fee's part is its share of everything reversed so far (`before`,
+    then `before + amount`), so reversals adding up to the capture reverse it exactly."""
+    currency = payment["currency"]
     weights = [captured["total"] - captured["fee"], captured["fee"]]
+    after = before + amount
     fee_part = _fee_share(after, weights, currency) - _fee_share(before, weights, currency)
     clearing, fees = await _platform_accounts(conn, currency)
-    await post(
+    return await post(
         conn,
-        "refund",
+        kind,
         [
-            (captured["source"], currency, amount),
+            (to_account, currency, amount),
             (clearing, currency, -(amount - fee_part)),
             (fees, currency, -fee_part),
         ],
-        actor=None,
-        reference=refund_id,
+        actor=actor,
+        reference=reference,
         payment_id=payment["id"],
         agent_id=payment["agent_id"],
-        description="refund",
+        description=description,
     )
 
 
@@ -650,11 +738,14 @@ async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
     return {"total": total, "fee": fee, "source": held["source"]}
 
 
-async def _refunded(conn: Conn, payment_id: str) -> int:
+async def _reversed(conn: Conn, payment_id: str) -> int:
+    """How much of the payment's capture refunds and lost disputes took back (each such
+    transaction's one positive entry)."""
     cur = await conn.execute(
         """SELECT coalesce(sum(e.amount), 0) AS s FROM ledger_entries e
            JOIN ledger_transactions t ON t.id = e.transaction_id
-           WHERE t.kind = 'refund' AND t.payment_id = %s AND e.amount > 0""",
+           WHERE t.kind IN ('refund', 'dispute_lost') AND t.payment_id = %s
+             AND e.amount > 0""",
         (payment_id,),
     )
     row = await cur.fetchone()

@@ -15,8 +15,9 @@ and events out of order cannot move a payment backwards. A refund event (`charge
 `refund.created`, …) also defers the sync of refunds made outside agentpay, which lists the
 provider's refunds itself. A dispute event (`charge.dispute.*`: a customer's chargeback, its
 updates and its outcome) is recorded in its payment's events (`dispute`), for the agent and
-the operator to see; nothing else follows from it (see docs/provider.md). Event types we do
-not act on are stored and ignored.
+the operator to see; a lost one is booked in the ledger (`dispute_lost`: the money left
+provider clearing and platform fees; see docs/ledger.md), nothing else follows from it.
+Event types we do not act on are stored and ignored.
 
 What is stored is a copy Postgres can hold (`storable`): a NUL character or a lone surrogate
 (JSON may escape either, `"\\u0000"`, `"\\ud800"`, in metadata someone typed) in any string or
@@ -35,7 +36,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from tasks import payments, refunds
+from tasks import ledger, payments, refunds
 from tasks.app import defer
 from tasks.db import Conn
 from tasks.reconcile import RECONCILABLE
@@ -269,8 +270,11 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
 
 async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) -> None:
     """The dispute, as the event tells it, in its payment's events (once per event: the
-    caller stored the event for the first time)."""
-    payment = await payments.get(conn, payment_id)
+    caller stored the event for the first time); a lost one (status `lost`: the customer
+    got the money back) booked in the ledger, once per dispute (`tasks.ledger.
+    post_dispute_loss`), with the payment row locked as refunds lock it. What could not be
+    booked goes before the operator as a `dispute_lost` mismatch."""
+    payment = await payments.lock(conn, payment_id)
     dispute = (event.get("data") or {}).get("object") or {}
     if payment is None or not isinstance(dispute, dict):
         return
@@ -279,17 +283,63 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
         for key in ("id", "status", "amount", "currency", "reason")
         if isinstance(dispute.get(key), str | int) and not isinstance(dispute.get(key), bool)
     }
+    details: dict[str, Any] = {"event_id": event["id"], "event_type": event["type"]}
+    details["dispute"] = data
+    amount, dispute_id, currency = data.get("amount"), data.get("id"), data.get("currency")
+    if (
+        data.get("status") == "lost"
+        and isinstance(amount, int)
+        and amount > 0
+        and isinstance(dispute_id, str)
+        and isinstance(currency, str)
+    ):
+        loss = await ledger.post_dispute_loss(
+            conn, payment, dispute_id=dispute_id, amount=amount, currency=currency.lower()
+        )
+        if loss.booked:
+            details["booked_loss"] = loss.booked
+        if loss.problem is not None:
+            await _dispute_mismatch(conn, payment, data, loss)
     await payments.record_event(
         conn,
         payment,
         "dispute",
         actor="provider",
         reason=f"{event['type']}: {data.get('status', 'unknown')} ({data.get('reason', '?')})",
-        data={"event_id": event["id"], "event_type": event["type"], "dispute": data},
+        data=details,
     )
     log.warning(
         "payment disputed",
         extra={"payment_id": payment_id, "event_type": event["type"], "dispute": data},
+    )
+
+
+async def _dispute_mismatch(
+    conn: Conn, payment: payments.Payment, dispute: dict[str, Any], loss: ledger.DisputeLoss
+) -> None:
+    """A lost dispute the ledger could not book in full, as a reconcile mismatch (field
+    `dispute_lost`), once per dispute."""
+    cur = await conn.execute(
+        """SELECT 1 FROM reconcile_mismatches
+            WHERE payment_id = %s AND field = 'dispute_lost' AND actual->>'id' = %s""",
+        (payment["id"], dispute["id"]),
+    )
+    if await cur.fetchone() is not None:
+        return
+    log.warning(
+        "lost dispute %s of payment %s not booked in full: %s",
+        dispute["id"],
+        payment["id"],
+        loss.problem,
+        extra={"payment_id": payment["id"], "dispute": dispute},
+    )
+    await payments.record_mismatches(
+        conn,
+        payment,
+        payment.get("provider_payment_id"),
+        [{"field": "dispute_lost", "expected": {"booked": loss.booked}, "actual": dispute}],
+        actor="provider",
+        reason=f"lost dispute {dispute['id']}: {loss.problem}",
     )
 
 

@@ -140,7 +140,15 @@ async def test_the_database_refuses_unbalanced_edited_or_deleted_ledger_rows(
 
 # --- any mix of outcomes: a property -----------------------------------------------------
 
-OUTCOMES = ["reconciled", "failed", "canceled", "review_rejected", "refund_part", "refund_all"]
+OUTCOMES = [
+    "reconciled",
+    "failed",
+    "canceled",
+    "review_rejected",
+    "refund_part",
+    "refund_all",
+    "dispute_rest",
+]
 
 
 @settings(
@@ -163,7 +171,8 @@ async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
     pool: Pool, fees: None, plan: list[tuple[str, int, int]], currency: str
 ) -> None:
     """Deposits and payments that end reconciled, failed, canceled, rejected in review,
-    partly or fully refunded, for budgeted and unbudgeted agents, with tax and fees."""
+    partly or fully refunded, or partly refunded and the rest lost to a dispute, for
+    budgeted and unbudgeted agents, with tax and fees."""
     step = 10 if currency == "kwd" else 1
     tag = secrets.token_hex(5)  # hypothesis seeds `random`: names must differ per example
     names = [f"p{tag}-{i}" for i in range(3)]
@@ -201,7 +210,8 @@ async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
         else:
             await move(pool, payment["id"], "charging", "succeeded", "reconciled")
             total = payment["amount_total"]
-            refunds = {"refund_part": [total // 2 - (total // 2) % step, 0], "refund_all": [total]}
+            half = total // 2 - (total // 2) % step
+            refunds = {"refund_part": [half], "refund_all": [total], "dispute_rest": [half]}
             for i, part in enumerate(refunds.get(op, [])):
                 if part:
                     async with pool.connection() as conn, conn.transaction():
@@ -209,6 +219,29 @@ async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
                         await ledger.post_refund(
                             conn, locked, refund_id=f"re_{payment['id']}_{i}", amount=part
                         )
+            if op == "dispute_rest":
+                # The customer disputes the whole charge and wins: what is left is booked.
+                async with pool.connection() as conn, conn.transaction():
+                    locked = await payments.lock(conn, payment["id"])
+                    loss = await ledger.post_dispute_loss(
+                        conn,
+                        locked,
+                        dispute_id=f"dp_{payment['id']}",
+                        amount=total,
+                        currency=currency,
+                    )
+                    assert loss.booked == total - half
+                    # Refunds and the loss took back all of it, fee included.
+                    cur = await conn.execute(
+                        """SELECT a.kind, sum(e.amount) AS s FROM ledger_entries e
+                           JOIN ledger_transactions t ON t.id = e.transaction_id
+                           JOIN ledger_accounts a ON a.id = e.account_id
+                           WHERE t.payment_id = %s
+                             AND a.kind IN ('provider_clearing', 'platform_fees')
+                           GROUP BY a.kind""",
+                        (payment["id"],),
+                    )
+                    assert {r["s"] for r in await cur.fetchall()} <= {0}
     async with pool.connection() as conn:
         await assert_ledger_sound(conn)
         for agent_id in ids:
@@ -263,6 +296,71 @@ async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None
         # 1000 of 2252 refunded: fee share 1000 * 88 / 2252 = 39.08 → 39.
         assert [r["amount"] for r in await cur.fetchall()] == [-39]
         await assert_ledger_sound(conn)
+
+
+async def test_a_lost_dispute_takes_what_is_left_once_and_never_gives_the_budget_back(
+    pool: Pool, fees: None
+) -> None:
+    """A chargeback the customer won took the money back at the provider, and the ledger
+    still counted it in provider clearing and platform fees. It is now booked once per
+    dispute into `disputes_lost`, in the proportion a refund uses, never more than the
+    refunds left; the agent's budget is not given back (a refund gives it back)."""
+    agent_id = await new_agent(pool, "disputed", budget=10_000)
+    payment = await priced_payment(pool, agent_id, 1999)  # total 2252, fee 88
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, payment["id"]) == "approved"
+    await move(pool, payment["id"], "charging", "succeeded", "reconciled")
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
+        # The customer disputes the whole charge: only what the refund left is booked.
+        loss = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_1", amount=2252, currency="usd"
+        )
+        assert loss.booked == 1252 and loss.problem is not None and "1252" in loss.problem
+        # The same dispute again (`charge.dispute.updated`, then `.closed`): nothing more.
+        again = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_1", amount=2252, currency="usd"
+        )
+        assert again == ledger.DisputeLoss(0)
+        # Another dispute finds nothing left; a refund after it would exceed the capture.
+        other = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_2", amount=5, currency="usd"
+        )
+        assert other.booked == 0 and other.problem is not None
+        with pytest.raises(ValueError, match="exceed"):
+            await ledger.post_refund(conn, locked, refund_id="re_2", amount=1)
+    async with pool.connection() as conn:
+        # The refund gave 1000 back to the budget; the lost dispute gave nothing back.
+        assert await balances(conn, agent_id) == (10_000 - 2252 + 1000, 0)
+        assert await platform_balances(conn) == {
+            "disputes_lost": 1252,
+            "external_funding": -10_000,
+            "platform_fees": 0,
+            "provider_clearing": 0,
+        }
+        await assert_ledger_sound(conn)
+
+    # A payment with no capture, and a dispute in another currency: nothing booked, said why.
+    held = await priced_payment(pool, agent_id, 500)
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, held["id"]) == "approved"
+        locked = await payments.lock(conn, held["id"])
+        loss = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_3", amount=500, currency="usd"
+        )
+        assert loss.booked == 0 and "no capture" in (loss.problem or "")
+    await move(pool, held["id"], "charging", "succeeded", "reconciled")
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, held["id"])
+        loss = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_3", amount=500, currency="eur"
+        )
+        assert loss.booked == 0 and "eur" in (loss.problem or "")
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM ledger_transactions WHERE kind = 'dispute_lost'"
+        )
+        assert (await cur.fetchone())["n"] == 1
 
 
 # --- concurrency -------------------------------------------------------------------------

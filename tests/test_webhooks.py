@@ -274,6 +274,78 @@ async def test_a_dispute_is_recorded_in_its_payments_events_once(
     assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
 
 
+async def test_a_lost_dispute_is_booked_once_and_one_that_cannot_be_is_a_mismatch(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """A dispute the customer won was only an event: provider clearing kept counting the
+    money. The first event saying `lost` books it in the ledger (`dispute_lost`), the next
+    ones (`charge.dispute.updated`, then `.closed`) add nothing; a lost dispute the ledger
+    cannot book (the payment has no capture) goes before the operator as a mismatch, once."""
+
+    def lost(payment: dict[str, Any], dispute_id: str, n: int, kind: str) -> dict[str, Any]:
+        dispute = {
+            "id": dispute_id,
+            "object": "dispute",
+            "amount": payment["amount_total"],
+            "currency": payment["currency"],
+            "payment_intent": payment["provider_payment_id"],
+            "reason": "fraudulent",
+            "status": "lost",
+        }
+        return {
+            **EVENT,
+            "id": f"evt_test_{dispute_id}_{n}",
+            "type": kind,
+            "data": {"object": dispute},
+        }
+
+    created = await create(api, agent_key)
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    for n, kind in enumerate(["charge.dispute.updated", "charge.dispute.closed"]):
+        answer = await post_event(api, lost(payment, "dp_test_lost", n, kind))
+        assert answer.status_code == 200 and answer.json()["duplicate"] is False
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT a.kind, e.amount FROM ledger_entries e
+               JOIN ledger_transactions t ON t.id = e.transaction_id
+               JOIN ledger_accounts a ON a.id = e.account_id
+               WHERE t.kind = 'dispute_lost' AND t.reference = 'dp_test_lost'
+               ORDER BY a.kind"""
+        )
+        booked = [(r["kind"], r["amount"]) for r in await cur.fetchall()]
+    total = payment["amount_total"]
+    assert booked == [("disputes_lost", total), ("provider_clearing", -total)]
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["data"].get("booked_loss") for e in events if e["type"] == "dispute"] == [
+        total,
+        None,
+    ]
+
+    # Lost before the payment was captured in the ledger (still `succeeded`): not booked,
+    # one mismatch however many events say so.
+    waiting = await succeeded_without_its_reconcile(api, agent_key, pool)
+    for n in range(2):
+        answer = await post_event(api, lost(waiting, "dp_test_early", n, "charge.dispute.closed"))
+        assert answer.status_code == 200
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT field, expected, actual FROM reconcile_mismatches WHERE payment_id = %s",
+            (waiting["id"],),
+        )
+        mismatches = await cur.fetchall()
+        cur = await conn.execute(
+            "SELECT count(*) AS n FROM ledger_transactions WHERE reference = 'dp_test_early'"
+        )
+        assert (await cur.fetchone())["n"] == 0
+    assert [(m["field"], m["expected"], m["actual"]["id"]) for m in mismatches] == [
+        ("dispute_lost", {"booked": 0}, "dp_test_early")
+    ]
+
+
 async def test_an_event_with_nul_or_a_lone_surrogate_is_stored_once_and_acted_on(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
