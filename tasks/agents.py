@@ -120,9 +120,10 @@ async def rotate_key(
 
 
 async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> dict[str, Any] | None:
-    """Revoke a live agent (by id, else by name) and all its keys; None if there is no such
-    live agent. Its payments not in a final state go on (holds stay until each ends): the
-    result's `in_flight` counts them by state. Recorded as `agent.revoke` by `actor`."""
+    """Revoke an agent (by id, else by name) and all its keys; None if there is no such
+    agent. Its payments not in a final state go on (holds stay until each ends): the
+    result's `in_flight` counts them by state. Recorded as `agent.revoke` by `actor`. An
+    agent revoked already is left as it is (`already_revoked` true, nothing recorded)."""
     found = await find(conn, name_or_id)
     if found is None:
         return None
@@ -134,10 +135,13 @@ async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> di
         (found["id"],),
     )
     row = await cur.fetchone()
-    if row is None:
-        return None
-    revoked = await _revoke_keys(conn, found["id"])
     in_flight = await payments_in_flight(conn, found["id"])
+    if row is None:
+        cur = await conn.execute("SELECT revoked_at FROM agents WHERE id = %s", (found["id"],))
+        before = await cur.fetchone()
+        assert before is not None  # agents are never deleted
+        return {**found, **before, "in_flight": in_flight, "already_revoked": True}
+    revoked = await _revoke_keys(conn, found["id"])
     await audit.record(
         conn,
         "agent.revoke",
@@ -150,7 +154,12 @@ async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> di
         },
         actor=actor,
     )
-    return {**found, "revoked_at": row["revoked_at"], "in_flight": in_flight}
+    return {
+        **found,
+        "revoked_at": row["revoked_at"],
+        "in_flight": in_flight,
+        "already_revoked": False,
+    }
 
 
 async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:

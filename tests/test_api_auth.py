@@ -215,8 +215,18 @@ def test_agents_commands_create_list_and_revoke(database_url: str, cli_env: Any)
     assert revoked.exit_code == 0
     gone = runner.invoke(app, ["agents", "rotate-key", "cli-agent"])
     assert gone.exit_code == 2, gone.output  # a revoked agent gets no new key
+    # Again (a runbook step repeated): harmless, says so, audits nothing more.
     again = runner.invoke(app, ["agents", "revoke", "cli-agent"])
-    assert again.exit_code == 2  # no live agent of that name: not found
+    assert again.exit_code == 0, again.output
+    assert "was revoked already" in again.stdout
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM operator_audit WHERE action = 'agent.revoke' AND subject = %s",
+            (info["id"],),
+        ).fetchone()
+    assert row is not None and row[0] == 1
+    nobody = runner.invoke(app, ["agents", "revoke", "nobody-of-that-name"])
+    assert nobody.exit_code == 2, nobody.output
     taken = runner.invoke(app, ["agents", "create", "cli-agent"])
     assert taken.exit_code == 1, taken.output  # refused: the name is taken, even revoked
     assert "exists already" in taken.output and "Traceback" not in taken.output

@@ -647,6 +647,60 @@ async def test_an_agents_text_is_printed_as_text_never_as_markup_or_escape_codes
     assert "\x1b" not in result.output and "\x07" not in result.output
 
 
+async def test_cli_lists_payments_newest_first_by_state_and_agent(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Operators had no list of payments in the CLI (only `GET /v1/payments` with an
+    operator key, or psql): `payments list` shows them newest first, narrowed by state (any
+    of several) and agent, `--limit` at a time."""
+    first = (await create(api, agent_key))["id"]
+    await run_jobs(pool)
+    second = (await create(api, agent_key, amount=777))["id"]
+    async with pool.connection() as conn, conn.transaction():
+        other, _ = await agents.create(conn, "lister-other")
+        third = await payments.insert(
+            conn, agent_id=other.id, currency="eur", payment_method="pm_card_visa", amount=300
+        )
+
+    async def listed(*args: str) -> tuple[list[str], bool]:
+        result = await asyncio.to_thread(
+            invoke_cli,
+            monkeypatch,
+            ["payments", "list", "--json", *args],
+            database_url=database_url,
+        )
+        assert result.exit_code == 0, result.output
+        found = json.loads(result.stdout)
+        return [p["id"] for p in found["data"]], found["has_more"]
+
+    assert await listed() == ([third["id"], second, first], False)
+    assert await listed("--limit", "2") == ([third["id"], second], True)
+    assert await listed("--status", "reconciled") == ([first], False)
+    assert await listed("--status", "reconciled", "--status", "received") == (
+        [third["id"], second, first],
+        False,
+    )
+    assert await listed("--agent", "lister-other") == ([third["id"]], False)
+    table = await asyncio.to_thread(
+        invoke_cli,
+        monkeypatch,
+        ["payments", "list", "--status", "reconciled"],
+        database_url=database_url,
+        env={"COLUMNS": "300"},
+    )
+    assert table.exit_code == 0, table.output
+    assert first in table.stdout and "reconciled" in table.stdout and second not in table.stdout
+    for wrong, code in ((["--status", "done"], 2), (["--agent", "nobody"], 2)):
+        refused = await asyncio.to_thread(
+            invoke_cli, monkeypatch, ["payments", "list", *wrong], database_url=database_url
+        )
+        assert refused.exit_code == code, refused.output
+
+
 async def test_a_jobs_error_is_shown_to_operators_not_to_the_agent(
     api: httpx.AsyncClient,
     agent_key: str,

@@ -359,16 +359,21 @@ def agents_revoke(
     data_dir: DataDir = None,
 ) -> None:
     """Revoke an agent and every key it has. Its payments not in a final state go on (their
-    budget holds stay until each ends): the command says how many, by state."""
+    budget holds stay until each ends): the command says how many, by state. An agent
+    revoked already stays as it is (exit 0: running it again is harmless)."""
     from tasks import agents
 
     actor = operator_actor(operator)
     revoked = on_database(data_dir, lambda conn: agents.revoke(conn, name, actor=actor))
     if revoked is None:
-        raise fail(f"no live agent named {name!r}", NOT_FOUND)
-    console.print(
-        plain(f"revoked {revoked['name']} ({revoked['id']}) and its keys"), soft_wrap=True
+        raise fail(f"no agent named {name!r}", NOT_FOUND)
+    done = (
+        f"{revoked['name']} ({revoked['id']}) was revoked already, at "
+        f"{revoked['revoked_at']:%Y-%m-%d %H:%M:%S %Z}"
+        if revoked["already_revoked"]
+        else f"revoked {revoked['name']} ({revoked['id']}) and its keys"
     )
+    console.print(plain(done), soft_wrap=True)
     in_flight = revoked["in_flight"]
     if in_flight:
         states = ", ".join(f"{n} {state}" for state, n in in_flight.items())

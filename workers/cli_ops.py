@@ -1,4 +1,4 @@
-"""Operators' commands: `agentpay status`, `agentpay payments show|cancel`, `agentpay jobs
+"""Operators' commands: `agentpay status`, `agentpay payments list|show|cancel`, `agentpay jobs
 retry|cancel`, `agentpay mismatches resolve`, `agentpay customers bind|unbind|show|list`. Each
 action is recorded as `operator:<name>` (the OS user, or --operator)."""
 
@@ -62,6 +62,66 @@ def status(
 
     with database_errors():
         show(settings_for(data_dir), Console(), as_json=as_json, watch=every if watch else None)
+
+
+@payments_app.command("list")
+def payments_list(
+    status: Annotated[
+        list[str] | None,
+        typer.Option("--status", help="Only in this state (repeat it for any of several)"),
+    ] = None,
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Only this agent's (name or id)")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=1000, help="At most this many")] = 20,
+    as_json: AsJson = False,
+    data_dir: DataDir = None,
+) -> None:
+    """Payments, newest first: id, when, agent, state, total, failure. What GET /v1/payments
+    lists for an operator key; `payments show ID` tells one's whole story."""
+    from typing import get_args
+
+    from api.models import PaymentStatus
+    from tasks import agents, payments
+
+    states = get_args(PaymentStatus)
+    for state in status or []:
+        if state not in states:
+            raise typer.BadParameter(
+                f"{state!r} is no payment state ({', '.join(states)})", param_hint="--status"
+            )
+
+    async def work(conn: Any) -> tuple[list[dict[str, Any]], bool] | None:
+        agent_id = None
+        if agent is not None:
+            found = await agents.find(conn, agent)
+            if found is None:
+                return None
+            agent_id = found["id"]
+        return await payments.page(conn, agent_id=agent_id, limit=limit, status=status)
+
+    found = on_database(data_dir, work, transaction=False)
+    if found is None:
+        raise fail(f"no agent named {agent!r}", NOT_FOUND)
+    rows, has_more = found
+    shown = [payments.public(row) for row in rows]
+    if as_json:
+        typer.echo(dump_json({"data": shown, "has_more": has_more}))
+        return
+    table = Table("id", "created", "agent", "status", "total", "failure")
+    for p in shown:
+        failure = p["failure"]["code"] if p["failure"] else None
+        table.add_row(
+            p["id"],
+            f"{p['created_at']:%Y-%m-%d %H:%M:%S}",
+            plain(p["agent_id"]),
+            p["status"],
+            f"{p['amount_total'] if p['amount_total'] is not None else '-'} {p['currency']}",
+            plain(failure),
+        )
+    console.print(table)
+    if has_more:
+        console.print(plain(f"more than {limit}: raise --limit or narrow with --status, --agent"))
 
 
 @payments_app.command("show")
