@@ -84,7 +84,8 @@ def create_refund(state: SandboxState, params: dict[str, Any], req: RequestInfo)
             raise invalid_request(
                 f"Refund amount ({format_amount(amount, charge.currency)}) is greater than "
                 f"unrefunded amount on charge ({format_amount(remaining, charge.currency)})",
-                code="amount_too_large",
+                # Stripe names the parameter and gives no code for this refusal.
+                code=None,
                 param="amount",
                 store=True,
             )

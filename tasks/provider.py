@@ -485,6 +485,13 @@ async def cancel_intent(payment_id: str, intent_id: str, request: str) -> Intent
     return await _intent_action("cancel", payment_id, intent_id, request)
 
 
+# A refund refused because the charge has less left than it asks for (Stripe's code for it, or
+# ours when its answer carries none).
+OVER_REFUND = "amount_too_large"
+# Refusals of a refund that say the provider holds less of the charge than agentpay counts:
+# something was refunded elsewhere (the Dashboard) and its event is not in yet, or was lost.
+REMAINDER_REFUSALS = frozenset({OVER_REFUND, "charge_already_refunded"})
+
 # The refund reasons Stripe accepts; any other reason of ours stays in our records only.
 REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 
@@ -532,6 +539,13 @@ async def refund(
             key=idempotency_key(payment_id, f"refund:{refund_id}"),
             look_first=lambda: find_refund(intent_id, refund_id),
         )
+    except stripe.InvalidRequestError as error:
+        if error.param == "amount" and not error.code:
+            # Stripe refuses a refund above what the charge has left ("Refund amount ($x) is
+            # greater than unrefunded amount on charge ($y)") with no code: about this
+            # refund, not about us. Else it failed for good, unrecorded, and stayed pending.
+            raise Declined(OVER_REFUND, error.user_message or str(error)) from error
+        raise _translate(error) from error
     except stripe.StripeError as error:
         raise _translate(error) from error
     return result if isinstance(result, Refund) else Refund.from_stripe(result)

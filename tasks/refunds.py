@@ -262,6 +262,12 @@ async def refund_payment(payment_id: str, refund_id: str) -> Any:
             return None
         if refused is not None:
             await _fail(conn, locked, refund, refused.code, refused.message)
+            if refused.code in provider.REMAINDER_REFUSALS and not await sync_waiting(
+                conn, payment_id
+            ):
+                # The provider holds less than we count: take in what was refunded
+                # elsewhere, so that what remains here is what remains there.
+                await defer(conn, SYNC_TASK, payment_id=payment_id)
             return "failed"
         assert result is not None
         if result.status in ("failed", "canceled"):
