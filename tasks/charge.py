@@ -11,6 +11,9 @@ An unknown outcome (timeout, 5xx after the SDK's retries, a lost response) leave
 `charging` and the job retries with backoff; reconcile resolves what stays there, by retrieve
 (or by searching the intent's `metadata[payment_id]`), never by creating a second intent.
 
+A payment that ends `failed` leaves its PaymentIntent open at the provider; `void_intent`
+cancels it, so that no later confirm takes money for it.
+
 Capture and cancel are asked for with `request_capture` / `request_cancel` inside the
 caller's transaction (the API, the CLI); the "capture" and "cancel" jobs then call the
 provider and settle the payment from what the provider answers — or, when the provider
@@ -44,6 +47,12 @@ CANCEL_NOW = frozenset({"received", "priced", "in_review", "approved"})
 # States a cancel needs the provider for: a PaymentIntent exists (or, while `charging`, may
 # be being made) and may be cancelable.
 CANCEL_AT_PROVIDER = payments.CANCEL_PENDING_IN
+
+# Intent states a payment that ended `failed` leaves its PaymentIntent in, open to a later
+# confirm (the customer retrying with its client secret, another integration) that would take
+# money for a payment agentpay ended: the intent is canceled (`void_intent`).
+VOIDABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
+VOID_TASK = "void_intent"
 
 # What a PaymentIntent's status means for a payment that is `charging`.
 _OUTCOMES = {
@@ -88,7 +97,27 @@ async def settle(
     )
     if to == "succeeded":
         await defer(conn, "reconcile", payment_id=payment["id"])
+    elif to == "failed" and intent.id and intent.status in VOIDABLE:
+        await defer(conn, VOID_TASK, payment_id=payment["id"], intent_id=intent.id)
     return to
+
+
+@app.task(name=VOID_TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def void_intent(payment_id: str, intent_id: str) -> Any:
+    """Cancel at the provider the PaymentIntent of a payment that ended `failed` (declined,
+    authentication failed): Stripe keeps such an intent open (`requires_payment_method`),
+    and nothing may take money for a payment agentpay ended. Keyed, so a retry repeats the
+    call. A refusal (canceled or confirmed meanwhile) ends the job: a late success is put
+    before an operator by the webhook that reports it (`tasks.reconcile.check_late_money`)."""
+    try:
+        intent = await provider.cancel_intent(payment_id, intent_id, "failed")
+    except provider.Declined as refused:
+        log.info(
+            "the intent of a failed payment was not canceled",
+            extra={"payment_id": payment_id, "intent": intent_id, "code": refused.code},
+        )
+        return refused.code
+    return intent.status
 
 
 # --- charge ------------------------------------------------------------------------------

@@ -165,3 +165,88 @@ async def reconcile_payment(payment_id: str) -> Any:
         if status in ("authorized", "requires_action") and intent is not None:
             return await settle(conn, locked, intent, actor=ACTOR)
     return None
+
+
+# --- money taken after a payment ended ---------------------------------------------------
+
+LATE_TASK = "check_late_money"
+# Payment states that say no money was taken; agentpay never moves a payment out of them.
+ENDED_WITHOUT_MONEY = frozenset({"failed", "canceled", "rejected"})
+# Webhook events saying an intent took or holds money (or is about to).
+LATE_EVENTS = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.amount_capturable_updated",
+        "payment_intent.processing",
+    }
+)
+
+
+@app.task(name=LATE_TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def check_late_money(payment_id: str, intent_id: str) -> Any:
+    """An intent of a payment that ended without money (failed, canceled, rejected), which a
+    webhook says took or holds money: confirmed later by someone else (the customer with its
+    client secret, another integration) before agentpay canceled it. Read from the provider
+    (never from the event). Holding an authorization (`requires_capture`): canceled at the
+    provider, with a `late_authorization_canceled` event. Money taken or on its way
+    (`succeeded`, `processing`): the payment cannot leave its end, so it goes before an
+    operator as a reconcile mismatch, field `late_success`, once per intent — refund it at the
+    provider (docs/operations.md). Anything else: nothing to do."""
+    intent = await provider.retrieve_intent(intent_id)
+    if intent.metadata.get("payment_id") not in (None, payment_id):
+        return None  # not this payment's
+    if intent.status == "requires_capture":
+        intent = await provider.cancel_intent(payment_id, intent_id, "late")
+    async with pool().connection() as conn, conn.transaction():
+        payment = await payments.lock(conn, payment_id)
+        if payment is None or payment["status"] not in ENDED_WITHOUT_MONEY:
+            return None
+        if intent.status == "canceled":
+            await payments.record_event(
+                conn,
+                payment,
+                "late_authorization_canceled",
+                actor=ACTOR,
+                reason="an authorization made after the payment ended, canceled at the provider",
+                data={"provider_payment_id": intent_id},
+            )
+            return "canceled"
+        if intent.status not in ("succeeded", "processing"):
+            return None
+        cur = await conn.execute(
+            """SELECT 1 FROM reconcile_mismatches
+                WHERE payment_id = %s AND field = 'late_success' AND actual->>'intent' = %s""",
+            (payment_id, intent_id),
+        )
+        if await cur.fetchone() is not None:
+            return None
+        await payments.record_mismatches(
+            conn,
+            payment,
+            intent_id,
+            [
+                {
+                    "field": "late_success",
+                    "expected": {"status": payment["status"]},
+                    "actual": {
+                        "intent": intent_id,
+                        "status": intent.status,
+                        "amount_received": intent.amount_received,
+                        "currency": intent.currency,
+                    },
+                }
+            ],
+            actor=ACTOR,
+            reason=f"the provider took money for a payment that ended {payment['status']}",
+        )
+        return "mismatch"
+
+
+async def late_money_check_needed(conn: Conn, payment_id: str) -> bool:
+    """Whether an event saying the payment's intent took or holds money needs a look: the
+    payment ended without money, and no such look waits already."""
+    cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
+    row = await cur.fetchone()
+    if row is None or row["status"] not in ENDED_WITHOUT_MONEY:
+        return False
+    return not await job_waiting(conn, LATE_TASK, payment_id, ("todo",))

@@ -16,7 +16,10 @@ and events out of order cannot move a payment backwards. A refund event (`charge
 provider's refunds itself. A dispute event (`charge.dispute.*`: a customer's chargeback, its
 updates and its outcome) is recorded in its payment's events (`dispute`), for the agent and
 the operator to see; a lost one is booked in the ledger (`dispute_lost`: the money left
-provider clearing and platform fees; see docs/ledger.md), nothing else follows from it.
+provider clearing and platform fees; see docs/ledger.md), nothing else follows from it. An
+event saying an intent took or holds money, about a payment that ended without money,
+defers `check_late_money` (tasks/reconcile.py), which reads the intent and cancels an
+authorization or puts money taken before an operator.
 Event types we do not act on are stored and ignored.
 
 What is stored is a copy Postgres can hold (`storable`): a NUL character or a lone surrogate
@@ -36,10 +39,9 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from tasks import ledger, payments, refunds
+from tasks import ledger, payments, reconcile, refunds
 from tasks.app import defer
 from tasks.db import Conn
-from tasks.reconcile import RECONCILABLE
 
 log = logging.getLogger("agentpay.webhooks")
 
@@ -260,6 +262,13 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
         synced = True
     if payment_id is not None and event_type.startswith(DISPUTE_PREFIX):
         await _record_dispute(conn, payment_id, event)
+    if (
+        payment_id is not None
+        and intent_id is not None
+        and event_type in reconcile.LATE_EVENTS
+        and await reconcile.late_money_check_needed(conn, payment_id)
+    ):
+        await defer(conn, reconcile.LATE_TASK, payment_id=payment_id, intent_id=intent_id)
     return {
         "duplicate": False,
         "payment_id": payment_id,
@@ -370,7 +379,7 @@ async def _reconcile_needed(conn: Conn, payment_id: str) -> bool:
                        WHERE j.status = 'todo' AND j.task_name = 'charge'
                          AND j.args->>'payment_id' = p.id)) AS needed
              FROM payment_jobs p WHERE p.id = %s""",
-        (sorted(RECONCILABLE), payment_id),
+        (sorted(reconcile.RECONCILABLE), payment_id),
     )
     row = await cur.fetchone()
     return bool(row and row["needed"])

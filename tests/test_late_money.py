@@ -1,0 +1,129 @@
+"""A payment that ended without money stays without money: its open PaymentIntent is canceled
+at the provider, and money an intent of it took anyway goes before an operator."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tasks import charge
+from tasks.db import Pool
+from tests.conftest import auth, run_jobs
+from tests.test_capture_refund import SK, intent, mismatches_of
+from tests.test_pipeline import create, fetch
+from tests.test_webhooks import post_event
+
+
+def latest_event(provider_base: str, event_type: str, intent_id: str) -> dict[str, Any]:
+    """The provider's newest event of `event_type` about the intent, as it would deliver it."""
+    events = httpx.get(
+        f"{provider_base}/v1/events", params={"type": event_type, "limit": 100}, headers=SK
+    ).json()["data"]
+    return next(e for e in events if e["data"]["object"].get("id") == intent_id)
+
+
+async def declined(api: httpx.AsyncClient, key: str, pool: Pool, **body: Any) -> dict[str, Any]:
+    created = await create(api, key, payment_method="pm_card_chargeDeclined", **body)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, key, created["id"])
+    assert payment["status"] == "failed"
+    return payment
+
+
+async def void_jobs(pool: Pool, payment_id: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM procrastinate_jobs
+                WHERE task_name = 'void_intent' AND args->>'payment_id' = %s""",
+            (payment_id,),
+        )
+        return int((await cur.fetchone())["n"])
+
+
+def confirm_at_provider(provider_base: str, intent_id: str) -> httpx.Response:
+    """Someone else confirms the intent with a good card (the customer with its client
+    secret, another integration)."""
+    return httpx.post(
+        f"{provider_base}/v1/payment_intents/{intent_id}/confirm",
+        data={"payment_method": "pm_card_visa"},
+        headers=SK,
+    )
+
+
+async def test_a_declined_payments_intent_is_canceled_so_nothing_confirms_it_later(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """Stripe keeps a declined intent open (`requires_payment_method`): a later confirm with
+    another card took the customer's money for a payment agentpay had ended `failed` (its
+    hold released, nothing booked). The intent is now canceled at the provider."""
+    payment = await declined(api, agent_key, pool)
+    assert await void_jobs(pool, payment["id"]) == 1
+    await run_jobs(pool)
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+    refused = confirm_at_provider(provider_base, payment["provider_payment_id"])
+    assert refused.status_code == 400, refused.text
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["failure"]["code"]) == ("failed", "card_declined")
+
+
+@pytest.fixture
+def not_voided(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The intent of a failed payment left open: confirmed by someone else before its
+    cancel (or the cancel refused)."""
+    monkeypatch.setattr(charge, "VOIDABLE", frozenset(), raising=False)
+
+
+async def test_money_an_ended_payments_intent_took_anyway_is_a_mismatch_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, not_voided: None
+) -> None:
+    """Confirmed by someone else before agentpay canceled it: the provider's
+    `payment_intent.succeeded` was stored and nothing followed — the customer paid, the books
+    said nothing was taken. The payment cannot leave `failed`; the money goes before an
+    operator as a `late_success` mismatch, read from the provider, once."""
+    payment = await declined(api, agent_key, pool)
+    assert await void_jobs(pool, payment["id"]) == 0
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "succeeded"
+    event = latest_event(provider_base, "payment_intent.succeeded", pi)
+    for copy in (event, {**event, "id": event["id"] + "_again"}):
+        assert (await post_event(api, copy)).status_code == 200
+        await run_jobs(pool)
+    assert await mismatches_of(pool, payment["id"]) == [
+        {
+            "field": "late_success",
+            "expected": {"status": "failed"},
+            "actual": {
+                "intent": pi,
+                "status": "succeeded",
+                "amount_received": payment["amount_total"],
+                "currency": "usd",
+            },
+        }
+    ]
+    after = await fetch(api, agent_key, payment["id"])
+    assert after["status"] == "failed"
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["type"] for e in events].count("reconcile_mismatch") == 1
+
+
+async def test_an_authorization_an_ended_payments_intent_got_anyway_is_canceled(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, not_voided: None
+) -> None:
+    """A manual-capture payment: the late confirm only authorizes, holding the customer's
+    funds for a payment that ended. The authorization is canceled at the provider."""
+    payment = await declined(api, agent_key, pool, capture_method="manual")
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
+    event = latest_event(provider_base, "payment_intent.amount_capturable_updated", pi)
+    assert (await post_event(api, event)).status_code == 200
+    await run_jobs(pool)
+    assert intent(provider_base, pi)["status"] == "canceled"
+    assert await mismatches_of(pool, payment["id"]) == []
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert "late_authorization_canceled" in [e["type"] for e in events]
