@@ -24,7 +24,13 @@ from tasks.db import Pool
 
 app = procrastinate.App(
     connector=procrastinate.PsycopgConnector(),
-    import_paths=["tasks.pricing", "tasks.risk", "tasks.charge", "tasks.reconcile"],
+    import_paths=[
+        "tasks.pricing",
+        "tasks.risk",
+        "tasks.charge",
+        "tasks.reconcile",
+        "tasks.catchup",
+    ],
 )
 
 

@@ -569,6 +569,24 @@ async def list_refunds(intent_id: str) -> list[Refund]:
         raise _translate(error, reading=True) from error
 
 
+async def list_events(types: list[str], created_gte: int) -> list[dict[str, Any]]:
+    """The provider's events of `types` created at or after `created_gte` (Unix seconds),
+    newest first, each as the JSON a webhook would carry."""
+    import stripe
+
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"types": types, "created": {"gte": created_gte}, "limit": 100}
+    try:
+        while True:
+            page = await client().v1.events.list_async(params)
+            found.extend(item.to_dict(for_json=True) for item in page.data)
+            if not page.has_more or not page.data:
+                return found
+            params["starting_after"] = page.data[-1]["id"]
+    except stripe.StripeError as error:
+        raise _translate(error, reading=True) from error
+
+
 async def find_refund(intent_id: str, refund_id: str) -> Refund | None:
     """The provider's refund made for our `refund_id` (in its metadata), or None.
 

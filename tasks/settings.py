@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # a dispute event would record the dispute twice): Stripe redelivers for up to 3 days by
     # itself and keeps events, which an operator can resend, for 30 — hence the floor.
     webhook_retention_days: float = Field(default=30.0, ge=30.0)
+    # Events no webhook delivered (refunds and disputes: what changes a settled payment) are
+    # listed from the provider this often and taken in (tasks/catchup.py); 0 turns it off.
+    # Each listing starts this long before the last one's start (clocks differ; an event is
+    # listed a moment after it is made).
+    event_catch_up_interval_seconds: float = Field(default=300.0, ge=0)
+    event_catch_up_overlap_seconds: float = Field(default=600.0, ge=0)
     # A payment that has not moved for this long shows in ops_stuck_payments.
     stuck_after_seconds: float = Field(default=300.0, gt=0)
     # A worker process serves its own Prometheus metrics (job durations, provider calls) on

@@ -5,6 +5,8 @@ interval in every worker process, one process at a time (an advisory lock elects
 - `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue
   (not before the database has been back for as long, after an outage: see `run_once`);
 - `sweep_stuck_payments`: a non-final payment with no job is driven on again;
+- every `event_catch_up_interval_seconds`, `catch_up_events` is deferred (tasks/catchup.py):
+  refund and dispute events no webhook delivered are taken in from the provider's list;
 - `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
   backlog): finished procrastinate jobs are deleted after a retention, so the table every
   claim reads stays small — the history of every payment lives in payment_events;
@@ -24,7 +26,7 @@ import psycopg
 from procrastinate.jobs import Status
 from psycopg import sql
 
-from tasks import payments, refunds
+from tasks import catchup, payments, refunds
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -378,6 +380,7 @@ class Maintenance:
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
+            await catchup.defer_if_due(conn, s.event_catch_up_interval_seconds)
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds  # also when it fails
                 await fold_counts(self.pool)

@@ -1,0 +1,95 @@
+"""Provider events no webhook delivered, taken in from the provider's event list.
+
+Stripe retries a webhook for three days; an endpoint down for longer, disabled, or not
+subscribed to a type never gets the event. Payments waiting on the provider do not need it
+(the maintenance sweeps drive them on from the provider's truth), but a settled payment
+changes only through an event: a refund made in the Dashboard, a dispute. So
+`catch_up_events` (reconcile role) lists the provider's events of those types created since
+the last listing (`provider_event_cursor`, less an overlap) and stores each one not stored
+yet exactly as a delivered one is (`tasks.webhooks.store`: once by its id, with what it
+brings — the refund sync, the dispute's event and ledger posting). An event that was
+delivered is only looked up. Maintenance defers it every
+`event_catch_up_interval_seconds` (workers/maintenance.py); safe to run any number of times.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from tasks import provider, refunds, webhooks
+from tasks.app import Backoff, app, defer, pool
+from tasks.db import Conn
+from tasks.settings import get_settings
+
+TASK = "catch_up_events"
+ROLE = "reconcile"
+log = logging.getLogger("agentpay.catchup")
+
+# Event types that change a settled payment (at most 20: Stripe's limit for `types`).
+TYPES = sorted(
+    refunds.REFUND_EVENTS
+    | {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+
+
+@app.task(name=TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def catch_up_events() -> int:
+    """Store the provider's events of `TYPES` made since the last listing that are not
+    stored yet; returns how many were (each was never delivered)."""
+    started = int(time.time())
+    async with pool().connection() as conn:
+        cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
+        row = await cur.fetchone()
+    since = (int(row["created_through"]) if row else started) - int(
+        get_settings().event_catch_up_overlap_seconds
+    )
+    events = await provider.list_events(TYPES, since)
+    missed: list[str] = []
+    for event in reversed(events):  # oldest first, as they happened
+        async with pool().connection() as conn, conn.transaction():
+            stored = await webhooks.store(conn, event)
+        if not stored["duplicate"]:
+            missed.append(str(event["id"]))
+    async with pool().connection() as conn:
+        await conn.execute(
+            """UPDATE provider_event_cursor
+                  SET created_through = greatest(created_through, %s), checked_at = now()""",
+            (started,),
+        )
+    if missed:
+        log.warning(
+            "provider events no webhook delivered, taken in from the provider's list",
+            extra={"count": len(missed), "events": missed[:20]},
+        )
+    return len(missed)
+
+
+async def defer_if_due(conn: Conn, interval: float) -> bool:
+    """Defer `catch_up_events` when the last listing is `interval` seconds old and none
+    waits or runs (in the caller's transaction). False when turned off (`interval` 0)."""
+    if interval <= 0:
+        return False
+    cur = await conn.execute(
+        "SELECT checked_at < now() - make_interval(secs => %s) AS due FROM provider_event_cursor",
+        (interval,),
+    )
+    row: dict[str, Any] | None = await cur.fetchone()
+    if not (row and row["due"]):
+        return False
+    cur = await conn.execute(
+        """SELECT 1 FROM procrastinate_jobs
+            WHERE task_name = %s AND status IN ('todo', 'doing') LIMIT 1""",
+        (TASK,),
+    )
+    if await cur.fetchone() is not None:
+        return False
+    await defer(conn, TASK)
+    return True
