@@ -141,9 +141,15 @@ def pg_server() -> Iterator[PgServer]:
 
 @pytest.fixture
 def database_url(pg_server: PgServer) -> Iterator[str]:
-    """A fresh, migrated database for this test alone."""
+    """A fresh, migrated database for this test alone: as if migrated now (the provider
+    event catch-up's cursor starts now, not when the template was made)."""
     name = pg_server.fresh_name()
     url = pg_server.create(name, template=TEMPLATE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            """UPDATE provider_event_cursor
+                  SET created_through = extract(epoch FROM now())::bigint, checked_at = now()"""
+        )
     yield url
     pg_server.drop(name)
 
