@@ -53,7 +53,8 @@ class SandboxServer:
     """The sandbox served by uvicorn on a background thread.
 
     ``port=0`` binds a free port; ``base_url`` reports the real one. ``start()`` returns once
-    the server accepts connections; ``stop()`` shuts it down. Also a context manager.
+    the server accepts connections; ``stop_webhooks()`` stops webhook delivery alone;
+    ``stop()`` shuts it down. Also a context manager.
     """
 
     def __init__(
@@ -118,6 +119,12 @@ class SandboxServer:
             self.stop()
             raise RuntimeError(f"the sandbox server did not start: {self._error!r}")
         return self
+
+    def stop_webhooks(self) -> int:
+        """Stop sending webhooks (before the endpoints they go to stop): queued and retrying
+        deliveries are dropped quietly; the server answers requests as before until `stop`.
+        Returns how many deliveries were dropped."""
+        return self.state.webhooks.close_delivery()
 
     def stop(self, timeout: float = 10.0) -> None:
         server, thread = self._server, self._thread

@@ -6,12 +6,16 @@ hex is ``HMAC-SHA256(secret, f"{t}.{body}")``. Delivery runs on the server's eve
 inside the API request. Failed attempts (non-2xx or network error) are retried with exponential
 backoff up to ``max_attempts``. ``duplicates`` sends every event N times; ``shuffle`` holds
 deliveries for ``shuffle_window_ms`` and sends each batch in a permuted (never the original)
-order, so consumers see events out of order.
+order, so consumers see events out of order. ``close_delivery`` stops all of it (queued and
+retrying deliveries are dropped, without a warning each) for a server whose consumer is
+going away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -147,6 +151,7 @@ class WebhookDispatcher:
         self._lanes: dict[str, _Lane] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: aiohttp.ClientSession | None = None
+        self._closed = False  # by close_delivery, until aclose or attached to another loop
         for url in urls:
             self.add_endpoint(url)
 
@@ -229,6 +234,8 @@ class WebhookDispatcher:
                 if endpoint.wants(event_type)
                 for copy in range(1, self._config.duplicates + 1)
             ]
+            if self._closed:
+                return
             self._pending += len(jobs)
             loop = self._loop
             if loop is None:
@@ -253,11 +260,50 @@ class WebhookDispatcher:
             if self._loop is loop:
                 return
             self._loop = loop
+            self._closed = False
             backlog, self._backlog = self._backlog, []
             self._lanes = {}
             self._client = None
         if backlog:
             loop.call_soon_threadsafe(self._enqueue, backlog)
+
+    def close_delivery(self, timeout: float = 5.0) -> int:
+        """Stop delivering, from any thread: what is queued, waiting for a retry or being sent
+        is dropped (no warning each; one info line says how many) and events from now on
+        are not sent, until `aclose` or attached to another loop. For a server whose
+        endpoints are about to go away (the dev stack's API as it stops): retries to them
+        would only fail, then give up, each with a warning. Returns the deliveries dropped."""
+        with self._lock:
+            if self._closed:
+                return 0
+            self._closed = True
+            dropped, self._pending = self._pending, 0
+            self._generation += 1  # an attempt that still ends records nothing, retries nothing
+            self._backlog.clear()
+            loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                loop.create_task(self._cancel_deliveries())
+            else:
+                with contextlib.suppress(RuntimeError, concurrent.futures.TimeoutError):
+                    asyncio.run_coroutine_threadsafe(self._cancel_deliveries(), loop).result(
+                        timeout
+                    )
+        if dropped:
+            log.info("webhook delivery closed: %d queued or retrying deliveries dropped", dropped)
+        return dropped
+
+    async def _cancel_deliveries(self) -> None:
+        tasks = list(self._tasks)
+        tasks.extend(lane.feeder for lane in self._lanes.values() if lane.feeder is not None)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._lanes.clear()
 
     async def aclose(self) -> None:
         tasks = list(self._tasks)
@@ -272,6 +318,7 @@ class WebhookDispatcher:
             self._client = None
         with self._lock:
             self._loop = None
+            self._closed = False
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
@@ -374,6 +421,10 @@ class WebhookDispatcher:
                         "delivered_at": time.time(),
                     }
                 )
+        with self._lock:
+            closed = self._closed
+        if closed:  # dropped by close_delivery, which counted it
+            return
         if ok or job.attempt >= config.max_attempts:
             if not ok:
                 log.warning("giving up on %s to %s", job.event_id, job.endpoint.url)

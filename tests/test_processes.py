@@ -192,6 +192,44 @@ def test_a_stack_does_not_start_over_one_that_runs(tmp_path: Path) -> None:
         running.server_close()
 
 
+def test_a_stack_stops_its_sandbox_webhooks_before_its_processes(tmp_path: Path) -> None:
+    """As the stack stops, its sandbox stops sending webhooks first: retried deliveries to
+    the API that stops next would only fail, then give up, each with a warning printed
+    after the demo's last line. Then the processes stop, then the sandbox."""
+    from workers.devstack import Child, DevStack
+
+    calls: list[str] = []
+
+    class Sandbox:
+        def stop_webhooks(self) -> int:
+            calls.append("sandbox: stop webhooks")
+            return 0
+
+        def stop(self) -> None:
+            calls.append("sandbox: stop")
+
+    class Process(Child):
+        def signal(self, sig: int) -> None:
+            calls.append(f"{self.name}: {signal.Signals(sig).name}")
+
+        def wait(self, timeout: float) -> bool:
+            return True
+
+    settings = Settings(database_url="postgresql://unused", data_dir=tmp_path)
+    stack = DevStack(settings, port=server_port())
+    stack._started = True  # as `start` had
+    stack.sandbox = Sandbox()
+    for name in ("api", "charge.1"):
+        stack.children[name] = Process(name, [], tmp_path / f"{name}.log")
+    stack.stop()
+    assert calls == [
+        "sandbox: stop webhooks",
+        "api: SIGTERM",
+        "charge.1: SIGTERM",
+        "sandbox: stop",
+    ]
+
+
 async def test_dev_counts_the_payments_a_restarted_sandbox_cannot_finish(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, database_url: str
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -775,6 +776,53 @@ def test_server_lifecycle_stats_and_reset() -> None:
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/_sandbox/health")
     finally:
+        rec.close()
+
+
+def test_stop_webhooks_drops_deliveries_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """A server whose webhook endpoint is about to go away (the dev stack's API as the stack
+    stops) stops sending first: the delivery being sent is dropped, with no 'giving up'
+    warning, and later events are not queued at all; requests are answered as before."""
+    rec = Receiver()
+    calls = {"n": 0}
+    sending, release = threading.Event(), threading.Event()
+
+    def fail_then_hang(_event: dict[str, Any]) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the last attempt: held until the dispatcher closed delivery
+            sending.set()
+            release.wait(30)
+        return True
+
+    rec.fail = fail_then_hang
+    try:
+        with SandboxServer(webhook_endpoints=[rec.url]) as srv:
+            httpx.post(
+                f"{srv.base_url}/_sandbox/webhooks/config",
+                json={"max_attempts": 2, "retry_backoff_ms": 10},
+            ).raise_for_status()
+            client = sdk(srv)
+            first = client.v1.payment_intents.create(card_params())
+            assert sending.wait(30), "the second attempt was never sent"
+            with caplog.at_level(logging.INFO, logger="sandbox.webhooks"):
+                assert srv.stop_webhooks() == 1
+                release.set()
+                later = client.v1.payment_intents.create(card_params())
+                assert srv.state.webhooks.pending() == 0  # not queued
+                assert srv.stop_webhooks() == 0  # once
+            assert client.v1.payment_intents.retrieve(later.id).id == later.id
+            # The attempt cut short is not recorded (nor retried, nor given up on).
+            attempts = srv.state.webhooks.deliveries()
+            assert [(d["attempt"], d["status_code"]) for d in attempts] == [(1, 500)]
+            assert attempts[0]["event_id"] == rec.about(first.id)[0]["event"]["id"]
+        lines = [
+            (r.levelname, r.getMessage()) for r in caplog.records if r.name == "sandbox.webhooks"
+        ]
+        assert lines == [
+            ("INFO", "webhook delivery closed: 1 queued or retrying deliveries dropped")
+        ]
+    finally:
+        release.set()
         rec.close()
 
 

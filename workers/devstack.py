@@ -276,6 +276,9 @@ class DevStack:
         self._stopping.set()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
+        if self.sandbox is not None:
+            # First: its retries to the API, which stops next, would only fail and give up.
+            self.sandbox.stop_webhooks()
         with self._lock:
             for child in self.children.values():
                 child.signal(signal.SIGTERM)
