@@ -490,6 +490,39 @@ def test_a_setting_that_does_not_parse_is_one_line_and_exit_2(
     assert "Traceback" not in result.stderr
 
 
+def test_a_worker_whose_metrics_port_is_taken_says_so_in_one_line_and_exit_2(
+    tmp_path: Path,
+) -> None:
+    """Two workers on one machine given one AGENTPAY_METRICS_PORT: the second one names the
+    port and the setting in one line and exits with the usage code (a bad setting), where it
+    died with a traceback ending in `OSError: [Errno 98] Address already in use`."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            **os.environ,
+            "AGENTPAY_METRICS_PORT": str(port),
+            "AGENTPAY_DATA_DIR": str(tmp_path),
+            # Never reached: the metrics server starts before the pool opens.
+            "DATABASE_URL": "postgresql://agentpay@127.0.0.1:1/none",
+        }
+        result = subprocess.run(
+            [sys.executable, "-m", "workers", "worker", "charge"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"AGENTPAY_METRICS_PORT {port} is in use: give each worker on one machine its own port"
+    ], result.stderr
+
+
 def test_the_debug_crash_switch_is_refused_against_a_real_provider(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

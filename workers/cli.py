@@ -279,14 +279,17 @@ def worker(
     """Run one role's worker: claims that role's jobs until SIGTERM/SIGINT, then finishes
     what it holds and exits. Run several processes to scale a role."""
     from workers import logs
-    from workers.worker import run_role
+    from workers.worker import MetricsUnavailable, run_role
 
     if role not in ROLES:
         raise typer.BadParameter(f"unknown role {role!r}; choose one of {', '.join(ROLES)}")
     with database_errors():  # not configured: say so now
         settings_for(data_dir).resolved_database_url()
     logs.configure()
-    asyncio.run(run_role(role, concurrency=concurrency))
+    try:
+        asyncio.run(run_role(role, concurrency=concurrency))
+    except MetricsUnavailable as error:  # its port taken: a setting to change, one line
+        raise fail(str(error), USAGE) from None
 
 
 @app.command()

@@ -48,8 +48,8 @@ Operator = Annotated[
 ]
 
 # Exit codes: 0 done, 1 refused (by the payment's or job's state, or a name taken), 2 not
-# found (and Click's usage errors, and a setting that does not parse), 3 the database is not
-# available.
+# found (and Click's usage errors, and a setting that does not parse or cannot be used, e.g.
+# a worker's metrics port taken), 3 the database is not available.
 REFUSED = 1
 NOT_FOUND = USAGE = 2
 NO_DATABASE = 3

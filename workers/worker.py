@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import inspect
 import itertools
@@ -362,6 +363,26 @@ def _report_slow_stop() -> None:
     log.error("still stopping after the grace period", extra={"tasks": stacks})
 
 
+class MetricsUnavailable(RuntimeError):
+    """The worker cannot serve its metrics where its settings say (a bad setting)."""
+
+
+def _serve_metrics(s: Settings) -> None:
+    try:
+        server, _ = start_http_server(s.metrics_port or 0, addr=s.metrics_host)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise MetricsUnavailable(
+                f"AGENTPAY_METRICS_PORT {s.metrics_port} is in use: give each worker on one "
+                "machine its own port"
+            ) from None
+        raise MetricsUnavailable(
+            f"AGENTPAY_METRICS_PORT {s.metrics_port} on AGENTPAY_METRICS_HOST "
+            f"{s.metrics_host} cannot be served: {error.strerror or error}"
+        ) from None
+    log.info("serving metrics", extra={"port": server.server_port})
+
+
 class RoleWorker:
     def __init__(
         self, role: str, *, concurrency: int | None = None, settings: Settings | None = None
@@ -392,8 +413,7 @@ class RoleWorker:
         logs.set_role(self.role)
         instrument_provider()
         if s.metrics_port:
-            server, _ = start_http_server(s.metrics_port, addr=s.metrics_host)
-            log.info("serving metrics", extra={"port": server.server_port})
+            _serve_metrics(s)
         async with (
             open_pool(
                 s.resolved_database_url(),
