@@ -12,6 +12,7 @@ import httpx
 import pytest
 from rich.console import Console
 
+from sandbox.server import SandboxServer
 from tasks import agents, payments
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -110,3 +111,37 @@ def test_a_run_whose_faults_did_not_fire_fails() -> None:
         "the provider failed no request and lost no response"
     ]
     assert _faults_check(0, {"error": 1}).failures == ["no worker was killed"]
+    # Enough requests that faults set would have fired: failing none fails as before.
+    assert _faults_check(3, {"error": 0, "lose_response": 0}, requests=400).failures == [
+        "the provider failed no request and lost no response"
+    ]
+
+
+def test_a_run_too_short_for_the_faults_to_fire_says_so() -> None:
+    """`chaos --payments 30 --seconds 5`: too few provider requests while the faults were on
+    for any to fire. It still fails (the run proved nothing), saying why and what to do."""
+    from workers.chaos import ENOUGH_REQUESTS, _faults_check
+
+    assert _faults_check(3, {"error": 0, "lose_response": 0}, requests=7).failures == [
+        "only 7 provider requests: too few for the faults to fire; raise --payments or --seconds"
+    ]
+    assert _faults_check(3, {"error": 1}, requests=7).ok
+    enough = _faults_check(3, {"error": 0}, requests=ENOUGH_REQUESTS).failures
+    assert enough == ["the provider failed no request and lost no response"]
+
+
+async def test_the_run_counts_the_provider_requests(sandbox: SandboxServer) -> None:
+    from workers.chaos import _provider_requests
+
+    async with httpx.AsyncClient(base_url=sandbox.base_url) as provider:
+        before = await _provider_requests(provider)
+        assert before is not None
+        listed = await provider.get(
+            "/v1/payment_intents", headers={"Authorization": "Bearer sk_test_chaos"}
+        )
+        listed.raise_for_status()
+        assert await _provider_requests(provider) == before + 1
+    async with httpx.AsyncClient(
+        transport=httpx.MockTransport(lambda _: httpx.Response(404)), base_url="http://x"
+    ) as not_the_sandbox:
+        assert await _provider_requests(not_the_sandbox) is None

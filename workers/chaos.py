@@ -11,6 +11,7 @@ the fleet drains, and every invariant is checked and printed with its count.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import secrets
 import threading
@@ -52,6 +53,15 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "review_approve": (5, "reconciled"),
     "review_wait": (3, "in_review"),
 }
+# The sandbox's faults (docs/reliability.md). A failed call with an idempotency key is saved
+# under it and replayed to its retries, as Stripe does with a 500 met once the call began
+# (`error_saved`): the harder case.
+FAULTS = {"error_rate": 0.10, "error_saved": True, "lose_response_rate": 0.05}
+# Fewer provider requests than this under the faults, and a run has 1% odds or more that
+# none fires: too few to tell faults that did not fire from faults that were never set.
+ENOUGH_REQUESTS = math.ceil(
+    math.log(0.01) / math.log(1 - FAULTS["error_rate"] - FAULTS["lose_response_rate"])
+)
 LONG_POLL_SECONDS = 30
 REVIEW_AMOUNT = 150_000  # above the default review threshold (AGENTPAY_RISK_REVIEW_ABOVE)
 
@@ -273,12 +283,10 @@ async def _run(
     keys = await new_agent_keys(info["database_url"], "chaos-agent", 4)
     operator_key = info["operator_key"]
     run = secrets.token_hex(4)
-    # A failed call with an idempotency key is saved under it and replayed to its retries, as
-    # Stripe does with a 500 met once the call began (`error_saved`): the harder case.
-    faults = {"error_rate": 0.10, "error_saved": True, "lose_response_rate": 0.05, "seed": seed}
     # Refused settings (a 400) or a provider that is not the sandbox (a 404) must not leave
     # a run without its provider faults that then passes.
-    (await provider.post("/_sandbox/faults", json=faults)).raise_for_status()
+    requests_before = await _provider_requests(provider)
+    (await provider.post("/_sandbox/faults", json={**FAULTS, "seed": seed})).raise_for_status()
     killer = Killer(stack, (2.0, 4.0), seed)
     killer.start()
     started = time.monotonic()
@@ -298,6 +306,7 @@ async def _run(
         await asyncio.sleep(seconds)
         killer.stopped.set()
         injected = await _clear_faults(provider)
+        requests_after = await _provider_requests(provider)
         await restarted
     console.print(
         f"Faults stopped after {time.monotonic() - started:.0f}s: "
@@ -311,7 +320,10 @@ async def _run(
         async with open_pool(info["database_url"], min_size=1, max_size=2) as pool:
             await _drain(pool, plan, within=240)
             checks = await check_invariants(pool, provider, plan)
-    checks.insert(0, _faults_check(killer.kills, injected))
+    requests = None
+    if requests_before is not None and requests_after is not None:
+        requests = requests_after - requests_before
+    checks.insert(0, _faults_check(killer.kills, injected, requests))
     late = sum(t.too_late for t in plan)
     during = sum(t.while_charging for t in plan)
     console.print(
@@ -343,17 +355,35 @@ async def _clear_faults(
     raise AssertionError("unreachable")
 
 
-def _faults_check(kills: int, injected: dict[str, int]) -> Check:
+async def _provider_requests(provider: httpx.AsyncClient) -> int | None:
+    """How many /v1 requests the sandbox has answered so far (None: it did not say)."""
+    try:
+        stats = await provider.get("/_sandbox/stats")
+        stats.raise_for_status()
+        return int(stats.json()["requests"]["total"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _faults_check(kills: int, injected: dict[str, int], requests: int | None = None) -> Check:
     """The run met its faults: one in which no worker was killed, or the provider failed
     nothing (its faults were refused, or too few requests for any to fire), proves nothing.
-    (Postgres is restarted unless the stack runs on an external DATABASE_URL: said above.)"""
+    `requests`: the provider requests made while the faults were on, when known; too few of
+    them is said as such, with what to do. (Postgres is restarted unless the stack runs on an
+    external DATABASE_URL: said above.)"""
     provider = injected.get("error", 0) + injected.get("lose_response", 0)
     check = Check("faults injected: workers killed, provider errors and lost responses", kills)
     check.count += provider
     if not kills:
         check.failures.append("no worker was killed")
     if not provider:
-        check.failures.append("the provider failed no request and lost no response")
+        if requests is not None and requests < ENOUGH_REQUESTS:
+            check.failures.append(
+                f"only {requests} provider requests: too few for the faults to fire; "
+                "raise --payments or --seconds"
+            )
+        else:
+            check.failures.append("the provider failed no request and lost no response")
     return check
 
 
