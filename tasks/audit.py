@@ -1,6 +1,7 @@
-"""The operator audit: who changed agents, keys and prices, when, and from what to what
-(`operator_audit`, schema/migrations/0019_operator_audit.sql). Append-only; each row is
-written in the transaction of the change it records (tasks/agents.py, tasks/pricing.py)."""
+"""The operator audit: who changed agents, keys, prices and Customers' owners, when, and from
+what to what (`operator_audit`, schema/migrations/0019_operator_audit.sql). Append-only; each
+row is written in the transaction of the change it records (tasks/agents.py,
+tasks/pricing.py, tasks/customers.py)."""
 
 from __future__ import annotations
 

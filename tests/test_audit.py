@@ -1,6 +1,7 @@
-"""The operator audit: who created, rotated and revoked agents and keys and who set prices,
-when, and from what to what (`operator_audit`, `agentpay audit`); what a revoke says of the
-agent's payments still in flight; `review approve|reject --reason`."""
+"""The operator audit: who created, rotated and revoked agents and keys, who set prices and
+who bound Customers to agents, when, and from what to what (`operator_audit`, `agentpay
+audit`); what a revoke says of the agent's payments still in flight; `review approve|reject
+--reason`."""
 
 from __future__ import annotations
 
@@ -217,6 +218,38 @@ def test_agentpay_audit_lists_the_newest_first(
     table = cli("audit", "--limit", "2")
     assert "operator:carol" in table and "new: 100 usd (active)" in table
     assert "agent.create" not in table
+
+
+def test_agentpay_audit_says_what_a_customer_binding_changed_in_words(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`customer.bind` and `customer.unbind` rows read as the others do: the agent it was
+    bound to and the one before, not the raw JSON of the row's data."""
+
+    def cli(*args: str) -> Any:
+        result = invoke_cli(monkeypatch, list(args), database_url=database_url)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    first = json.loads(cli("agents", "create", "bot-a", "--json"))["id"]
+    second = json.loads(cli("agents", "create", "bot-b", "--json"))["id"]
+    cli("customers", "bind", "cus_audited", "bot-a", "--operator", "dan")
+    cli("customers", "bind", "cus_audited", "bot-b", "--operator", "dan")
+    cli("customers", "unbind", "cus_audited", "--operator", "erin")
+
+    monkeypatch.setattr(cli_audit, "console", Console(width=250))  # one line a row
+    lines = cli("audit", "--limit", "3").splitlines()
+    rows = [line for line in lines if "cus_audited" in line]
+    assert len(rows) == 3, lines
+    unbound, moved, bound = rows
+    assert "operator:erin" in unbound and "customer.unbind" in unbound
+    assert f"unbound (was {second})" in unbound
+    assert "customer.bind" in moved and f"bound to {second} (was {first})" in moved
+    assert "customer.bind" in bound and f"bound to {first}" in bound and "(was" not in bound
+    assert not any("agent_id" in row or "{" in row for row in rows)
+    # --json keeps the row's data as it is.
+    listed = json.loads(cli("audit", "--limit", "1", "--json"))
+    assert listed[0]["data"] == {"agent_id": None, "previous_agent_id": second}
 
 
 async def test_revoking_an_agent_with_payments_in_flight_says_so_and_they_go_on(

@@ -1,4 +1,5 @@
-"""`agentpay audit`: who changed agents, keys and prices, when, and from what to what."""
+"""`agentpay audit`: who changed agents, keys, prices and Customers' owners, when, and from
+what to what."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ def audit(
     as_json: AsJson = False,
     data_dir: DataDir = None,
 ) -> None:
-    """Operators' changes to agents, keys and prices, newest first: agents created (operators
-    among them), keys rotated, agents revoked, prices set — who (`operator:NAME`), when, on
-    what, and what changed (a price's previous and new terms; of a key, only its prefix)."""
+    """Operators' changes to agents, keys, prices and Customers' owners, newest first: agents
+    created (operators among them), keys rotated, agents revoked, prices set, provider
+    Customers bound to an agent or unbound — who (`operator:NAME`), when, on what, and what
+    changed (a price's previous and new terms; a Customer's agent and the one before; of a
+    key, only its prefix)."""
     from tasks import audit as audit_log
 
     rows = on_database(
@@ -45,6 +48,12 @@ def describe(action: str, data: dict[str, Any]) -> str:
     """One line of what an action changed."""
     if action == "price.set":
         return _price_change(data)
+    if action in ("customer.bind", "customer.unbind"):
+        previous = data.get("previous_agent_id")
+        was = f" (was {previous})" if previous else ""
+        if action == "customer.unbind":
+            return f"unbound{was}"
+        return f"bound to {data.get('agent_id')}{was}"
     if action.startswith("agent."):
         parts = [str(data.get("name")) + (" (operator)" if data.get("is_operator") else "")]
         if data.get("key_prefix"):
