@@ -102,6 +102,13 @@ def responses(
     return found
 
 
+# Patterns a value must match, said in words (docs/api.md's) rather than as the regular
+# expression, by param.
+PATTERN_RULES = {
+    "Idempotency-Key": "must be printable ASCII, no spaces, at most 255 characters (and not empty)",
+}
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
     if loc[:1] in (("query",), ("header",)) and len(loc) > 1:
         return str(loc[1])  # `status`, not `status.0`, for the first value of a list
@@ -129,6 +136,8 @@ def install(app: FastAPI) -> None:
         loc = tuple(first.get("loc", ()))
         param = _param(loc)
         message = str(first.get("msg", "invalid request"))
+        if first.get("type") == "string_pattern_mismatch" and param in PATTERN_RULES:
+            message = PATTERN_RULES[param]
         code = "parameter_invalid"
         if first.get("type") == "missing":
             code = "parameter_missing"

@@ -53,7 +53,8 @@ log = logging.getLogger("agentpay.api")
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
-KEY_PATTERN = r"^[!-~]{1,255}$"  # printable ASCII, no spaces, like Stripe's
+# Printable ASCII, no spaces, like Stripe's (said so in errors.PATTERN_RULES).
+KEY_PATTERN = r"^[!-~]{1,255}$"
 
 _CLAIM = """
 INSERT INTO idempotency_keys AS k (agent_id, key, request_method, request_path, request_hash)
@@ -263,7 +264,8 @@ async def idempotency(
             pattern=KEY_PATTERN,
             description="Makes the request safe to retry: the same key and the same body "
             "get the stored response; the same key with another body is refused (409). "
-            "Printable ASCII, at most 255 characters; keys are per agent and kept 24 hours.",
+            "Printable ASCII, no spaces, at most 255 characters; keys are per agent and kept 24 "
+            "hours.",
         ),
     ] = None,
 ) -> Idempotency:

@@ -248,7 +248,13 @@ async def test_malformed_keys_are_refused(
         headers={**auth(agent_key), "Idempotency-Key": key.encode()},
     )
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "Idempotency-Key"
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("parameter_invalid", "Idempotency-Key")
+    # In docs/api.md's words, not as the pattern.
+    assert error["message"] == (
+        "Idempotency-Key: must be printable ASCII, no spaces, at most 255 characters "
+        "(and not empty)"
+    )
     assert (await counts(pool))["payments"] == 0
 
 
