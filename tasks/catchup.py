@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from tasks import provider, refunds, webhooks
 from tasks.app import Backoff, app, defer, pool
@@ -61,7 +60,7 @@ async def catch_up_events() -> int:
     async with pool().connection() as conn:
         await conn.execute(
             """UPDATE provider_event_cursor
-                  SET created_through = greatest(created_through, %s), checked_at = now()""",
+                  SET created_through = greatest(created_through, %s), listed_at = now()""",
             (started,),
         )
     if missed:
@@ -73,23 +72,21 @@ async def catch_up_events() -> int:
 
 
 async def defer_if_due(conn: Conn, interval: float) -> bool:
-    """Defer `catch_up_events` when the last listing is `interval` seconds old and none
-    waits or runs (in the caller's transaction). False when turned off (`interval` 0)."""
+    """Defer `catch_up_events` when the last one was asked for `interval` seconds ago and
+    none waits or runs (in the caller's transaction; the time it is asked for is set at
+    once, so a listing that keeps failing is tried once an interval, not every round).
+    False when turned off (`interval` 0) or not due."""
     if interval <= 0:
         return False
     cur = await conn.execute(
-        "SELECT checked_at < now() - make_interval(secs => %s) AS due FROM provider_event_cursor",
-        (interval,),
+        """UPDATE provider_event_cursor SET asked_at = now()
+            WHERE asked_at < now() - make_interval(secs => %s)
+              AND NOT EXISTS (SELECT 1 FROM procrastinate_jobs
+                               WHERE task_name = %s AND status IN ('todo', 'doing'))
+        RETURNING asked_at""",
+        (interval, TASK),
     )
-    row: dict[str, Any] | None = await cur.fetchone()
-    if not (row and row["due"]):
-        return False
-    cur = await conn.execute(
-        """SELECT 1 FROM procrastinate_jobs
-            WHERE task_name = %s AND status IN ('todo', 'doing') LIMIT 1""",
-        (TASK,),
-    )
-    if await cur.fetchone() is not None:
+    if await cur.fetchone() is None:
         return False
     await defer(conn, TASK)
     return True

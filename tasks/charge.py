@@ -53,6 +53,8 @@ CANCEL_AT_PROVIDER = payments.CANCEL_PENDING_IN
 # money for a payment agentpay ended: the intent is canceled (`void_intent`).
 VOIDABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
 VOID_TASK = "void_intent"
+# tasks.reconcile's look at an intent of an ended payment that may have taken money.
+LATE_TASK = "check_late_money"
 
 # What a PaymentIntent's status means for a payment that is `charging`.
 _OUTCOMES = {
@@ -107,8 +109,8 @@ async def void_intent(payment_id: str, intent_id: str) -> Any:
     """Cancel at the provider the PaymentIntent of a payment that ended `failed` (declined,
     authentication failed): Stripe keeps such an intent open (`requires_payment_method`),
     and nothing may take money for a payment agentpay ended. Keyed, so a retry repeats the
-    call. A refusal (canceled or confirmed meanwhile) ends the job: a late success is put
-    before an operator by the webhook that reports it (`tasks.reconcile.check_late_money`)."""
+    call. Refused (canceled, or confirmed by someone else meanwhile): the intent is looked at
+    (`check_late_money`), since its webhook may never come."""
     try:
         intent = await provider.cancel_intent(payment_id, intent_id, "failed")
     except provider.Declined as refused:
@@ -116,6 +118,8 @@ async def void_intent(payment_id: str, intent_id: str) -> Any:
             "the intent of a failed payment was not canceled",
             extra={"payment_id": payment_id, "intent": intent_id, "code": refused.code},
         )
+        async with pool().connection() as conn, conn.transaction():
+            await defer(conn, LATE_TASK, payment_id=payment_id, intent_id=intent_id)
         return refused.code
     return intent.status
 
@@ -146,6 +150,9 @@ async def call_provider(payment: payments.Payment) -> provider.Intent | None:
     """Step 2: create (or find) and confirm the PaymentIntent. Raises provider.Unknown when
     the outcome is not known; a decline comes back as a failed intent. None when the intent
     made could not become the payment's (a cancel came first): it is not confirmed."""
+    # The payment's intent as far as this call knows it (a decline names it: its intent is
+    # then canceled, see `settle`).
+    intent_id: str | None = payment["provider_payment_id"]
     try:
         if payment["provider_payment_id"] is None:
             intent = await provider.create_intent(payment)
@@ -164,13 +171,14 @@ async def call_provider(payment: payments.Payment) -> provider.Intent | None:
                 intent = await provider.retrieve_intent(stored.id)
         else:
             intent = await provider.retrieve_intent(payment["provider_payment_id"])
+        intent_id = intent.id
         if _unconfirmed(intent):
             intent = await _confirm(payment["id"], intent.id)
     except provider.Declined as declined:
         if declined.intent is not None:
             return declined.intent
         return provider.Intent(
-            id=payment["provider_payment_id"] or "",
+            id=intent_id or "",
             status="requires_payment_method",
             amount=payment["amount_total"],
             amount_received=0,

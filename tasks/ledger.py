@@ -30,7 +30,8 @@ Postings of a payment, each at most once (keyed by the payment or refund id):
   lost disputes);
 - dispute_lost (a chargeback the customer won, keyed by the dispute id): disputes lost
   +amount, provider clearing and platform fees - the amount split as a refund's. The agent's
-  budget is not given back: the agent spent it, the platform lost it.
+  budget is not given back: the agent spent it, the platform lost it. Refunds and lost
+  disputes of the same money are both booked; beyond the capture, out of clearing alone.
 
 Every payment transition passes through `on_transition` inside the transition's own
 transaction, so ledger effects commit or roll back with the state change that causes them.
@@ -393,11 +394,30 @@ async def on_transition(conn: Conn, payment: Payment, from_status: str, to_statu
         await release(conn, payment, actor=None)
 
 
-async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> None:
+@dataclass(frozen=True)
+class Reversal:
+    """What booking a refund or a lost dispute did: `booked` (posted now; 0 when nothing
+    was, or it was booked before); `taken_back`, what the payment's refunds and lost
+    disputes take back in all, and `collected`, what its capture took — more taken back
+    than collected (`excess`) means the customer got money back twice (a refund and a
+    dispute of the same money); `problem`: why nothing could be booked."""
+
+    booked: int = 0
+    taken_back: int = 0
+    collected: int = 0
+    problem: str | None = None
+
+    @property
+    def excess(self) -> int:
+        return max(0, self.taken_back - self.collected)
+
+
+async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> Reversal:
     """Ledger effects of a refund of `amount` that the provider has confirmed: the amount
     goes back to where the payment's hold came from, out of provider clearing and platform
     fees in proportion (cumulative over the payment's refunds and lost disputes, so a full
-    refund reverses the capture exactly). Once per `refund_id`."""
+    refund reverses the capture exactly). Once per `refund_id`. Refunds alone never exceed
+    the capture (ValueError); with a lost dispute they can (`Reversal.excess`)."""
     if amount <= 0:
         raise ValueError("a refund amount is positive")
     captured = await _captured(conn, payment["id"])
@@ -405,19 +425,18 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
         log.warning(
             "refund %s of payment %s: nothing captured to reverse", refund_id, payment["id"]
         )
-        return
-    before = await _reversed(conn, payment["id"])
-    if before + amount > captured["total"]:
+        return Reversal(problem="the payment has no capture in the ledger")
+    refunded = await _reversed(conn, payment["id"], ("refund",))
+    if refunded + amount > captured["total"]:
         raise ValueError(
-            f"refunds of payment {payment['id']} ({before + amount}) exceed what was captured "
-            f"({captured['total']})"
+            f"refunds of payment {payment['id']} ({refunded + amount}) exceed what was "
+            f"captured ({captured['total']})"
         )
-    await _post_reversal(
+    return await _post_reversal(
         conn,
         payment,
         "refund",
         captured,
-        before,
         amount,
         to_account=captured["source"],
         reference=refund_id,
@@ -426,56 +445,37 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
     )
 
 
-@dataclass(frozen=True)
-class DisputeLoss:
-    """What booking a lost dispute did: `booked` (posted now; 0 when nothing was, or when
-    it was booked before) and, when not all of it could be, `problem` (for the operator)."""
-
-    booked: int
-    problem: str | None = None
-
-
 async def post_dispute_loss(
     conn: Conn, payment: Payment, *, dispute_id: str, amount: int, currency: str
-) -> DisputeLoss:
+) -> Reversal:
     """Ledger effects of a dispute the customer won: `amount` (positive, in `currency`, the
     dispute's) leaves provider clearing and platform fees in the proportion a refund uses,
     and goes to `disputes_lost`; the agent's budget stays as it is. Once per `dispute_id`.
-    Books at most what remains of the capture after refunds and other lost disputes, and
-    nothing when the payment has no capture or another currency (`problem` says so). The
-    caller holds the payment row locked (as refunds do), so the proportion is taken on
-    settled numbers."""
+    Nothing is booked when the payment has no capture or another currency (`problem` says
+    why). The caller holds the payment row locked (as refunds do), so the proportion is
+    taken on settled numbers."""
     if amount <= 0:
         raise ValueError("a disputed amount is positive")
-    pid = payment["id"]
     if await _transaction_of(conn, "dispute_lost", dispute_id) is not None:
-        return DisputeLoss(0)
-    captured = await _captured(conn, pid)
+        return Reversal()
+    captured = await _captured(conn, payment["id"])
     if captured is None:
-        return DisputeLoss(0, "the payment has no capture in the ledger to take it from")
+        return Reversal(problem="the payment has no capture in the ledger to take it from")
     if currency != payment["currency"]:
-        return DisputeLoss(0, f"the dispute is in {currency}, the payment in {payment['currency']}")
-    before = await _reversed(conn, pid)
-    booked = min(amount, captured["total"] - before)
-    if booked <= 0:
-        return DisputeLoss(0, "refunds and lost disputes already took back all it collected")
-    await _post_reversal(
+        return Reversal(
+            problem=f"the dispute is in {currency}, the payment in {payment['currency']}"
+        )
+    return await _post_reversal(
         conn,
         payment,
         "dispute_lost",
         captured,
-        before,
-        booked,
+        amount,
         to_account=await account(conn, DISPUTES_LOST, currency),
         reference=dispute_id,
         actor="provider",
         description="dispute lost",
     )
-    if booked < amount:
-        return DisputeLoss(
-            booked, f"only {booked} of it was left of what the payment collected: booked that"
-        )
-    return DisputeLoss(booked)
 
 
 async def _post_reversal(
@@ -483,23 +483,26 @@ async def _post_reversal(
     payment: Payment,
     kind: str,
     captured: dict[str, int],
-    before: int,
     amount: int,
     *,
     to_account: int,
     reference: str,
     actor: str | None,
     description: str,
-) -> str | None:
+) -> Reversal:
     """Take `amount` of a captured payment back out of provider clearing and platform fees
-    into `to_account`: the fee's part is its share of everything reversed so far (`before`,
-    then `before + amount`), so reversals adding up to the capture reverse it exactly."""
-    currency = payment["currency"]
-    weights = [captured["total"] - captured["fee"], captured["fee"]]
+    into `to_account`. The fee's part is its share of everything taken back so far, before
+    and after this one, so reversals adding up to the capture reverse it exactly; what is
+    taken back beyond the capture comes out of provider clearing alone."""
+    currency, total = payment["currency"], captured["total"]
+    before = await _reversed(conn, payment["id"])
     after = before + amount
-    fee_part = _fee_share(after, weights, currency) - _fee_share(before, weights, currency)
+    weights = [total - captured["fee"], captured["fee"]]
+    fee_part = _fee_share(min(after, total), weights, currency) - _fee_share(
+        min(before, total), weights, currency
+    )
     clearing, fees = await _platform_accounts(conn, currency)
-    return await post(
+    posted = await post(
         conn,
         kind,
         [
@@ -513,6 +516,9 @@ async def _post_reversal(
         agent_id=payment["agent_id"],
         description=description,
     )
+    if posted is None:
+        return Reversal(taken_back=before, collected=total)
+    return Reversal(booked=amount, taken_back=after, collected=total)
 
 
 def _fee_share(total: int, weights: list[int], currency: str) -> int:
@@ -738,15 +744,16 @@ async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
     return {"total": total, "fee": fee, "source": held["source"]}
 
 
-async def _reversed(conn: Conn, payment_id: str) -> int:
-    """How much of the payment's capture refunds and lost disputes took back (each such
-    transaction's one positive entry)."""
+async def _reversed(
+    conn: Conn, payment_id: str, kinds: tuple[str, ...] = ("refund", "dispute_lost")
+) -> int:
+    """How much of the payment's capture its refunds and lost disputes (or only `kinds`)
+    took back: each such transaction's one positive entry."""
     cur = await conn.execute(
         """SELECT coalesce(sum(e.amount), 0) AS s FROM ledger_entries e
            JOIN ledger_transactions t ON t.id = e.transaction_id
-           WHERE t.kind IN ('refund', 'dispute_lost') AND t.payment_id = %s
-             AND e.amount > 0""",
-        (payment_id,),
+           WHERE t.kind = ANY(%s) AND t.payment_id = %s AND e.amount > 0""",
+        (list(kinds), payment_id),
     )
     row = await cur.fetchone()
     return int(row["s"]) if row else 0

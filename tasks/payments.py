@@ -380,6 +380,28 @@ async def record_mismatches(
     )
 
 
+async def record_reversal_excess(
+    conn: Conn, payment: Payment, reversal: ledger.Reversal, *, actor: str, by: str
+) -> None:
+    """A refund or lost dispute (`by`) after which the payment's refunds and lost disputes
+    take back more than its capture collected (`tasks.ledger.Reversal`): the customer got
+    the same money back twice. A reconcile mismatch, field `reversed_excess`."""
+    await record_mismatches(
+        conn,
+        payment,
+        payment.get("provider_payment_id"),
+        [
+            {
+                "field": "reversed_excess",
+                "expected": {"at_most": reversal.collected},
+                "actual": {"taken_back": reversal.taken_back, "by": by},
+            }
+        ],
+        actor=actor,
+        reason=f"refunds and lost disputes take back {reversal.excess} more than was collected",
+    )
+
+
 def collected(payment: Payment) -> int:
     """What the provider collected for the payment: `amount_captured` once reconcile wrote
     it (less than the total after a partial capture at the provider), else the total. What

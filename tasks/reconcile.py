@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import payments, provider
+from tasks import charge, payments, provider
 from tasks.app import Backoff, app, defer, job_waiting, pool
 from tasks.charge import search_intent, settle
 from tasks.db import Conn
@@ -169,7 +169,7 @@ async def reconcile_payment(payment_id: str) -> Any:
 
 # --- money taken after a payment ended ---------------------------------------------------
 
-LATE_TASK = "check_late_money"
+LATE_TASK = charge.LATE_TASK
 # Payment states that say no money was taken; agentpay never moves a payment out of them.
 ENDED_WITHOUT_MONEY = frozenset({"failed", "canceled", "rejected"})
 # Webhook events saying an intent took or holds money (or is about to).
@@ -195,13 +195,14 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
     intent = await provider.retrieve_intent(intent_id)
     if intent.metadata.get("payment_id") not in (None, payment_id):
         return None  # not this payment's
-    if intent.status == "requires_capture":
+    canceled_now = intent.status == "requires_capture"
+    if canceled_now:
         intent = await provider.cancel_intent(payment_id, intent_id, "late")
     async with pool().connection() as conn, conn.transaction():
         payment = await payments.lock(conn, payment_id)
         if payment is None or payment["status"] not in ENDED_WITHOUT_MONEY:
             return None
-        if intent.status == "canceled":
+        if canceled_now and intent.status == "canceled":
             await payments.record_event(
                 conn,
                 payment,
@@ -242,11 +243,17 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
         return "mismatch"
 
 
-async def late_money_check_needed(conn: Conn, payment_id: str) -> bool:
+async def late_money_check_needed(conn: Conn, payment_id: str, intent_id: str) -> bool:
     """Whether an event saying the payment's intent took or holds money needs a look: the
-    payment ended without money, and no such look waits already."""
-    cur = await conn.execute("SELECT status FROM payment_jobs WHERE id = %s", (payment_id,))
+    payment ended without money, and no look at that intent waits already."""
+    cur = await conn.execute(
+        """SELECT p.status = ANY(%s) AND NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs j
+                       WHERE j.status = 'todo' AND j.task_name = %s
+                         AND j.args->>'payment_id' = p.id AND j.args->>'intent_id' = %s)
+                  AS needed
+             FROM payment_jobs p WHERE p.id = %s""",
+        (sorted(ENDED_WITHOUT_MONEY), LATE_TASK, intent_id, payment_id),
+    )
     row = await cur.fetchone()
-    if row is None or row["status"] not in ENDED_WITHOUT_MONEY:
-        return False
-    return not await job_waiting(conn, LATE_TASK, payment_id, ("todo",))
+    return bool(row and row["needed"])

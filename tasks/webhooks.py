@@ -266,7 +266,7 @@ async def store(conn: Conn, event: dict[str, Any]) -> dict[str, Any]:
         payment_id is not None
         and intent_id is not None
         and event_type in reconcile.LATE_EVENTS
-        and await reconcile.late_money_check_needed(conn, payment_id)
+        and await reconcile.late_money_check_needed(conn, payment_id, intent_id)
     ):
         await defer(conn, reconcile.LATE_TASK, payment_id=payment_id, intent_id=intent_id)
     return {
@@ -282,7 +282,9 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
     caller stored the event for the first time); a lost one (status `lost`: the customer
     got the money back) booked in the ledger, once per dispute (`tasks.ledger.
     post_dispute_loss`), with the payment row locked as refunds lock it. What could not be
-    booked goes before the operator as a `dispute_lost` mismatch."""
+    booked goes before the operator as a `dispute_lost` mismatch (resolved by itself when a
+    later event books it), and so does a loss that, with refunds, takes back more than the
+    payment collected (`reversed_excess`)."""
     payment = await payments.lock(conn, payment_id)
     dispute = (event.get("data") or {}).get("object") or {}
     if payment is None or not isinstance(dispute, dict):
@@ -292,8 +294,11 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
         for key in ("id", "status", "amount", "currency", "reason")
         if isinstance(dispute.get(key), str | int) and not isinstance(dispute.get(key), bool)
     }
-    details: dict[str, Any] = {"event_id": event["id"], "event_type": event["type"]}
-    details["dispute"] = data
+    details: dict[str, Any] = {
+        "event_id": event["id"],
+        "event_type": event["type"],
+        "dispute": data,
+    }
     amount, dispute_id, currency = data.get("amount"), data.get("id"), data.get("currency")
     if (
         data.get("status") == "lost"
@@ -307,8 +312,13 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
         )
         if loss.booked:
             details["booked_loss"] = loss.booked
+            await _resolve_dispute_mismatches(conn, payment, dispute_id)
         if loss.problem is not None:
-            await _dispute_mismatch(conn, payment, data, loss)
+            await _dispute_mismatch(conn, payment, data, loss.problem)
+        if loss.booked and loss.excess:
+            await payments.record_reversal_excess(
+                conn, payment, loss, actor="provider", by=f"lost dispute {dispute_id}"
+            )
     await payments.record_event(
         conn,
         payment,
@@ -324,32 +334,59 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
 
 
 async def _dispute_mismatch(
-    conn: Conn, payment: payments.Payment, dispute: dict[str, Any], loss: ledger.DisputeLoss
+    conn: Conn, payment: payments.Payment, dispute: dict[str, Any], problem: str
 ) -> None:
-    """A lost dispute the ledger could not book in full, as a reconcile mismatch (field
-    `dispute_lost`), once per dispute."""
+    """A lost dispute the ledger could not book, as a reconcile mismatch (field
+    `dispute_lost`), once per dispute while it stays open."""
     cur = await conn.execute(
         """SELECT 1 FROM reconcile_mismatches
-            WHERE payment_id = %s AND field = 'dispute_lost' AND actual->>'id' = %s""",
+            WHERE payment_id = %s AND field = 'dispute_lost' AND actual->>'id' = %s
+              AND resolved_at IS NULL""",
         (payment["id"], dispute["id"]),
     )
     if await cur.fetchone() is not None:
         return
     log.warning(
-        "lost dispute %s of payment %s not booked in full: %s",
+        "lost dispute %s of payment %s not booked: %s",
         dispute["id"],
         payment["id"],
-        loss.problem,
+        problem,
         extra={"payment_id": payment["id"], "dispute": dispute},
     )
     await payments.record_mismatches(
         conn,
         payment,
         payment.get("provider_payment_id"),
-        [{"field": "dispute_lost", "expected": {"booked": loss.booked}, "actual": dispute}],
+        [{"field": "dispute_lost", "expected": {"booked": 0}, "actual": dispute}],
         actor="provider",
-        reason=f"lost dispute {dispute['id']}: {loss.problem}",
+        reason=f"lost dispute {dispute['id']} not booked: {problem}",
     )
+
+
+async def _resolve_dispute_mismatches(
+    conn: Conn, payment: payments.Payment, dispute_id: str
+) -> None:
+    """A lost dispute booked after all (a later event, once the payment was captured):
+    the `dispute_lost` mismatch an earlier event recorded is settled, so that no operator
+    books it a second time by hand."""
+    cur = await conn.execute(
+        """UPDATE reconcile_mismatches
+              SET resolved_at = now(), resolved_by = 'provider',
+                  resolution = 'booked in the ledger by a later event of the dispute'
+            WHERE payment_id = %s AND field = 'dispute_lost' AND actual->>'id' = %s
+              AND resolved_at IS NULL
+        RETURNING id""",
+        (payment["id"], dispute_id),
+    )
+    for row in await cur.fetchall():
+        await payments.record_event(
+            conn,
+            payment,
+            "mismatch_resolved",
+            actor="provider",
+            reason="lost dispute booked in the ledger by a later event",
+            data={"mismatch_id": row["id"], "field": "dispute_lost"},
+        )
 
 
 async def _sync_needed(conn: Conn, payment_id: str) -> bool:

@@ -148,7 +148,7 @@ def database_url(pg_server: PgServer) -> Iterator[str]:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             """UPDATE provider_event_cursor
-                  SET created_through = extract(epoch FROM now())::bigint, checked_at = now()"""
+                  SET created_through = extract(epoch FROM now())::bigint, asked_at = now()"""
         )
     yield url
     pg_server.drop(name)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
+from typing import Any
 
-from tasks import catchup
+import httpx
+import pytest
+
+from tasks import catchup, provider
 from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
@@ -59,7 +62,7 @@ async def test_maintenance_defers_the_catch_up_once_it_is_due_and_once(
     assert await catch_up_jobs(pool) == 0
     async with pool.connection() as conn:
         await conn.execute(
-            "UPDATE provider_event_cursor SET checked_at = now() - interval '301 seconds'"
+            "UPDATE provider_event_cursor SET asked_at = now() - interval '301 seconds'"
         )
     for _ in range(2):  # the second round finds it waiting
         assert await maintenance.run_once()
@@ -69,3 +72,45 @@ async def test_maintenance_defers_the_catch_up_once_it_is_due_and_once(
         await conn.execute("DELETE FROM procrastinate_jobs WHERE task_name = %s", (catchup.TASK,))
     assert await off.run_once()
     assert await catch_up_jobs(pool) == 0
+
+
+async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_works(
+    pool: Pool, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing that fails for good (a key without the permission to read events) was
+    deferred again every maintenance round (5 s), and its failures never stopped counting in
+    the failed-job alert, which matched a later success by a payment id it has not."""
+    from tasks.app import app
+
+    async def refused(types: list[str], created_gte: int) -> list[dict[str, Any]]:
+        raise provider.ProviderError("the key may not read events")
+
+    monkeypatch.setattr(provider, "list_events", refused)
+    maintenance = Maintenance(app, pool, settings)
+
+    async def failed_last_hour() -> int:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT failed_last_hour FROM ops_queue_depth WHERE role = 'reconcile'"
+            )
+            return int((await cur.fetchone())["failed_last_hour"])
+
+    async def due() -> None:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE provider_event_cursor SET asked_at = now() - interval '1 hour'"
+            )
+
+    await due()
+    assert await maintenance.run_once()
+    await run_jobs(pool)
+    assert await failed_last_hour() == 1
+    for _ in range(3):  # not again before the interval has passed
+        assert await maintenance.run_once()
+        assert await catch_up_jobs(pool) == 1
+    monkeypatch.undo()
+    await due()
+    assert await maintenance.run_once()
+    await run_jobs(pool)
+    assert await catch_up_jobs(pool) == 2
+    assert await failed_last_hour() == 0

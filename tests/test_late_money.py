@@ -8,10 +8,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks import charge
+from tasks import charge, provider
+from tasks.app import defer
 from tasks.db import Pool
 from tests.conftest import auth, run_jobs
-from tests.test_capture_refund import SK, intent, mismatches_of
+from tests.test_capture_refund import SK, authorized, intent, mismatches_of
 from tests.test_pipeline import create, fetch
 from tests.test_webhooks import post_event
 
@@ -127,3 +128,90 @@ async def test_an_authorization_an_ended_payments_intent_got_anyway_is_canceled(
         await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
     ).json()["data"]
     assert "late_authorization_canceled" in [e["type"] for e in events]
+
+
+async def test_a_void_refused_because_someone_confirmed_first_looks_at_the_intent(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The intent was confirmed by someone else before `void_intent` ran: its cancel was
+    refused and only logged, and with the intent's webhook lost nothing told anyone. The
+    refusal now brings the look at the intent, which finds the money."""
+    monkeypatch.setattr(charge, "VOIDABLE", frozenset())
+    payment = await declined(api, agent_key, pool)
+    monkeypatch.undo()
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "succeeded"
+    async with pool.connection() as conn, conn.transaction():  # as settle defers it
+        await defer(conn, charge.VOID_TASK, payment_id=payment["id"], intent_id=pi)
+    await run_jobs(pool)
+    assert [m["field"] for m in await mismatches_of(pool, payment["id"])] == ["late_success"]
+
+
+async def test_a_late_webhook_of_an_ordinary_cancel_is_no_late_authorization(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """An authorized payment canceled as usual, its `amount_capturable_updated` webhook
+    delivered after the cancel: the look at the intent found it canceled and recorded a
+    `late_authorization_canceled` that never happened. Only a cancel it made is recorded."""
+    payment = await authorized(api, agent_key, pool)
+    pi = payment["provider_payment_id"]
+    event = latest_event(provider_base, "payment_intent.amount_capturable_updated", pi)
+    canceled = await api.post(f"/v1/payments/{payment['id']}/cancel", headers=auth(agent_key))
+    assert canceled.status_code == 202, canceled.text
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "canceled"
+    assert (await post_event(api, event)).status_code == 200
+    await run_jobs(pool)
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert "late_authorization_canceled" not in [e["type"] for e in events]
+    assert await mismatches_of(pool, payment["id"]) == []
+
+
+async def test_a_confirm_refused_before_the_payment_knew_its_intent_still_voids_it(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A confirm refused about the payment with no intent in the answer, on the charge's
+    first try: the failed outcome named the intent id of the row read before the intent
+    was made (none), so no `void_intent` was deferred and the intent stayed open with the
+    card on it."""
+
+    async def refuse(payment_id: str, intent_id: str) -> provider.Intent:
+        raise provider.Declined("payment_method_unexpected_state", "refused")
+
+    monkeypatch.setattr(provider, "confirm_intent", refuse)
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk", "charge"))
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "failed"
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+
+
+async def test_failures_of_the_tasks_for_ended_payments_alert(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`void_intent` and `check_late_money` only ever run for payments that ended, and the
+    failed-job alert took every failure of such a payment as dealt with: theirs never
+    counted. They count now (until the same work succeeds)."""
+
+    async def broken(payment_id: str, intent_id: str, request: str) -> provider.Intent:
+        raise provider.ProviderError("the key lacks the permission")
+
+    monkeypatch.setattr(provider, "cancel_intent", broken)
+    payment = await declined(api, agent_key, pool)
+    await run_jobs(pool)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT failed_last_hour FROM ops_queue_depth WHERE role = 'charge'"
+        )
+        assert (await cur.fetchone())["failed_last_hour"] == 1
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "failed"

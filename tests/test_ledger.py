@@ -220,17 +220,17 @@ async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
                             conn, locked, refund_id=f"re_{payment['id']}_{i}", amount=part
                         )
             if op == "dispute_rest":
-                # The customer disputes the whole charge and wins: what is left is booked.
+                # The customer disputes what the refund left and wins.
                 async with pool.connection() as conn, conn.transaction():
                     locked = await payments.lock(conn, payment["id"])
                     loss = await ledger.post_dispute_loss(
                         conn,
                         locked,
                         dispute_id=f"dp_{payment['id']}",
-                        amount=total,
+                        amount=total - half,
                         currency=currency,
                     )
-                    assert loss.booked == total - half
+                    assert (loss.booked, loss.excess) == (total - half, 0)
                     # Refunds and the loss took back all of it, fee included.
                     cur = await conn.execute(
                         """SELECT a.kind, sum(e.amount) AS s FROM ledger_entries e
@@ -298,13 +298,14 @@ async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None
         await assert_ledger_sound(conn)
 
 
-async def test_a_lost_dispute_takes_what_is_left_once_and_never_gives_the_budget_back(
+async def test_a_lost_dispute_is_booked_once_and_never_gives_the_budget_back(
     pool: Pool, fees: None
 ) -> None:
     """A chargeback the customer won took the money back at the provider, and the ledger
     still counted it in provider clearing and platform fees. It is now booked once per
-    dispute into `disputes_lost`, in the proportion a refund uses, never more than the
-    refunds left; the agent's budget is not given back (a refund gives it back)."""
+    dispute into `disputes_lost`, in the proportion a refund uses; the agent's budget is not
+    given back (a refund gives it back). A dispute of money a refund gave back already (the
+    customer got it twice) is booked all the same, and says by how much it is too much."""
     agent_id = await new_agent(pool, "disputed", budget=10_000)
     payment = await priced_payment(pool, agent_id, 1999)  # total 2252, fee 88
     async with pool.connection() as conn, conn.transaction():
@@ -312,24 +313,18 @@ async def test_a_lost_dispute_takes_what_is_left_once_and_never_gives_the_budget
     await move(pool, payment["id"], "charging", "succeeded", "reconciled")
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment["id"])
-        await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
-        # The customer disputes the whole charge: only what the refund left is booked.
+        refund = await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
+        assert (refund.booked, refund.excess) == (1000, 0)
+        # The customer disputes the rest and wins: the capture is all taken back.
         loss = await ledger.post_dispute_loss(
-            conn, locked, dispute_id="dp_1", amount=2252, currency="usd"
+            conn, locked, dispute_id="dp_1", amount=1252, currency="usd"
         )
-        assert loss.booked == 1252 and loss.problem is not None and "1252" in loss.problem
+        assert (loss.booked, loss.taken_back, loss.excess, loss.problem) == (1252, 2252, 0, None)
         # The same dispute again (`charge.dispute.updated`, then `.closed`): nothing more.
         again = await ledger.post_dispute_loss(
-            conn, locked, dispute_id="dp_1", amount=2252, currency="usd"
+            conn, locked, dispute_id="dp_1", amount=1252, currency="usd"
         )
-        assert again == ledger.DisputeLoss(0)
-        # Another dispute finds nothing left; a refund after it would exceed the capture.
-        other = await ledger.post_dispute_loss(
-            conn, locked, dispute_id="dp_2", amount=5, currency="usd"
-        )
-        assert other.booked == 0 and other.problem is not None
-        with pytest.raises(ValueError, match="exceed"):
-            await ledger.post_refund(conn, locked, refund_id="re_2", amount=1)
+        assert again.booked == 0 and again.problem is None
     async with pool.connection() as conn:
         # The refund gave 1000 back to the budget; the lost dispute gave nothing back.
         assert await balances(conn, agent_id) == (10_000 - 2252 + 1000, 0)
@@ -339,6 +334,20 @@ async def test_a_lost_dispute_takes_what_is_left_once_and_never_gives_the_budget
             "platform_fees": 0,
             "provider_clearing": 0,
         }
+        await assert_ledger_sound(conn)
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        # A second dispute of money given back already: booked, out of clearing alone.
+        twice = await ledger.post_dispute_loss(
+            conn, locked, dispute_id="dp_2", amount=500, currency="usd"
+        )
+        assert (twice.booked, twice.excess) == (500, 500)
+        # Refunds alone never exceed the capture.
+        with pytest.raises(ValueError, match="exceed"):
+            await ledger.post_refund(conn, locked, refund_id="re_2", amount=1253)
+    async with pool.connection() as conn:
+        platform = await platform_balances(conn)
+        assert (platform["platform_fees"], platform["provider_clearing"]) == (0, -500)
         await assert_ledger_sound(conn)
 
     # A payment with no capture, and a dispute in another currency: nothing booked, said why.
@@ -358,9 +367,9 @@ async def test_a_lost_dispute_takes_what_is_left_once_and_never_gives_the_budget
         )
         assert loss.booked == 0 and "eur" in (loss.problem or "")
         cur = await conn.execute(
-            "SELECT count(*) AS n FROM ledger_transactions WHERE kind = 'dispute_lost'"
+            "SELECT count(*) AS n FROM ledger_transactions WHERE reference = 'dp_3'"
         )
-        assert (await cur.fetchone())["n"] == 1
+        assert (await cur.fetchone())["n"] == 0
 
 
 # --- concurrency -------------------------------------------------------------------------

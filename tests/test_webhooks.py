@@ -711,3 +711,96 @@ async def test_a_late_processing_event_resolves_an_unknown_outcome_from_provider
         headers={"Authorization": "Bearer sk_test_x"},
     ).json()
     assert len(found["data"]) == 1
+
+
+def _lost_dispute(payment: dict[str, Any], amount: int, event_id: str, kind: str) -> dict[str, Any]:
+    dispute = {
+        "id": "dp_test_overlap",
+        "object": "dispute",
+        "amount": amount,
+        "currency": payment["currency"],
+        "payment_intent": payment["provider_payment_id"],
+        "reason": "fraudulent",
+        "status": "lost",
+    }
+    return {**EVENT, "id": event_id, "type": kind, "data": {"object": dispute}}
+
+
+async def _mismatches(pool: Pool, payment_id: str) -> list[tuple[str, Any, bool]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT field, actual, resolved_at IS NOT NULL AS resolved
+                 FROM reconcile_mismatches WHERE payment_id = %s ORDER BY id""",
+            (payment_id,),
+        )
+        return [(r["field"], r["actual"], r["resolved"]) for r in await cur.fetchall()]
+
+
+async def test_a_refund_taken_in_after_a_lost_dispute_of_the_same_money_is_counted(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A Dashboard refund, then the customer's bank wins a dispute of the whole charge: the
+    provider gave the money back twice. When the dispute's event was booked before the
+    refund's sync ran (two webhooks close together, or a catch-up), the refund no longer
+    fitted in the ledger: its sync failed for good, every later one too, and the refund was
+    never counted. Both are booked, and the excess goes before an operator."""
+    from tests.test_capture_refund import reconciled, refund_at_provider
+
+    payment = await reconciled(api, agent_key, pool)
+    total = payment["amount_total"]
+    made = refund_at_provider(provider_base, payment["provider_payment_id"], 300)
+    refund_event = {**EVENT, "id": "evt_test_refund", "type": "refund.created"}
+    refund_event["data"] = {"object": made}
+    assert (await post_event(api, refund_event)).status_code == 200
+    closed = _lost_dispute(payment, total, "evt_test_overlap", "charge.dispute.closed")
+    assert (await post_event(api, closed)).status_code == 200
+    await run_jobs(pool)
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 300)
+    [(field, actual, resolved)] = await _mismatches(pool, payment["id"])
+    assert (field, actual["taken_back"], resolved) == ("reversed_excess", total + 300, False)
+    assert actual["by"].startswith("refund ")
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT t.kind, sum(e.amount) FILTER (WHERE a.kind = 'provider_clearing') AS c
+                 FROM ledger_transactions t
+                 JOIN ledger_entries e ON e.transaction_id = t.id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.payment_id = %s GROUP BY t.kind""",
+            (payment["id"],),
+        )
+        clearing = {r["kind"]: r["c"] for r in await cur.fetchall()}
+    # Collected once, given back twice: provider clearing is 300 below zero for it.
+    assert sum(v or 0 for v in clearing.values()) == -300
+
+
+async def test_a_dispute_mismatch_is_settled_when_a_later_event_books_the_loss(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Lost while the payment was still `succeeded` (no capture in the ledger): a
+    `dispute_lost` mismatch, booked 0. Once reconciled, a later event of the dispute books
+    it — and the mismatch stayed open saying nothing was booked: an operator following the
+    runbook booked it a second time by hand. It is settled by the booking now."""
+    from tasks.reconcile import reconcile_payment
+
+    payment = await succeeded_without_its_reconcile(api, agent_key, pool)
+    total = payment["amount_total"]
+    updated = _lost_dispute(payment, total, "evt_test_early_1", "charge.dispute.updated")
+    assert (await post_event(api, updated)).status_code == 200
+    assert [(m[0], m[2]) for m in await _mismatches(pool, payment["id"])] == [
+        ("dispute_lost", False)
+    ]
+    assert await reconcile_payment.func(payment["id"]) == "reconciled"
+    closed = _lost_dispute(payment, total, "evt_test_early_2", "charge.dispute.closed")
+    assert (await post_event(api, closed)).status_code == 200
+    assert [(m[0], m[2]) for m in await _mismatches(pool, payment["id"])] == [
+        ("dispute_lost", True)
+    ]
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["data"].get("booked_loss") for e in events if e["type"] == "dispute"] == [
+        None,
+        total,
+    ]
+    assert "mismatch_resolved" in [e["type"] for e in events]
