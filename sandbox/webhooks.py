@@ -306,13 +306,8 @@ class WebhookDispatcher:
         self._lanes.clear()
 
     async def aclose(self) -> None:
-        tasks = list(self._tasks)
-        tasks.extend(lane.feeder for lane in self._lanes.values() if lane.feeder is not None)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_deliveries()
         self._tasks.clear()
-        self._lanes.clear()
         if self._client is not None:
             await self._client.close()
             self._client = None
