@@ -197,7 +197,11 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
         return None  # not this payment's
     canceled_now = intent.status == "requires_capture"
     if canceled_now:
-        intent = await provider.cancel_intent(payment_id, intent_id, "late")
+        try:
+            intent = await provider.cancel_intent(payment_id, intent_id, "late")
+        except provider.Declined:  # captured meanwhile (or canceled): as it is now
+            canceled_now = False
+            intent = await provider.retrieve_intent(intent_id)
     async with pool().connection() as conn, conn.transaction():
         payment = await payments.lock(conn, payment_id)
         if payment is None or payment["status"] not in ENDED_WITHOUT_MONEY:

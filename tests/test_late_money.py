@@ -215,3 +215,32 @@ async def test_failures_of_the_tasks_for_ended_payments_alert(
         )
         assert (await cur.fetchone())["failed_last_hour"] == 1
     assert (await fetch(api, agent_key, payment["id"]))["status"] == "failed"
+
+
+async def test_a_late_authorization_captured_before_its_cancel_is_a_mismatch(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The late authorization was captured (by whoever confirmed it) before the look could
+    cancel it: the refused cancel failed the job for good. The intent as it is then — money
+    taken — goes before an operator."""
+    payment = await declined(api, agent_key, pool, capture_method="manual")
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
+    event = latest_event(provider_base, "payment_intent.amount_capturable_updated", pi)
+    real_cancel = provider.cancel_intent
+
+    async def captured_first(payment_id: str, intent_id: str, request: str) -> provider.Intent:
+        httpx.post(
+            f"{provider_base}/v1/payment_intents/{intent_id}/capture", headers=SK
+        ).raise_for_status()
+        return await real_cancel(payment_id, intent_id, request)
+
+    monkeypatch.setattr(provider, "cancel_intent", captured_first)
+    assert (await post_event(api, event)).status_code == 200
+    await run_jobs(pool)
+    assert [m["field"] for m in await mismatches_of(pool, payment["id"])] == ["late_success"]
