@@ -385,7 +385,10 @@ async def record_reversal_excess(
 ) -> None:
     """A refund or lost dispute (`by`) after which the payment's refunds and lost disputes
     take back more than its capture collected (`tasks.ledger.Reversal`): the customer got
-    the same money back twice. A reconcile mismatch, field `reversed_excess`."""
+    the same money back twice. A reconcile mismatch, field `reversed_excess`, for this
+    booking's own part of the excess (`actual.excess`: the mismatches of one payment add up
+    to its excess)."""
+    excess = min(reversal.booked, reversal.excess)
     await record_mismatches(
         conn,
         payment,
@@ -394,11 +397,11 @@ async def record_reversal_excess(
             {
                 "field": "reversed_excess",
                 "expected": {"at_most": reversal.collected},
-                "actual": {"taken_back": reversal.taken_back, "by": by},
+                "actual": {"taken_back": reversal.taken_back, "excess": excess, "by": by},
             }
         ],
         actor=actor,
-        reason=f"refunds and lost disputes take back {reversal.excess} more than was collected",
+        reason=f"{by} takes back {excess} more than the payment collected",
     )
 
 

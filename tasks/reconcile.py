@@ -198,7 +198,8 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
     canceled_now = intent.status == "requires_capture"
     if canceled_now:
         try:
-            intent = await provider.cancel_intent(payment_id, intent_id, "late")
+            # Keyed per intent: a payment can have more than one (a lost create's twin).
+            intent = await provider.cancel_intent(payment_id, intent_id, f"late:{intent_id}")
         except provider.Declined:  # captured meanwhile (or canceled): as it is now
             canceled_now = False
             intent = await provider.retrieve_intent(intent_id)
@@ -207,6 +208,14 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
         if payment is None or payment["status"] not in ENDED_WITHOUT_MONEY:
             return None
         if canceled_now and intent.status == "canceled":
+            cur = await conn.execute(
+                """SELECT 1 FROM payment_events
+                    WHERE payment_id = %s AND type = 'late_authorization_canceled'
+                      AND data->>'provider_payment_id' = %s""",
+                (payment_id, intent_id),
+            )
+            if await cur.fetchone() is not None:  # another look canceled it (one call)
+                return None
             await payments.record_event(
                 conn,
                 payment,
@@ -249,11 +258,11 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
 
 async def late_money_check_needed(conn: Conn, payment_id: str, intent_id: str) -> bool:
     """Whether an event saying the payment's intent took or holds money needs a look: the
-    payment ended without money, and no look at that intent waits already."""
+    payment ended without money, and no look at that intent waits or runs already."""
     cur = await conn.execute(
         """SELECT p.status = ANY(%s) AND NOT EXISTS (
                       SELECT 1 FROM procrastinate_jobs j
-                       WHERE j.status = 'todo' AND j.task_name = %s
+                       WHERE j.status IN ('todo', 'doing') AND j.task_name = %s
                          AND j.args->>'payment_id' = p.id AND j.args->>'intent_id' = %s)
                   AS needed
              FROM payment_jobs p WHERE p.id = %s""",

@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tasks import charge, provider
+from tasks import charge, provider, reconcile
 from tasks.app import defer
 from tasks.db import Pool
 from tests.conftest import auth, run_jobs
@@ -244,3 +244,93 @@ async def test_a_late_authorization_captured_before_its_cancel_is_a_mismatch(
     assert (await post_event(api, event)).status_code == 200
     await run_jobs(pool)
     assert [m["field"] for m in await mismatches_of(pool, payment["id"])] == ["late_success"]
+
+
+async def test_two_late_authorizations_of_one_payment_are_both_canceled(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, not_voided: None
+) -> None:
+    """The late cancel was keyed per payment: a second intent of the payment (a lost
+    create's twin) reused the first one's key on another intent, the provider refused it
+    (IdempotencyError) and the authorization stayed. It is keyed per intent."""
+    payment = await declined(api, agent_key, pool, capture_method="manual")
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
+    other = httpx.post(
+        f"{provider_base}/v1/payment_intents",
+        data={
+            "amount": str(payment["amount_total"]),
+            "currency": payment["currency"],
+            "payment_method": "pm_card_visa",
+            "capture_method": "manual",
+            "confirm": "true",
+            "payment_method_types[]": "card",
+            "metadata[payment_id]": payment["id"],
+        },
+        headers=SK,
+    ).json()
+    assert other["status"] == "requires_capture", other
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "canceled"
+    assert await reconcile.check_late_money.func(payment["id"], other["id"]) == "canceled"
+    assert intent(provider_base, other["id"])["status"] == "canceled"
+
+
+async def test_two_looks_at_one_late_authorization_record_one_cancel(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two looks at one intent (a rescued job whose worker still runs): the second read it
+    before the first canceled it, got the replayed cancel, and recorded the cancel again."""
+    payment = await declined(api, agent_key, pool, capture_method="manual")
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
+    stale = await provider.retrieve_intent(pi)
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "canceled"
+    real_retrieve = provider.retrieve_intent
+    reads: list[str] = []
+
+    async def read_before_the_cancel(intent_id: str) -> provider.Intent:
+        reads.append(intent_id)
+        return stale if len(reads) == 1 else await real_retrieve(intent_id)
+
+    monkeypatch.setattr(provider, "retrieve_intent", read_before_the_cancel)
+    await reconcile.check_late_money.func(payment["id"], pi)
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["type"] for e in events].count("late_authorization_canceled") == 1
+
+
+async def test_a_look_that_failed_for_good_is_run_again_by_the_sweep(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A look whose read the provider refused (a key without the permission for a while)
+    failed for good, and nothing ran it again: the money a late confirm took was never put
+    before an operator once the key was fixed."""
+    from workers.maintenance import sweep_stuck_requests
+
+    payment = await declined(api, agent_key, pool)
+    pi = payment["provider_payment_id"]
+    assert confirm_at_provider(provider_base, pi).json()["status"] == "succeeded"
+
+    async def refused(intent_id: str) -> provider.Intent:
+        raise provider.ProviderError("the key may not read payment intents")
+
+    monkeypatch.setattr(provider, "retrieve_intent", refused)
+    event = latest_event(provider_base, "payment_intent.succeeded", pi)
+    assert (await post_event(api, event)).status_code == 200
+    await run_jobs(pool)
+    assert await mismatches_of(pool, payment["id"]) == []
+    monkeypatch.undo()
+    assert await sweep_stuck_requests(pool, older_than=0) == [payment["id"]]
+    await run_jobs(pool)
+    assert [m["field"] for m in await mismatches_of(pool, payment["id"])] == ["late_success"]
+    assert await sweep_stuck_requests(pool, older_than=0) == []  # its work is done

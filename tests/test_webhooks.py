@@ -804,3 +804,24 @@ async def test_a_dispute_mismatch_is_settled_when_a_later_event_books_the_loss(
         total,
     ]
     assert "mismatch_resolved" in [e["type"] for e in events]
+
+
+async def test_each_refund_beyond_a_lost_dispute_states_its_own_excess(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """A lost dispute of the whole charge, then refunds of 300 and 200: the customer got
+    500 back twice. The mismatches said 300, then 500 (the running total): settled one by
+    one, 800. Each says its own part."""
+    from tests.test_capture_refund import reconciled, refund_at_provider
+
+    payment = await reconciled(api, agent_key, pool)
+    closed = _lost_dispute(payment, payment["amount_total"], "evt_test_ex", "charge.dispute.closed")
+    assert (await post_event(api, closed)).status_code == 200
+    for n, amount in enumerate((300, 200)):
+        made = refund_at_provider(provider_base, payment["provider_payment_id"], amount)
+        event = {**EVENT, "id": f"evt_test_ex_refund_{n}", "type": "refund.created"}
+        event["data"] = {"object": made}
+        assert (await post_event(api, event)).status_code == 200
+        await run_jobs(pool)
+    found = [m[1]["excess"] for m in await _mismatches(pool, payment["id"])]
+    assert found == [300, 200]

@@ -26,7 +26,7 @@ import psycopg
 from procrastinate.jobs import Status
 from psycopg import sql
 
-from tasks import catchup, payments, refunds
+from tasks import catchup, charge, payments, refunds
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -157,9 +157,11 @@ async def recheck_waiting_payments(pool: Pool, older_than: float) -> list[str]:
 async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     """Re-drive what an agent or operator asked for whose job is gone (failed for good after
     its retries, or lost): a capture of an `authorized` payment, a cancel of a `charging`,
-    `authorized` or `requires_action` one, a refund still `pending`, and the sync of refunds
-    made outside agentpay whose latest job failed. The jobs are idempotent (stable provider
-    keys; a provider refund is taken in once, by its id), so a re-drive never acts twice.
+    `authorized` or `requires_action` one, a refund still `pending`, the sync of refunds
+    made outside agentpay whose latest job failed, and the void or the look at an intent of
+    an ended payment (`void_intent`, `check_late_money`) whose latest job failed. The jobs
+    are idempotent (stable provider keys; a provider refund is taken in once, by its id), so
+    a re-drive never acts twice.
     Returns what was re-driven (payment ids, refund ids)."""
     redriven: list[str] = []
     async with pool.connection() as conn, conn.transaction():
@@ -227,6 +229,28 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
         for row in await cur.fetchall():
             await defer(conn, refunds.SYNC_TASK, payment_id=row["id"])
             redriven.append(row["id"])
+        # The void of a failed payment's intent and the look at an ended payment's intent
+        # that took money: their latest job for that intent failed for good (the provider
+        # refused a key, or did not know the intent for a while): run again, so an intent
+        # left open or money taken is not forgotten once the hour of its alert has passed.
+        cur = await conn.execute(
+            """SELECT f.task_name, f.args FROM procrastinate_jobs f
+                WHERE f.task_name = ANY(%(tasks)s) AND f.status = 'failed'
+                  AND NOT EXISTS (
+                      SELECT 1 FROM procrastinate_jobs n
+                       WHERE n.args->>'payment_id' = f.args->>'payment_id'
+                         AND n.task_name = f.task_name AND n.args = f.args AND n.id > f.id)
+                  AND NOT EXISTS (
+                      SELECT 1 FROM procrastinate_events e
+                       WHERE e.job_id = f.id AND e.type = 'failed'
+                         AND e.at > now() - make_interval(secs => %(older)s))
+                ORDER BY f.id
+                LIMIT 500""",
+            {"tasks": [charge.VOID_TASK, charge.LATE_TASK], "older": older_than},
+        )
+        for row in await cur.fetchall():
+            await defer(conn, row["task_name"], **row["args"])
+            redriven.append(str(row["args"].get("payment_id")))
     if redriven:
         log.warning("re-drove stuck requests", extra={"count": len(redriven)})
     return redriven

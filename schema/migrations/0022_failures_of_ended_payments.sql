@@ -4,9 +4,9 @@
 --   (cancels the PaymentIntent of a failed payment) and `check_late_money` (looks at one
 --   that took money all the same) — counts until the same work succeeds: 0018 took every
 --   failure of such a payment as dealt with, so these never alerted;
--- - a job with no payment (`catch_up_events`) is dealt with once a later job of the same
---   task and arguments succeeded: 0018 matched jobs by their payment_id, which such a job
---   has not, so its failure counted for the whole hour.
+-- - a failed `catch_up_events` (no payment) is dealt with once a later listing finished
+--   (provider_event_cursor.listed_at, 0021): 0018 matched jobs by their payment_id, which
+--   it has not, so its failure counted for the whole hour.
 -- The columns are unchanged.
 CREATE OR REPLACE VIEW ops_queue_depth AS
 WITH live AS (
@@ -33,10 +33,8 @@ WITH live AS (
             WHERE k.args ->> 'payment_id' = j.args ->> 'payment_id'
               AND k.task_name = j.task_name AND k.args = j.args
               AND k.id > j.id AND k.status = 'succeeded')
-       AND NOT (j.args ->> 'payment_id' IS NULL AND EXISTS (
-           SELECT 1 FROM procrastinate_jobs k
-            WHERE k.task_name = j.task_name AND k.args = j.args
-              AND k.id > j.id AND k.status = 'succeeded'))
+       AND NOT (j.task_name = 'catch_up_events' AND EXISTS (
+           SELECT 1 FROM provider_event_cursor c WHERE c.listed_at > e.at))
        AND (j.task_name IN ('void_intent', 'check_late_money') OR NOT EXISTS (
            SELECT 1 FROM payment_jobs p
             WHERE p.id = j.args ->> 'payment_id'
