@@ -227,12 +227,7 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
             return "canceled"
         if intent.status not in ("succeeded", "processing"):
             return None
-        cur = await conn.execute(
-            """SELECT 1 FROM reconcile_mismatches
-                WHERE payment_id = %s AND field = 'late_success' AND actual->>'intent' = %s""",
-            (payment_id, intent_id),
-        )
-        if await cur.fetchone() is not None:
+        if await payments.mismatch_recorded(conn, payment_id, "late_success", "intent", intent_id):
             return None
         await payments.record_mismatches(
             conn,

@@ -477,13 +477,9 @@ async def _take_in_replacements(
 async def _record_excess(conn: Conn, payment: payments.Payment, result: provider.Refund) -> None:
     """A refund made at the provider that does not fit in what remains: one reconcile
     mismatch (field `refund_excess`), once per provider refund."""
-    cur = await conn.execute(
-        """SELECT 1 FROM reconcile_mismatches
-            WHERE payment_id = %s AND field = 'refund_excess'
-              AND actual->>'provider_refund_id' = %s""",
-        (payment["id"], result.id),
-    )
-    if await cur.fetchone() is not None:
+    if await payments.mismatch_recorded(
+        conn, payment["id"], "refund_excess", "provider_refund_id", result.id
+    ):
         return
     found = {
         "field": "refund_excess",

@@ -338,13 +338,9 @@ async def _dispute_mismatch(
 ) -> None:
     """A lost dispute the ledger could not book, as a reconcile mismatch (field
     `dispute_lost`), once per dispute while it stays open."""
-    cur = await conn.execute(
-        """SELECT 1 FROM reconcile_mismatches
-            WHERE payment_id = %s AND field = 'dispute_lost' AND actual->>'id' = %s
-              AND resolved_at IS NULL""",
-        (payment["id"], dispute["id"]),
-    )
-    if await cur.fetchone() is not None:
+    if await payments.mismatch_recorded(
+        conn, payment["id"], "dispute_lost", "id", dispute["id"], open_only=True
+    ):
         return
     log.warning(
         "lost dispute %s of payment %s not booked: %s",

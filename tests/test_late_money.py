@@ -43,6 +43,17 @@ async def void_jobs(pool: Pool, payment_id: str) -> int:
         return int((await cur.fetchone())["n"])
 
 
+async def authorized_late(
+    api: httpx.AsyncClient, key: str, pool: Pool, provider_base: str
+) -> dict[str, Any]:
+    """A manual-capture payment that failed, whose open intent someone else then confirmed
+    with a good card: it holds the customer's funds (`requires_capture`)."""
+    payment = await declined(api, key, pool, capture_method="manual")
+    confirmed = confirm_at_provider(provider_base, payment["provider_payment_id"])
+    assert confirmed.json()["status"] == "requires_capture", confirmed.text
+    return payment
+
+
 def confirm_at_provider(provider_base: str, intent_id: str) -> httpx.Response:
     """Someone else confirms the intent with a good card (the customer with its client
     secret, another integration)."""
@@ -116,9 +127,8 @@ async def test_an_authorization_an_ended_payments_intent_got_anyway_is_canceled(
 ) -> None:
     """A manual-capture payment: the late confirm only authorizes, holding the customer's
     funds for a payment that ended. The authorization is canceled at the provider."""
-    payment = await declined(api, agent_key, pool, capture_method="manual")
+    payment = await authorized_late(api, agent_key, pool, provider_base)
     pi = payment["provider_payment_id"]
-    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
     event = latest_event(provider_base, "payment_intent.amount_capturable_updated", pi)
     assert (await post_event(api, event)).status_code == 200
     await run_jobs(pool)
@@ -228,9 +238,8 @@ async def test_a_late_authorization_captured_before_its_cancel_is_a_mismatch(
     """The late authorization was captured (by whoever confirmed it) before the look could
     cancel it: the refused cancel failed the job for good. The intent as it is then — money
     taken — goes before an operator."""
-    payment = await declined(api, agent_key, pool, capture_method="manual")
+    payment = await authorized_late(api, agent_key, pool, provider_base)
     pi = payment["provider_payment_id"]
-    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
     event = latest_event(provider_base, "payment_intent.amount_capturable_updated", pi)
     real_cancel = provider.cancel_intent
 
@@ -252,9 +261,8 @@ async def test_two_late_authorizations_of_one_payment_are_both_canceled(
     """The late cancel was keyed per payment: a second intent of the payment (a lost
     create's twin) reused the first one's key on another intent, the provider refused it
     (IdempotencyError) and the authorization stayed. It is keyed per intent."""
-    payment = await declined(api, agent_key, pool, capture_method="manual")
+    payment = await authorized_late(api, agent_key, pool, provider_base)
     pi = payment["provider_payment_id"]
-    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
     other = httpx.post(
         f"{provider_base}/v1/payment_intents",
         data={
@@ -284,9 +292,8 @@ async def test_two_looks_at_one_late_authorization_record_one_cancel(
 ) -> None:
     """Two looks at one intent (a rescued job whose worker still runs): the second read it
     before the first canceled it, got the replayed cancel, and recorded the cancel again."""
-    payment = await declined(api, agent_key, pool, capture_method="manual")
+    payment = await authorized_late(api, agent_key, pool, provider_base)
     pi = payment["provider_payment_id"]
-    assert confirm_at_provider(provider_base, pi).json()["status"] == "requires_capture"
     stale = await provider.retrieve_intent(pi)
     assert await reconcile.check_late_money.func(payment["id"], pi) == "canceled"
     real_retrieve = provider.retrieve_intent
