@@ -60,6 +60,8 @@ EXTERNAL_FUNDING = "external_funding"
 PROVIDER_CLEARING = "provider_clearing"
 PLATFORM_FEES = "platform_fees"
 DISPUTES_LOST = "disputes_lost"
+# The transaction kind of a lost dispute (and of the part of it the provider gave back).
+DISPUTE_LOST = "dispute_lost"
 
 _NOT_NEGATIVE = "ledger_accounts_agent_not_negative"
 # Transitions that end a payment without a charge: its hold goes back where it came from.
@@ -396,28 +398,29 @@ async def on_transition(conn: Conn, payment: Payment, from_status: str, to_statu
 
 @dataclass(frozen=True)
 class Reversal:
-    """What booking a refund or a lost dispute did: `booked` (posted now; 0 when nothing
-    was, or it was booked before); `taken_back`, what the payment's refunds and lost
-    disputes take back in all, and `collected`, what its capture took — more taken back
-    than collected (`excess`) means the customer got money back twice (a refund and a
-    dispute of the same money); `problem`: why nothing could be booked."""
+    """What booking a refund or a lost dispute did: `booked`, posted now (0 when nothing
+    was, or it was booked before); `returned`, the part of a lost dispute the provider gives
+    back because a refund had given it to the customer already (Stripe marks such a dispute
+    lost, "partially won": a refund and a chargeback never take the same money twice) — of
+    a dispute, what was not booked for that reason; of a refund learned after the loss was
+    booked, what it took back out of `disputes_lost`; `problem`: why nothing could be
+    booked."""
 
     booked: int = 0
-    taken_back: int = 0
-    collected: int = 0
+    returned: int = 0
     problem: str | None = None
-
-    @property
-    def excess(self) -> int:
-        return max(0, self.taken_back - self.collected)
 
 
 async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: int) -> Reversal:
     """Ledger effects of a refund of `amount` that the provider has confirmed: the amount
     goes back to where the payment's hold came from, out of provider clearing and platform
     fees in proportion (cumulative over the payment's refunds and lost disputes, so a full
-    refund reverses the capture exactly). Once per `refund_id`. Refunds alone never exceed
-    the capture (ValueError); with a lost dispute they can (`Reversal.excess`)."""
+    refund reverses the capture exactly). Once per `refund_id`. Refunds never exceed the
+    capture (ValueError). A refund learned after a lost dispute of the same money was booked
+    (it was made before the dispute: the provider refuses a refund of a disputed charge)
+    shows that the provider gave that part of the dispute back: it leaves `disputes_lost`
+    again (`Reversal.returned`), so that refunds and losses never take back more than the
+    capture collected, whatever order they are learned in."""
     if amount <= 0:
         raise ValueError("a refund amount is positive")
     captured = await _captured(conn, payment["id"])
@@ -432,17 +435,40 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
             f"refunds of payment {payment['id']} ({refunded + amount}) exceed what was "
             f"captured ({captured['total']})"
         )
-    return await _post_reversal(
+    before = await _reversed(conn, payment["id"])
+    booked = await _post_reversal(
         conn,
         payment,
         "refund",
         captured,
         amount,
+        before=before,
         to_account=captured["source"],
         reference=refund_id,
         actor=None,
         description="refund",
     )
+    over = before + booked - captured["total"]
+    if over <= 0:
+        return Reversal(booked=booked)
+    # What this refund takes back beyond the capture came out of provider clearing alone
+    # (`_post_reversal`); the lost dispute gives it back there.
+    currency = payment["currency"]
+    clearing, _ = await _platform_accounts(conn, currency)
+    await post(
+        conn,
+        DISPUTE_LOST,
+        [
+            (await account(conn, DISPUTES_LOST, currency), currency, -over),
+            (clearing, currency, over),
+        ],
+        actor="provider",
+        reference=f"{refund_id}:returned",
+        payment_id=payment["id"],
+        agent_id=payment["agent_id"],
+        description=f"dispute loss given back: refund {refund_id} had returned it already",
+    )
+    return Reversal(booked=booked, returned=over)
 
 
 async def post_dispute_loss(
@@ -451,12 +477,14 @@ async def post_dispute_loss(
     """Ledger effects of a dispute the customer won: `amount` (positive, in `currency`, the
     dispute's) leaves provider clearing and platform fees in the proportion a refund uses,
     and goes to `disputes_lost`; the agent's budget stays as it is. Once per `dispute_id`.
-    Nothing is booked when the payment has no capture or another currency (`problem` says
-    why). The caller holds the payment row locked (as refunds do), so the proportion is
-    taken on settled numbers."""
+    What refunds gave back already is not booked (`Reversal.returned`): the provider gives
+    it back (a dispute of the whole charge after a partial refund, lost, is "partially won"
+    at Stripe). Nothing is booked when the payment has no capture or another currency
+    (`problem` says why). The caller holds the payment row locked (as refunds do), so the
+    proportion is taken on settled numbers."""
     if amount <= 0:
         raise ValueError("a disputed amount is positive")
-    if await _transaction_of(conn, "dispute_lost", dispute_id) is not None:
+    if await _transaction_of(conn, DISPUTE_LOST, dispute_id) is not None:
         return Reversal()
     captured = await _captured(conn, payment["id"])
     if captured is None:
@@ -465,17 +493,23 @@ async def post_dispute_loss(
         return Reversal(
             problem=f"the dispute is in {currency}, the payment in {payment['currency']}"
         )
-    return await _post_reversal(
+    before = await _reversed(conn, payment["id"])
+    loss = min(amount, max(0, captured["total"] - before))
+    if loss == 0:
+        return Reversal(returned=amount)
+    booked = await _post_reversal(
         conn,
         payment,
-        "dispute_lost",
+        DISPUTE_LOST,
         captured,
-        amount,
+        loss,
+        before=before,
         to_account=await account(conn, DISPUTES_LOST, currency),
         reference=dispute_id,
         actor="provider",
         description="dispute lost",
     )
+    return Reversal(booked=booked, returned=amount - loss)
 
 
 async def _post_reversal(
@@ -485,17 +519,18 @@ async def _post_reversal(
     captured: dict[str, int],
     amount: int,
     *,
+    before: int,
     to_account: int,
     reference: str,
     actor: str | None,
     description: str,
-) -> Reversal:
+) -> int:
     """Take `amount` of a captured payment back out of provider clearing and platform fees
-    into `to_account`. The fee's part is its share of everything taken back so far, before
-    and after this one, so reversals adding up to the capture reverse it exactly; what is
-    taken back beyond the capture comes out of provider clearing alone."""
+    into `to_account`, `before` having been taken back already. The fee's part is its share
+    of everything taken back so far, before and after this one, so reversals adding up to
+    the capture reverse it exactly; what is taken back beyond the capture comes out of
+    provider clearing alone. Returns `amount`, or 0 when it was posted before."""
     currency, total = payment["currency"], captured["total"]
-    before = await _reversed(conn, payment["id"])
     after = before + amount
     weights = [total - captured["fee"], captured["fee"]]
     fee_part = _fee_share(min(after, total), weights, currency) - _fee_share(
@@ -516,9 +551,7 @@ async def _post_reversal(
         agent_id=payment["agent_id"],
         description=description,
     )
-    if posted is None:
-        return Reversal(taken_back=before, collected=total)
-    return Reversal(booked=amount, taken_back=after, collected=total)
+    return 0 if posted is None else amount
 
 
 def _fee_share(total: int, weights: list[int], currency: str) -> int:
@@ -745,15 +778,17 @@ async def _captured(conn: Conn, payment_id: str) -> dict[str, int] | None:
 
 
 async def _reversed(
-    conn: Conn, payment_id: str, kinds: tuple[str, ...] = ("refund", "dispute_lost")
+    conn: Conn, payment_id: str, kinds: tuple[str, ...] = ("refund", DISPUTE_LOST)
 ) -> int:
     """How much of the payment's capture its refunds and lost disputes (or only `kinds`)
-    took back: each such transaction's one positive entry."""
+    took back: what left provider clearing and platform fees in such transactions, less
+    what a dispute loss the provider gave back returned there."""
     cur = await conn.execute(
-        """SELECT coalesce(sum(e.amount), 0) AS s FROM ledger_entries e
+        """SELECT coalesce(-sum(e.amount), 0) AS s FROM ledger_entries e
            JOIN ledger_transactions t ON t.id = e.transaction_id
-           WHERE t.kind = ANY(%s) AND t.payment_id = %s AND e.amount > 0""",
-        (list(kinds), payment_id),
+           JOIN ledger_accounts a ON a.id = e.account_id
+           WHERE t.kind = ANY(%s) AND t.payment_id = %s AND a.kind = ANY(%s)""",
+        (list(kinds), payment_id, [PROVIDER_CLEARING, PLATFORM_FEES]),
     )
     row = await cur.fetchone()
     return int(row["s"]) if row else 0

@@ -395,31 +395,6 @@ async def mismatch_recorded(
     return await cur.fetchone() is not None
 
 
-async def record_reversal_excess(
-    conn: Conn, payment: Payment, reversal: ledger.Reversal, *, actor: str, by: str
-) -> None:
-    """A refund or lost dispute (`by`) after which the payment's refunds and lost disputes
-    take back more than its capture collected (`tasks.ledger.Reversal`): the customer got
-    the same money back twice. A reconcile mismatch, field `reversed_excess`, for this
-    booking's own part of the excess (`actual.excess`: the mismatches of one payment add up
-    to its excess)."""
-    excess = min(reversal.booked, reversal.excess)
-    await record_mismatches(
-        conn,
-        payment,
-        payment.get("provider_payment_id"),
-        [
-            {
-                "field": "reversed_excess",
-                "expected": {"at_most": reversal.collected},
-                "actual": {"taken_back": reversal.taken_back, "excess": excess, "by": by},
-            }
-        ],
-        actor=actor,
-        reason=f"{by} takes back {excess} more than the payment collected",
-    )
-
-
 def collected(payment: Payment) -> int:
     """What the provider collected for the payment: `amount_captured` once reconcile wrote
     it (less than the total after a partial capture at the provider), else the total. What

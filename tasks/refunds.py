@@ -217,13 +217,7 @@ async def _succeed(
     else:
         payment.update(await payments.update(conn, payment["id"], amount_refunded=refunded))
         await payments.record_event(conn, payment, "refund", actor=ACTOR, reason=reason, data=data)
-    booked = await ledger.post_refund(
-        conn, payment, refund_id=refund["id"], amount=refund["amount"]
-    )
-    if booked.booked and booked.excess:
-        await payments.record_reversal_excess(
-            conn, payment, booked, actor=ACTOR, by=f"refund {refund['id']}"
-        )
+    await ledger.post_refund(conn, payment, refund_id=refund["id"], amount=refund["amount"])
     return to
 
 

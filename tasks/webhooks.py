@@ -283,8 +283,8 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
     got the money back) booked in the ledger, once per dispute (`tasks.ledger.
     post_dispute_loss`), with the payment row locked as refunds lock it. What could not be
     booked goes before the operator as a `dispute_lost` mismatch (resolved by itself when a
-    later event books it), and so does a loss that, with refunds, takes back more than the
-    payment collected (`reversed_excess`)."""
+    later event books it). What refunds gave the customer already is not booked: the
+    provider gives that part back (`data.returned_by_refunds`)."""
     payment = await payments.lock(conn, payment_id)
     dispute = (event.get("data") or {}).get("object") or {}
     if payment is None or not isinstance(dispute, dict):
@@ -312,13 +312,12 @@ async def _record_dispute(conn: Conn, payment_id: str, event: dict[str, Any]) ->
         )
         if loss.booked:
             details["booked_loss"] = loss.booked
+        if loss.returned:
+            details["returned_by_refunds"] = loss.returned
+        if loss.booked or loss.returned:
             await _resolve_dispute_mismatches(conn, payment, dispute_id)
         if loss.problem is not None:
             await _dispute_mismatch(conn, payment, data, loss.problem)
-        if loss.booked and loss.excess:
-            await payments.record_reversal_excess(
-                conn, payment, loss, actor="provider", by=f"lost dispute {dispute_id}"
-            )
     await payments.record_event(
         conn,
         payment,

@@ -230,7 +230,7 @@ async def test_any_mix_of_postings_keeps_every_transaction_and_balance_exact(
                         amount=total - half,
                         currency=currency,
                     )
-                    assert (loss.booked, loss.excess) == (total - half, 0)
+                    assert (loss.booked, loss.returned) == (total - half, 0)
                     # Refunds and the loss took back all of it, fee included.
                     cur = await conn.execute(
                         """SELECT a.kind, sum(e.amount) AS s FROM ledger_entries e
@@ -304,8 +304,8 @@ async def test_a_lost_dispute_is_booked_once_and_never_gives_the_budget_back(
     """A chargeback the customer won took the money back at the provider, and the ledger
     still counted it in provider clearing and platform fees. It is now booked once per
     dispute into `disputes_lost`, in the proportion a refund uses; the agent's budget is not
-    given back (a refund gives it back). A dispute of money a refund gave back already (the
-    customer got it twice) is booked all the same, and says by how much it is too much."""
+    given back (a refund gives it back). Of a dispute of money refunds gave back already,
+    nothing is booked: the provider gives that part back."""
     agent_id = await new_agent(pool, "disputed", budget=10_000)
     payment = await priced_payment(pool, agent_id, 1999)  # total 2252, fee 88
     async with pool.connection() as conn, conn.transaction():
@@ -314,12 +314,12 @@ async def test_a_lost_dispute_is_booked_once_and_never_gives_the_budget_back(
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment["id"])
         refund = await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
-        assert (refund.booked, refund.excess) == (1000, 0)
+        assert (refund.booked, refund.returned) == (1000, 0)
         # The customer disputes the rest and wins: the capture is all taken back.
         loss = await ledger.post_dispute_loss(
             conn, locked, dispute_id="dp_1", amount=1252, currency="usd"
         )
-        assert (loss.booked, loss.taken_back, loss.excess, loss.problem) == (1252, 2252, 0, None)
+        assert (loss.booked, loss.returned, loss.problem) == (1252, 0, None)
         # The same dispute again (`charge.dispute.updated`, then `.closed`): nothing more.
         again = await ledger.post_dispute_loss(
             conn, locked, dispute_id="dp_1", amount=1252, currency="usd"
@@ -337,17 +337,18 @@ async def test_a_lost_dispute_is_booked_once_and_never_gives_the_budget_back(
         await assert_ledger_sound(conn)
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, payment["id"])
-        # A second dispute of money given back already: booked, out of clearing alone.
+        # A second dispute of money taken back already: the provider gives it back.
         twice = await ledger.post_dispute_loss(
             conn, locked, dispute_id="dp_2", amount=500, currency="usd"
         )
-        assert (twice.booked, twice.excess) == (500, 500)
+        assert (twice.booked, twice.returned, twice.problem) == (0, 500, None)
         # Refunds alone never exceed the capture.
         with pytest.raises(ValueError, match="exceed"):
             await ledger.post_refund(conn, locked, refund_id="re_2", amount=1253)
     async with pool.connection() as conn:
         platform = await platform_balances(conn)
-        assert (platform["platform_fees"], platform["provider_clearing"]) == (0, -500)
+        assert (platform["platform_fees"], platform["provider_clearing"]) == (0, 0)
+        assert platform["disputes_lost"] == 1252
         await assert_ledger_sound(conn)
 
     # A payment with no capture, and a dispute in another currency: nothing booked, said why.

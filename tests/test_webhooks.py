@@ -736,14 +736,32 @@ async def _mismatches(pool: Pool, payment_id: str) -> list[tuple[str, Any, bool]
         return [(r["field"], r["actual"], r["resolved"]) for r in await cur.fetchall()]
 
 
-async def test_a_refund_taken_in_after_a_lost_dispute_of_the_same_money_is_counted(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+async def _books(pool: Pool, payment_id: str) -> dict[str, int]:
+    """A payment's ledger entries summed per account kind."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT a.kind, sum(e.amount) AS s FROM ledger_transactions t
+                 JOIN ledger_entries e ON e.transaction_id = t.id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.payment_id = %s GROUP BY a.kind""",
+            (payment_id,),
+        )
+        return {r["kind"]: int(r["s"]) for r in await cur.fetchall()}
+
+
+@pytest.mark.parametrize("dispute_first", [False, True], ids=["refund-first", "dispute-first"])
+async def test_a_lost_dispute_of_money_refunded_before_it_books_only_the_rest(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, dispute_first: bool
 ) -> None:
-    """A Dashboard refund, then the customer's bank wins a dispute of the whole charge: the
-    provider gave the money back twice. When the dispute's event was booked before the
-    refund's sync ran (two webhooks close together, or a catch-up), the refund no longer
-    fitted in the ledger: its sync failed for good, every later one too, and the refund was
-    never counted. Both are booked, and the excess goes before an operator."""
+    """A Dashboard refund of 300, then the customer's bank wins a dispute of the whole charge.
+    Stripe gives back the part refunded already (the dispute is `lost`, "partially won"):
+    the platform lost the total less 300. The ledger booked the whole dispute on top of the
+    refund, took 300 more out of provider clearing than the provider did, and told the
+    operator the customer had got it twice (`reversed_excess`). Now the loss is the rest
+    whichever the ledger learns first: the dispute's booking leaves the refunded part out,
+    or a refund learned after the loss takes that part back out of `disputes_lost` (when
+    the dispute's event is booked before the refund's sync ran: two webhooks close
+    together, or a catch-up). Same books either way, no mismatch."""
     from tests.test_capture_refund import reconciled, refund_at_provider
 
     payment = await reconciled(api, agent_key, pool)
@@ -751,27 +769,26 @@ async def test_a_refund_taken_in_after_a_lost_dispute_of_the_same_money_is_count
     made = refund_at_provider(provider_base, payment["provider_payment_id"], 300)
     refund_event = {**EVENT, "id": "evt_test_refund", "type": "refund.created"}
     refund_event["data"] = {"object": made}
-    assert (await post_event(api, refund_event)).status_code == 200
     closed = _lost_dispute(payment, total, "evt_test_overlap", "charge.dispute.closed")
-    assert (await post_event(api, closed)).status_code == 200
-    await run_jobs(pool)
+    for event in (closed, refund_event) if dispute_first else (refund_event, closed):
+        assert (await post_event(api, event)).status_code == 200
+        await run_jobs(pool)
     after = await fetch(api, agent_key, payment["id"])
     assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 300)
-    [(field, actual, resolved)] = await _mismatches(pool, payment["id"])
-    assert (field, actual["taken_back"], resolved) == ("reversed_excess", total + 300, False)
-    assert actual["by"].startswith("refund ")
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            """SELECT t.kind, sum(e.amount) FILTER (WHERE a.kind = 'provider_clearing') AS c
-                 FROM ledger_transactions t
-                 JOIN ledger_entries e ON e.transaction_id = t.id
-                 JOIN ledger_accounts a ON a.id = e.account_id
-                WHERE t.payment_id = %s GROUP BY t.kind""",
-            (payment["id"],),
-        )
-        clearing = {r["kind"]: r["c"] for r in await cur.fetchall()}
-    # Collected once, given back twice: provider clearing is 300 below zero for it.
-    assert sum(v or 0 for v in clearing.values()) == -300
+    assert await _mismatches(pool, payment["id"]) == []
+    books = await _books(pool, payment["id"])
+    # Collected once and taken back once in all: provider clearing and fees are back at 0;
+    # the refund's 300 went back to the budget, the rest is the dispute's loss.
+    assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
+    assert books["disputes_lost"] == total - 300
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    [dispute] = [e["data"] for e in events if e["type"] == "dispute"]
+    if dispute_first:
+        assert (dispute.get("booked_loss"), dispute.get("returned_by_refunds")) == (total, None)
+    else:
+        assert (dispute["booked_loss"], dispute["returned_by_refunds"]) == (total - 300, 300)
 
 
 async def test_a_dispute_mismatch_is_settled_when_a_later_event_books_the_loss(
@@ -806,16 +823,16 @@ async def test_a_dispute_mismatch_is_settled_when_a_later_event_books_the_loss(
     assert "mismatch_resolved" in [e["type"] for e in events]
 
 
-async def test_each_refund_beyond_a_lost_dispute_states_its_own_excess(
+async def test_refunds_learned_after_a_lost_dispute_each_take_their_part_back_from_it(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:
-    """A lost dispute of the whole charge, then refunds of 300 and 200: the customer got
-    500 back twice. The mismatches said 300, then 500 (the running total): settled one by
-    one, 800. Each says its own part."""
+    """A lost dispute of the whole charge booked, then two refunds made before it learned
+    (300 and 200): each gives its part of the loss back, once, however often it is synced."""
     from tests.test_capture_refund import reconciled, refund_at_provider
 
     payment = await reconciled(api, agent_key, pool)
-    closed = _lost_dispute(payment, payment["amount_total"], "evt_test_ex", "charge.dispute.closed")
+    total = payment["amount_total"]
+    closed = _lost_dispute(payment, total, "evt_test_ex", "charge.dispute.closed")
     assert (await post_event(api, closed)).status_code == 200
     for n, amount in enumerate((300, 200)):
         made = refund_at_provider(provider_base, payment["provider_payment_id"], amount)
@@ -823,5 +840,20 @@ async def test_each_refund_beyond_a_lost_dispute_states_its_own_excess(
         event["data"] = {"object": made}
         assert (await post_event(api, event)).status_code == 200
         await run_jobs(pool)
-    found = [m[1]["excess"] for m in await _mismatches(pool, payment["id"])]
-    assert found == [300, 200]
+    async with pool.connection() as conn:
+        await defer(conn, "sync_refunds", payment_id=payment["id"])  # once more: no change
+    await run_jobs(pool)
+    assert await _mismatches(pool, payment["id"]) == []
+    books = await _books(pool, payment["id"])
+    assert books["disputes_lost"] == total - 500
+    assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT e.amount FROM ledger_transactions t
+                 JOIN ledger_entries e ON e.transaction_id = t.id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.payment_id = %s AND t.kind = 'dispute_lost'
+                  AND a.kind = 'disputes_lost' ORDER BY t.created_at""",
+            (payment["id"],),
+        )
+        assert [r["amount"] for r in await cur.fetchall()] == [total, -300, -200]
