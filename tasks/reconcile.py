@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import charge, payments, provider
+from tasks import charge, disputes, payments, provider
 from tasks.app import Backoff, app, defer, job_waiting, pool
 from tasks.charge import search_intent, settle
 from tasks.db import Conn
@@ -95,6 +95,7 @@ async def finish_succeeded(conn: Conn, payment: payments.Payment, intent: provid
         },
         amount_captured=amount_captured,
     )
+    await disputes.book_waiting(conn, payment)
     return "reconciled"
 
 

@@ -791,36 +791,40 @@ async def test_a_lost_dispute_of_money_refunded_before_it_books_only_the_rest(
         assert (dispute["booked_loss"], dispute["returned_by_refunds"]) == (total - 300, 300)
 
 
-async def test_a_dispute_mismatch_is_settled_when_a_later_event_books_the_loss(
+async def test_a_dispute_lost_before_the_capture_is_booked_when_reconcile_captures(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:
-    """Lost while the payment was still `succeeded` (no capture in the ledger): a
-    `dispute_lost` mismatch, booked 0. Once reconciled, a later event of the dispute books
-    it — and the mismatch stayed open saying nothing was booked: an operator following the
-    runbook booked it a second time by hand. It is settled by the booking now."""
+    """The dispute's last event (`charge.dispute.closed`, lost) came while the payment was
+    `succeeded`, its reconcile not run yet: nothing to book it from, a `dispute_lost`
+    mismatch saying a later event would book it — but no later event comes, and the loss
+    was never booked (an operator following the runbook booked it by hand). Reconcile's
+    capture books it now, once, and settles the mismatch."""
     from tasks.reconcile import reconcile_payment
 
     payment = await succeeded_without_its_reconcile(api, agent_key, pool)
     total = payment["amount_total"]
-    updated = _lost_dispute(payment, total, "evt_test_early_1", "charge.dispute.updated")
-    assert (await post_event(api, updated)).status_code == 200
+    closed = _lost_dispute(payment, total, "evt_test_last", "charge.dispute.closed")
+    assert (await post_event(api, closed)).status_code == 200
     assert [(m[0], m[2]) for m in await _mismatches(pool, payment["id"])] == [
         ("dispute_lost", False)
     ]
     assert await reconcile_payment.func(payment["id"]) == "reconciled"
-    closed = _lost_dispute(payment, total, "evt_test_early_2", "charge.dispute.closed")
-    assert (await post_event(api, closed)).status_code == 200
     assert [(m[0], m[2]) for m in await _mismatches(pool, payment["id"])] == [
         ("dispute_lost", True)
     ]
+    books = await _books(pool, payment["id"])
+    assert books["disputes_lost"] == total
+    assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
+    # A later event of the dispute (a retry of the last, or a catch-up) books nothing more.
+    again = _lost_dispute(payment, total, "evt_test_last_again", "charge.dispute.closed")
+    assert (await post_event(api, again)).status_code == 200
+    await run_jobs(pool)
+    assert (await _books(pool, payment["id"]))["disputes_lost"] == total
     events = (
         await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
     ).json()["data"]
-    assert [e["data"].get("booked_loss") for e in events if e["type"] == "dispute"] == [
-        None,
-        total,
-    ]
-    assert "mismatch_resolved" in [e["type"] for e in events]
+    [resolved] = [e for e in events if e["type"] == "mismatch_resolved"]
+    assert resolved["reason"] == "lost dispute booked in the ledger with the payment's capture"
 
 
 async def test_refunds_learned_after_a_lost_dispute_each_take_their_part_back_from_it(
