@@ -149,6 +149,9 @@ async def for_payment(conn: Conn, payment_id: str) -> list[Refund]:
 
 
 async def _mark(conn: Conn, refund_id: str, **columns: Any) -> Refund:
+    """Set a refund's status and what the provider said. `updated_at` is when its status
+    last changed: a look that finds it still pending leaves it (the sweep and
+    ops_stuck_payments measure a pending refund from when it was asked for)."""
     cur = await conn.execute(
         """UPDATE payment_refunds
               SET status = %(status)s,
@@ -156,7 +159,7 @@ async def _mark(conn: Conn, refund_id: str, **columns: Any) -> Refund:
                   provider_status = %(provider_status)s,
                   failure_code = %(failure_code)s,
                   failure_message = %(failure_message)s,
-                  updated_at = now()
+                  updated_at = CASE WHEN status = %(status)s THEN updated_at ELSE now() END
             WHERE id = %(id)s RETURNING *""",
         {
             "provider_refund_id": None,

@@ -10,6 +10,7 @@ import pytest
 
 from tasks import payments, refunds
 from tasks.db import Pool
+from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
 from tests.test_pipeline import create, fetch
 
@@ -1127,6 +1128,70 @@ async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
     assert await refunds.refund_payment(paid["id"], refund_id) == "partially_refunded"
     payment = await fetch(api, agent_key, paid["id"])
     assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 700)
+
+
+async def test_a_refund_pending_at_the_provider_is_stuck_from_when_it_was_asked_for(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every look at a refund still pending at the provider (the job's retries, the sweep's
+    re-drive) set its updated_at, from which ops_stuck_payments measured it: it never showed
+    as stuck. It is measured from when it was asked for, and a look leaves updated_at. A
+    refund job that runs out of retries on it is no failure for the failed-job alert: the
+    provider has not finished, and the stuck alert shows it."""
+    from api.metrics import read_snapshot
+    from tasks import provider
+    from tasks.app import TransientError
+
+    paid = await reconciled(api, agent_key, pool)
+    response = await api.post(
+        f"/v1/payments/{paid['id']}/refunds", json={"amount": 700}, headers=auth(agent_key)
+    )
+    refund_id = response.json()["id"]
+
+    async def pending(*args: Any, **kwargs: Any) -> provider.Refund:
+        return provider.Refund(id="re_slow", status="pending", amount=700)
+
+    monkeypatch.setattr(provider, "refund", pending)
+    monkeypatch.setattr(provider, "retrieve_refund", pending)
+    with pytest.raises(TransientError):
+        await refunds.refund_payment(paid["id"], refund_id)
+    async with pool.connection() as conn:  # asked for two days ago, still pending
+        await conn.execute(
+            """UPDATE payment_refunds SET created_at = now() - interval '2 days',
+                      updated_at = now() - interval '2 days' WHERE id = %s""",
+            (refund_id,),
+        )
+        # Its job's last try is due: it finds the refund pending once more.
+        await conn.execute(
+            """UPDATE procrastinate_jobs SET attempts = 11, scheduled_at = now()
+                WHERE task_name = 'refund' AND status = 'todo'"""
+        )
+    await run_jobs(pool, ("charge",))
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT status, provider_status, now() - updated_at > interval '1 day' AS old
+                 FROM payment_refunds WHERE id = %s""",
+            (refund_id,),
+        )
+        assert await cur.fetchone() == {
+            "status": "pending",
+            "provider_status": "pending",
+            "old": True,
+        }
+        cur = await conn.execute(
+            "SELECT status::text FROM procrastinate_jobs WHERE task_name = 'refund'"
+        )
+        assert [r["status"] for r in await cur.fetchall()] == ["failed"]
+        s = await read_snapshot(conn, settings)
+    assert [(r["payment_id"], r["waiting_on"], r["stuck_on"]) for r in s.stuck] == [
+        (paid["id"], "fleet", "refund_pending")
+    ]
+    assert s.stuck[0]["stuck_seconds"] > 86400
+    assert {q["role"]: q["failed_last_hour"] for q in s.queues}["charge"] == 0
 
 
 async def test_a_payment_the_provider_moved_on_without_a_webhook_is_caught_up(

@@ -1265,8 +1265,9 @@ async def test_stuck_requests_wait_on_the_fleet(pool: Pool) -> None:
             (refunding["id"],),
         )
         await conn.execute(
-            f"""INSERT INTO payment_refunds (id, payment_id, amount, currency, actor, updated_at)
-                VALUES ('rfd_stuck', %s, 500, 'usd', 'test', {old})""",
+            f"""INSERT INTO payment_refunds
+                       (id, payment_id, amount, currency, actor, created_at, updated_at)
+                VALUES ('rfd_stuck', %s, 500, 'usd', 'test', {old}, {old})""",
             (refunding["id"],),
         )
         await conn.execute("DELETE FROM procrastinate_jobs")
@@ -1279,6 +1280,41 @@ async def test_stuck_requests_wait_on_the_fleet(pool: Pool) -> None:
         holding["id"]: ("authorized", "agent"),
         refunding["id"]: ("reconciled", "fleet"),
     }
+
+
+async def test_a_payment_both_not_moving_and_refunding_is_stuck_once(
+    pool: Pool, settings: Settings
+) -> None:
+    """A payment stuck in `succeeded` (its reconcile not run) with a refund pending was two
+    rows of ops_stuck_payments, and agentpay_stuck_payments counted it twice. One row, from
+    the older of the two, saying both."""
+    async with pool.connection() as conn, conn.transaction():
+        agent, _ = await agents.create(conn, "twice-agent")
+        paid, refunding = [await _payment(conn, agent.id) for _ in range(2)]
+        await conn.execute("SET LOCAL session_replication_role = replica")  # states by hand
+        await conn.execute(
+            """UPDATE payment_jobs SET status = 'succeeded',
+                      updated_at = now() - interval '10 minutes' WHERE id = %s""",
+            (paid["id"],),
+        )
+        await conn.execute(
+            "UPDATE payment_jobs SET status = 'reconciled' WHERE id = %s", (refunding["id"],)
+        )
+        await conn.execute(
+            """INSERT INTO payment_refunds (id, payment_id, amount, currency, actor, created_at)
+               VALUES ('rfd_both', %s, 100, 'usd', 'test', now() - interval '1 hour'),
+                      ('rfd_only', %s, 100, 'usd', 'test', now() - interval '20 minutes')""",
+            (paid["id"], refunding["id"]),
+        )
+        await conn.execute("DELETE FROM procrastinate_jobs")
+    async with pool.connection() as conn:
+        s = await read_snapshot(conn, settings)
+    assert [(r["payment_id"], r["waiting_on"], r["stuck_on"]) for r in s.stuck] == [
+        (paid["id"], "fleet", "not_moving,refund_pending"),
+        (refunding["id"], "fleet", "refund_pending"),
+    ]
+    assert 3500 < s.stuck[0]["stuck_seconds"] < 3700  # since the refund was asked for
+    assert s.stuck_by_waiting_on() == {"fleet": 2, "operator": 0, "agent": 0}
 
 
 _DIRECT_TRANSITIONS = """

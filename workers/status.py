@@ -151,6 +151,7 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
                 "payment_id",
                 "status",
                 "waiting_on",
+                "stuck_on",
                 "stuck_seconds",
                 "last_event_type",
                 "last_event_reason",

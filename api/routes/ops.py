@@ -498,6 +498,7 @@ def render_page(s: Snapshot, refresh: int) -> str:
                 "payment_id",
                 "status",
                 "waiting_on",
+                "stuck_on",
                 "stuck_seconds",
                 "last_event_type",
                 "last_event_actor",
