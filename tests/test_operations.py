@@ -1776,3 +1776,77 @@ def test_log_lines_carry_ids_and_never_secrets() -> None:
     assert "http://host:8000/a?next=b@c" in line["message"]
     assert line["params"]["amount"] == 5
     assert line["payment_method"] == "pm_card_…"
+
+
+async def test_a_failed_job_without_a_payment_is_listed_and_its_retry_audited(
+    pool: Pool, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed catch-up (no payment) fired the failed-job alert while ops_recent_failures,
+    agentpay_recent_failures{kind="job"} and `agentpay status` showed nothing of it: the
+    worker recorded failures only in a payment's events. And its retry was audited nowhere."""
+    from procrastinate.worker import Worker
+
+    from api.routes.ops import retry_job
+    from tasks import catchup, provider
+    from tasks.app import app
+    from workers.cli_audit import describe
+    from workers.worker import observe_job
+
+    async def refused(types: list[str], created_gte: int) -> list[dict[str, Any]]:
+        raise provider.ProviderError("PermissionError (403): the key may not read events")
+
+    monkeypatch.setattr(provider, "list_events", refused)
+    async with pool.connection() as conn, conn.transaction():
+        await defer(conn, catchup.TASK)
+    await Worker(
+        app,
+        queues=["reconcile"],
+        wait=False,
+        concurrency=1,
+        install_signal_handlers=False,
+        listen_notify=False,
+        worker_middleware=[observe_job("reconcile", pool)],
+    ).run()
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id FROM procrastinate_jobs WHERE task_name = %s", (catchup.TASK,)
+        )
+        [job] = await cur.fetchall()
+        s = await read_snapshot(conn, settings)
+    assert {q["role"]: q["failed_last_hour"] for q in s.queues}["reconcile"] == 1
+    assert [
+        (f["kind"], f["payment_id"], f["role"], f["task"], f["job_id"], f["code"], f["reason"])
+        for f in s.failures
+    ] == [
+        (
+            "job",
+            None,
+            "reconcile",
+            catchup.TASK,
+            job["id"],
+            "ProviderError",
+            "PermissionError (403): the key may not read events",
+        )
+    ]
+    assert s.counts["failures_by_kind"] == {"job": 1}
+
+    async with pool.connection() as conn, conn.transaction():
+        await retry_job(conn, job["id"], actor="operator:ann", reason="key fixed")
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT actor, action, subject, data FROM operator_audit")
+        [row] = await cur.fetchall()
+    assert (row["actor"], row["action"], row["subject"]) == (
+        "operator:ann",
+        "job.retry",
+        str(job["id"]),
+    )
+    assert describe(row["action"], row["data"]) == (
+        f"{catchup.TASK} job (reconcile), failed: key fixed"
+    )
+
+    async with pool.connection() as conn:  # kept as long as failed jobs are
+        await conn.execute("UPDATE job_failures SET at = now() - interval '8 days'")
+    await prune_finished_jobs(pool, succeeded_after=3600, failed_after=7 * 86400)
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT count(*) AS n FROM job_failures")
+        assert (await cur.fetchone())["n"] == 0

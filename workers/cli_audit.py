@@ -21,9 +21,10 @@ def audit(
 ) -> None:
     """Operators' changes to agents, keys, prices and Customers' owners, newest first: agents
     created (operators among them), keys rotated, agents revoked, prices set, provider
-    Customers bound to an agent or unbound — who (`operator:NAME`), when, on what, and what
-    changed (a price's previous and new terms; a Customer's agent and the one before; of a
-    key, only its prefix)."""
+    Customers bound to an agent or unbound, and jobs without a payment retried or canceled
+    (`job.retry`, `job.cancel`: a payment's job is in `payments show`) — who
+    (`operator:NAME`), when, on what, and what changed (a price's previous and new terms; a
+    Customer's agent and the one before; of a key, only its prefix)."""
     from tasks import audit as audit_log
 
     rows = on_database(
@@ -54,6 +55,9 @@ def describe(action: str, data: dict[str, Any]) -> str:
         if action == "customer.unbind":
             return f"unbound{was}"
         return f"bound to {data.get('agent_id')}{was}"
+    if action in ("job.retry", "job.cancel"):
+        why = f": {data['reason']}" if data.get("reason") else ""
+        return f"{data.get('task')} job ({data.get('role')}), {data.get('job_status')}{why}"
     if action.startswith("agent."):
         parts = [str(data.get("name")) + (" (operator)" if data.get("is_operator") else "")]
         if data.get("key_prefix"):

@@ -229,7 +229,8 @@ def jobs_retry(
     """Run a job again now: a failed job goes back to its queue with its retries whole; a job
     waiting for a later time becomes due now. Refused (exit 1): a running job (the stalled-job
     rescue handles a dead worker's jobs), and a failed one while another job already does the
-    same work (e.g. the sweep's re-drive)."""
+    same work (e.g. the sweep's re-drive). Recorded in the job's payment's events, or, for a
+    job without a payment (catch_up_events), in `agentpay audit` as job.retry."""
     from api.routes.ops import Refused, retry_job
 
     actor = operator_actor(operator)
@@ -248,7 +249,9 @@ def jobs_cancel(
     data_dir: DataDir = None,
 ) -> None:
     """Cancel a waiting job, or ask a running one to abort. A non-final payment left without
-    a job is driven on again by the stuck-payment sweep: to stop a payment, cancel it."""
+    a job is driven on again by the stuck-payment sweep: to stop a payment, cancel it.
+    Recorded in the job's payment's events, or, for a job without a payment
+    (catch_up_events), in `agentpay audit` as job.cancel."""
     from api.routes.ops import Refused, cancel_job
 
     actor = operator_actor(operator)

@@ -261,8 +261,9 @@ async def prune_finished_jobs(
 ) -> int:
     """Delete procrastinate jobs that finished longer ago than their retention: succeeded,
     cancelled or aborted ones after `succeeded_after` seconds, failed ones after
-    `failed_after`. At most `batch` per call; returns how many went (their events go with
-    them). A job retried since it finished is not finished any more, and stays."""
+    `failed_after`, and with these the job_failures rows older than that. At most `batch`
+    per call; returns how many jobs went (their events go with them). A job retried since
+    it finished is not finished any more, and stays."""
     pruned = 0
     for statuses, keep in (
         (["succeeded", "cancelled", "aborted"], succeeded_after),
@@ -295,6 +296,12 @@ async def prune_finished_jobs(
                 {"statuses": statuses, "keep": keep, "batch": batch},
             )
             pruned += len(await cur.fetchall())
+            if statuses == ["failed"]:
+                # The failures of jobs without a payment (ops_recent_failures), with them.
+                await conn.execute(
+                    "DELETE FROM job_failures WHERE at < now() - make_interval(secs => %s)",
+                    (keep,),
+                )
     if pruned:
         log.info("pruned finished jobs", extra={"count": pruned})
     return pruned

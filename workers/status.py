@@ -173,7 +173,7 @@ def render(s: Snapshot, *, limit: int = 10) -> Group:
         _table(
             "Recent failures (24 h)",
             s.failures[:limit],
-            ["at", "kind", "payment_id", "role", "job_id", "code", "reason"],
+            ["at", "kind", "payment_id", "role", "task", "job_id", "code", "reason"],
             s.counts["failures"],
         )
     )

@@ -10,7 +10,8 @@ takes no job before the database has every migration of this release (`schema.mi
 
 Around every job (`observe_job`): its log lines carry job_id, payment_id and role; its
 duration and outcome go to the process's Prometheus metrics; a job that fails for good is
-recorded in its payment's events (`job_failed`, with the error) for ops_recent_failures.
+recorded in its payment's events (`job_failed`, with the error), or for a job without a
+payment (`catch_up_events`) in `job_failures`, for ops_recent_failures.
 With AGENTPAY_METRICS_PORT set the process serves those metrics, and the latency and errors
 of its provider calls, over HTTP.
 """
@@ -284,12 +285,13 @@ def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
 
         async def failed(error: Exception) -> str:
             """Whether procrastinate will retry the job; a job that fails for good is
-            recorded in its payment's events."""
+            recorded in its payment's events, or in job_failures without a payment."""
             task = worker.app.tasks.get(job.task_name)
             if task is not None and task.get_retry_exception(exception=error, job=job):
                 return "retry"
-            if isinstance(payment_id, str):
-                await _record_failure(pool, role, job, payment_id, error)
+            await _record_failure(
+                pool, role, job, payment_id if isinstance(payment_id, str) else None, error
+            )
             return "failed"
 
         with logs.job_context(job.id, payment_id if isinstance(payment_id, str) else None, role):
@@ -317,12 +319,28 @@ def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
 
 
 async def _record_failure(
-    pool: Pool, role: str, job: Any, payment_id: str, error: Exception
+    pool: Pool, role: str, job: Any, payment_id: str | None, error: Exception
 ) -> None:
+    """A job that failed for good: a `job_failed` event of its payment, or a row of
+    job_failures for a job without one (or whose payment is not there)."""
+    data = {
+        "job_id": job.id,
+        "role": role,
+        "task": job.task_name,
+        "attempts": job.attempts + 1,
+        "error_type": type(error).__name__,
+        "error": logs.scrub(str(error))[:500],
+    }
     try:
         async with pool.connection() as conn, conn.transaction():
-            payment = await payments.get(conn, payment_id)
+            payment = await payments.get(conn, payment_id) if payment_id else None
             if payment is None:
+                await conn.execute(
+                    """INSERT INTO job_failures (job_id, role, task, attempts, error_type, error)
+                       VALUES (%(job_id)s, %(role)s, %(task)s, %(attempts)s, %(error_type)s,
+                               %(error)s)""",
+                    data,
+                )
                 return
             await payments.record_event(
                 conn,
@@ -330,14 +348,7 @@ async def _record_failure(
                 "job_failed",
                 actor=f"worker:{role}",
                 reason=f"{job.task_name} job failed for good",
-                data={
-                    "job_id": job.id,
-                    "role": role,
-                    "task": job.task_name,
-                    "attempts": job.attempts + 1,
-                    "error_type": type(error).__name__,
-                    "error": logs.scrub(str(error))[:500],
-                },
+                data=data,
             )
     except Exception:
         log.exception("could not record the job's failure", extra={"job_id": job.id})

@@ -2,7 +2,8 @@
 payment) behind both the operator routes here and `agentpay jobs|payments` (workers/cli_ops.py).
 
 Every action is recorded in `payment_events` with the operator's identity
-(`operator:<name>`), in the same transaction as the action itself.
+(`operator:<name>`), in the same transaction as the action itself; a retry or cancel of a job
+without a payment in `operator_audit` (`job.retry`, `job.cancel`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
 from api.models import Payment, SafeText
-from tasks import charge, payments
+from tasks import audit, charge, payments
 from tasks.db import Conn
 
 router = APIRouter(tags=["operations"])
@@ -63,22 +64,23 @@ async def _lock_job(conn: Conn, job_id: int) -> dict[str, Any]:
     return job
 
 
+# The operator audit's action for a job without a payment (or whose payment is gone).
+_AUDIT_ACTIONS = {"operator_job_retry": "job.retry", "operator_job_cancel": "job.cancel"}
+
+
 async def _record_job_action(
     conn: Conn, job: dict[str, Any], type_: str, *, actor: str, reason: str | None, **data: Any
 ) -> None:
-    if not job["payment_id"]:
-        return
-    payment = await payments.get(conn, job["payment_id"])
+    """In the job's payment's events; a job without a payment (`catch_up_events`) in the
+    operator audit (`job.retry`, `job.cancel`, subject the job id)."""
+    data = {"job_id": job["id"], "role": job["queue_name"], "task": job["task_name"], **data}
+    payment = await payments.get(conn, job["payment_id"]) if job["payment_id"] else None
     if payment is None:
+        await audit.record(
+            conn, _AUDIT_ACTIONS[type_], str(job["id"]), {**data, "reason": reason}, actor=actor
+        )
         return
-    await payments.record_event(
-        conn,
-        payment,
-        type_,
-        actor=actor,
-        reason=reason,
-        data={"job_id": job["id"], "role": job["queue_name"], "task": job["task_name"], **data},
-    )
+    await payments.record_event(conn, payment, type_, actor=actor, reason=reason, data=data)
 
 
 async def resolve_mismatch(
@@ -517,7 +519,7 @@ def render_page(s: Snapshot, refresh: int) -> str:
         _table(
             "Recent failures (24 h)",
             s.failures,
-            ["at", "kind", "payment_id", "role", "job_id", "status", "code", "reason"],
+            ["at", "kind", "payment_id", "role", "task", "job_id", "status", "code", "reason"],
             total=s.counts["failures"],
         ),
         _table(

@@ -15,6 +15,15 @@
 --   nothing to fix or retry: the provider has not finished. Such a refund is the stuck
 --   alert's (above, from when it was asked for), not this one's. Otherwise as 0022 made it;
 --   the columns are unchanged.
+-- * A job without a payment (`catch_up_events`) that failed for good fired the failed-job
+--   alert, but its error was nowhere: the worker wrote `job_failed` only into a payment's
+--   events, which ops_recent_failures read. The worker writes such a failure (its job id,
+--   role, task, attempts and error) into `job_failures`; ops_recent_failures lists those
+--   as kind `job` with no payment, and a new last column `task` names the task of every
+--   job failure. Maintenance deletes the rows with the failed jobs, after
+--   AGENTPAY_PRUNE_FAILED_AFTER_SECONDS. An operator's retry or cancel of such a job, which
+--   had no payment to record it in, is recorded in operator_audit (0019) as `job.retry` or
+--   `job.cancel`, subject the job id, data its role, task, status then and the reason.
 CREATE OR REPLACE VIEW ops_stuck_payments AS
 WITH not_moving AS (
     -- Payments in a state the fleet, an operator or an agent must move on from (the list as
@@ -144,3 +153,42 @@ SELECT q.queue_name AS role,
   LEFT JOIN live l ON l.queue_name = q.queue_name
   LEFT JOIN failed f ON f.queue_name = q.queue_name
  ORDER BY q.position, q.queue_name;
+
+CREATE TABLE job_failures (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          timestamptz NOT NULL DEFAULT now(),
+    job_id      bigint NOT NULL,
+    role        text NOT NULL,
+    task        text NOT NULL,
+    attempts    integer NOT NULL,
+    error_type  text NOT NULL,
+    error       text NOT NULL
+);
+CREATE INDEX job_failures_at_idx ON job_failures (at);
+
+CREATE OR REPLACE VIEW ops_recent_failures AS
+SELECT * FROM (
+    SELECT e.created_at AS at,
+           CASE WHEN e.type = 'job_failed' THEN 'job' ELSE 'payment' END AS kind,
+           e.payment_id,
+           coalesce(e.data ->> 'role', '') AS role,
+           (e.data ->> 'job_id')::bigint AS job_id,
+           CASE WHEN e.type = 'job_failed' THEN e.from_status ELSE e.to_status END AS status,
+           coalesce(CASE WHEN e.type = 'job_failed' THEN e.data ->> 'error_type' END,
+                    p.failure_code, e.to_status) AS code,
+           coalesce(CASE WHEN e.type = 'job_failed' THEN e.data ->> 'error' END,
+                    p.failure_message, e.reason, '') AS reason,
+           e.actor,
+           CASE WHEN e.type = 'job_failed' THEN e.data ->> 'task' END AS task
+      FROM payment_events e
+      JOIN payment_jobs p ON p.id = e.payment_id
+     WHERE (e.type IN ('job_failed', 'reconcile_mismatch') OR e.to_status IN ('failed', 'rejected'))
+       AND e.type <> 'reconcile_mismatch'
+       AND e.created_at > now() - interval '24 hours'
+    UNION ALL
+    SELECT f.at, 'job', NULL, f.role, f.job_id, NULL, f.error_type, f.error,
+           'worker:' || f.role, f.task
+      FROM job_failures f
+     WHERE f.at > now() - interval '24 hours'
+) failures
+ORDER BY at DESC;
