@@ -237,9 +237,11 @@ async def _store_intent_id(payment_id: str, intent_id: str) -> payments.StoredId
 async def _cancel_unowned(payment_id: str, intent: provider.Intent) -> None:
     """Cancel at the provider an intent the payment did not take (made after its cancel was
     asked for, or beside the one it has), so that it does not wait there unconfirmed (it
-    holds no money either way). A failure is only logged."""
+    holds no money either way). Keyed per intent: a payment can leave more than one behind
+    (a create retried after its key expired, a charge job frozen past its rescue), and one
+    key on two intents is refused by the provider. A failure is only logged."""
     try:
-        await provider.cancel_intent(payment_id, intent.id, "unowned")
+        await provider.cancel_intent(payment_id, intent.id, f"unowned:{intent.id}")
     except (provider.Declined, provider.Unknown, provider.ProviderError) as error:
         log.warning(
             "could not cancel an intent the payment never took",

@@ -13,7 +13,7 @@ from tasks import charge, payments, provider, reconcile
 from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import auth, run_jobs
-from tests.test_capture_refund import _lose_jobs, intent
+from tests.test_capture_refund import SK, _lose_jobs, intent
 from tests.test_faults import intents_of
 from tests.test_pipeline import create, fetch
 from workers.maintenance import sweep_stuck_payments, sweep_stuck_requests
@@ -269,3 +269,31 @@ async def test_a_late_charge_job_leaves_the_intent_its_payment_took_alone(
     assert captured.status_code == 202, captured.text
     await run_jobs(pool)
     assert (await fetch(api, agent_key, created["id"]))["status"] == "reconciled"
+
+
+async def test_two_intents_a_payment_never_took_are_both_canceled(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The cancel of an intent the payment never took was keyed per payment: a second such
+    intent (two frozen charge jobs, or a create retried after its key expired) reused the
+    first one's key on another intent, the provider refused it, and the intent stayed open.
+    It is keyed per intent."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    created = await fetch(api, agent_key, created["id"])
+    strays = [
+        httpx.post(
+            f"{provider_base}/v1/payment_intents",
+            data={
+                "amount": str(created["amount_total"]),
+                "currency": created["currency"],
+                "payment_method_types[]": "card",
+                "metadata[payment_id]": created["id"],
+            },
+            headers=SK,
+        ).json()
+        for _ in range(2)
+    ]
+    for stray in strays:
+        await charge._cancel_unowned(created["id"], await provider.retrieve_intent(stray["id"]))
+    assert [intent(provider_base, s["id"])["status"] for s in strays] == ["canceled"] * 2
