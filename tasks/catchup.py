@@ -5,7 +5,8 @@ subscribed to a type never gets the event. Payments waiting on the provider do n
 (the maintenance sweeps drive them on from the provider's truth), but a settled payment
 changes only through an event: a refund made in the Dashboard, a dispute. So
 `catch_up_events` (reconcile role) lists the provider's events of those types created since
-the last listing (`provider_event_cursor`, less an overlap) and stores each one not stored
+the last listing (`provider_event_cursor`, less an overlap) up to a minute before it
+started (younger ones may have a webhook on its way), and stores each one not stored
 yet exactly as a delivered one is (`tasks.webhooks.store`: once by its id, with what it
 brings — the refund sync, the dispute's event and ledger posting). An event that was
 delivered is only looked up. Maintenance defers it every
@@ -23,6 +24,11 @@ from tasks.db import Conn
 from tasks.settings import get_settings
 
 TASK = "catch_up_events"
+# A listing takes only events created at least this long before it started: a younger one's
+# webhook may still be on its way (the provider sends it within seconds, retries it within
+# the minute), and the catch-up would store it first and count it as never delivered. The
+# cursor moves to the same bound, so the next listing takes them.
+IN_FLIGHT_SECONDS = 60
 ROLE = "reconcile"
 log = logging.getLogger("agentpay.catchup")
 
@@ -43,14 +49,14 @@ TYPES = sorted(
 async def catch_up_events() -> int:
     """Store the provider's events of `TYPES` made since the last listing that are not
     stored yet; returns how many were (each was never delivered)."""
-    started = int(time.time())
+    through = _now() - IN_FLIGHT_SECONDS
     async with pool().connection() as conn:
         cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
         row = await cur.fetchone()
-    since = (int(row["created_through"]) if row else started) - int(
+    since = (int(row["created_through"]) if row else through) - int(
         get_settings().event_catch_up_overlap_seconds
     )
-    events = await provider.list_events(TYPES, since)
+    events = await provider.list_events(TYPES, since, through)
     missed: list[str] = []
     for event in reversed(events):  # oldest first, as they happened
         async with pool().connection() as conn, conn.transaction():
@@ -61,7 +67,7 @@ async def catch_up_events() -> int:
         await conn.execute(
             """UPDATE provider_event_cursor
                   SET created_through = greatest(created_through, %s), listed_at = now()""",
-            (started,),
+            (through,),
         )
     if missed:
         log.warning(
@@ -69,6 +75,11 @@ async def catch_up_events() -> int:
             extra={"count": len(missed), "events": missed[:20]},
         )
     return len(missed)
+
+
+def _now() -> int:
+    """Unix seconds by this worker's clock (the listing's overlap covers clocks that differ)."""
+    return int(time.time())
 
 
 async def defer_if_due(conn: Conn, interval: float) -> bool:

@@ -569,13 +569,17 @@ async def list_refunds(intent_id: str) -> list[Refund]:
         raise _translate(error, reading=True) from error
 
 
-async def list_events(types: list[str], created_gte: int) -> list[dict[str, Any]]:
-    """The provider's events of `types` created at or after `created_gte` (Unix seconds),
-    newest first, each as the JSON a webhook would carry."""
+async def list_events(types: list[str], created_gte: int, created_lte: int) -> list[dict[str, Any]]:
+    """The provider's events of `types` created from `created_gte` to `created_lte` (Unix
+    seconds, both included), newest first, each as the JSON a webhook would carry."""
     import stripe
 
     found: list[dict[str, Any]] = []
-    params: dict[str, Any] = {"types": types, "created": {"gte": created_gte}, "limit": 100}
+    params: dict[str, Any] = {
+        "types": types,
+        "created": {"gte": created_gte, "lte": created_lte},
+        "limit": 100,
+    }
     try:
         while True:
             page = await client().v1.events.list_async(params)

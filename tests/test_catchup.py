@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -11,9 +12,16 @@ from tasks import catchup, provider
 from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
-from tests.test_capture_refund import reconciled, refund_at_provider
+from tests.test_capture_refund import SK, reconciled, refund_at_provider
 from tests.test_pipeline import fetch
 from workers.maintenance import Maintenance
+
+
+@pytest.fixture
+def a_minute_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catch-up runs more than a minute after the events it takes in were made (it
+    leaves younger ones to their webhooks)."""
+    monkeypatch.setattr(catchup, "_now", lambda: int(time.time()) + catchup.IN_FLIGHT_SECONDS + 1)
 
 
 async def catch_up_jobs(pool: Pool) -> int:
@@ -25,7 +33,7 @@ async def catch_up_jobs(pool: Pool) -> int:
 
 
 async def test_a_dashboard_refund_whose_event_never_came_is_taken_in(
-    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, a_minute_later: None
 ) -> None:
     """A refund made in the Dashboard is known to agentpay only by its webhook: with the
     endpoint down past the provider's retries, it was never counted — the agent's budget
@@ -82,7 +90,7 @@ async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_wo
     the failed-job alert, which matched a later success by a payment id it has not."""
     from tasks.app import app
 
-    async def refused(types: list[str], created_gte: int) -> list[dict[str, Any]]:
+    async def refused(*args: Any) -> list[dict[str, Any]]:
         raise provider.ProviderError("the key may not read events")
 
     monkeypatch.setattr(provider, "list_events", refused)
@@ -114,3 +122,46 @@ async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_wo
     await run_jobs(pool)
     assert await catch_up_jobs(pool) == 2
     assert await failed_last_hour() == 0
+
+
+async def test_an_event_whose_webhook_is_on_its_way_is_left_to_it(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The listing went up to the moment it ran: an event made seconds before, whose webhook
+    was on its way, was stored by the catch-up first and logged as never delivered. It now
+    lists events a minute old and more, and its cursor stops at that bound, so the next
+    listing looks at the younger ones again."""
+
+    async def stored(event_id: str) -> bool:
+        async with pool.connection() as conn:
+            cur = await conn.execute("SELECT 1 FROM webhook_events WHERE id = %s", (event_id,))
+            return await cur.fetchone() is not None
+
+    payment = await reconciled(api, agent_key, pool)
+    refund_at_provider(provider_base, payment["provider_payment_id"], 700)
+    event = next(
+        e
+        for e in httpx.get(
+            f"{provider_base}/v1/events", params={"type": "charge.refunded"}, headers=SK
+        ).json()["data"]
+        if e["data"]["object"]["payment_intent"] == payment["provider_payment_id"]
+    )
+    now = int(time.time())
+    monkeypatch.setattr(catchup, "_now", lambda: now)
+    async with pool.connection() as conn:  # last listed a while ago
+        await conn.execute("UPDATE provider_event_cursor SET created_through = %s", (now - 300,))
+    await catchup.catch_up_events.func()
+    assert not await stored(event["id"])  # left to its webhook
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
+        assert (await cur.fetchone())["created_through"] == now - catchup.IN_FLIGHT_SECONDS
+    # The webhook did not come after all: the next listing, a minute later, takes it in.
+    monkeypatch.setattr(catchup, "_now", lambda: now + catchup.IN_FLIGHT_SECONDS + 1)
+    assert await catchup.catch_up_events.func() >= 1
+    assert await stored(event["id"])
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["amount_refunded"] == 700
