@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
+from prometheus_client import Counter
+
 from tasks import provider, refunds, webhooks
 from tasks.app import Backoff, app, defer, pool
 from tasks.db import Conn
@@ -45,6 +47,18 @@ TYPES = sorted(
 )
 
 
+# Served by the worker that runs the catch-up (reconcile role) on AGENTPAY_METRICS_PORT, with
+# its other per-process metrics (workers/worker.py); every type's series exists from the start,
+# at 0, so that `increase()` sees the first one.
+MISSED = Counter(
+    "agentpay_provider_events_missed",
+    "Provider events no webhook delivered, taken in by the event catch-up, by type",
+    ["type"],
+)
+for _type in TYPES:
+    MISSED.labels(_type)
+
+
 @app.task(name=TASK, queue=ROLE, retry=Backoff(max_attempts=12))
 async def catch_up_events() -> int:
     """Store the provider's events of `TYPES` made since the last listing that are not
@@ -63,6 +77,7 @@ async def catch_up_events() -> int:
             stored = await webhooks.store(conn, event)
         if not stored["duplicate"]:
             missed.append(str(event["id"]))
+            MISSED.labels(str(event["type"])).inc()
     async with pool().connection() as conn:
         await conn.execute(
             """UPDATE provider_event_cursor

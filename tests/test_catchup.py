@@ -165,3 +165,43 @@ async def test_an_event_whose_webhook_is_on_its_way_is_left_to_it(
     assert await stored(event["id"])
     await run_jobs(pool)
     assert (await fetch(api, agent_key, payment["id"]))["amount_refunded"] == 700
+
+
+def missed_total(event_type: str) -> float:
+    from prometheus_client import REGISTRY
+
+    value = REGISTRY.get_sample_value("agentpay_provider_events_missed_total", {"type": event_type})
+    return float(value or 0.0)
+
+
+async def test_events_no_webhook_delivered_are_counted_where_the_worker_serves_its_metrics(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, a_minute_later: None
+) -> None:
+    """An event no webhook delivered was told by one log line only: counted as a delivered
+    one in agentpay_webhook_events_total, no alert could see the endpoint losing events.
+    Each one the catch-up takes in counts in agentpay_provider_events_missed_total{type},
+    served by the worker with its other per-process metrics; a delivered one does not."""
+    from prometheus_client import start_http_server
+
+    import workers.worker  # noqa: F401  (the worker's process: what it serves)
+
+    payment = await reconciled(api, agent_key, pool)
+    before = {t: missed_total(t) for t in catchup.TYPES}
+    refund_at_provider(provider_base, payment["provider_payment_id"], 700)
+    missed = await catchup.catch_up_events.func()
+    grown = {t: missed_total(t) - n for t, n in before.items() if missed_total(t) != n}
+    assert missed >= 1 and sum(grown.values()) == missed
+    assert grown.get("charge.refunded", 0) >= 1
+    assert await catchup.catch_up_events.func() == 0  # delivered (stored) now: not again
+    assert sum(missed_total(t) - n for t, n in before.items()) == missed
+
+    server, thread = start_http_server(0, addr="127.0.0.1")
+    try:
+        scraped = httpx.get(f"http://127.0.0.1:{server.server_port}/metrics", timeout=5).text
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+    line = 'agentpay_provider_events_missed_total{type="charge.refunded"} '
+    assert line + str(missed_total("charge.refunded")) in scraped
+    assert 'agentpay_provider_events_missed_total{type="charge.dispute.created"}' in scraped
