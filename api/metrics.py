@@ -168,6 +168,14 @@ async def read_snapshot(conn: Conn, settings: Settings | None = None) -> Snapsho
         totals = await cur.fetchone()
         assert totals is not None
         counts.update(totals)
+        # How far back the event catch-up's next listing starts (tasks/catchup.py): the
+        # provider lists 30 days of events, and what is older than that is lost.
+        cur = await conn.execute(
+            """SELECT extract(epoch FROM now()) - created_through AS behind
+                 FROM provider_event_cursor"""
+        )
+        cursor = await cur.fetchone()
+        counts["catch_up_behind_seconds"] = float(cursor["behind"]) if cursor else 0.0
         cur = await conn.execute(
             "SELECT waiting_on, count(*) AS n FROM ops_stuck_payments GROUP BY waiting_on"
         )
@@ -281,6 +289,12 @@ class SnapshotCollector(Collector):
             "agentpay_reconcile_mismatches_open",
             "Reconcile mismatches no operator has resolved yet",
             value=s.counts["mismatches"],
+        )
+
+        yield GaugeMetricFamily(
+            "agentpay_event_catch_up_behind_seconds",
+            "Age of the newest events the event catch-up has listed (the provider lists 30 days)",
+            value=s.counts.get("catch_up_behind_seconds", 0.0),
         )
 
         trans = CounterMetricFamily(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 
 from prometheus_client import Counter
 
@@ -58,18 +59,40 @@ MISSED = Counter(
 for _type in TYPES:
     MISSED.labels(_type)
 
+# Stripe lists events created in the last 30 days only. A listing that has to start further
+# back than this (the catch-up turned off, or failing, for about a month) may have lost
+# events it can never list: it says so, loudly, and counts it.
+LISTABLE_SECONDS = 29 * 86400
+GAPS = Counter(
+    "agentpay_provider_event_gaps",
+    "Event catch-ups that had to list further back than the provider keeps events "
+    "(30 days): refund and dispute events no webhook delivered may be lost",
+)
+
 
 @app.task(name=TASK, queue=ROLE, retry=Backoff(max_attempts=12))
 async def catch_up_events() -> int:
     """Store the provider's events of `TYPES` made since the last listing that are not
     stored yet; returns how many were (each was never delivered)."""
-    through = _now() - IN_FLIGHT_SECONDS
+    now = _now()
+    through = now - IN_FLIGHT_SECONDS
     async with pool().connection() as conn:
         cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
         row = await cur.fetchone()
     since = (int(row["created_through"]) if row else through) - int(
         get_settings().event_catch_up_overlap_seconds
     )
+    if since < now - LISTABLE_SECONDS:
+        GAPS.inc()
+        log.error(
+            "the event catch-up must list from further back than the provider keeps events "
+            "(30 days): refund and dispute events created in the gap that no webhook "
+            "delivered are lost; compare the provider's refunds and disputes with agentpay's",
+            extra={
+                "listed_from": _iso(since),
+                "provider_keeps_from": _iso(now - 30 * 86400),
+            },
+        )
     events = await provider.list_events(TYPES, since, through)
     missed: list[str] = []
     for event in reversed(events):  # oldest first, as they happened
@@ -90,6 +113,10 @@ async def catch_up_events() -> int:
             extra={"count": len(missed), "events": missed[:20]},
         )
     return len(missed)
+
+
+def _iso(unix: int) -> str:
+    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
 def _now() -> int:

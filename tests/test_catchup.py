@@ -205,3 +205,57 @@ async def test_events_no_webhook_delivered_are_counted_where_the_worker_serves_i
     line = 'agentpay_provider_events_missed_total{type="charge.refunded"} '
     assert line + str(missed_total("charge.refunded")) in scraped
     assert 'agentpay_provider_events_missed_total{type="charge.dispute.created"}' in scraped
+
+
+async def test_a_catch_up_a_month_behind_says_events_may_be_lost(
+    pool: Pool,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The provider lists 30 days of events. A catch-up off, or failing, for a month listed
+    from its old cursor, got what the provider still had, moved its cursor on, and said
+    nothing: events of the gap no webhook delivered were lost unseen. The API's gauge shows
+    how far behind the listing is (an alert sees it long before a month), and a listing
+    that starts beyond the provider's 30 days logs an error and counts a gap."""
+    import logging
+
+    from prometheus_client import REGISTRY
+
+    from api.metrics import read_snapshot, render
+
+    def gaps() -> float:
+        return float(REGISTRY.get_sample_value("agentpay_provider_event_gaps_total") or 0.0)
+
+    async def behind() -> float:
+        async with pool.connection() as conn:
+            snapshot = await read_snapshot(conn, settings)
+        scraped = render(snapshot, settings).decode()
+        [line] = [
+            x
+            for x in scraped.splitlines()
+            if x.startswith("agentpay_event_catch_up_behind_seconds ")
+        ]
+        return float(line.split()[1])
+
+    async def listed(*args: Any) -> list[dict[str, Any]]:
+        return []
+
+    monkeypatch.setattr(provider, "list_events", listed)
+    assert await behind() < 600  # the cursor starts with the database
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE provider_event_cursor"
+            " SET created_through = extract(epoch FROM now())::bigint - 31 * 86400"
+        )
+    assert await behind() > 31 * 86400 - 600
+    before = gaps()
+    with caplog.at_level(logging.ERROR, logger="agentpay.catchup"):
+        await catchup.catch_up_events.func()
+    assert gaps() == before + 1
+    assert any(r.levelno == logging.ERROR and "30 days" in r.getMessage() for r in caplog.records)
+    assert await behind() < 600  # listed up to a minute ago
+    caplog.clear()
+    await catchup.catch_up_events.func()  # within the provider's 30 days: no gap
+    assert gaps() == before + 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
