@@ -341,3 +341,47 @@ async def test_a_look_that_failed_for_good_is_run_again_by_the_sweep(
     await run_jobs(pool)
     assert [m["field"] for m in await mismatches_of(pool, payment["id"])] == ["late_success"]
     assert await sweep_stuck_requests(pool, older_than=0) == []  # its work is done
+
+
+async def test_a_void_dealt_with_is_not_re_driven_once_its_success_is_pruned(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sweep takes a failed void (or late-money look, or refund sync) as dealt with
+    when a later job of the same work exists. Pruning deleted that later job after an hour
+    but kept the failure for 7 days, so the failure was re-driven again every hour for a
+    week. The later job is kept as long as the failure is."""
+    from workers.maintenance import prune_finished_jobs, sweep_stuck_requests
+
+    async def refused(payment_id: str, intent_id: str, request: str) -> provider.Intent:
+        raise provider.ProviderError("the key lacks the permission")
+
+    async def age(status: str, by: str) -> None:
+        async with pool.connection() as conn:
+            await conn.execute(
+                "UPDATE procrastinate_events SET at = at - %s::interval WHERE job_id IN"
+                " (SELECT id FROM procrastinate_jobs WHERE status = %s)",
+                (by, status),
+            )
+
+    monkeypatch.setattr(provider, "cancel_intent", refused)
+    payment = await declined(api, agent_key, pool)
+    await run_jobs(pool)  # the void fails for good
+    monkeypatch.undo()
+    assert await sweep_stuck_requests(pool, older_than=0) == [payment["id"]]
+    await run_jobs(pool)  # the re-drive voids it: dealt with
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+    assert await sweep_stuck_requests(pool, older_than=0) == []
+    await age("succeeded", "2 hours")
+    await prune_finished_jobs(pool, succeeded_after=3600, failed_after=7 * 86400)
+    assert await void_jobs(pool, payment["id"]) == 2  # the failure and the void that did it
+    assert await sweep_stuck_requests(pool, older_than=0) == []
+    # Once the failure is pruned too, so is the job that dealt with it.
+    await age("failed", "8 days")
+    await prune_finished_jobs(pool, succeeded_after=3600, failed_after=7 * 86400)
+    await prune_finished_jobs(pool, succeeded_after=3600, failed_after=7 * 86400)
+    assert await void_jobs(pool, payment["id"]) == 0
+    assert await sweep_stuck_requests(pool, older_than=0) == []

@@ -256,6 +256,11 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     return redriven
 
 
+# The tasks whose failed job `sweep_stuck_requests` runs again unless a later job of the
+# same work exists (the refund sync: of the same payment; the others: same arguments).
+REDRIVEN_AFTER_FAILURE = [refunds.SYNC_TASK, charge.VOID_TASK, charge.LATE_TASK]
+
+
 async def prune_finished_jobs(
     pool: Pool, *, succeeded_after: float, failed_after: float, batch: int = 5000
 ) -> int:
@@ -263,7 +268,11 @@ async def prune_finished_jobs(
     cancelled or aborted ones after `succeeded_after` seconds, failed ones after
     `failed_after`, and with these the job_failures rows older than that. At most `batch`
     per call; returns how many jobs went (their events go with them). A job retried since
-    it finished is not finished any more, and stays."""
+    it finished is not finished any more, and stays. So does a job of a task
+    `sweep_stuck_requests` re-drives after a failure (`REDRIVEN_AFTER_FAILURE`) while a
+    failed job it came after, for the same work, is kept: the sweep takes that failure as
+    dealt with because the later job exists, and would run it again every sweep period
+    until the failure is pruned too."""
     pruned = 0
     for statuses, keep in (
         (["succeeded", "cancelled", "aborted"], succeeded_after),
@@ -285,6 +294,15 @@ async def prune_finished_jobs(
                                              AND n.at >= now() - make_interval(secs => %(keep)s))
                           AND NOT EXISTS (SELECT 1 FROM procrastinate_periodic_defers d
                                            WHERE d.job_id = j.id)
+                          -- A later run of a failed job the sweep re-drives (the refund
+                          -- sync, a void, a look at late money) is what tells the sweep
+                          -- that failure was dealt with: it stays as long as the failure.
+                          AND NOT (j.task_name = ANY(%(dealt)s) AND EXISTS (
+                                   SELECT 1 FROM procrastinate_jobs f
+                                    WHERE f.status = 'failed' AND f.task_name = j.task_name
+                                      AND f.id < j.id
+                                      AND f.args->>'payment_id' = j.args->>'payment_id'
+                                      AND (f.task_name = %(sync)s OR f.args = j.args)))
                         ORDER BY e.at
                         LIMIT %(batch)s
                    )
@@ -293,7 +311,13 @@ async def prune_finished_jobs(
                    DELETE FROM procrastinate_jobs j USING old
                     WHERE j.id = old.id AND j.status::text = ANY(%(statuses)s)
                    RETURNING j.id""",
-                {"statuses": statuses, "keep": keep, "batch": batch},
+                {
+                    "statuses": statuses,
+                    "keep": keep,
+                    "batch": batch,
+                    "dealt": REDRIVEN_AFTER_FAILURE,
+                    "sync": refunds.SYNC_TASK,
+                },
             )
             pruned += len(await cur.fetchall())
             if statuses == ["failed"]:
