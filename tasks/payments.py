@@ -381,16 +381,24 @@ async def record_mismatches(
 
 
 async def mismatch_recorded(
-    conn: Conn, payment_id: str, field: str, key: str, value: str, *, open_only: bool = False
+    conn: Conn,
+    payment_id: str,
+    field: str,
+    key: str,
+    value: str,
+    *,
+    open_only: bool = False,
+    also: dict[str, Any] | None = None,
 ) -> bool:
-    """Whether a reconcile mismatch of `field` whose `actual[key]` is `value` was recorded
-    for the payment already (with `open_only`, one not resolved yet): what keeps each such
-    finding to one row however often it is found."""
+    """Whether a reconcile mismatch of `field` whose `actual[key]` is `value` (and whose
+    `actual` holds everything in `also`) was recorded for the payment already (with
+    `open_only`, one not resolved yet): what keeps each such finding to one row however
+    often it is found."""
     cur = await conn.execute(
         """SELECT 1 FROM reconcile_mismatches
             WHERE payment_id = %s AND field = %s AND actual->>%s = %s
-              AND (NOT %s OR resolved_at IS NULL)""",
-        (payment_id, field, key, value, open_only),
+              AND actual @> %s AND (NOT %s OR resolved_at IS NULL)""",
+        (payment_id, field, key, value, Jsonb(also or {}), open_only),
     )
     return await cur.fetchone() is not None
 

@@ -191,8 +191,11 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
     (never from the event). Holding an authorization (`requires_capture`): canceled at the
     provider, with a `late_authorization_canceled` event. Money taken or on its way
     (`succeeded`, `processing`): the payment cannot leave its end, so it goes before an
-    operator as a reconcile mismatch, field `late_success`, once per intent — refund it at the
-    provider (docs/operations.md). Anything else: nothing to do."""
+    operator as a reconcile mismatch, field `late_success`, once per intent and status —
+    refund it at the provider (docs/operations.md). Still `processing`: looked at again
+    every `recheck_waiting_after_seconds` until it has ended; then its `processing`
+    mismatch is resolved by the provider (taken: a `succeeded` one is recorded; not taken:
+    nothing to refund). Anything else: nothing to do."""
     intent = await provider.retrieve_intent(intent_id)
     if intent.metadata.get("payment_id") not in (None, payment_id):
         return None  # not this payment's
@@ -226,9 +229,25 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
                 data={"provider_payment_id": intent_id},
             )
             return "canceled"
+        if intent.status == "processing":
+            # Money on its way: no webhook may ever say how it ended (the catch-up lists no
+            # payment_intent events), so look again until it has.
+            await _look_again(conn, payment_id, intent_id)
+        elif await _settle_processing(conn, payment, intent):
+            return "settled"
         if intent.status not in ("succeeded", "processing"):
             return None
-        if await payments.mismatch_recorded(conn, payment_id, "late_success", "intent", intent_id):
+        # Once per intent and what was found: money seen on its way (`processing`, nothing
+        # received yet) and then taken (`succeeded`) is put before an operator again, even
+        # when the first was resolved already ("nothing received").
+        if await payments.mismatch_recorded(
+            conn,
+            payment_id,
+            "late_success",
+            "intent",
+            intent_id,
+            also={"status": "succeeded"} if intent.status == "succeeded" else None,
+        ):
             return None
         await payments.record_mismatches(
             conn,
@@ -252,14 +271,67 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
         return "mismatch"
 
 
+async def _look_again(conn: Conn, payment_id: str, intent_id: str) -> None:
+    """Another look at a late intent still `processing`, `recheck_waiting_after_seconds`
+    from now, unless one waits already (a webhook saying it succeeded brings one sooner)."""
+    cur = await conn.execute(
+        """SELECT 1 FROM procrastinate_jobs
+            WHERE status = 'todo' AND task_name = %s
+              AND args->>'payment_id' = %s AND args->>'intent_id' = %s""",
+        (LATE_TASK, payment_id, intent_id),
+    )
+    if await cur.fetchone() is None:
+        await defer(
+            conn,
+            LATE_TASK,
+            payment_id=payment_id,
+            intent_id=intent_id,
+            schedule_in=get_settings().recheck_waiting_after_seconds,
+        )
+
+
+async def _settle_processing(conn: Conn, payment: payments.Payment, intent: Any) -> bool:
+    """A late intent seen `processing` has ended: the open `late_success` mismatch that
+    said so is resolved by the provider, with what it became (taken: a `succeeded`
+    mismatch is recorded beside it; not taken: nothing is left to refund). True when one
+    was, and the intent took no money."""
+    cur = await conn.execute(
+        """UPDATE reconcile_mismatches
+              SET resolved_at = now(), resolved_by = 'provider', resolution = %s
+            WHERE payment_id = %s AND field = 'late_success' AND resolved_at IS NULL
+              AND actual->>'intent' = %s AND actual->>'status' = 'processing'
+        RETURNING id""",
+        (
+            f"the intent is {intent.status} now"
+            + (": no money was taken" if intent.status != "succeeded" else ""),
+            payment["id"],
+            intent.id,
+        ),
+    )
+    resolved = [row["id"] for row in await cur.fetchall()]
+    for mismatch_id in resolved:
+        await payments.record_event(
+            conn,
+            payment,
+            "mismatch_resolved",
+            actor="provider",
+            reason=f"the late intent is {intent.status} now, no longer processing",
+            data={"mismatch_id": mismatch_id, "field": "late_success"},
+        )
+    return bool(resolved) and intent.status != "succeeded"
+
+
 async def late_money_check_needed(conn: Conn, payment_id: str, intent_id: str) -> bool:
     """Whether an event saying the payment's intent took or holds money needs a look: the
-    payment ended without money, and no look at that intent waits or runs already."""
+    payment ended without money, and no look at that intent is due or runs already (one
+    scheduled for later, at an intent seen `processing`, does not count: the event is news)."""
     cur = await conn.execute(
         """SELECT p.status = ANY(%s) AND NOT EXISTS (
                       SELECT 1 FROM procrastinate_jobs j
                        WHERE j.status IN ('todo', 'doing') AND j.task_name = %s
-                         AND j.args->>'payment_id' = p.id AND j.args->>'intent_id' = %s)
+                         AND j.args->>'payment_id' = p.id AND j.args->>'intent_id' = %s
+                         AND (j.status = 'doing' OR j.scheduled_at IS NULL
+                              OR j.scheduled_at <= now()))
                   AS needed
              FROM payment_jobs p WHERE p.id = %s""",
         (sorted(ENDED_WITHOUT_MONEY), LATE_TASK, intent_id, payment_id),

@@ -385,3 +385,110 @@ async def test_a_void_dealt_with_is_not_re_driven_once_its_success_is_pruned(
     await prune_finished_jobs(pool, succeeded_after=3600, failed_after=7 * 86400)
     assert await void_jobs(pool, payment["id"]) == 0
     assert await sweep_stuck_requests(pool, older_than=0) == []
+
+
+async def late_intent_processing(
+    api: httpx.AsyncClient, key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A failed payment whose intent someone else confirmed with a payment that takes time
+    (`processing`, nothing received yet); returns the payment and the intent's state, which
+    the test moves on."""
+    import dataclasses
+
+    payment = await declined(api, key, pool)
+    real = await provider.retrieve_intent(payment["provider_payment_id"])
+    state: dict[str, Any] = {"status": "processing", "received": 0}
+
+    async def retrieve(intent_id: str) -> provider.Intent:
+        return dataclasses.replace(real, status=state["status"], amount_received=state["received"])
+
+    monkeypatch.setattr(provider, "retrieve_intent", retrieve)
+    return payment, state
+
+
+async def looks_scheduled(pool: Pool, payment_id: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT count(*) AS n FROM procrastinate_jobs
+                WHERE task_name = 'check_late_money' AND status = 'todo'
+                  AND args->>'payment_id' = %s AND scheduled_at > now()""",
+            (payment_id,),
+        )
+        return int((await cur.fetchone())["n"])
+
+
+async def test_late_money_seen_processing_then_taken_is_put_before_an_operator_again(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A look that found the late intent `processing` (nothing received) recorded one
+    late_success mismatch per intent: an operator resolved it ("nothing received yet"), the
+    money came later, and no look recorded it again. Taken money is recorded even after a
+    processing mismatch of the intent; the open processing one is resolved by the provider;
+    and a look is scheduled while it processes, since no webhook may ever say how it ended."""
+    from api.routes.ops import resolve_mismatch
+
+    payment, state = await late_intent_processing(api, agent_key, pool, monkeypatch)
+    pi = payment["provider_payment_id"]
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "mismatch"
+    assert await looks_scheduled(pool, payment["id"]) == 1
+    assert await reconcile.check_late_money.func(payment["id"], pi) is None  # once
+    assert await looks_scheduled(pool, payment["id"]) == 1
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT id, actual FROM reconcile_mismatches WHERE payment_id = %s", (payment["id"],)
+        )
+        [seen] = await cur.fetchall()
+    assert (seen["actual"]["status"], seen["actual"]["amount_received"]) == ("processing", 0)
+    async with pool.connection() as conn, conn.transaction():
+        await resolve_mismatch(conn, seen["id"], actor="operator:x", reason="nothing received")
+
+    state.update(status="succeeded", received=payment["amount_total"])
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "mismatch"
+    assert await reconcile.check_late_money.func(payment["id"], pi) is None  # once
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT actual->>'status' AS status, (actual->>'amount_received')::int AS received
+                 FROM reconcile_mismatches WHERE payment_id = %s AND resolved_at IS NULL""",
+            (payment["id"],),
+        )
+        assert await cur.fetchall() == [
+            {"status": "succeeded", "received": payment["amount_total"]}
+        ]
+
+
+async def test_late_money_seen_processing_that_fails_is_settled_by_the_provider(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The processing payment fails: nothing was taken. The open processing mismatch is
+    resolved by the provider (no operator refunds what never came), and looks stop."""
+    payment, state = await late_intent_processing(api, agent_key, pool, monkeypatch)
+    pi = payment["provider_payment_id"]
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "mismatch"
+    state.update(status="requires_payment_method")
+    async with pool.connection() as conn:  # the scheduled look is due
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE task_name = %s",
+            (reconcile.LATE_TASK,),
+        )
+    await run_jobs(pool, ("reconcile",))
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT resolved_by, resolution FROM reconcile_mismatches
+                WHERE payment_id = %s""",
+            (payment["id"],),
+        )
+        [row] = await cur.fetchall()
+    assert row["resolved_by"] == "provider" and "no money was taken" in row["resolution"]
+    assert await looks_scheduled(pool, payment["id"]) == 0
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["type"] for e in events].count("mismatch_resolved") == 1
