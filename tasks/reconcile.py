@@ -200,7 +200,20 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
     if intent.metadata.get("payment_id") not in (None, payment_id):
         return None  # not this payment's
     canceled_now = intent.status == "requires_capture"
-    if canceled_now:
+    if intent.status == "canceled":
+        # Canceled already: by an earlier look of ours whose record was lost (its worker
+        # died, its answer was lost, after the cancel took effect), or by someone else. The
+        # same keyed cancel again tells which: the provider answers ours from its record of
+        # it, and refuses a cancel of a canceled intent otherwise.
+        async with pool().connection() as conn:
+            recorded = await _late_cancel_recorded(conn, payment_id, intent_id)
+        if not recorded:
+            try:
+                intent = await provider.cancel_intent(payment_id, intent_id, f"late:{intent_id}")
+                canceled_now = True
+            except provider.Declined:
+                pass
+    elif canceled_now:
         try:
             # Keyed per intent: a payment can have more than one (a lost create's twin).
             intent = await provider.cancel_intent(payment_id, intent_id, f"late:{intent_id}")
@@ -212,14 +225,8 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
         if payment is None or payment["status"] not in ENDED_WITHOUT_MONEY:
             return None
         if canceled_now and intent.status == "canceled":
-            cur = await conn.execute(
-                """SELECT 1 FROM payment_events
-                    WHERE payment_id = %s AND type = 'late_authorization_canceled'
-                      AND data->>'provider_payment_id' = %s""",
-                (payment_id, intent_id),
-            )
-            if await cur.fetchone() is not None:  # another look canceled it (one call)
-                return None
+            if await _late_cancel_recorded(conn, payment_id, intent_id):
+                return None  # another look canceled it (one call)
             await payments.record_event(
                 conn,
                 payment,
@@ -269,6 +276,16 @@ async def check_late_money(payment_id: str, intent_id: str) -> Any:
             reason=f"the provider took money for a payment that ended {payment['status']}",
         )
         return "mismatch"
+
+
+async def _late_cancel_recorded(conn: Conn, payment_id: str, intent_id: str) -> bool:
+    cur = await conn.execute(
+        """SELECT 1 FROM payment_events
+            WHERE payment_id = %s AND type = 'late_authorization_canceled'
+              AND data->>'provider_payment_id' = %s""",
+        (payment_id, intent_id),
+    )
+    return await cur.fetchone() is not None
 
 
 async def _look_again(conn: Conn, payment_id: str, intent_id: str) -> None:

@@ -311,6 +311,43 @@ async def test_two_looks_at_one_late_authorization_record_one_cancel(
     assert [e["type"] for e in events].count("late_authorization_canceled") == 1
 
 
+class Killed(BaseException):
+    """The worker dies (SIGKILL, a lost database) right after a call took effect."""
+
+
+async def test_a_late_cancel_whose_record_was_lost_is_recorded_by_the_next_look(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    not_voided: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The look canceled the late authorization at the provider and died before its
+    commit: the rerun read the intent `canceled`, took it for someone else's cancel, and
+    no `late_authorization_canceled` event ever said a late authorization had happened. The
+    rerun repeats the keyed cancel, which the provider answers from its record of ours."""
+    payment = await authorized_late(api, agent_key, pool, provider_base)
+    pi = payment["provider_payment_id"]
+    real_cancel = provider.cancel_intent
+
+    async def cancel_then_die(payment_id: str, intent_id: str, request: str) -> provider.Intent:
+        await real_cancel(payment_id, intent_id, request)
+        raise Killed
+
+    monkeypatch.setattr(provider, "cancel_intent", cancel_then_die)
+    with pytest.raises(Killed):
+        await reconcile.check_late_money.func(payment["id"], pi)
+    monkeypatch.undo()
+    assert intent(provider_base, pi)["status"] == "canceled"
+    assert await reconcile.check_late_money.func(payment["id"], pi) == "canceled"
+    assert await reconcile.check_late_money.func(payment["id"], pi) is None  # once
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    assert [e["type"] for e in events].count("late_authorization_canceled") == 1
+
+
 async def test_a_look_that_failed_for_good_is_run_again_by_the_sweep(
     api: httpx.AsyncClient,
     agent_key: str,
