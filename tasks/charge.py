@@ -55,6 +55,10 @@ VOIDABLE = frozenset({"requires_payment_method", "requires_confirmation", "requi
 VOID_TASK = "void_intent"
 # tasks.reconcile's look at an intent of an ended payment that may have taken money.
 LATE_TASK = "check_late_money"
+# The later search for intents a payment canceled before it had one never took, and when:
+# past the provider's search lag (about a minute at Stripe) and a charge call's timeouts.
+UNOWNED_TASK = "cancel_unowned_intents"
+UNOWNED_LOOK_AFTER = 300
 
 # What a PaymentIntent's status means for a payment that is `charging`.
 _OUTCOMES = {
@@ -122,6 +126,44 @@ async def void_intent(payment_id: str, intent_id: str) -> Any:
             await defer(conn, LATE_TASK, payment_id=payment_id, intent_id=intent_id)
         return refused.code
     return intent.status
+
+
+@app.task(name=UNOWNED_TASK, queue=ROLE, retry=Backoff(max_attempts=12))
+async def cancel_unowned_intents(payment_id: str) -> Any:
+    """Intents of a payment canceled before it had one (`_cancel_before_any_intent`), found
+    by search a while later: a charge job in flight made one after the cancel and died (or
+    lost its answer) before it canceled it — nothing else would, and it waited at the
+    provider, open to a confirm. Each one still open is canceled (keyed per intent, as the
+    charge job's own cancel); one that took or holds money anyway is looked at
+    (`check_late_money`). Search refused (not offered to every account): nothing found."""
+    async with pool().connection() as conn:
+        payment = await payments.get(conn, payment_id)
+    if payment is None or payment["status"] != "canceled":
+        return None
+    try:
+        found = await provider.find_intents(payment_id)
+    except provider.ProviderError as error:
+        log.warning(
+            "search for a canceled payment's intents refused",
+            extra={"payment_id": payment_id, "error": str(error)},
+        )
+        return None
+    canceled, late = 0, []
+    for intent in found:
+        if intent.status in VOIDABLE:
+            try:
+                await provider.cancel_intent(payment_id, intent.id, f"unowned:{intent.id}")
+                canceled += 1
+                continue
+            except provider.Declined:  # confirmed meanwhile
+                pass
+        if intent.status != "canceled":
+            late.append(intent.id)
+    if late:
+        async with pool().connection() as conn, conn.transaction():
+            for intent_id in late:
+                await defer(conn, LATE_TASK, payment_id=payment_id, intent_id=intent_id)
+    return {"canceled": canceled, "looked_at": len(late)}
 
 
 # --- charge ------------------------------------------------------------------------------
@@ -434,7 +476,8 @@ async def _cancel_before_any_intent(payment_id: str) -> str | None:
     all the same (a create whose answer was lost, or a charge job making one now): found by
     search, it is stored and the cancel goes on at the provider (None). Not found: the
     payment is canceled here ("canceled"); an intent a charge job makes later is never
-    confirmed, and that job cancels it."""
+    confirmed, and that job cancels it — or, should it die first, the search
+    `cancel_unowned_intents` makes `UNOWNED_LOOK_AFTER` seconds later."""
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] != "charging" or payment["provider_payment_id"]:
@@ -459,6 +502,7 @@ async def _cancel_before_any_intent(payment_id: str) -> str | None:
             actor=ACTOR,
             reason="cancel: no PaymentIntent was made",
         )
+        await defer(conn, UNOWNED_TASK, payment_id=payment_id, schedule_in=UNOWNED_LOOK_AFTER)
         return "canceled"
 
 

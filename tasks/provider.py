@@ -450,6 +450,15 @@ async def find_intent(payment_id: str) -> Intent | None:
     Stripe's search is eventually consistent (a just-created intent may not show for about a
     minute), so None means "not found yet", never "safe to create another" — creation stays
     keyed by the payment id."""
+    intents = await find_intents(payment_id)
+    if not intents:
+        return None
+    return min(intents, key=lambda i: _RANK.get(i.status, 9))
+
+
+async def find_intents(payment_id: str) -> list[Intent]:
+    """Every PaymentIntent made for a payment (up to 10), by `metadata['payment_id']`; as
+    `find_intent`, eventually consistent."""
     import stripe
 
     escaped = payment_id.replace("\\", "\\\\").replace("'", "\\'")
@@ -459,10 +468,7 @@ async def find_intent(payment_id: str) -> Intent | None:
         )
     except stripe.StripeError as error:
         raise _translate(error, reading=True) from error
-    intents = [Intent.from_stripe(pi) for pi in result.data]
-    if not intents:
-        return None
-    return min(intents, key=lambda i: _RANK.get(i.status, 9))
+    return [Intent.from_stripe(pi) for pi in result.data]
 
 
 async def _intent_action(action: str, payment_id: str, intent_id: str, request: str) -> Intent:

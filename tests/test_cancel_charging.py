@@ -297,3 +297,86 @@ async def test_two_intents_a_payment_never_took_are_both_canceled(
     for stray in strays:
         await charge._cancel_unowned(created["id"], await provider.retrieve_intent(stray["id"]))
     assert [intent(provider_base, s["id"])["status"] for s in strays] == ["canceled"] * 2
+
+
+class Killed(BaseException):
+    """The worker dies (SIGKILL, a deploy) between two steps."""
+
+
+async def test_an_intent_made_after_the_cancel_by_a_job_that_died_is_canceled_later(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cancel found no intent and ended the payment; the charge job in flight then
+    made one, was refused it, and died before canceling it: nothing else ever would, and
+    the intent waited at the provider, open to a confirm, for a payment that ended. The
+    cancel leaves a search for later that cancels it."""
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    running = await charge.claim(created["id"])
+    assert running is not None
+    await cancel(api, agent_key, created["id"])
+    assert await charge.cancel_payment(created["id"]) == "canceled"
+    assert "cancel_unowned_intents" in await jobs_of(pool, created["id"], "todo")
+
+    async def die(payment_id: str, intent: provider.Intent) -> None:
+        raise Killed
+
+    monkeypatch.setattr(charge, "_cancel_unowned", die)
+    with pytest.raises(Killed):
+        await charge.call_provider(running)
+    monkeypatch.undo()
+    [made] = intents_of(provider_base, created["id"])
+    assert made["status"] == "requires_confirmation"
+
+    assert await charge.cancel_unowned_intents.func(created["id"]) == {
+        "canceled": 1,
+        "looked_at": 0,
+    }
+    assert intent(provider_base, made["id"])["status"] == "canceled"
+    after = await fetch(api, agent_key, created["id"])
+    assert (after["status"], after["provider_payment_id"]) == ("canceled", None)
+    # Run again (a retry, the sweep): nothing more to do.
+    assert await charge.cancel_unowned_intents.func(created["id"]) == {
+        "canceled": 0,
+        "looked_at": 0,
+    }
+
+
+async def test_an_intent_confirmed_before_the_later_search_goes_before_an_operator(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same intent, confirmed by someone else before the search came: it took money
+    for a canceled payment, and the search hands it to the look at late money."""
+    from tests.test_capture_refund import mismatches_of
+    from tests.test_late_money import confirm_at_provider
+
+    created = await create(api, agent_key)
+    await run_jobs(pool, ("pricing", "risk"))
+    running = await charge.claim(created["id"])
+    assert running is not None
+    await cancel(api, agent_key, created["id"])
+    assert await charge.cancel_payment(created["id"]) == "canceled"
+
+    async def die(payment_id: str, intent: provider.Intent) -> None:
+        raise Killed
+
+    monkeypatch.setattr(charge, "_cancel_unowned", die)
+    with pytest.raises(Killed):
+        await charge.call_provider(running)
+    monkeypatch.undo()
+    [made] = intents_of(provider_base, created["id"])
+    assert confirm_at_provider(provider_base, made["id"]).json()["status"] == "succeeded"
+    assert await charge.cancel_unowned_intents.func(created["id"]) == {
+        "canceled": 0,
+        "looked_at": 1,
+    }
+    await run_jobs(pool, ("reconcile",))
+    assert [m["field"] for m in await mismatches_of(pool, created["id"])] == ["late_success"]

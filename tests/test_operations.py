@@ -1792,7 +1792,7 @@ async def test_a_failed_job_without_a_payment_is_listed_and_its_retry_audited(
     from workers.cli_audit import describe
     from workers.worker import observe_job
 
-    async def refused(types: list[str], created_gte: int) -> list[dict[str, Any]]:
+    async def refused(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         raise provider.ProviderError("PermissionError (403): the key may not read events")
 
     monkeypatch.setattr(provider, "list_events", refused)

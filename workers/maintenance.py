@@ -229,10 +229,11 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
         for row in await cur.fetchall():
             await defer(conn, refunds.SYNC_TASK, payment_id=row["id"])
             redriven.append(row["id"])
-        # The void of a failed payment's intent and the look at an ended payment's intent
-        # that took money: their latest job for that intent failed for good (the provider
-        # refused a key, or did not know the intent for a while): run again, so an intent
-        # left open or money taken is not forgotten once the hour of its alert has passed.
+        # The void of a failed payment's intent, the search for intents a canceled payment
+        # never took, and the look at an ended payment's intent that took money: their
+        # latest job for that work failed for good (the provider refused a key, or did not
+        # know the intent for a while): run again, so an intent left open or money taken is
+        # not forgotten once the hour of its alert has passed.
         cur = await conn.execute(
             """SELECT f.task_name, f.args FROM procrastinate_jobs f
                 WHERE f.task_name = ANY(%(tasks)s) AND f.status = 'failed'
@@ -246,7 +247,7 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
                          AND e.at > now() - make_interval(secs => %(older)s))
                 ORDER BY f.id
                 LIMIT 500""",
-            {"tasks": [charge.VOID_TASK, charge.LATE_TASK], "older": older_than},
+            {"tasks": REDRIVEN_BY_ARGS, "older": older_than},
         )
         for row in await cur.fetchall():
             await defer(conn, row["task_name"], **row["args"])
@@ -258,7 +259,8 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
 
 # The tasks whose failed job `sweep_stuck_requests` runs again unless a later job of the
 # same work exists (the refund sync: of the same payment; the others: same arguments).
-REDRIVEN_AFTER_FAILURE = [refunds.SYNC_TASK, charge.VOID_TASK, charge.LATE_TASK]
+REDRIVEN_BY_ARGS = [charge.VOID_TASK, charge.UNOWNED_TASK, charge.LATE_TASK]
+REDRIVEN_AFTER_FAILURE = [refunds.SYNC_TASK, *REDRIVEN_BY_ARGS]
 
 
 async def prune_finished_jobs(
