@@ -21,6 +21,9 @@ class TestCard:
     decline_code: str | None = None
     message: str | None = None
     param: str | None = None
+    # A charge that succeeds and is then disputed for its full amount, with this reason
+    # (Stripe's `pm_card_createDispute`, card 4000000000000259: `fraudulent`).
+    dispute: str | None = None
 
 
 _DECLINED = "Your card was declined."
@@ -30,6 +33,7 @@ TEST_CARDS: dict[str, TestCard] = {
     "pm_card_visa_debit": TestCard("visa", "5556", "debit", "succeed"),
     "pm_card_mastercard": TestCard("mastercard", "4444", "credit", "succeed"),
     "pm_card_amex": TestCard("amex", "8431", "credit", "succeed"),
+    "pm_card_createDispute": TestCard("visa", "0259", "credit", "succeed", dispute="fraudulent"),
     "pm_card_chargeDeclined": TestCard(
         "visa", "0002", "credit", "decline", "card_declined", "generic_decline", _DECLINED
     ),

@@ -7,7 +7,7 @@ from typing import Any
 
 from sandbox.cards import TEST_CARDS
 
-__all__ = ["Charge", "PaymentIntent", "Refund"]
+__all__ = ["EVIDENCE_FIELDS", "Charge", "Dispute", "PaymentIntent", "Refund"]
 
 
 @dataclass
@@ -108,6 +108,7 @@ class Charge:
     decline_code: str | None = None
     description: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    disputed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         card = TEST_CARDS.get(self.payment_method)
@@ -148,7 +149,7 @@ class Charge:
             "currency": self.currency,
             "customer": None,
             "description": self.description,
-            "disputed": False,
+            "disputed": self.disputed,
             "failure_balance_transaction": None,
             "failure_code": self.failure_code,
             "failure_message": self.failure_message,
@@ -205,4 +206,99 @@ class Refund:
             "source_transfer_reversal": None,
             "status": self.status,
             "transfer_reversal": None,
+        }
+
+
+# The evidence a dispute takes (`evidence[...]` of `POST /v1/disputes/{id}`), each a string:
+# text, or the id of an uploaded file.
+EVIDENCE_FIELDS = (
+    "access_activity_log",
+    "billing_address",
+    "cancellation_policy",
+    "cancellation_policy_disclosure",
+    "cancellation_rebuttal",
+    "customer_communication",
+    "customer_email_address",
+    "customer_name",
+    "customer_purchase_ip",
+    "customer_signature",
+    "duplicate_charge_documentation",
+    "duplicate_charge_explanation",
+    "duplicate_charge_id",
+    "product_description",
+    "receipt",
+    "refund_policy",
+    "refund_policy_disclosure",
+    "refund_refusal_explanation",
+    "service_date",
+    "service_documentation",
+    "shipping_address",
+    "shipping_carrier",
+    "shipping_date",
+    "shipping_documentation",
+    "shipping_tracking_number",
+    "uncategorized_file",
+    "uncategorized_text",
+)
+
+
+@dataclass
+class Dispute:
+    """A chargeback of a charge (`dp_…`). `status`: `needs_response`, `under_review` once
+    evidence was submitted, then `won` or `lost`."""
+
+    id: str
+    amount: int
+    currency: str
+    created: int
+    charge: str
+    payment_intent: str
+    reason: str
+    brand: str | None
+    status: str = "needs_response"
+    evidence: dict[str, str] = field(default_factory=dict)
+    submission_count: int = 0
+    is_charge_refundable: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    balance_transactions: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def closed(self) -> bool:
+        return self.status in ("won", "lost", "warning_closed")
+
+    def to_dict(self) -> dict[str, Any]:
+        evidence: dict[str, Any] = {name: self.evidence.get(name) for name in EVIDENCE_FIELDS}
+        evidence["enhanced_evidence"] = {}
+        return {
+            "id": self.id,
+            "object": "dispute",
+            "amount": self.amount,
+            "balance_transactions": [dict(bt) for bt in self.balance_transactions],
+            "charge": self.charge,
+            "created": self.created,
+            "currency": self.currency,
+            "enhanced_eligibility_types": [],
+            "evidence": evidence,
+            "evidence_details": {
+                # the end of the UTC day eight days on
+                "due_by": (self.created // 86_400 + 9) * 86_400 - 1,
+                "enhanced_eligibility": {},
+                "has_evidence": bool(self.evidence),
+                "past_due": False,
+                "submission_count": self.submission_count,
+            },
+            "is_charge_refundable": self.is_charge_refundable,
+            "livemode": False,
+            "metadata": dict(self.metadata),
+            "payment_intent": self.payment_intent,
+            "payment_method_details": {
+                "card": {
+                    "brand": self.brand,
+                    "case_type": "chargeback",
+                    "network_reason_code": "10.4" if self.reason == "fraudulent" else None,
+                },
+                "type": "card",
+            },
+            "reason": self.reason,
+            "status": self.status,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sandbox.cards import TEST_CARDS, TestCard, payment_method_object
+from sandbox.disputes import open_dispute
 from sandbox.errors import (
     DOC_URL,
     card_error,
@@ -315,6 +316,7 @@ def _authorize(state: SandboxState, pi: PaymentIntent, req: RequestInfo) -> None
         pi.status = "succeeded"
         pi.amount_received = pi.amount
         state.emit("payment_intent.succeeded", pi.to_dict(), req)
+        open_dispute(state, pi, charge, req)
 
 
 def _decline(
@@ -400,6 +402,7 @@ def capture_payment_intent(
         pi.amount_received = amount
         pi.amount_capturable = 0
         state.emit("payment_intent.succeeded", pi.to_dict(), req)
+        open_dispute(state, pi, charge, req)
         return pi.to_dict()
 
 

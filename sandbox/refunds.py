@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sandbox.disputes import refusing_refunds
 from sandbox.errors import invalid_request, no_such
 from sandbox.ids import new_id, now
 from sandbox.objects import Charge, Refund
@@ -71,6 +72,12 @@ def create_refund(state: SandboxState, params: dict[str, Any], req: RequestInfo)
         reason = get_str(params, "reason", choices=REASONS)
         metadata = get_metadata(params) or {}
         charge = _refundable_charge(state, params)
+        if refusing_refunds(state, charge) is not None:
+            raise invalid_request(
+                f"Charge {charge.id} has been charged back; cannot issue a refund.",
+                code="charge_disputed",
+                store=True,
+            )
         remaining = charge.amount_captured - charge.amount_refunded
         if remaining <= 0:
             raise invalid_request(

@@ -10,6 +10,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sandbox.cards import TEST_CARDS, payment_method_object
+from sandbox.disputes import close_dispute, get_dispute, update_dispute
 from sandbox.errors import StripeAPIError, no_such
 from sandbox.listing import created_filter, expand, list_object, paginate
 from sandbox.params import get_expand, get_str
@@ -160,6 +161,36 @@ def payment_method_retrieve(call: ApiCall) -> dict[str, Any]:
     return payment_method_object(pm_id, 0)
 
 
+# --- Disputes ----------------------------------------------------------------------------
+
+
+def dispute_retrieve(call: ApiCall) -> dict[str, Any]:
+    with call.state.lock:
+        return _expanded(call, get_dispute(call.state, call.path_param("id")).to_dict())
+
+
+def dispute_list(call: ApiCall) -> dict[str, Any]:
+    pi_id = get_str(call.params, "payment_intent")
+    charge_id = get_str(call.params, "charge")
+    with call.state.lock:
+        items = [
+            d
+            for d in _newest_first(call.state.disputes.values(), call)
+            if (pi_id is None or d.payment_intent == pi_id)
+            and (charge_id is None or d.charge == charge_id)
+        ]
+        return _page(call, items, "/v1/disputes")
+
+
+def dispute_update(call: ApiCall) -> dict[str, Any]:
+    dispute = update_dispute(call.state, call.path_param("id"), call.params, call.request)
+    return _expanded(call, dispute)
+
+
+def dispute_close(call: ApiCall) -> dict[str, Any]:
+    return _expanded(call, close_dispute(call.state, call.path_param("id"), call.request))
+
+
 # --- Events ------------------------------------------------------------------------------
 
 
@@ -236,6 +267,10 @@ def v1_routes() -> list[Route]:
         _route("/v1/charges", charge_list, ["GET"]),
         _route("/v1/charges/{id}", charge_retrieve, ["GET"]),
         _route("/v1/payment_methods/{id}", payment_method_retrieve, ["GET"]),
+        _route("/v1/disputes", dispute_list, ["GET"]),
+        _route("/v1/disputes/{id}", dispute_retrieve, ["GET"]),
+        _route("/v1/disputes/{id}", dispute_update, ["POST"]),
+        _route("/v1/disputes/{id}/close", dispute_close, ["POST"]),
         _route("/v1/events", event_list, ["GET"]),
         _route("/v1/events/{id}", event_retrieve, ["GET"]),
         _route("/v1/{rest:path}", not_found, ["GET", "POST", "DELETE"]),

@@ -12,7 +12,7 @@ from sandbox.cards import TEST_CARDS, payment_method_object
 from sandbox.faults import FaultInjector
 from sandbox.idempotency import IdempotencyStore
 from sandbox.ids import new_id, now
-from sandbox.objects import Charge, PaymentIntent, Refund
+from sandbox.objects import Charge, Dispute, PaymentIntent, Refund
 from sandbox.webhooks import WebhookDispatcher, new_webhook_secret
 
 __all__ = ["API_VERSION", "RequestInfo", "SandboxState", "StoredEvent", "dumps"]
@@ -59,6 +59,7 @@ class SandboxState:
         self.payment_intents: dict[str, PaymentIntent] = {}
         self.charges: dict[str, Charge] = {}
         self.refunds: dict[str, Refund] = {}
+        self.disputes: dict[str, Dispute] = {}
         self.events: dict[str, StoredEvent] = {}
         self.idempotency = IdempotencyStore()
         self.faults = FaultInjector()
@@ -99,6 +100,8 @@ class SandboxState:
                 return self.charges[object_id].to_dict()
             if object_id in self.refunds:
                 return self.refunds[object_id].to_dict()
+            if object_id in self.disputes:
+                return self.disputes[object_id].to_dict()
             if object_id in TEST_CARDS:
                 return payment_method_object(object_id, now())
             return None
@@ -122,6 +125,12 @@ class SandboxState:
                     "total": len(self.refunds),
                     "amount": sum(r.amount for r in self.refunds.values()),
                 },
+                "disputes": {
+                    "total": len(self.disputes),
+                    "by_status": dict(
+                        sorted(Counter(d.status for d in self.disputes.values()).items())
+                    ),
+                },
                 "events": len(self.events),
                 "requests": {
                     "total": sum(self.requests.values()),
@@ -138,6 +147,7 @@ class SandboxState:
             self.payment_intents.clear()
             self.charges.clear()
             self.refunds.clear()
+            self.disputes.clear()
             self.events.clear()
             self.requests.clear()
             self.idempotency.clear()

@@ -745,6 +745,224 @@ def test_emit_arbitrary_event(
     assert client.v1.payment_intents.retrieve(pi.id).status == "succeeded"  # unchanged
 
 
+# --- disputes ------------------------------------------------------------------------------
+
+
+def disputed(client: stripe.StripeClient, amount: int = 1000, **extra: Any) -> tuple[Any, Any]:
+    """A payment with Stripe's disputing test card, and the dispute it brought."""
+    pi = client.v1.payment_intents.create(
+        card_params(amount, payment_method="pm_card_createDispute", confirm=True, **extra)
+    )
+    [dispute] = client.v1.disputes.list({"payment_intent": pi.id}).data
+    return pi, dispute
+
+
+def dispute_events(client: stripe.StripeClient, dispute_id: str) -> list[tuple[str, str]]:
+    """(type, the dispute's status in it) of the events about `dispute_id`, oldest first."""
+    events = client.v1.events.list({"type": "charge.dispute.*", "limit": 100}).data
+    return [
+        (e.type, e.data.object.status) for e in reversed(events) if e.data.object.id == dispute_id
+    ]
+
+
+def test_the_disputing_card_succeeds_then_is_disputed_for_its_whole_amount(
+    server: SandboxServer, control: httpx.Client, receiver: Receiver
+) -> None:
+    """`pm_card_createDispute` (card 4000000000000259): the charge succeeds, then the customer
+    disputes all of it as fraudulent: a `needs_response` dispute, the money and the dispute
+    fee withdrawn, `charge.dispute.created` and `.funds_withdrawn` sent signed like any event."""
+    client = sdk(server)
+    pi, dispute = disputed(client, 1234)
+    assert (pi.status, pi.amount_received) == ("succeeded", 1234)  # the intent stays succeeded
+    assert dispute.id.startswith("dp_") and dispute.object == "dispute"
+    assert (dispute.amount, dispute.currency, dispute.reason, dispute.status) == (
+        1234,
+        "usd",
+        "fraudulent",
+        "needs_response",
+    )
+    assert (dispute.charge, dispute.payment_intent) == (pi.latest_charge, pi.id)
+    assert dispute.is_charge_refundable is False and dispute.livemode is False
+    assert dispute.evidence.uncategorized_text is None
+    assert dispute.evidence_details.submission_count == 0
+    assert dispute.evidence_details.due_by > dispute.created
+    [withdrawal] = dispute.balance_transactions
+    assert (withdrawal.amount, withdrawal.fee, withdrawal.net) == (-1234, 1500, -2734)
+    assert withdrawal.source == dispute.id
+    assert client.v1.charges.retrieve(pi.latest_charge).disputed is True
+    assert client.v1.disputes.retrieve(dispute.id).to_dict() == dispute.to_dict()
+    assert [d.id for d in client.v1.disputes.list({"charge": pi.latest_charge}).data] == [
+        dispute.id
+    ]
+    assert dispute_events(client, dispute.id) == [
+        ("charge.dispute.created", "needs_response"),
+        ("charge.dispute.funds_withdrawn", "needs_response"),
+    ]
+    delivered = receiver.wait(dispute.id, 2)
+    for delivery in delivered:
+        event = stripe.Webhook.construct_event(delivery["body"], delivery["sig"], WEBHOOK_SECRET)
+        assert event.data.object.payment_intent == pi.id
+    assert [d["event"]["type"] for d in delivered] == [
+        "charge.dispute.created",
+        "charge.dispute.funds_withdrawn",
+    ]
+
+    visa = client.v1.payment_intents.create(
+        card_params(payment_method="pm_card_visa", confirm=True)
+    )
+    assert client.v1.disputes.list({"payment_intent": visa.id}).data == []
+    assert client.v1.charges.retrieve(visa.latest_charge).disputed is False
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        client.v1.disputes.retrieve("dp_missing")
+    assert (missing.value.http_status, missing.value.code, missing.value.param) == (
+        404,
+        "resource_missing",
+        "dispute",
+    )
+
+
+def test_a_manual_capture_is_disputed_once_captured_for_what_was_captured(
+    server: SandboxServer,
+) -> None:
+    client = sdk(server)
+    pi = client.v1.payment_intents.create(
+        card_params(
+            1000, payment_method="pm_card_createDispute", confirm=True, capture_method="manual"
+        )
+    )
+    assert pi.status == "requires_capture"
+    assert client.v1.disputes.list({"payment_intent": pi.id}).data == []
+    client.v1.payment_intents.capture(pi.id, {"amount_to_capture": 600})
+    [dispute] = client.v1.disputes.list({"payment_intent": pi.id}).data
+    assert (dispute.amount, dispute.status) == (600, "needs_response")
+
+
+def test_a_disputed_charge_cannot_be_refunded_unless_the_dispute_was_won(
+    server: SandboxServer,
+) -> None:
+    """As Stripe answers it: `charge_disputed`, while the dispute is open and once it is lost;
+    a won dispute gives the charge back to refunds."""
+    client = sdk(server)
+    pi, dispute = disputed(client)
+    with pytest.raises(stripe.InvalidRequestError) as refused:
+        client.v1.refunds.create({"payment_intent": pi.id, "amount": 100})
+    assert refused.value.code == "charge_disputed"
+    assert refused.value.user_message == (
+        f"Charge {pi.latest_charge} has been charged back; cannot issue a refund."
+    )
+    assert client.v1.refunds.list({"payment_intent": pi.id}).data == []
+    client.v1.disputes.close(dispute.id)
+    with pytest.raises(stripe.InvalidRequestError) as still:
+        client.v1.refunds.create({"payment_intent": pi.id, "amount": 100})
+    assert still.value.code == "charge_disputed"
+
+    won_pi, won = disputed(client)
+    client.v1.disputes.update(won.id, {"evidence": {"uncategorized_text": "winning_evidence"}})
+    assert client.v1.refunds.create({"payment_intent": won_pi.id, "amount": 100}).amount == 100
+
+
+def test_test_mode_evidence_decides_a_dispute_and_close_accepts_one(
+    server: SandboxServer,
+) -> None:
+    """Stripe's test evidence: `winning_evidence` wins (the money reinstated),
+    `losing_evidence` loses; submitted evidence puts the dispute `under_review` first
+    (`charge.dispute.updated`), staged evidence (`submit=false`) does nothing until
+    submitted. `/close` accepts a dispute: lost. A closed dispute takes no more changes."""
+    client = sdk(server)
+    _, winning = disputed(client, 800)
+    won = client.v1.disputes.update(
+        winning.id, {"evidence": {"uncategorized_text": "winning_evidence"}}
+    )
+    assert (won.status, won.is_charge_refundable) == ("won", True)
+    assert won.evidence.uncategorized_text == "winning_evidence"
+    assert won.evidence_details.submission_count == 1
+    assert [bt.amount for bt in won.balance_transactions] == [-800, 800]
+    assert dispute_events(client, winning.id)[2:] == [
+        ("charge.dispute.updated", "under_review"),
+        ("charge.dispute.funds_reinstated", "won"),
+        ("charge.dispute.closed", "won"),
+    ]
+
+    _, losing = disputed(client)
+    staged = client.v1.disputes.update(
+        losing.id,
+        {"evidence": {"uncategorized_text": "losing_evidence"}, "submit": False},
+    )
+    assert (staged.status, staged.evidence_details.has_evidence) == ("needs_response", True)
+    assert staged.evidence_details.submission_count == 0
+    lost = client.v1.disputes.update(losing.id, {"submit": True, "metadata": {"k": "v"}})
+    assert (lost.status, lost.is_charge_refundable, lost.metadata["k"]) == ("lost", False, "v")
+    assert len(lost.balance_transactions) == 1
+    assert dispute_events(client, losing.id)[2:] == [
+        ("charge.dispute.updated", "needs_response"),
+        ("charge.dispute.updated", "under_review"),
+        ("charge.dispute.closed", "lost"),
+    ]
+
+    _, undecided = disputed(client)
+    review = client.v1.disputes.update(
+        undecided.id, {"evidence": {"product_description": "a widget"}}
+    )
+    assert review.status == "under_review"
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.disputes.update(undecided.id, {"evidence": {"receipt": "file_x"}})
+    closed = client.v1.disputes.close(undecided.id)
+    assert closed.status == "lost"
+    assert dispute_events(client, undecided.id)[-1] == ("charge.dispute.closed", "lost")
+
+    _, accepted = disputed(client)
+    assert client.v1.disputes.close(accepted.id).status == "lost"
+    assert dispute_events(client, accepted.id)[2:] == [("charge.dispute.closed", "lost")]
+    for call in (
+        lambda: client.v1.disputes.close(accepted.id),
+        lambda: client.v1.disputes.update(
+            accepted.id, {"evidence": {"uncategorized_text": "winning_evidence"}}
+        ),
+    ):
+        with pytest.raises(stripe.InvalidRequestError) as refused:
+            call()
+        assert refused.value.user_message == "This dispute is already closed"
+    assert client.v1.disputes.retrieve(accepted.id).status == "lost"
+    assert len(dispute_events(client, accepted.id)) == 3
+
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        client.v1.disputes.update(winning.id, {"evidence": {"explanation": "x"}})
+    assert (unknown.value.code, unknown.value.param) == (
+        "parameter_unknown",
+        "evidence[explanation]",
+    )
+
+
+def test_dispute_calls_keep_idempotency_and_faults(
+    server: SandboxServer, control: httpx.Client
+) -> None:
+    """A close retried with its key is replayed, not done twice; a close met by a saved 500
+    did nothing and keeps failing under its key; a lost answer to a close took effect."""
+    client = sdk(server)
+    _, dispute = disputed(client)
+    control.post(
+        "/_sandbox/faults",
+        json={"error_rate": 1, "error_saved": True, "count": 1, "paths": ["/v1/disputes"]},
+    ).raise_for_status()
+    for _ in range(2):
+        with pytest.raises(stripe.APIError):
+            client.v1.disputes.close(dispute.id, options={"idempotency_key": f"c-{dispute.id}"})
+    assert client.v1.disputes.retrieve(dispute.id).status == "needs_response"
+
+    key = f"c2-{dispute.id}"
+    control.post(
+        "/_sandbox/faults",
+        json={"lose_response_rate": 1, "count": 1, "paths": [f"/v1/disputes/{dispute.id}"]},
+    ).raise_for_status()
+    with pytest.raises(stripe.APIConnectionError):
+        client.v1.disputes.close(dispute.id, options={"idempotency_key": key})
+    assert client.v1.disputes.retrieve(dispute.id).status == "lost"
+    again = client.v1.disputes.close(dispute.id, options={"idempotency_key": key})
+    assert again.status == "lost"
+    assert again.last_response.headers["Idempotent-Replayed"] == "true"
+    assert dispute_events(client, dispute.id)[2:] == [("charge.dispute.closed", "lost")]
+
+
 # --- the server and the app ----------------------------------------------------------------
 
 
