@@ -13,7 +13,7 @@ from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
 from tests.test_capture_refund import SK, reconciled, refund_at_provider
-from tests.test_pipeline import fetch
+from tests.test_pipeline import create, fetch
 from workers.maintenance import Maintenance
 
 
@@ -259,3 +259,49 @@ async def test_a_catch_up_a_month_behind_says_events_may_be_lost(
     await catchup.catch_up_events.func()  # within the provider's 30 days: no gap
     assert gaps() == before + 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_chargeback_whose_events_never_came_is_taken_in_and_booked_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, a_minute_later: None
+) -> None:
+    """A payment the provider disputed and the dispute accepted there (`/close`: lost),
+    with no webhook endpoint at all: agentpay knew nothing of it, the loss stayed in
+    provider clearing. The catch-up takes in the dispute's three events as if delivered —
+    recorded in the payment's events, the loss booked once —, and a second run nothing."""
+    from tests.test_webhooks import (
+        _books,
+        _dispute_lost_bookings,
+        dispute_events,
+        provider_disputes,
+    )
+
+    created = await create(api, agent_key, payment_method="pm_card_createDispute")
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    [dispute] = provider_disputes(provider_base, payment["provider_payment_id"])
+    httpx.post(
+        f"{provider_base}/v1/disputes/{dispute['id']}/close",
+        headers={"Authorization": "Bearer sk_test_x"},
+    ).raise_for_status()
+    await run_jobs(pool)
+    assert await dispute_events(api, agent_key, payment["id"]) == []  # no webhook came
+
+    assert await catchup.catch_up_events.func() == 3
+    await run_jobs(pool)
+    events = await dispute_events(api, agent_key, payment["id"])
+    assert [e["reason"] for e in events] == [
+        "charge.dispute.created: needs_response (fraudulent)",
+        "charge.dispute.funds_withdrawn: needs_response (fraudulent)",
+        "charge.dispute.closed: lost (fraudulent)",
+    ]
+    total = payment["amount_total"]
+    assert events[-1]["data"]["booked_loss"] == total
+    assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
+    books = await _books(pool, payment["id"])
+    assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
+
+    assert await catchup.catch_up_events.func() == 0
+    await run_jobs(pool)
+    assert len(await dispute_events(api, agent_key, payment["id"])) == 3
+    assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]

@@ -861,3 +861,100 @@ async def test_refunds_learned_after_a_lost_dispute_each_take_their_part_back_fr
             (payment["id"],),
         )
         assert [r["amount"] for r in await cur.fetchall()] == [total, -300, -200]
+
+
+# --- a dispute made by the sandbox, end to end ------------------------------------------------
+
+
+def provider_disputes(provider_base: str, intent_id: str) -> list[dict[str, Any]]:
+    listed = httpx.get(
+        f"{provider_base}/v1/disputes",
+        params={"payment_intent": intent_id},
+        headers={"Authorization": "Bearer sk_test_x"},
+    )
+    listed.raise_for_status()
+    found: list[dict[str, Any]] = listed.json()["data"]
+    return found
+
+
+async def dispute_events(api: httpx.AsyncClient, key: str, payment_id: str) -> list[Any]:
+    events = (await api.get(f"/v1/payments/{payment_id}/events", headers=auth(key))).json()
+    return [e for e in events["data"] if e["type"] == "dispute"]
+
+
+async def _dispute_lost_bookings(pool: Pool, payment_id: str) -> list[tuple[str, int]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT t.reference, e.amount FROM ledger_transactions t
+                 JOIN ledger_entries e ON e.transaction_id = t.id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.payment_id = %s AND t.kind = 'dispute_lost'
+                  AND a.kind = 'disputes_lost' ORDER BY t.id""",
+            (payment_id,),
+        )
+        return [(r["reference"], int(r["amount"])) for r in await cur.fetchall()]
+
+
+async def test_a_chargeback_from_the_provider_is_recorded_and_its_loss_booked_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, api_url: str
+) -> None:
+    """A payment with Stripe's disputing card through the whole pipeline: the provider
+    disputes the charge and delivers the dispute's events over HTTP, each recorded in the
+    payment's events; the dispute accepted at the provider (`/close`) comes back as
+    `charge.dispute.closed`, lost, and the loss is booked once in `disputes_lost`; a refund
+    asked for afterwards is refused by the provider (`charge_disputed`) and recorded failed,
+    the books untouched."""
+    subscribe(provider_base, api_url)
+    created = await create(api, agent_key, payment_method="pm_card_createDispute")
+    await run_jobs(pool)
+    wait_for(lambda: deliveries_done(provider_base), timeout=20, what="deliveries")
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+    total = payment["amount_total"]
+    [dispute] = provider_disputes(provider_base, payment["provider_payment_id"])
+    assert (dispute["amount"], dispute["status"]) == (total, "needs_response")
+    opened = await dispute_events(api, agent_key, payment["id"])
+    assert [e["reason"] for e in opened] == [
+        "charge.dispute.created: needs_response (fraudulent)",
+        "charge.dispute.funds_withdrawn: needs_response (fraudulent)",
+    ]
+    assert opened[0]["data"]["dispute"]["id"] == dispute["id"]
+    assert await _dispute_lost_bookings(pool, payment["id"]) == []
+
+    httpx.post(
+        f"{provider_base}/v1/disputes/{dispute['id']}/close",
+        headers={"Authorization": "Bearer sk_test_x"},
+    ).raise_for_status()
+    wait_for(
+        lambda: any(
+            d["event_type"] == "charge.dispute.closed" for d in deliveries_done(provider_base)
+        ),
+        timeout=20,
+        what="the dispute's closing event to be delivered",
+    )
+    await run_jobs(pool)
+    events = await dispute_events(api, agent_key, payment["id"])
+    assert [(e["reason"], e["data"].get("booked_loss")) for e in events[2:]] == [
+        ("charge.dispute.closed: lost (fraudulent)", total)
+    ]
+    assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
+    books = await _books(pool, payment["id"])
+    assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
+
+    asked = await api.post(
+        f"/v1/payments/{payment['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
+    )
+    assert asked.status_code == 202, asked.text
+    await run_jobs(pool)
+    wait_for(lambda: deliveries_done(provider_base), timeout=20, what="deliveries")
+    await run_jobs(pool)
+    [refund] = (
+        await api.get(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))
+    ).json()["data"]
+    assert (refund["status"], refund["failure"]["code"]) == ("failed", "charge_disputed")
+    after = await fetch(api, agent_key, payment["id"])
+    assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)
+    assert await _books(pool, payment["id"]) == books
+    assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
