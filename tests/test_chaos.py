@@ -39,6 +39,7 @@ def test_a_short_chaos_run_keeps_every_invariant() -> None:
         "payments in the state their scenario asked for",
         "PaymentIntents: one succeeded (with the amount captured) per succeeded payment",
         "each payment's hold and collected money in the ledger match its state",
+        "lost disputes: each booked once in disputes_lost",
         "refunds: none made twice",
         "every payment's events form a legal path",
         "ledger balances per currency",
@@ -99,6 +100,31 @@ async def test_the_faults_are_cleared_even_through_a_sandbox_slow_to_answer() ->
         calls.clear()
         with pytest.raises(httpx.ConnectTimeout):
             await chaos._clear_faults(p, tries=2, pause=0)
+
+
+def test_the_dispute_check_catches_a_loss_unbooked_booked_twice_or_wrong() -> None:
+    """A lost dispute at the provider must be in `disputes_lost` once, under its id, for its
+    amount; a payment whose scenario disputes has one, lost; no other payment has one."""
+    from workers.chaos import _dispute_check
+
+    lost = {"pay_a": [("dp_a", "lost", 1000)]}
+    assert _dispute_check({"pay_a"}, lost, {"pay_a": [("dp_a", 1000)]}).ok
+    assert _dispute_check({"pay_a"}, lost, {}).failures == [
+        "pay_a: disputes_lost booked [], the provider lost [('dp_a', 1000)]"
+    ]
+    twice = {"pay_a": [("dp_a", 1000), ("dp_a:again", 1000)]}
+    assert len(_dispute_check({"pay_a"}, lost, twice).failures) == 1
+    assert not _dispute_check({"pay_a"}, lost, {"pay_a": [("dp_a", 900)]}).ok
+    still_open = {"pay_a": [("dp_a", "needs_response", 1000)]}
+    assert _dispute_check({"pay_a"}, still_open, {}).failures == [
+        "pay_a: provider disputes [('dp_a', 'needs_response', 1000)], expected one lost"
+    ]
+    assert not _dispute_check({"pay_a"}, {}, {}).ok  # never disputed
+    stray = _dispute_check(set(), {"pay_b": [("dp_b", "needs_response", 5)]}, {})
+    assert stray.failures == [
+        "pay_b: disputed at the provider [('dp_b', 'needs_response', 5)], its scenario was not"
+    ]
+    assert stray.count == 1
 
 
 def test_a_run_whose_faults_did_not_fire_fails() -> None:

@@ -4,8 +4,10 @@ Postgres and making the provider fail, then check that no money went wrong.
 The faults: a random worker process is SIGKILLed every few seconds (the stack starts it again,
 as a process manager would), Postgres is stopped and started once, and the sandbox fails 10%
 of requests (a failed call with an idempotency key keeps failing under that key, as Stripe
-replays a saved 500) and loses 5% of responses after they took effect. Then the faults stop,
-the fleet drains, and every invariant is checked and printed with its count.
+replays a saved 500) and loses 5% of responses after they took effect. A few payments are
+disputed by the customer's bank (Stripe's disputing test card), and the run accepts each
+dispute at the provider once the payment is reconciled. Then the faults stop, the fleet
+drains, and every invariant is checked and printed with its count.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ CHAOS_ENV = {
     "AGENTPAY_MAINTENANCE_INTERVAL_SECONDS": "1",
     "AGENTPAY_POLL_INTERVAL_SECONDS": "1",
     "AGENTPAY_SWEEP_AFTER_SECONDS": "15",
+    # A dispute event whose webhook the provider gave up on (the API's database was down for
+    # all its tries) is taken in from the provider's event list within the run.
+    "AGENTPAY_EVENT_CATCH_UP_INTERVAL_SECONDS": "10",
 }
 
 # scenario → (share of the mix, the state the payment must end in)
@@ -52,6 +57,7 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "cancel_early": (8, "canceled"),
     "review_approve": (5, "reconciled"),
     "review_wait": (3, "in_review"),
+    "dispute_lost": (4, "reconciled"),
 }
 # The sandbox's faults (docs/reliability.md). A failed call with an idempotency key is saved
 # under it and replayed to its retries, as Stripe does with a 500 met once the call began
@@ -65,7 +71,9 @@ ENOUGH_REQUESTS = math.ceil(
 LONG_POLL_SECONDS = 30
 REVIEW_AMOUNT = 150_000  # above the default review threshold (AGENTPAY_RISK_REVIEW_ABOVE)
 
-PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined"}
+PAYMENT_METHOD = {"declined": "pm_card_chargeDeclined", "dispute_lost": "pm_card_createDispute"}
+# The run's requests to the provider itself (the sandbox takes any test key).
+PROVIDER_AUTH = {"Authorization": "Bearer sk_test_chaos"}
 MANUAL = {"capture", "release", "hold"}
 SUCCEEDED_STATES = {"succeeded", "reconciled", "partially_refunded", "refunded"}
 # Those past reconcile, which posted the capture to the ledger.
@@ -97,6 +105,7 @@ class Tracked:
     # state up to the charge (`charging` included) and some after it.
     cancel_after: float = 0.0
     while_charging: bool = False  # a cancel_early the API took while the charge was under way
+    dispute_accepted: bool = False  # a dispute_lost whose dispute the run closed (lost)
 
 
 class Api:
@@ -159,7 +168,14 @@ async def _wait_status(api: Api, key: str, payment_id: str, wanted: set[str], wi
 
 
 async def _play(
-    api: Api, key: str, operator_key: str, tracked: Tracked, n: int, run: str, within: float
+    api: Api,
+    provider: httpx.AsyncClient,
+    key: str,
+    operator_key: str,
+    tracked: Tracked,
+    n: int,
+    run: str,
+    within: float,
 ) -> None:
     """One payment's scenario: create it, then act on it as an agent (or operator) would.
     Its idempotency keys carry the run's id: the operator's are kept a day, and a run on a
@@ -208,6 +224,44 @@ async def _play(
         if await _wait_status(api, key, pid, {"reconciled", "failed"}, within) == "reconciled":
             refund = amount if s == "refund_full" else amount // 2
             await _act(api, key, f"/v1/payments/{pid}/refunds", f"{tag}-r", {"amount": refund})
+    elif s == "dispute_lost":
+        # The customer's bank disputed the charge; once the payment is reconciled the
+        # merchant accepts the dispute at the provider (the Dashboard's "accept").
+        if await _wait_status(api, key, pid, {"reconciled", "failed"}, within) == "reconciled":
+            _, paid = await api.call("GET", f"/v1/payments/{pid}", key)
+            await _accept_dispute(provider, str(paid["provider_payment_id"]), within)
+            tracked.dispute_accepted = True
+
+
+async def _accept_dispute(provider: httpx.AsyncClient, intent_id: str, within: float) -> None:
+    """Close (accept: `lost`) the dispute of the intent at the provider, through its faults:
+    read the dispute, close it unless it is lost already, and read again — a close whose
+    answer was lost may have closed it, and a failed one did nothing."""
+    deadline = time.monotonic() + within
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            listed = await provider.get(
+                "/v1/disputes", params={"payment_intent": intent_id}, headers=PROVIDER_AUTH
+            )
+            if listed.status_code == 200:
+                found = listed.json()["data"]
+                if not found:
+                    raise RuntimeError(f"no dispute of {intent_id} at the provider")
+                if found[0]["status"] == "lost":
+                    return
+                closed = await provider.post(
+                    f"/v1/disputes/{found[0]['id']}/close", headers=PROVIDER_AUTH
+                )
+                last = f"close: {closed.status_code} {closed.text[:200]}"
+                if closed.status_code == 200:
+                    return
+            else:
+                last = f"list: {listed.status_code} {listed.text[:200]}"
+        except httpx.TransportError as error:
+            last = repr(error)
+        await asyncio.sleep(0.5)
+    raise TimeoutError(f"the dispute of {intent_id} was not closed: {last}")
 
 
 async def _act(api: Api, key: str, path: str, idempotency_key: str, json: Any = None) -> None:
@@ -296,7 +350,14 @@ async def _run(
         await asyncio.sleep(seconds * i / max(n, 1))
         try:
             await _play(
-                api, keys[i % len(keys)], operator_key, tracked, i, run, within=seconds + 180
+                api,
+                provider,
+                keys[i % len(keys)],
+                operator_key,
+                tracked,
+                i,
+                run,
+                within=seconds + 180,
             )
         except Exception as error:
             tracked.error = repr(error)
@@ -400,6 +461,9 @@ async def _drain(pool: Pool, plan: list[Tracked], within: float) -> None:
     """Wait until every tracked payment is in its expected state (or it is too late)."""
     deadline = time.monotonic() + within
     wanted = {t.id: SCENARIOS[t.scenario][1] for t in plan if t.id}
+    # Accepted disputes come back as the provider's event (a webhook, or the catch-up), not
+    # as a job: each one's loss booked is part of settling.
+    accepted = [t.id for t in plan if t.id and t.dispute_accepted]
     while time.monotonic() < deadline:
         async with pool.connection() as conn:
             # Each payment in its own scenario's state (a refund retried later with backoff
@@ -413,11 +477,16 @@ async def _drain(pool: Pool, plan: list[Tracked], within: float) -> None:
                                                    'refunded')) AS moving,
                           (SELECT count(*) FROM procrastinate_jobs
                             WHERE status IN ('todo', 'doing')
-                              AND (scheduled_at IS NULL OR scheduled_at < now())) AS jobs""",
-                (list(wanted), list(wanted.values())),
+                              AND (scheduled_at IS NULL OR scheduled_at < now())) AS jobs,
+                          (SELECT count(*) FROM unnest(%s::text[]) AS d(id)
+                            WHERE NOT EXISTS (
+                                SELECT 1 FROM ledger_transactions t
+                                 WHERE t.payment_id = d.id AND t.kind = 'dispute_lost'))
+                              AS unbooked""",
+                (list(wanted), list(wanted.values()), accepted),
             )
             row = await cur.fetchone()
-        if row is not None and row["moving"] == 0 and row["jobs"] == 0:
+        if row is not None and row["moving"] == row["jobs"] == row["unbooked"] == 0:
             return
         await asyncio.sleep(0.5)
 
@@ -427,11 +496,7 @@ async def _all_pages(provider: httpx.AsyncClient, path: str) -> list[dict[str, A
     after = None
     while True:
         params = {"limit": 100, **({"starting_after": after} if after else {})}
-        page = (
-            await provider.get(
-                path, params=params, headers={"Authorization": "Bearer sk_test_chaos"}
-            )
-        ).json()
+        page = (await provider.get(path, params=params, headers=PROVIDER_AUTH)).json()
         items += page["data"]
         if not page.get("has_more") or not page["data"]:
             return items
@@ -465,8 +530,35 @@ async def check_invariants(
         legal = {(r["from_status"], r["to_status"]) for r in await cur.fetchall()}
         cur = await conn.execute("SELECT id FROM procrastinate_jobs WHERE status = 'doing'")
         doing = [str(r["id"]) for r in await cur.fetchall()]
+        cur = await conn.execute(
+            """SELECT t.payment_id, t.reference, sum(e.amount) AS amount
+                 FROM ledger_transactions t
+                 JOIN ledger_entries e ON e.transaction_id = t.id
+                 JOIN ledger_accounts a ON a.id = e.account_id
+                WHERE t.kind = 'dispute_lost' AND a.kind = 'disputes_lost'
+                  AND t.payment_id = ANY(%s)
+                GROUP BY t.payment_id, t.reference, t.id ORDER BY t.id""",
+            (ids,),
+        )
+        booked: dict[str, list[tuple[str, int]]] = defaultdict(list)
+        for r in await cur.fetchall():
+            booked[r["payment_id"]].append((r["reference"], int(r["amount"])))
         ledger = await _ledger_checks(conn)
-        money = await _money_checks(conn, rows)
+
+    intents = await _all_pages(provider, "/v1/payment_intents")
+    payment_of = {pi["id"]: pi.get("metadata", {}).get("payment_id", "?") for pi in intents}
+    disputes: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
+    for d in await _all_pages(provider, "/v1/disputes"):
+        pid = payment_of.get(d.get("payment_intent") or "", f"intent {d.get('payment_intent')}")
+        disputes[pid].append((d["id"], d["status"], d["amount"]))
+    lost = {
+        pid: sum(amount for _, status, amount in found if status == "lost")
+        for pid, found in disputes.items()
+    }
+    async with pool.connection() as conn:
+        money = await _money_checks(conn, rows, lost)
+    disputed = {t.id for t in plan if t.id and t.scenario == "dispute_lost"}
+    dispute_check = _dispute_check(disputed, disputes, booked)
 
     checks = []
     final = Check("payments in the state their scenario asked for", len(plan))
@@ -477,7 +569,6 @@ async def check_invariants(
             final.failures.append(f"{t.id or '-'} ({t.scenario}): {got} ≠ {want} {t.error or ''}")
     checks.append(final)
 
-    intents = await _all_pages(provider, "/v1/payment_intents")
     by_payment: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for pi in intents:
         by_payment[pi.get("metadata", {}).get("payment_id", "?")].append(pi)
@@ -528,6 +619,7 @@ async def check_invariants(
 
     checks += ledger
     checks.append(money)
+    checks.append(dispute_check)
     checks.append(Check("no procrastinate job left doing", len(doing), [f"job {j}" for j in doing]))
     return checks
 
@@ -549,11 +641,14 @@ def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> b
     return len(intents) <= 1 and not {s for s, _ in intents} & MONEY_MOVED
 
 
-async def _money_checks(conn: Any, rows: dict[str, dict[str, Any]]) -> Check:
+async def _money_checks(
+    conn: Any, rows: dict[str, dict[str, Any]], lost: dict[str, int] | None = None
+) -> Check:
     """Each payment's money in the ledger as its state says: a hold of its total while it
     waits (in review, authorized), none once it ended; collected (provider clearing and
-    platform fees) what was captured less what was refunded once reconciled, nothing
-    otherwise."""
+    platform fees) what was captured less what was refunded and what disputes the provider
+    says were lost took back (`lost`, per payment) once reconciled, nothing otherwise."""
+    lost = lost or {}
     cur = await conn.execute(
         """SELECT t.payment_id,
                   coalesce(sum(e.amount) FILTER (WHERE a.kind = 'agent_holds'), 0) AS held,
@@ -575,12 +670,44 @@ async def _money_checks(conn: Any, rows: dict[str, dict[str, Any]]) -> Check:
         waiting = row["status"] in HELD_STATES
         want_held = row["amount_total"] if waiting else 0
         settled = row["status"] in CAPTURED_STATES
-        want_collected = payments.collected(row) - row["amount_refunded"] if settled else 0
+        want_collected = (
+            payments.collected(row) - row["amount_refunded"] - lost.get(pid, 0) if settled else 0
+        )
         if (held, collected) != (want_held, want_collected):
             check.failures.append(
                 f"{pid} ({row['status']}): held {held}, collected {collected}; "
                 f"expected {want_held}, {want_collected}"
             )
+    return check
+
+
+def _dispute_check(
+    disputed: set[str],
+    disputes: dict[str, list[tuple[str, str, int]]],
+    booked: dict[str, list[tuple[str, int]]],
+) -> Check:
+    """Lost disputes in the ledger as at the provider: each payment whose scenario is
+    disputed (`disputed`) has one dispute there, lost (the run accepted it), and no other
+    payment has one (`disputes`: payment id → (dispute id, status, amount)); each lost
+    dispute is booked once in `disputes_lost`, under its own id, for the provider's amount,
+    and nothing else is (`booked`: payment id → (reference, amount) per `dispute_lost`
+    transaction)."""
+    check = Check(
+        "lost disputes: each booked once in disputes_lost, for the amount the provider lost",
+        sum(len(found) for found in disputes.values()),
+    )
+    for pid in sorted(disputed | set(disputes) | set(booked)):
+        found = disputes.get(pid, [])
+        if pid in disputed and [status for _, status, _ in found] != ["lost"]:
+            check.failures.append(f"{pid}: provider disputes {found}, expected one lost")
+        elif pid not in disputed and found:
+            check.failures.append(f"{pid}: disputed at the provider {found}, its scenario was not")
+        want = sorted(
+            (dispute_id, amount) for dispute_id, status, amount in found if status == "lost"
+        )
+        got = sorted(booked.get(pid, []))
+        if got != want:
+            check.failures.append(f"{pid}: disputes_lost booked {got}, the provider lost {want}")
     return check
 
 

@@ -174,7 +174,8 @@ def chaos(
     data_dir: DataDir = None,
 ) -> None:
     """Run a dev stack of its own (in `<data-dir>/chaos`) and send a mix of payments (cards,
-    declines, manual captures, cancels, refunds, reviews) while killing random workers with
+    declines, manual captures, cancels, refunds, reviews, disputes the run accepts as lost)
+    while killing random workers with
     SIGKILL, restarting Postgres once and making the sandbox fail 10% of requests and lose
     5% of responses. Then stop the faults, let the fleet drain, and check every invariant.
     Exits non-zero if any check fails."""
