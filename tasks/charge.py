@@ -135,19 +135,14 @@ async def cancel_unowned_intents(payment_id: str) -> Any:
     lost its answer) before it canceled it — nothing else would, and it waited at the
     provider, open to a confirm. Each one still open is canceled (keyed per intent, as the
     charge job's own cancel); one that took or holds money anyway is looked at
-    (`check_late_money`). Search refused (not offered to every account): nothing found."""
+    (`check_late_money`). A search the provider refuses (a rolled key; an account Stripe
+    offers no search) fails the job: the failed-job alert fires, and the sweep of stuck
+    requests runs it again."""
     async with pool().connection() as conn:
         payment = await payments.get(conn, payment_id)
     if payment is None or payment["status"] != "canceled":
         return None
-    try:
-        found = await provider.find_intents(payment_id)
-    except provider.ProviderError as error:
-        log.warning(
-            "search for a canceled payment's intents refused",
-            extra={"payment_id": payment_id, "error": str(error)},
-        )
-        return None
+    found = await provider.find_intents(payment_id)
     canceled, late = 0, []
     for intent in found:
         if intent.status in VOIDABLE:

@@ -118,17 +118,18 @@ async def _settle(conn: Conn, payment: payments.Payment, dispute_id: str, how: s
         )
 
 
-async def book_waiting(conn: Conn, payment: payments.Payment) -> None:
+async def book_waiting(conn: Conn, payment: payments.Payment) -> int:
     """Lost disputes that waited for the payment's capture (open `dispute_lost` mismatches:
     the dispute's last event, `charge.dispute.closed`, came before reconcile, and no later
     event would book it), booked once the capture is: called in the transaction that
-    reconciles the payment."""
+    reconciles the payment, with its row locked. Returns how many were booked."""
     cur = await conn.execute(
         """SELECT actual FROM reconcile_mismatches
             WHERE payment_id = %s AND field = 'dispute_lost' AND resolved_at IS NULL
             ORDER BY id""",
         (payment["id"],),
     )
+    booked = 0
     for row in await cur.fetchall():
         dispute = row["actual"]
         loss = await ledger.post_dispute_loss(
@@ -140,3 +141,28 @@ async def book_waiting(conn: Conn, payment: payments.Payment) -> None:
         )
         if loss.booked or loss.returned:
             await _settle(conn, payment, dispute["id"], "with the payment's capture")
+            booked += 1
+    return booked
+
+
+# Payment states whose capture is in the ledger (past reconcile).
+CAPTURED = frozenset({"reconciled", "partially_refunded", "refunded"})
+
+
+async def book_left_waiting(conn: Conn) -> list[str]:
+    """Lost disputes still waiting on payments captured already — reconciled by a release
+    that did not book them with the capture —, booked now (by the sweep of stuck requests).
+    Returns the payments whose were."""
+    cur = await conn.execute(
+        """SELECT DISTINCT m.payment_id FROM reconcile_mismatches m
+             JOIN payment_jobs p ON p.id = m.payment_id
+            WHERE m.field = 'dispute_lost' AND m.resolved_at IS NULL AND p.status = ANY(%s)
+            LIMIT 500""",
+        (sorted(CAPTURED),),
+    )
+    done = []
+    for row in await cur.fetchall():
+        payment = await payments.lock(conn, row["payment_id"])
+        if payment is not None and await book_waiting(conn, payment):
+            done.append(payment["id"])
+    return done

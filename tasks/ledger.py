@@ -423,6 +423,8 @@ async def post_refund(conn: Conn, payment: Payment, *, refund_id: str, amount: i
     capture collected, whatever order they are learned in."""
     if amount <= 0:
         raise ValueError("a refund amount is positive")
+    if await _transaction_of(conn, "refund", refund_id) is not None:
+        return Reversal()  # booked before
     captured = await _captured(conn, payment["id"])
     if captured is None:
         log.warning(

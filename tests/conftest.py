@@ -240,10 +240,16 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-async def run_jobs(pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50) -> None:
-    """Run the given roles' jobs in-process until none is left to do now."""
+async def run_jobs(
+    pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50, *, observed: bool = False
+) -> None:
+    """Run the given roles' jobs in-process until none is left to do now; `observed`: with
+    the worker's own middleware (a job failing for good is recorded as in production), one
+    role only."""
     from tasks.app import app
+    from workers.worker import observe_job
 
+    assert not observed or len(roles) == 1
     for _ in range(rounds):
         worker = Worker(
             app,
@@ -252,6 +258,7 @@ async def run_jobs(pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50)
             concurrency=1,
             install_signal_handlers=False,
             listen_notify=False,
+            worker_middleware=[observe_job(roles[0], pool)] if observed else None,
         )
         await worker.run()
         async with pool.connection() as conn:

@@ -314,21 +314,8 @@ async def test_an_intent_made_after_the_cancel_by_a_job_that_died_is_canceled_la
     made one, was refused it, and died before canceling it: nothing else ever would, and
     the intent waited at the provider, open to a confirm, for a payment that ended. The
     cancel leaves a search for later that cancels it."""
-    created = await create(api, agent_key)
-    await run_jobs(pool, ("pricing", "risk"))
-    running = await charge.claim(created["id"])
-    assert running is not None
-    await cancel(api, agent_key, created["id"])
-    assert await charge.cancel_payment(created["id"]) == "canceled"
+    created = await canceled_with_a_stray_intent(api, agent_key, pool, provider_base, monkeypatch)
     assert "cancel_unowned_intents" in await jobs_of(pool, created["id"], "todo")
-
-    async def die(payment_id: str, intent: provider.Intent) -> None:
-        raise Killed
-
-    monkeypatch.setattr(charge, "_cancel_unowned", die)
-    with pytest.raises(Killed):
-        await charge.call_provider(running)
-    monkeypatch.undo()
     [made] = intents_of(provider_base, created["id"])
     assert made["status"] == "requires_confirmation"
 
@@ -358,11 +345,27 @@ async def test_an_intent_confirmed_before_the_later_search_goes_before_an_operat
     from tests.test_capture_refund import mismatches_of
     from tests.test_late_money import confirm_at_provider
 
-    created = await create(api, agent_key)
+    created = await canceled_with_a_stray_intent(api, agent_key, pool, provider_base, monkeypatch)
+    [made] = intents_of(provider_base, created["id"])
+    assert confirm_at_provider(provider_base, made["id"]).json()["status"] == "succeeded"
+    assert await charge.cancel_unowned_intents.func(created["id"]) == {
+        "canceled": 0,
+        "looked_at": 1,
+    }
+    await run_jobs(pool, ("reconcile",))
+    assert [m["field"] for m in await mismatches_of(pool, created["id"])] == ["late_success"]
+
+
+async def canceled_with_a_stray_intent(
+    api: httpx.AsyncClient, key: str, pool: Pool, provider_base: str, monkeypatch: Any
+) -> dict[str, Any]:
+    """A payment canceled before it had an intent, and the intent its charge job made after
+    the cancel left open (the job died before canceling it); the later search made due."""
+    created = await create(api, key)
     await run_jobs(pool, ("pricing", "risk"))
     running = await charge.claim(created["id"])
     assert running is not None
-    await cancel(api, agent_key, created["id"])
+    await cancel(api, key, created["id"])
     assert await charge.cancel_payment(created["id"]) == "canceled"
 
     async def die(payment_id: str, intent: provider.Intent) -> None:
@@ -372,11 +375,48 @@ async def test_an_intent_confirmed_before_the_later_search_goes_before_an_operat
     with pytest.raises(Killed):
         await charge.call_provider(running)
     monkeypatch.undo()
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE procrastinate_jobs SET scheduled_at = now() WHERE task_name = %s",
+            (charge.UNOWNED_TASK,),
+        )
+    return created
+
+
+async def failed_last_hour(pool: Pool, role: str) -> int:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT failed_last_hour FROM ops_queue_depth WHERE role = %s", (role,)
+        )
+        row = await cur.fetchone()
+        return int(row["failed_last_hour"]) if row else 0
+
+
+@pytest.mark.parametrize("refused", ["search", "cancel"])
+async def test_a_search_for_stray_intents_that_fails_alerts_and_is_run_again(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+    refused: str,
+) -> None:
+    """The provider refuses the search (a rolled key) or the cancel: the job ended
+    `succeeded` (a refused search was taken for "nothing found"), or failed with the
+    failed-job alert quiet (a failure of a canceled payment's job was taken as dealt with),
+    and the stray intent stayed open. It fails, alerts, and the sweep runs it again."""
+    created = await canceled_with_a_stray_intent(api, agent_key, pool, provider_base, monkeypatch)
+
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise provider.ProviderError("AuthenticationError (401): the key was rolled")
+
+    name = "find_intents" if refused == "search" else "cancel_intent"
+    monkeypatch.setattr(provider, name, refuse)
+    await run_jobs(pool, ("charge",))
+    monkeypatch.undo()
+    assert await jobs_of(pool, created["id"], "failed") == [charge.UNOWNED_TASK]
+    assert await failed_last_hour(pool, "charge") == 1
+    assert await sweep_stuck_requests(pool, 0) == [created["id"]]
+    await run_jobs(pool, ("charge",))
     [made] = intents_of(provider_base, created["id"])
-    assert confirm_at_provider(provider_base, made["id"]).json()["status"] == "succeeded"
-    assert await charge.cancel_unowned_intents.func(created["id"]) == {
-        "canceled": 0,
-        "looked_at": 1,
-    }
-    await run_jobs(pool, ("reconcile",))
-    assert [m["field"] for m in await mismatches_of(pool, created["id"])] == ["late_success"]
+    assert made["status"] == "canceled"

@@ -1130,18 +1130,21 @@ async def test_a_refund_pending_at_the_provider_counts_only_once_it_succeeds(
     assert (payment["status"], payment["amount_refunded"]) == ("partially_refunded", 700)
 
 
+@pytest.mark.parametrize("last_look", ["pending", "refused"])
 async def test_a_refund_pending_at_the_provider_is_stuck_from_when_it_was_asked_for(
     api: httpx.AsyncClient,
     agent_key: str,
     pool: Pool,
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
+    last_look: str,
 ) -> None:
     """Every look at a refund still pending at the provider (the job's retries, the sweep's
     re-drive) set its updated_at, from which ops_stuck_payments measured it: it never showed
     as stuck. It is measured from when it was asked for, and a look leaves updated_at. A
     refund job that runs out of retries on it is no failure for the failed-job alert: the
-    provider has not finished, and the stuck alert shows it."""
+    provider has not finished, and the stuck alert shows it — but one whose last look failed
+    on our side (the provider refused our key) is, though an earlier look saw it pending."""
     from api.metrics import read_snapshot
     from tasks import provider
     from tasks.app import TransientError
@@ -1159,6 +1162,12 @@ async def test_a_refund_pending_at_the_provider_is_stuck_from_when_it_was_asked_
     monkeypatch.setattr(provider, "retrieve_refund", pending)
     with pytest.raises(TransientError):
         await refunds.refund_payment(paid["id"], refund_id)
+    if last_look == "refused":
+
+        async def refused(*args: Any, **kwargs: Any) -> provider.Refund:
+            raise provider.ProviderError("AuthenticationError (401): Invalid API Key provided")
+
+        monkeypatch.setattr(provider, "retrieve_refund", refused)
     async with pool.connection() as conn:  # asked for two days ago, still pending
         await conn.execute(
             """UPDATE payment_refunds SET created_at = now() - interval '2 days',
@@ -1170,7 +1179,7 @@ async def test_a_refund_pending_at_the_provider_is_stuck_from_when_it_was_asked_
             """UPDATE procrastinate_jobs SET attempts = 11, scheduled_at = now()
                 WHERE task_name = 'refund' AND status = 'todo'"""
         )
-    await run_jobs(pool, ("charge",))
+    await run_jobs(pool, ("charge",), observed=True)
     async with pool.connection() as conn:
         cur = await conn.execute(
             """SELECT status, provider_status, now() - updated_at > interval '1 day' AS old
@@ -1191,7 +1200,8 @@ async def test_a_refund_pending_at_the_provider_is_stuck_from_when_it_was_asked_
         (paid["id"], "fleet", "refund_pending")
     ]
     assert s.stuck[0]["stuck_seconds"] > 86400
-    assert {q["role"]: q["failed_last_hour"] for q in s.queues}["charge"] == 0
+    failed = {q["role"]: q["failed_last_hour"] for q in s.queues}["charge"]
+    assert failed == (1 if last_look == "refused" else 0)
 
 
 async def test_a_payment_the_provider_moved_on_without_a_webhook_is_caught_up(

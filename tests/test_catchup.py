@@ -305,3 +305,21 @@ async def test_a_chargeback_whose_events_never_came_is_taken_in_and_booked_once(
     await run_jobs(pool)
     assert len(await dispute_events(api, agent_key, payment["id"])) == 3
     assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
+
+
+def test_the_documented_webhook_subscription_covers_every_type_the_catch_up_counts() -> None:
+    """docs/provider.md tells operators which events to send to the endpoint. The catch-up
+    counts each listed event no webhook delivered as missed (an alert): a type it lists
+    that the documented subscription leaves out (`charge.refund.updated` was) fired that
+    alert on an endpoint set up exactly as the docs say."""
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "provider.md").read_text()
+    sentence = re.search(r"Point a webhook endpoint at .*? events", text, re.S)
+    assert sentence is not None
+    subscribed = re.findall(r"`([a-z_.*]+)`", sentence.group(0))
+    assert "payment_intent.*" in subscribed
+    left_out = [t for t in catchup.TYPES if not any(fnmatch.fnmatch(t, p) for p in subscribed)]
+    assert left_out == []

@@ -281,6 +281,9 @@ async def test_hold_capture_and_refunds_post_exactly_once(pool: Pool, fees: None
         await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)
         await ledger.post_refund(conn, locked, refund_id="re_1", amount=1000)  # same refund
         await ledger.post_refund(conn, locked, refund_id="re_2", amount=1252)
+        # The last refund again, all of the capture refunded: booked before, not "too much".
+        again = await ledger.post_refund(conn, locked, refund_id="re_2", amount=1252)
+        assert again.booked == 0
         with pytest.raises(ValueError, match="exceed"):
             await ledger.post_refund(conn, locked, refund_id="re_3", amount=10)
     async with pool.connection() as conn:
@@ -371,6 +374,95 @@ async def test_a_lost_dispute_is_booked_once_and_never_gives_the_budget_back(
             "SELECT count(*) AS n FROM ledger_transactions WHERE reference = 'dp_3'"
         )
         assert (await cur.fetchone())["n"] == 0
+
+
+async def _reversal_books(conn: Any, payment_id: str) -> dict[str, int]:
+    cur = await conn.execute(
+        """SELECT a.kind, sum(e.amount) AS s FROM ledger_transactions t
+             JOIN ledger_entries e ON e.transaction_id = t.id
+             JOIN ledger_accounts a ON a.id = e.account_id
+            WHERE t.payment_id = %s AND t.kind IN ('refund', 'dispute_lost')
+            GROUP BY a.kind""",
+        (payment_id,),
+    )
+    return {r["kind"]: int(r["s"]) for r in await cur.fetchall()}
+
+
+async def _captured_payment(
+    pool: Pool, agent_id: str, amount: int, captured: int | None
+) -> tuple[Any, Any]:
+    payment = await priced_payment(pool, agent_id, amount)
+    async with pool.connection() as conn, conn.transaction():
+        assert await risk.advance(conn, payment["id"]) == "approved"
+    await move(pool, payment["id"], "charging", "succeeded")
+    async with pool.connection() as conn, conn.transaction():
+        locked = await payments.lock(conn, payment["id"])
+        kw = {} if captured is None else {"amount_captured": captured}
+        await payments.transition(conn, locked, "reconciled", actor="test", **kw)
+    async with pool.connection() as conn:
+        return await payments.get(conn, payment["id"]), await ledger._captured(conn, payment["id"])
+
+
+async def test_refunds_and_a_lost_dispute_book_the_same_in_any_order(
+    pool: Pool, fees: None
+) -> None:
+    """Refunds and a lost dispute of one payment (fees, partial captures; a dispute of all
+    of it, of what refunds left, or of any part), learned in any order, each dispute
+    booking twice: refunds go back to the budget, the loss is what refunds left of the
+    dispute, and provider clearing and fees give up exactly what both took back."""
+    rng = random.Random(7)
+    agent_id = await new_agent(pool, "fuzz", budget=10_000_000)
+    bad = []
+    for case in range(40):
+        amount = rng.randint(50, 5000)
+        partial = rng.random() < 0.3
+        p0 = await priced_payment(pool, agent_id, amount)  # only to learn the total
+        total0 = p0["amount_total"]
+        payment, cap = await _captured_payment(
+            pool, agent_id, amount, rng.randint(1, total0) if partial else None
+        )
+        T = cap["total"]
+        n = rng.randint(0, 3)
+        refunds = []
+        left = T
+        for i in range(n):
+            if left <= 1:
+                break
+            r = rng.randint(1, max(1, left // 2))
+            refunds.append((f"re_{case}_{i}", r))
+            left -= r
+        dispute = rng.choice([T, max(1, T - sum(r for _, r in refunds)), rng.randint(1, T)])
+        items = [("refund", rid, r) for rid, r in refunds] + [("dispute", f"dp_{case}", dispute)]
+        order = items[:]
+        rng.shuffle(order)
+        async with pool.connection() as conn, conn.transaction():
+            locked = await payments.lock(conn, payment["id"])
+            for rep in range(2):  # every dispute booking twice: duplicates book nothing
+                for kind, ref, amt in order:
+                    if kind == "refund" and rep == 1:
+                        continue
+                    if kind == "refund":
+                        await ledger.post_refund(conn, locked, refund_id=ref, amount=amt)
+                    else:
+                        await ledger.post_dispute_loss(
+                            conn, locked, dispute_id=ref, amount=amt, currency="usd"
+                        )
+        R = sum(r for _, r in refunds)
+        loss = min(dispute, T - R)
+        async with pool.connection() as conn:
+            books = await _reversal_books(conn, payment["id"])
+            await assert_ledger_sound(conn)
+        got = (
+            books.get("disputes_lost", 0),
+            books.get("provider_clearing", 0) + books.get("platform_fees", 0),
+            books.get("agent_budget", 0),
+            books.get("platform_fees", 0),
+        )
+        fee = ledger._fee_share(R + loss, [T - cap["fee"], cap["fee"]], "usd")
+        want = (loss, -(R + loss), R, -fee)
+        if got != want:
+            bad.append((case, T, cap["fee"], refunds, dispute, [o[0] for o in order], got, want))
+    assert bad == []
 
 
 # --- concurrency -------------------------------------------------------------------------

@@ -1784,13 +1784,9 @@ async def test_a_failed_job_without_a_payment_is_listed_and_its_retry_audited(
     """A failed catch-up (no payment) fired the failed-job alert while ops_recent_failures,
     agentpay_recent_failures{kind="job"} and `agentpay status` showed nothing of it: the
     worker recorded failures only in a payment's events. And its retry was audited nowhere."""
-    from procrastinate.worker import Worker
-
     from api.routes.ops import retry_job
     from tasks import catchup, provider
-    from tasks.app import app
     from workers.cli_audit import describe
-    from workers.worker import observe_job
 
     async def refused(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         raise provider.ProviderError("PermissionError (403): the key may not read events")
@@ -1798,15 +1794,7 @@ async def test_a_failed_job_without_a_payment_is_listed_and_its_retry_audited(
     monkeypatch.setattr(provider, "list_events", refused)
     async with pool.connection() as conn, conn.transaction():
         await defer(conn, catchup.TASK)
-    await Worker(
-        app,
-        queues=["reconcile"],
-        wait=False,
-        concurrency=1,
-        install_signal_handlers=False,
-        listen_notify=False,
-        worker_middleware=[observe_job("reconcile", pool)],
-    ).run()
+    await run_jobs(pool, ("reconcile",), observed=True)
     async with pool.connection() as conn:
         cur = await conn.execute(
             "SELECT id FROM procrastinate_jobs WHERE task_name = %s", (catchup.TASK,)

@@ -958,3 +958,33 @@ async def test_a_chargeback_from_the_provider_is_recorded_and_its_loss_booked_on
     assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)
     assert await _books(pool, payment["id"]) == books
     assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
+
+
+async def test_a_loss_a_previous_release_left_waiting_is_booked_by_the_sweep(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dispute lost before the capture, on a payment a release before this one then
+    reconciled without booking it: the `dispute_lost` mismatch said reconcile would book
+    it, but reconcile is over for that payment. The sweep of stuck requests books it."""
+    from tasks import disputes
+    from tasks.reconcile import reconcile_payment
+    from workers.maintenance import sweep_stuck_requests
+
+    payment = await succeeded_without_its_reconcile(api, agent_key, pool)
+    total = payment["amount_total"]
+    closed = _lost_dispute(payment, total, "evt_test_old_release", "charge.dispute.closed")
+    assert (await post_event(api, closed)).status_code == 200
+
+    async def previous_release(conn: Any, payment: Any) -> int:
+        return 0
+
+    monkeypatch.setattr(disputes, "book_waiting", previous_release)
+    assert await reconcile_payment.func(payment["id"]) == "reconciled"
+    monkeypatch.undo()
+    assert (await _books(pool, payment["id"])).get("disputes_lost", 0) == 0
+    assert await sweep_stuck_requests(pool, 0) == [payment["id"]]
+    assert [(m[0], m[2]) for m in await _mismatches(pool, payment["id"])] == [
+        ("dispute_lost", True)
+    ]
+    assert (await _books(pool, payment["id"]))["disputes_lost"] == total
+    assert await sweep_stuck_requests(pool, 0) == []  # once

@@ -26,7 +26,7 @@ import psycopg
 from procrastinate.jobs import Status
 from psycopg import sql
 
-from tasks import catchup, charge, payments, refunds
+from tasks import catchup, charge, disputes, payments, refunds
 from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
@@ -159,7 +159,8 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     its retries, or lost): a capture of an `authorized` payment, a cancel of a `charging`,
     `authorized` or `requires_action` one, a refund still `pending`, the sync of refunds
     made outside agentpay whose latest job failed, and the void or the look at an intent of
-    an ended payment (`void_intent`, `check_late_money`) whose latest job failed. The jobs
+    an ended payment (`void_intent`, `cancel_unowned_intents`, `check_late_money`) whose
+    latest job failed; and books lost disputes left waiting on captured payments. The jobs
     are idempotent (stable provider keys; a provider refund is taken in once, by its id), so
     a re-drive never acts twice.
     Returns what was re-driven (payment ids, refund ids)."""
@@ -252,6 +253,11 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
         for row in await cur.fetchall():
             await defer(conn, row["task_name"], **row["args"])
             redriven.append(str(row["args"].get("payment_id")))
+    # Lost disputes left waiting on payments captured already (reconcile books them with the
+    # capture; a release before it did not): in a transaction of their own, which locks
+    # payments as refunds do, after the one above has let go of its rows.
+    async with pool.connection() as conn, conn.transaction():
+        redriven += await disputes.book_left_waiting(conn)
     if redriven:
         log.warning("re-drove stuck requests", extra={"count": len(redriven)})
     return redriven

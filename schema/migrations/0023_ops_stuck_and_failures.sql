@@ -13,8 +13,11 @@
 -- * ops_queue_depth.failed_last_hour (the failed-job alert) counted a refund job that ran
 --   out of retries while the provider still held its refund `pending` — nothing failed,
 --   nothing to fix or retry: the provider has not finished. Such a refund is the stuck
---   alert's (above, from when it was asked for), not this one's. Otherwise as 0022 made it;
---   the columns are unchanged.
+--   alert's (above, from when it was asked for), not this one's (only when the job failed of
+--   that: one that failed of anything else still counts). It also counts failures of
+--   `cancel_unowned_intents` (tasks/charge.py), which acts on canceled payments, as 0022
+--   counts those of `void_intent` and `check_late_money`. Otherwise as 0022 made it; the
+--   columns are unchanged.
 -- * A job without a payment (`catch_up_events`) that failed for good fired the failed-job
 --   alert, but its error was nowhere: the worker wrote `job_failed` only into a payment's
 --   events, which ops_recent_failures read. The worker writes such a failure (its job id,
@@ -125,8 +128,16 @@ WITH live AS (
        AND NOT (j.task_name = 'refund' AND EXISTS (
            SELECT 1 FROM payment_refunds r
             WHERE r.id = j.args ->> 'refund_id' AND r.status = 'pending'
-              AND r.provider_status IN ('pending', 'requires_action')))
-       AND (j.task_name IN ('void_intent', 'check_late_money') OR NOT EXISTS (
+              AND r.provider_status IN ('pending', 'requires_action'))
+           -- and it failed of that (the job's last word: "is pending at the provider"), not
+           -- of something on our side (a refused key) after an earlier look saw it pending
+           AND EXISTS (
+           SELECT 1 FROM payment_events pe
+            WHERE pe.payment_id = j.args ->> 'payment_id' AND pe.type = 'job_failed'
+              AND pe.data ->> 'job_id' = j.id::text
+              AND pe.data ->> 'error_type' = 'TransientError'))
+       AND (j.task_name IN ('void_intent', 'cancel_unowned_intents', 'check_late_money')
+            OR NOT EXISTS (
            SELECT 1 FROM payment_jobs p
             WHERE p.id = j.args ->> 'payment_id'
               AND p.status IN ('canceled', 'rejected', 'failed')))
