@@ -123,16 +123,22 @@ def refund_retrieve(call: ApiCall) -> dict[str, Any]:
 
 
 def refund_list(call: ApiCall) -> dict[str, Any]:
+    with call.state.lock:
+        return _of_intent_or_charge(call, call.state.refunds.values(), "/v1/refunds")
+
+
+def _of_intent_or_charge(call: ApiCall, objects: Iterable[Any], url: str) -> dict[str, Any]:
+    """A page of refunds or disputes, filtered by `payment_intent` and `charge` as Stripe's
+    lists of them are (the caller holds the state's lock)."""
     pi_id = get_str(call.params, "payment_intent")
     charge_id = get_str(call.params, "charge")
-    with call.state.lock:
-        items = [
-            r
-            for r in _newest_first(call.state.refunds.values(), call)
-            if (pi_id is None or r.payment_intent == pi_id)
-            and (charge_id is None or r.charge == charge_id)
-        ]
-        return _page(call, items, "/v1/refunds")
+    items = [
+        o
+        for o in _newest_first(objects, call)
+        if (pi_id is None or o.payment_intent == pi_id)
+        and (charge_id is None or o.charge == charge_id)
+    ]
+    return _page(call, items, url)
 
 
 def charge_retrieve(call: ApiCall) -> dict[str, Any]:
@@ -170,16 +176,8 @@ def dispute_retrieve(call: ApiCall) -> dict[str, Any]:
 
 
 def dispute_list(call: ApiCall) -> dict[str, Any]:
-    pi_id = get_str(call.params, "payment_intent")
-    charge_id = get_str(call.params, "charge")
     with call.state.lock:
-        items = [
-            d
-            for d in _newest_first(call.state.disputes.values(), call)
-            if (pi_id is None or d.payment_intent == pi_id)
-            and (charge_id is None or d.charge == charge_id)
-        ]
-        return _page(call, items, "/v1/disputes")
+        return _of_intent_or_charge(call, call.state.disputes.values(), "/v1/disputes")
 
 
 def dispute_update(call: ApiCall) -> dict[str, Any]:

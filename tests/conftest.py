@@ -240,6 +240,11 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+class Killed(BaseException):
+    """A worker dying (SIGKILL, a deploy, a lost database) between two steps, raised from a
+    patched call: nothing after it runs, as in a process that is gone."""
+
+
 async def run_jobs(
     pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50, *, observed: bool = False
 ) -> None:

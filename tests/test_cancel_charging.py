@@ -12,7 +12,7 @@ import pytest
 from tasks import charge, payments, provider, reconcile
 from tasks.db import Pool
 from tasks.settings import get_settings
-from tests.conftest import auth, run_jobs
+from tests.conftest import Killed, auth, run_jobs
 from tests.test_capture_refund import SK, _lose_jobs, intent
 from tests.test_faults import intents_of
 from tests.test_pipeline import create, fetch
@@ -297,10 +297,6 @@ async def test_two_intents_a_payment_never_took_are_both_canceled(
     for stray in strays:
         await charge._cancel_unowned(created["id"], await provider.retrieve_intent(stray["id"]))
     assert [intent(provider_base, s["id"])["status"] for s in strays] == ["canceled"] * 2
-
-
-class Killed(BaseException):
-    """The worker dies (SIGKILL, a deploy) between two steps."""
 
 
 async def test_an_intent_made_after_the_cancel_by_a_job_that_died_is_canceled_later(

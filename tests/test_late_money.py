@@ -11,7 +11,7 @@ import pytest
 from tasks import charge, provider, reconcile
 from tasks.app import defer
 from tasks.db import Pool
-from tests.conftest import auth, run_jobs
+from tests.conftest import Killed, auth, run_jobs
 from tests.test_capture_refund import SK, authorized, intent, mismatches_of
 from tests.test_pipeline import create, fetch
 from tests.test_webhooks import post_event
@@ -309,10 +309,6 @@ async def test_two_looks_at_one_late_authorization_record_one_cancel(
         await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
     ).json()["data"]
     assert [e["type"] for e in events].count("late_authorization_canceled") == 1
-
-
-class Killed(BaseException):
-    """The worker dies (SIGKILL, a lost database) right after a call took effect."""
 
 
 async def test_a_late_cancel_whose_record_was_lost_is_recorded_by_the_next_look(

@@ -851,16 +851,8 @@ async def test_refunds_learned_after_a_lost_dispute_each_take_their_part_back_fr
     books = await _books(pool, payment["id"])
     assert books["disputes_lost"] == total - 500
     assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            """SELECT e.amount FROM ledger_transactions t
-                 JOIN ledger_entries e ON e.transaction_id = t.id
-                 JOIN ledger_accounts a ON a.id = e.account_id
-                WHERE t.payment_id = %s AND t.kind = 'dispute_lost'
-                  AND a.kind = 'disputes_lost' ORDER BY t.created_at""",
-            (payment["id"],),
-        )
-        assert [r["amount"] for r in await cur.fetchall()] == [total, -300, -200]
+    bookings = await _dispute_lost_bookings(pool, payment["id"])
+    assert [amount for _, amount in bookings] == [total, -300, -200]
 
 
 # --- a dispute made by the sandbox, end to end ------------------------------------------------
@@ -889,7 +881,7 @@ async def _dispute_lost_bookings(pool: Pool, payment_id: str) -> list[tuple[str,
                  JOIN ledger_entries e ON e.transaction_id = t.id
                  JOIN ledger_accounts a ON a.id = e.account_id
                 WHERE t.payment_id = %s AND t.kind = 'dispute_lost'
-                  AND a.kind = 'disputes_lost' ORDER BY t.id""",
+                  AND a.kind = 'disputes_lost' ORDER BY t.created_at, t.id""",
             (payment_id,),
         )
         return [(r["reference"], int(r["amount"])) for r in await cur.fetchall()]
