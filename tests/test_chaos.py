@@ -171,3 +171,15 @@ async def test_the_run_counts_the_provider_requests(sandbox: SandboxServer) -> N
         transport=httpx.MockTransport(lambda _: httpx.Response(404)), base_url="http://x"
     ) as not_the_sandbox:
         assert await _provider_requests(not_the_sandbox) is None
+
+
+def test_the_intent_check_catches_a_declined_payments_intent_left_open() -> None:
+    """A declined payment's intent left open (`requires_payment_method`: another confirm
+    could still take money for a payment that ended) passed the check as "holds no money";
+    its void is checked now."""
+    from workers.chaos import _intents_match
+
+    failed = {"status": "failed", "amount_total": 2000, "amount_captured": None}
+    assert not _intents_match(failed, [("requires_payment_method", 0)])
+    assert _intents_match(failed, [("canceled", 0)])
+    assert _intents_match(failed, [])

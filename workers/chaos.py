@@ -628,7 +628,8 @@ def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> b
     """Whether the provider's intents for a payment (status, amount received) are what its
     state says: one `succeeded` that received what the payment collected (`amount_captured`,
     or its total before reconcile wrote it) for a succeeded payment, one
-    `requires_capture` for an authorized one, and for any other at most one intent, which
+    `requires_capture` for an authorized one, for a failed (declined) one its intent
+    canceled (nothing may confirm it later), and for any other at most one intent, which
     neither took nor holds money (a canceled payment's is `canceled`, or never confirmed: an
     intent a charge job made after the cancel, whose own cancel call failed or was cut)."""
     status = payment["status"]
@@ -638,6 +639,8 @@ def _intents_match(payment: dict[str, Any], intents: list[tuple[str, int]]) -> b
         return [s for s, _ in intents] == ["requires_capture"]
     if status == "canceled":
         return [s for s, _ in intents] in ([], ["canceled"], ["requires_confirmation"])
+    if status == "failed":  # declined: its intent canceled (`void_intent`), or none made
+        return [s for s, _ in intents] in ([], ["canceled"])
     return len(intents) <= 1 and not {s for s, _ in intents} & MONEY_MOVED
 
 
