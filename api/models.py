@@ -376,6 +376,10 @@ class Payment(BaseModel):
     # What the provider collected, set once the payment is `reconciled`: the total, or less
     # when only part of it was captured at the provider (the rest of the hold is released).
     amount_captured: int | None = None
+    # What lost disputes took back (the customer's bank won a chargeback): the disputed
+    # amount less what refunds had given the customer already; the agent's budget is not
+    # given back. The payment's state does not change.
+    amount_lost_to_disputes: int = 0
     capture_method: str
     payment_method: str
     customer: str | None = None

@@ -49,6 +49,7 @@ async def record(conn: Conn, payment_id: str, event: dict[str, Any]) -> None:
         )
         if loss.booked:
             details["booked_loss"] = loss.booked
+            await payments.add_lost_to_disputes(conn, payment, loss.booked)
         if loss.returned:
             details["returned_by_refunds"] = loss.returned
         if loss.booked or loss.returned:
@@ -139,6 +140,7 @@ async def book_waiting(conn: Conn, payment: payments.Payment) -> int:
             amount=dispute["amount"],
             currency=dispute["currency"].lower(),
         )
+        await payments.add_lost_to_disputes(conn, payment, loss.booked)
         if loss.booked or loss.returned:
             await _settle(conn, payment, dispute["id"], "with the payment's capture")
             booked += 1

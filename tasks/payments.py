@@ -124,6 +124,7 @@ _WRITABLE = frozenset(
         "amount_total",
         "amount_refunded",
         "amount_captured",
+        "amount_lost_to_disputes",
         "provider_idempotency_key",
         "provider_payment_id",
         "failure_code",
@@ -403,6 +404,14 @@ async def mismatch_recorded(
     return await cur.fetchone() is not None
 
 
+async def add_lost_to_disputes(conn: Conn, payment: Payment, amount: int) -> None:
+    """What the ledger just booked as lost to a dispute (negative: given back), on the
+    locked payment's `amount_lost_to_disputes` (the agent's view of it)."""
+    if amount:
+        total = payment.get("amount_lost_to_disputes", 0) + amount
+        payment.update(await update(conn, payment["id"], amount_lost_to_disputes=total))
+
+
 def collected(payment: Payment) -> int:
     """What the provider collected for the payment: `amount_captured` once reconcile wrote
     it (less than the total after a partial capture at the provider), else the total. What
@@ -428,6 +437,7 @@ def public(payment: Payment) -> dict[str, Any]:
         "amount_total": payment["amount_total"],
         "amount_refunded": payment["amount_refunded"],
         "amount_captured": payment.get("amount_captured"),
+        "amount_lost_to_disputes": payment.get("amount_lost_to_disputes", 0),
         "capture_method": payment["capture_method"],
         "payment_method": payment["payment_method"],
         "customer": payment.get("customer"),

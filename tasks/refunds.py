@@ -220,7 +220,11 @@ async def _succeed(
     else:
         payment.update(await payments.update(conn, payment["id"], amount_refunded=refunded))
         await payments.record_event(conn, payment, "refund", actor=ACTOR, reason=reason, data=data)
-    await ledger.post_refund(conn, payment, refund_id=refund["id"], amount=refund["amount"])
+    booked = await ledger.post_refund(
+        conn, payment, refund_id=refund["id"], amount=refund["amount"]
+    )
+    # Made before a dispute whose loss was booked first: that part of the loss came back.
+    await payments.add_lost_to_disputes(conn, payment, -booked.returned)
     return to
 
 

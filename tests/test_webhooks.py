@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -775,6 +776,7 @@ async def test_a_lost_dispute_of_money_refunded_before_it_books_only_the_rest(
         await run_jobs(pool)
     after = await fetch(api, agent_key, payment["id"])
     assert (after["status"], after["amount_refunded"]) == ("partially_refunded", 300)
+    assert after["amount_lost_to_disputes"] == total - 300
     assert await _mismatches(pool, payment["id"]) == []
     books = await _books(pool, payment["id"])
     # Collected once and taken back once in all: provider clearing and fees are back at 0;
@@ -853,6 +855,15 @@ async def test_refunds_learned_after_a_lost_dispute_each_take_their_part_back_fr
     assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
     bookings = await _dispute_lost_bookings(pool, payment["id"])
     assert [amount for _, amount in bookings] == [total, -300, -200]
+    assert (await fetch(api, agent_key, payment["id"]))["amount_lost_to_disputes"] == total - 500
+    # The migration that added the column fills it from the postings the same way.
+    migration = Path(__file__).resolve().parent.parent / "schema" / "migrations"
+    sql = (migration / "0024_amount_lost_to_disputes.sql").read_text()
+    backfill = sql[sql.index("UPDATE payment_jobs") : sql.index(";", sql.index("UPDATE"))]
+    async with pool.connection() as conn:
+        await conn.execute("UPDATE payment_jobs SET amount_lost_to_disputes = 0")
+        await conn.execute(backfill)
+    assert (await fetch(api, agent_key, payment["id"]))["amount_lost_to_disputes"] == total - 500
 
 
 # --- a dispute made by the sandbox, end to end ------------------------------------------------
@@ -948,6 +959,7 @@ async def test_a_chargeback_from_the_provider_is_recorded_and_its_loss_booked_on
     assert (refund["status"], refund["failure"]["code"]) == ("failed", "charge_disputed")
     after = await fetch(api, agent_key, payment["id"])
     assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)
+    assert after["amount_lost_to_disputes"] == total  # the agent sees it on the payment
     assert await _books(pool, payment["id"]) == books
     assert await _dispute_lost_bookings(pool, payment["id"]) == [(dispute["id"], total)]
 
