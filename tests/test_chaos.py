@@ -109,6 +109,9 @@ def test_the_dispute_check_catches_a_loss_unbooked_booked_twice_or_wrong() -> No
 
     lost = {"pay_a": [("dp_a", "lost", 1000)]}
     assert _dispute_check({"pay_a"}, lost, {"pay_a": [("dp_a", 1000)]}).ok
+    booked_once = {"pay_a": [("dp_a", 1000)]}
+    assert _dispute_check({"pay_a"}, lost, booked_once, {"pay_a": 1000, "pay_c": 0}).ok
+    assert not _dispute_check({"pay_a"}, lost, booked_once, {"pay_a": 0}).ok  # not shown
     assert _dispute_check({"pay_a"}, lost, {}).failures == [
         "pay_a: disputes_lost booked [], the provider lost [('dp_a', 1000)]"
     ]

@@ -513,6 +513,7 @@ async def check_invariants(
     async with pool.connection() as conn:
         cur = await conn.execute(
             """SELECT id, status, amount_total, amount_captured, amount_refunded, refunds_pending,
+                      amount_lost_to_disputes,
                       (SELECT count(*) FROM payment_refunds r
                         WHERE r.payment_id = p.id AND r.status = 'pending') AS pending
                  FROM payment_jobs p WHERE id = ANY(%s)""",
@@ -558,7 +559,8 @@ async def check_invariants(
     async with pool.connection() as conn:
         money = await _money_checks(conn, rows, lost)
     disputed = {t.id for t in plan if t.id and t.scenario == "dispute_lost"}
-    dispute_check = _dispute_check(disputed, disputes, booked)
+    shown = {pid: row["amount_lost_to_disputes"] for pid, row in rows.items()}
+    dispute_check = _dispute_check(disputed, disputes, booked, shown)
 
     checks = []
     final = Check("payments in the state their scenario asked for", len(plan))
@@ -688,13 +690,15 @@ def _dispute_check(
     disputed: set[str],
     disputes: dict[str, list[tuple[str, str, int]]],
     booked: dict[str, list[tuple[str, int]]],
+    shown: dict[str, int] | None = None,
 ) -> Check:
     """Lost disputes in the ledger as at the provider: each payment whose scenario is
     disputed (`disputed`) has one dispute there, lost (the run accepted it), and no other
     payment has one (`disputes`: payment id → (dispute id, status, amount)); each lost
     dispute is booked once in `disputes_lost`, under its own id, for the provider's amount,
     and nothing else is (`booked`: payment id → (reference, amount) per `dispute_lost`
-    transaction)."""
+    transaction); and each payment shows the agent what it lost (`shown`: payment id →
+    `amount_lost_to_disputes`)."""
     check = Check(
         "lost disputes: each booked once in disputes_lost, for the amount the provider lost",
         sum(len(found) for found in disputes.values()),
@@ -711,6 +715,12 @@ def _dispute_check(
         got = sorted(booked.get(pid, []))
         if got != want:
             check.failures.append(f"{pid}: disputes_lost booked {got}, the provider lost {want}")
+    for pid, amount in sorted((shown or {}).items()):
+        lost = sum(a for _, status, a in disputes.get(pid, []) if status == "lost")
+        if amount != lost:
+            check.failures.append(
+                f"{pid}: shows {amount} lost to disputes, the provider lost {lost}"
+            )
     return check
 
 
