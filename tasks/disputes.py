@@ -44,16 +44,13 @@ async def record(conn: Conn, payment_id: str, event: dict[str, Any]) -> None:
         and isinstance(dispute_id, str)
         and isinstance(currency, str)
     ):
-        loss = await ledger.post_dispute_loss(
-            conn, payment, dispute_id=dispute_id, amount=amount, currency=currency.lower()
+        loss = await _book(
+            conn, payment, dispute_id, amount, currency, "by a later event of the dispute"
         )
         if loss.booked:
             details["booked_loss"] = loss.booked
-            await payments.add_lost_to_disputes(conn, payment, loss.booked)
         if loss.returned:
             details["returned_by_refunds"] = loss.returned
-        if loss.booked or loss.returned:
-            await _settle(conn, payment, dispute_id, "by a later event of the dispute")
         if loss.problem is not None:
             await _mismatch(conn, payment, data, loss.problem)
     await payments.record_event(
@@ -96,6 +93,21 @@ async def _mismatch(
     )
 
 
+async def _book(
+    conn: Conn, payment: payments.Payment, dispute_id: str, amount: int, currency: str, how: str
+) -> ledger.Reversal:
+    """A lost dispute into the ledger (`tasks.ledger.post_dispute_loss`), onto the payment
+    (`amount_lost_to_disputes`, the agent's view of it), and the `dispute_lost` mismatch
+    that waited for it settled (`how` it was booked)."""
+    loss = await ledger.post_dispute_loss(
+        conn, payment, dispute_id=dispute_id, amount=amount, currency=currency.lower()
+    )
+    await payments.add_lost_to_disputes(conn, payment, loss.booked)
+    if loss.booked or loss.returned:
+        await _settle(conn, payment, dispute_id, how)
+    return loss
+
+
 async def _settle(conn: Conn, payment: payments.Payment, dispute_id: str, how: str) -> None:
     """A lost dispute booked after all (`how`: a later event, once the payment was captured,
     or the capture itself): the `dispute_lost` mismatch an earlier event recorded is
@@ -133,17 +145,15 @@ async def book_waiting(conn: Conn, payment: payments.Payment) -> int:
     booked = 0
     for row in await cur.fetchall():
         dispute = row["actual"]
-        loss = await ledger.post_dispute_loss(
+        loss = await _book(
             conn,
             payment,
-            dispute_id=dispute["id"],
-            amount=dispute["amount"],
-            currency=dispute["currency"].lower(),
+            dispute["id"],
+            dispute["amount"],
+            dispute["currency"],
+            "with the payment's capture",
         )
-        await payments.add_lost_to_disputes(conn, payment, loss.booked)
-        if loss.booked or loss.returned:
-            await _settle(conn, payment, dispute["id"], "with the payment's capture")
-            booked += 1
+        booked += bool(loss.booked or loss.returned)
     return booked
 
 

@@ -240,6 +240,16 @@ def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+async def failed_last_hour(pool: Pool, role: str) -> int:
+    """The failed-job alert's count for a role (ops_queue_depth)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT failed_last_hour FROM ops_queue_depth WHERE role = %s", (role,)
+        )
+        row = await cur.fetchone()
+        return int(row["failed_last_hour"]) if row else 0
+
+
 class Killed(BaseException):
     """A worker dying (SIGKILL, a deploy, a lost database) between two steps, raised from a
     patched call: nothing after it runs, as in a process that is gone."""

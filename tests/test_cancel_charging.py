@@ -12,7 +12,7 @@ import pytest
 from tasks import charge, payments, provider, reconcile
 from tasks.db import Pool
 from tasks.settings import get_settings
-from tests.conftest import Killed, auth, run_jobs
+from tests.conftest import Killed, auth, failed_last_hour, run_jobs
 from tests.test_capture_refund import SK, _lose_jobs, intent
 from tests.test_faults import intents_of
 from tests.test_pipeline import create, fetch
@@ -377,15 +377,6 @@ async def canceled_with_a_stray_intent(
             (charge.UNOWNED_TASK,),
         )
     return created
-
-
-async def failed_last_hour(pool: Pool, role: str) -> int:
-    async with pool.connection() as conn:
-        cur = await conn.execute(
-            "SELECT failed_last_hour FROM ops_queue_depth WHERE role = %s", (role,)
-        )
-        row = await cur.fetchone()
-        return int(row["failed_last_hour"]) if row else 0
 
 
 @pytest.mark.parametrize("refused", ["search", "cancel"])

@@ -11,7 +11,7 @@ import pytest
 from tasks import catchup, provider
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import auth, run_jobs
+from tests.conftest import auth, failed_last_hour, run_jobs
 from tests.test_capture_refund import SK, reconciled, refund_at_provider
 from tests.test_pipeline import create, fetch
 from workers.maintenance import Maintenance
@@ -96,13 +96,6 @@ async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_wo
     monkeypatch.setattr(provider, "list_events", refused)
     maintenance = Maintenance(app, pool, settings)
 
-    async def failed_last_hour() -> int:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT failed_last_hour FROM ops_queue_depth WHERE role = 'reconcile'"
-            )
-            return int((await cur.fetchone())["failed_last_hour"])
-
     async def due() -> None:
         async with pool.connection() as conn:
             await conn.execute(
@@ -112,7 +105,7 @@ async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_wo
     await due()
     assert await maintenance.run_once()
     await run_jobs(pool)
-    assert await failed_last_hour() == 1
+    assert await failed_last_hour(pool, "reconcile") == 1
     for _ in range(3):  # not again before the interval has passed
         assert await maintenance.run_once()
         assert await catch_up_jobs(pool) == 1
@@ -121,7 +114,7 @@ async def test_a_failing_listing_is_tried_once_an_interval_and_clears_once_it_wo
     assert await maintenance.run_once()
     await run_jobs(pool)
     assert await catch_up_jobs(pool) == 2
-    assert await failed_last_hour() == 0
+    assert await failed_last_hour(pool, "reconcile") == 0
 
 
 async def test_an_event_whose_webhook_is_on_its_way_is_left_to_it(

@@ -29,7 +29,7 @@ from tasks import agents, payments
 from tasks.app import bind, defer
 from tasks.db import Pool, open_pool
 from tasks.settings import ROLES, Settings, get_settings
-from tests.conftest import async_wait_for, auth, invoke_cli, run_jobs
+from tests.conftest import async_wait_for, auth, failed_last_hour, invoke_cli, run_jobs
 from tests.test_pipeline import create
 from workers import logs
 from workers.cli import app as cli
@@ -887,32 +887,18 @@ async def test_retrying_a_failed_job_gives_it_whole_retries_unless_its_work_is_b
             await retry_job(conn, job_id, actor="operator:test")
     assert refused.value.code == "conflict"
 
-    async def failed_last_hour() -> int:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT failed_last_hour AS n FROM ops_queue_depth WHERE role = 'pricing'"
-            )
-            return int((await cur.fetchone())["n"])
-
-    assert await failed_last_hour() == 1
+    assert await failed_last_hour(pool, "pricing") == 1
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("DELETE FROM procrastinate_jobs WHERE id <> %s", (job_id,))
         job = await retry_job(conn, job_id, actor="operator:test")
     assert (job["status"], job["attempts"]) == ("todo", 0)
-    assert await failed_last_hour() == 0  # retried after the fix: the alert clears
+    assert await failed_last_hour(pool, "pricing") == 0  # retried after the fix: the alert clears
 
 
 async def test_a_failure_dealt_with_no_longer_fires_the_alert(pool: Pool) -> None:
     """`agentpay_jobs_failed_last_hour` counts a failed job until its work is done another
     way: the same job succeeded later (the sweep's re-drive), a pipeline step's payment moved
     on, or the payment ended without money moving. Any other failure still counts."""
-
-    async def failed_last_hour(role: str) -> int:
-        async with pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT failed_last_hour AS n FROM ops_queue_depth WHERE role = %s", (role,)
-            )
-            return int((await cur.fetchone())["n"])
 
     async def fail_one(conn: Any, queue: str) -> int:
         job_id = await _claim(conn, queue)
@@ -925,21 +911,21 @@ async def test_a_failure_dealt_with_no_longer_fires_the_alert(pool: Pool) -> Non
         second = await _payment(conn, agent.id)
         await fail_one(conn, "pricing")
         await fail_one(conn, "pricing")
-    assert await failed_last_hour("pricing") == 2
+    assert await failed_last_hour(pool, "pricing") == 2
 
     # The sweep's re-drive of the first payment's pricing succeeds: that failure is done.
     async with pool.connection() as conn, conn.transaction():
         await defer(conn, "pricing", payment_id=first["id"])
         redo = await _claim(conn, "pricing")
         await conn.execute("SELECT procrastinate_finish_job_v1(%s, 'succeeded', false)", (redo,))
-    assert await failed_last_hour("pricing") == 1
+    assert await failed_last_hour(pool, "pricing") == 1
 
     # The second payment is canceled by an operator: nothing is left to do for it.
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, second["id"])
         assert locked is not None
         await payments.transition(conn, locked, "canceled", actor="operator:test")
-    assert await failed_last_hour("pricing") == 0
+    assert await failed_last_hour(pool, "pricing") == 0
 
     # A failed charge whose payment then moved on (the sweep re-drives it as a reconcile).
     async with pool.connection() as conn, conn.transaction():
@@ -948,12 +934,12 @@ async def test_a_failure_dealt_with_no_longer_fires_the_alert(pool: Pool) -> Non
         )
         await defer(conn, "charge", payment_id=third["id"])
         await fail_one(conn, "charge")
-    assert await failed_last_hour("charge") == 1
+    assert await failed_last_hour(pool, "charge") == 1
     async with pool.connection() as conn, conn.transaction():
         locked = await payments.lock(conn, third["id"])
         assert locked is not None
         await payments.transition(conn, locked, "priced", actor="worker:pricing")
-    assert await failed_last_hour("charge") == 0
+    assert await failed_last_hour(pool, "charge") == 0
 
     # A refund job's failure is not hidden by its payment moving: only its own work counts.
     async with pool.connection() as conn, conn.transaction():
@@ -962,7 +948,7 @@ async def test_a_failure_dealt_with_no_longer_fires_the_alert(pool: Pool) -> Non
         locked = await payments.lock(conn, third["id"])
         assert locked is not None
         await payments.transition(conn, locked, "approved", actor="worker:risk")
-    assert await failed_last_hour("charge") == 1
+    assert await failed_last_hour(pool, "charge") == 1
 
 
 async def test_a_job_canceled_while_its_worker_was_dead_ends_aborted_and_can_be_retried(
