@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tasks import money
+
 ROLES = ("pricing", "risk", "charge", "reconcile")
 
 # The key the sandbox accepts; real Stripe needs a real test-mode key in STRIPE_API_KEY.
@@ -199,6 +201,34 @@ class Settings(BaseSettings):
                 f"AGENTPAY_STALLED_AFTER_SECONDS ({self.stalled_after_seconds}) must exceed "
                 f"heartbeat + shutdown grace ({floor}): a draining worker stops heartbeating"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _amounts_per_currency(self) -> Settings:
+        # A key that is no currency (`"USD"`, a typo) would be ignored without a word — the
+        # fee not charged, a limit not applied — and a fixed fee that is negative or off the
+        # currency's step would strand every payment in that currency at pricing.
+        per_currency = {
+            "AGENTPAY_FEE_FIXED": self.fee_fixed,
+            "AGENTPAY_RISK_REVIEW_ABOVE": self.risk_review_above,
+            "AGENTPAY_RISK_REJECT_ABOVE": self.risk_reject_above,
+            "AGENTPAY_RISK_VELOCITY_MAX_AMOUNT": self.risk_velocity_max_amount,
+        }
+        for name, amounts in per_currency.items():
+            fee = name == "AGENTPAY_FEE_FIXED"
+            for currency, amount in amounts.items():
+                if currency not in money.CURRENCIES and (fee or currency != "default"):
+                    raise ValueError(
+                        f"{name}: {currency!r} is not a lowercase ISO 4217 code"
+                        + ("" if fee else ' or "default"')
+                    )
+                if amount < 0:
+                    raise ValueError(f"{name}: {currency} {amount} is below 0")
+                if fee and amount % money.granularity(currency):
+                    raise ValueError(
+                        f"{name}: {currency} {amount} must be a multiple of "
+                        f"{money.granularity(currency)} minor units"
+                    )
         return self
 
     @model_validator(mode="after")

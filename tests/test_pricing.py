@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
@@ -101,6 +102,37 @@ def test_tax_and_fee_match_the_hand_checked_table(
     assert amounts["amount_fee"] == want_fee
     assert amounts["amount_total"] == subtotal + want_tax + want_fee
     assert money.amount_problem(amounts["amount_total"], currency) is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "problem"),
+    [
+        ("fee_fixed", {"USD": 30}, "AGENTPAY_FEE_FIXED: 'USD' is not a lowercase ISO 4217"),
+        ("fee_fixed", {"default": 30}, "AGENTPAY_FEE_FIXED: 'default' is not"),
+        ("fee_fixed", {"eur": -30}, "AGENTPAY_FEE_FIXED: eur -30 is below 0"),
+        ("fee_fixed", {"jod": 5}, "AGENTPAY_FEE_FIXED: jod 5 must be a multiple of 10"),
+        ("risk_reject_above", {"JPY": 5}, "AGENTPAY_RISK_REJECT_ABOVE: 'JPY' is not"),
+        ("risk_review_above", {"default": -1}, "AGENTPAY_RISK_REVIEW_ABOVE: default -1"),
+        ("risk_velocity_max_amount", {"usdd": 1}, "AGENTPAY_RISK_VELOCITY_MAX_AMOUNT: 'usdd'"),
+    ],
+)
+def test_per_currency_settings_name_currencies_and_amounts_they_can_mean(
+    setting: str, value: dict[str, int], problem: str
+) -> None:
+    # Each of these was taken without a word: a fee never charged, a limit never applied,
+    # or every eur payment stranded at pricing by the fee's CHECK.
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        Settings(**{setting: value})
+
+
+def test_per_currency_settings_take_what_they_can_mean() -> None:
+    s = Settings(
+        fee_fixed={"usd": 30, "jod": 10},
+        risk_review_above={"default": 0, "jpy": 1},  # review every payment
+        risk_reject_above={"default": 1_000_000},
+    )
+    assert s.fee_fixed == {"usd": 30, "jod": 10}
+    assert s.risk_review_above["default"] == 0
 
 
 def _reference(exact: Fraction, step: int) -> int:
