@@ -67,6 +67,39 @@ async def record(conn: Conn, payment_id: str, event: dict[str, Any]) -> None:
     )
 
 
+# A dispute in one of these holds the charge's money (open) or gave it to the customer (lost):
+# the provider refuses to refund it (`charge_disputed`). An inquiry (`warning_…`) does not,
+# and a dispute the merchant won leaves the charge refundable again.
+OPEN = frozenset({"needs_response", "under_review"})
+SETTLED = frozenset({"won", "lost", "warning_closed", "prevented"})
+
+
+async def refusing_refunds(conn: Conn, payment_id: str) -> dict[str, str] | None:
+    """The dispute (`id`, `status`) that keeps the payment's charge from being refunded —
+    one open or lost, as its recorded events tell it —, or None. Webhooks come in any order:
+    a dispute is taken as settled once any of its events says so."""
+    cur = await conn.execute(
+        """SELECT data->'dispute'->>'id' AS id,
+                  array_agg(DISTINCT data->'dispute'->>'status') AS statuses
+           FROM payment_events
+           WHERE payment_id = %s AND type = 'dispute' AND data->'dispute' ? 'id'
+           GROUP BY 1 ORDER BY 1""",
+        (payment_id,),
+    )
+    for row in await cur.fetchall():
+        statuses: set[str] = set(row["statuses"])
+        status: str | None
+        if "lost" in statuses and "won" not in statuses:
+            status = "lost"
+        elif statuses & SETTLED:
+            continue
+        else:
+            status = min(statuses & OPEN, default=None)
+        if status is not None:
+            return {"id": row["id"], "status": status}
+    return None
+
+
 async def _mismatch(
     conn: Conn, payment: payments.Payment, dispute: dict[str, Any], problem: str
 ) -> None:

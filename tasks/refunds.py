@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks import ledger, money, payments, provider
+from tasks import disputes, ledger, money, payments, provider
 from tasks.app import Backoff, TransientError, app, defer, pool
 from tasks.db import Conn
 from tasks.settings import get_settings
@@ -44,6 +44,10 @@ class RefundAmountError(ValueError):
 class RefundLimitError(ValueError):
     """The payment has had as many refunds asked of agentpay as one payment may
     (`MAX_REFUNDS_PER_PAYMENT`), and this one is not for all that remains."""
+
+
+class RefundDisputedError(ValueError):
+    """The payment's charge is disputed (open, or lost): the provider refuses its refunds."""
 
 
 # Refunds asked of agentpay one payment may have (any outcome; refunds made at the provider,
@@ -76,7 +80,8 @@ async def request_refund(
     returns the refund record. Raises ValueError when the payment's state does not allow a
     refund (or, with no amount given, nothing remains), RefundAmountError (a ValueError) when
     the amount does not fit, RefundLimitError (a ValueError) when the payment has had
-    `MAX_REFUNDS_PER_PAYMENT` refunds already."""
+    `MAX_REFUNDS_PER_PAYMENT` refunds already, RefundDisputedError (a ValueError) when a
+    dispute open or lost keeps the provider from refunding it."""
     if payment["status"] not in REQUESTABLE:
         raise ValueError(
             "Only a succeeded, reconciled or partially refunded payment can be refunded; "
@@ -90,6 +95,13 @@ async def request_refund(
     if remaining <= 0:
         # Whatever amount was asked for, the payment's state is what is wrong.
         raise ValueError("Nothing remains to refund on this payment.")
+    dispute = await disputes.refusing_refunds(conn, payment["id"])
+    if dispute is not None:
+        raise RefundDisputedError(
+            f"The payment's charge is disputed (dispute {dispute['id']} is "
+            f"{dispute['status']}): the provider refuses to refund it"
+            + (", and the customer has the money back." if dispute["status"] == "lost" else ".")
+        )
     if amount is None:
         amount = remaining
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:

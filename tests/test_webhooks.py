@@ -992,3 +992,69 @@ async def test_a_loss_a_previous_release_left_waiting_is_booked_by_the_sweep(
     ]
     assert (await _books(pool, payment["id"]))["disputes_lost"] == total
     assert await sweep_stuck_requests(pool, 0) == []  # once
+
+
+async def test_a_refund_of_a_charge_disputed_open_or_lost_is_refused_at_once(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """A refund of a disputed charge was taken (202), then failed at the provider
+    (`charge_disputed`): the agent learned it only from the refund's outcome. While a dispute
+    is open or once it is lost, the request is refused at once with the provider's code; an
+    inquiry does not stop it, nor a dispute the merchant won — whatever order the events came
+    in."""
+    created = await create(api, agent_key)
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "reconciled"
+
+    def event(dispute_id: str, status: str) -> dict[str, Any]:
+        dispute = {
+            "id": dispute_id,
+            "object": "dispute",
+            "amount": 100,
+            "currency": payment["currency"],
+            "payment_intent": payment["provider_payment_id"],
+            "reason": "fraudulent",
+            "status": status,
+        }
+        kind = "charge.dispute.closed" if status in ("won", "lost") else "charge.dispute.created"
+        return {
+            **EVENT,
+            "id": f"evt_test_{dispute_id}_{status}",
+            "type": kind,
+            "data": {"object": dispute},
+        }
+
+    async def refund() -> httpx.Response:
+        return await api.post(
+            f"/v1/payments/{payment['id']}/refunds", json={"amount": 10}, headers=auth(agent_key)
+        )
+
+    async def deliver(dispute_id: str, status: str) -> None:
+        answer = await post_event(api, event(dispute_id, status))
+        assert answer.status_code == 200 and answer.json()["payment_id"] == payment["id"]
+
+    await deliver("dp_inquiry", "warning_needs_response")
+    assert (await refund()).status_code == 202
+
+    await deliver("dp_won", "under_review")
+    refused = await refund()
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"]["code"] == "charge_disputed"
+    assert "dp_won is under_review" in refused.json()["error"]["message"]
+    await deliver("dp_won", "won")
+    assert (await refund()).status_code == 202
+
+    # The loss delivered before the dispute's first event: it stays lost.
+    await deliver("dp_lost", "lost")
+    await deliver("dp_lost", "needs_response")
+    refused = await refund()
+    assert refused.status_code == 409
+    assert refused.json()["error"]["code"] == "charge_disputed"
+    assert "dp_lost is lost" in refused.json()["error"]["message"]
+    assert [
+        r["amount"]
+        for r in (
+            await api.get(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))
+        ).json()["data"]
+    ] == [10, 10]

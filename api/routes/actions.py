@@ -113,6 +113,8 @@ async def create_refund(
             raise ApiError(400, "amount_invalid", str(error), param="amount") from error
         except refunds.RefundLimitError as error:
             raise ApiError(409, "refund_limit_reached", str(error)) from error
+        except refunds.RefundDisputedError as error:
+            raise ApiError(409, "charge_disputed", str(error)) from error
         except ValueError as error:
             raise _conflict(error) from error
         return await idem.respond(Refund.model_validate(refunds.public(refund)), 202)
