@@ -37,6 +37,27 @@ STEP = {**dict.fromkeys(THREE_DECIMAL, 10), "isk": 100}
 # Stripe's upper bound for one charge, in minor units.
 MAX_AMOUNT = 99_999_999
 
+# Stripe's smallest charge per settlement currency (docs.stripe.com/currencies, "Minimum
+# and maximum charge amounts"), in minor units; the default of AGENTPAY_MIN_CHARGE_AMOUNT.
+STRIPE_MIN_CHARGE = {
+    **dict.fromkeys("usd aud brl cad chf eur inr nzd sgd".split(), 50),
+    "aed": 200,
+    "bgn": 100,
+    "czk": 1500,
+    "dkk": 250,
+    "gbp": 30,
+    "hkd": 400,
+    "huf": 17500,
+    "jpy": 50,
+    "mxn": 1000,
+    "myr": 200,
+    "nok": 300,
+    "pln": 200,
+    "ron": 200,
+    "sek": 300,
+    "thb": 1000,
+}
+
 ROUNDING = ROUND_HALF_EVEN
 
 

@@ -212,6 +212,14 @@ def fee_amount(subtotal: int, currency: str, settings: Settings) -> int:
     return money.round_minor(exact, currency)
 
 
+def below_minimum(total: int, currency: str, settings: Settings) -> str | None:
+    """Why `total` is too small for the provider to charge (`min_charge_amount`), or None."""
+    minimum = settings.min_charge_amount.get(currency)
+    if minimum is not None and total < minimum:
+        return f"{total} is below the provider's smallest charge in {currency} ({minimum})"
+    return None
+
+
 def breakdown(
     lines: list[dict[str, Any]], currency: str, settings: Settings, *, requested: int | None
 ) -> dict[str, Any]:
@@ -230,7 +238,7 @@ def breakdown(
     tax = tax_amount(subtotal, currency, settings)
     fee = fee_amount(subtotal, currency, settings)
     total = subtotal + tax + fee
-    problem = money.amount_problem(total, currency)
+    problem = money.amount_problem(total, currency) or below_minimum(total, currency, settings)
     if problem:
         raise PricingError("amount_invalid", f"total with tax and fee: {problem}", total=total)
     return {

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     tax_rate: Decimal = Field(default=Decimal("0"), ge=0, le=1)
     fee_percent: Decimal = Field(default=Decimal("0"), ge=0, le=100)
     fee_fixed: dict[str, int] = Field(default_factory=dict)
+    # The provider's smallest charge per currency (minor units): a total below it is refused
+    # at the POST (a fixed amount) or rejected by pricing (`amount_invalid`), where Stripe
+    # would fail it as `amount_too_small`. Defaults: Stripe's published minimums, which hold
+    # where the account settles in that currency (otherwise Stripe converts, and may still
+    # refuse a little more); currencies not listed have none here. `{}` turns it off.
+    min_charge_amount: dict[str, int] = Field(default_factory=lambda: dict(money.STRIPE_MIN_CHARGE))
 
     # Risk (tasks/risk.py). Amount limits in minor units per currency; "default" applies to
     # currencies not listed. Above the review threshold a payment waits in_review for an
@@ -210,12 +216,13 @@ class Settings(BaseSettings):
         # currency's step would strand every payment in that currency at pricing.
         per_currency = {
             "AGENTPAY_FEE_FIXED": self.fee_fixed,
+            "AGENTPAY_MIN_CHARGE_AMOUNT": self.min_charge_amount,
             "AGENTPAY_RISK_REVIEW_ABOVE": self.risk_review_above,
             "AGENTPAY_RISK_REJECT_ABOVE": self.risk_reject_above,
             "AGENTPAY_RISK_VELOCITY_MAX_AMOUNT": self.risk_velocity_max_amount,
         }
         for name, amounts in per_currency.items():
-            fee = name == "AGENTPAY_FEE_FIXED"
+            fee = name in ("AGENTPAY_FEE_FIXED", "AGENTPAY_MIN_CHARGE_AMOUNT")
             for currency, amount in amounts.items():
                 if currency not in money.CURRENCIES and (fee or currency != "default"):
                     raise ValueError(

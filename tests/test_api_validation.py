@@ -77,6 +77,16 @@ BAD_BODIES: list[tuple[str, Any]] = [
         },
     ),
     ("not an object", [GOOD]),
+    ("below the provider's smallest charge", {**GOOD, "amount": 49}),
+    ("below the smallest charge in yen", {**GOOD, "currency": "jpy", "amount": 49}),
+    (
+        "custom lines below the smallest charge",
+        {
+            "currency": "usd",
+            "payment_method": "pm_card_visa",
+            "line_items": [{"description": "x", "unit_amount": 20, "quantity": 2}],
+        },
+    ),
 ]
 
 
@@ -122,6 +132,36 @@ async def test_bad_bodies_are_refused_and_leave_nothing_behind(
         assert response.status_code == 400, (what, response.text)
         assert_error_shape(response, 400, (agent_key,))
     assert await snapshot(pool) == before
+
+
+async def test_a_total_below_the_providers_smallest_charge_is_refused_naming_it(
+    api: httpx.AsyncClient, agent_key: str
+) -> None:
+    """Stripe fails a charge under its minimum (`amount_too_small`, $0.50 in usd): such a
+    payment was taken (202), its budget held, and failed at the charge. Where the total is
+    known at the POST it is a 400 now; the minimum itself, and a currency without one, go
+    through."""
+    answers = {}
+    for key, body in {
+        "small": {**GOOD, "amount": 49},
+        "lines": {
+            **GOOD,
+            "amount": None,
+            "line_items": [{"description": "x", "unit_amount": 49}],
+        },
+        "minimum": {**GOOD, "amount": 50},
+        "yen minimum": {**GOOD, "currency": "jpy", "amount": 50},
+        "no minimum known": {**GOOD, "currency": "kwd", "amount": 10},
+    }.items():
+        body = {k: v for k, v in body.items() if v is not None}
+        answers[key] = await api.post("/v1/payments", json=body, headers=auth(agent_key))
+    assert answers["small"].status_code == 400
+    assert answers["small"].json()["error"]["param"] == "amount"
+    assert "below the provider's smallest charge in usd (50)" in answers["small"].text
+    assert answers["lines"].status_code == 400
+    assert answers["lines"].json()["error"]["param"] == "line_items"
+    for key in ("minimum", "yen minimum", "no minimum known"):
+        assert answers[key].status_code == 202, (key, answers[key].text)
 
 
 async def test_operator_text_that_postgres_cannot_store_is_refused(

@@ -108,6 +108,7 @@ def test_tax_and_fee_match_the_hand_checked_table(
     ("setting", "value", "problem"),
     [
         ("fee_fixed", {"USD": 30}, "AGENTPAY_FEE_FIXED: 'USD' is not a lowercase ISO 4217"),
+        ("min_charge_amount", {"default": 50}, "AGENTPAY_MIN_CHARGE_AMOUNT: 'default' is not"),
         ("fee_fixed", {"default": 30}, "AGENTPAY_FEE_FIXED: 'default' is not"),
         ("fee_fixed", {"eur": -30}, "AGENTPAY_FEE_FIXED: eur -30 is below 0"),
         ("fee_fixed", {"jod": 5}, "AGENTPAY_FEE_FIXED: jod 5 must be a multiple of 10"),
@@ -123,6 +124,21 @@ def test_per_currency_settings_name_currencies_and_amounts_they_can_mean(
     # or every eur payment stranded at pricing by the fee's CHECK.
     with pytest.raises(ValueError, match=re.escape(problem)):
         Settings(**{setting: value})
+
+
+def test_a_total_below_the_providers_smallest_charge_is_rejected_unless_tax_and_fee_lift_it() -> (
+    None
+):
+    s = Settings()
+    assert s.min_charge_amount["usd"] == 50 and s.min_charge_amount["jpy"] == 50
+    with pytest.raises(pricing.PricingError) as refused:
+        pricing.breakdown([{"unit_amount": 20, "quantity": 2}], "usd", s, requested=None)
+    assert refused.value.code == "amount_invalid"
+    assert "below the provider's smallest charge in usd (50)" in refused.value.message
+    lifted = s.model_copy(update={"fee_fixed": {"usd": 30}})
+    assert pricing.breakdown([], "usd", lifted, requested=40)["amount_total"] == 70
+    off = s.model_copy(update={"min_charge_amount": {}})
+    assert pricing.breakdown([], "usd", off, requested=1)["amount_total"] == 1
 
 
 def test_per_currency_settings_take_what_they_can_mean() -> None:
@@ -154,7 +170,7 @@ def test_rounding_is_half_even_once_in_every_currency(
     step = money.granularity(currency)
     subtotal, fixed = units * step, fixed_units * step
     tax, pct = Decimal(tax_bp) / 10000, Decimal(fee_bp) / 100
-    s = Settings(tax_rate=tax, fee_percent=pct, fee_fixed={currency: fixed})
+    s = Settings(tax_rate=tax, fee_percent=pct, fee_fixed={currency: fixed}, min_charge_amount={})
     amounts = pricing.breakdown([], currency, s, requested=subtotal)
     assert amounts["amount_tax"] == _reference(Fraction(subtotal) * Fraction(tax), step)
     want_fee = _reference(Fraction(subtotal) * Fraction(pct) / 100 + fixed, step)

@@ -196,7 +196,7 @@ async def test_velocity_limits_count_and_amount_in_the_window(
 
     configure(risk_velocity_max_count="100", risk_velocity_max_amount='{"default": 5000}')
     fits = await _create(api, agent_key, amount=3000)  # 2000 so far + 3000 = 5000: allowed
-    over = await _create(api, agent_key, amount=10)
+    over = await _create(api, agent_key, amount=50)
     await run_jobs(pool, ("pricing", "risk"))
     assert (await _get(api, agent_key, fits["id"]))["status"] == "approved"
     rejected = await _get(api, agent_key, over["id"])
@@ -204,7 +204,7 @@ async def test_velocity_limits_count_and_amount_in_the_window(
 
     # Outside the window, nothing counts.
     configure(risk_velocity_window_seconds="0.001", risk_velocity_max_count="1")
-    later = await _create(api, agent_key, amount=10)
+    later = await _create(api, agent_key, amount=50)
     await run_jobs(pool, ("pricing", "risk"))
     assert (await _get(api, agent_key, later["id"]))["status"] == "approved"
 

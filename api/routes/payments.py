@@ -23,10 +23,11 @@ from api.models import (
     wait_is_over,
 )
 from api.waiters import StatusHub
-from tasks import customers, payments
+from tasks import customers, payments, pricing
 from tasks.agents import Agent
 from tasks.app import defer
 from tasks.db import Conn
+from tasks.settings import Settings
 
 router = APIRouter(prefix="/v1/payments", tags=["payments"])
 
@@ -82,6 +83,7 @@ async def create_payment(
     A `customer` belongs to the one agent an operator bound it to; naming one not bound to
     you is a 403 `customer_not_allowed` (not stored under the key: once an operator binds it
     to you, the same request goes through)."""
+    _refuse_below_minimum(body, request.app.state.settings)
     # The refusal below is no stored answer: the transaction, key included, rolls back.
     async with idem.transaction(may_refuse=False) as conn:
         if body.customer is not None and not agent.is_operator:
@@ -114,6 +116,24 @@ async def create_payment(
         )
         await defer(conn, "pricing", payment_id=payment["id"])
         return await idem.respond(_payment(payment), 202)
+
+
+def _refuse_below_minimum(body: PaymentCreate, settings: Settings) -> None:
+    """A 400 for a payment whose total — known here unless a line names a catalog SKU — is
+    below the provider's smallest charge (pricing would reject it; the provider would fail
+    it as `amount_too_small`). Tax and fee count: they may lift a small amount over it."""
+    minimum = settings.min_charge_amount.get(body.currency)
+    lines = [i.model_dump(exclude_none=True) for i in body.line_items or ()]
+    if minimum is None or any("sku" in line for line in lines):
+        return
+    subtotal = body.amount or sum(line["unit_amount"] * line["quantity"] for line in lines)
+    if subtotal >= minimum:
+        return
+    try:
+        pricing.breakdown(lines, body.currency, settings, requested=body.amount)
+    except pricing.PricingError as error:
+        param = "line_items" if lines else "amount"
+        raise ApiError(400, "parameter_invalid", f"{param}: {error.message}", param=param) from None
 
 
 def _utc(value: datetime | None) -> datetime | None:
