@@ -1,8 +1,8 @@
 """Pricing role: received → priced (or rejected). Turns what the agent asked for into amounts.
 
 A payment asks for a fixed `amount` or for line items, each `{sku, quantity}` (the unit amount
-comes from the price catalog, in the payment's currency) or `{description, unit_amount,
-quantity}`. From the subtotal:
+comes from the price catalog, in the payment's currency, as it stood when the payment was
+received: `lookup`) or `{description, unit_amount, quantity}`. From the subtotal:
 
 - tax = subtotal * `tax_rate`, on the total (not per line);
 - fee = subtotal * `fee_percent` / 100 + `fee_fixed[currency]`;
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -187,11 +188,20 @@ async def list_prices(
     return [Price(**row) for row in await cur.fetchall()]
 
 
-async def lookup(conn: Conn, skus: list[str], currency: str) -> dict[str, Price]:
+async def lookup(conn: Conn, skus: list[str], currency: str, at: datetime) -> dict[str, Price]:
+    """The catalog as it stood at `at` (a payment's `created_at`: when it was received), for
+    pricing: each SKU's price in `currency` from the last version of it in force then
+    (`price_history`, migration 0025), so that a change made after a payment came applies only
+    to payments received after it. A SKU with no price then is left out."""
     cur = await conn.execute(
-        """SELECT sku, currency, unit_amount, description, active FROM prices
-           WHERE sku = ANY(%s) AND currency = %s""",
-        (skus, currency),
+        """SELECT v.sku, v.currency, v.unit_amount, v.description, v.active
+             FROM unnest(%s::text[]) AS s (sku)
+            CROSS JOIN LATERAL (
+                  SELECT sku, currency, unit_amount, description, active FROM price_history
+                   WHERE sku = s.sku AND currency = %s AND valid_from <= %s
+                   ORDER BY valid_from DESC
+                   LIMIT 1) AS v""",
+        (skus, currency, at),
     )
     return {row["sku"]: Price(**row) for row in await cur.fetchall()}
 
@@ -264,12 +274,13 @@ def breakdown(
 
 
 async def resolve_lines(
-    conn: Conn, line_items: list[dict[str, Any]], currency: str
+    conn: Conn, line_items: list[dict[str, Any]], currency: str, at: datetime
 ) -> list[dict[str, Any]]:
-    """Line items with their unit amounts: SKU lines from the catalog (active, in this
-    currency), custom lines as given. Raises PricingError for an unknown or inactive SKU."""
+    """Line items with their unit amounts: SKU lines from the catalog as it stood at `at`
+    (active, in this currency), custom lines as given. Raises PricingError for an unknown or
+    inactive SKU."""
     skus = [str(i["sku"]) for i in line_items if i.get("sku")]
-    catalog = await lookup(conn, skus, currency) if skus else {}
+    catalog = await lookup(conn, skus, currency, at) if skus else {}
     resolved = []
     for item in line_items:
         quantity = int(item.get("quantity") or 1)
@@ -305,11 +316,12 @@ async def price(
     conn: Conn, payment: payments.Payment, settings: Settings | None = None
 ) -> dict[str, Any]:
     """The amounts of a payment (subtotal, tax, fee, total, in minor units) and its
-    breakdown. Raises PricingError when it cannot be priced."""
+    breakdown, its SKUs at the catalog's prices when it was received. Raises PricingError
+    when it cannot be priced."""
     settings = settings or get_settings()
     currency = payment["currency"]
     if payment["line_items"]:
-        lines = await resolve_lines(conn, payment["line_items"], currency)
+        lines = await resolve_lines(conn, payment["line_items"], currency, payment["created_at"])
         return breakdown(lines, currency, settings, requested=None)
     return breakdown([], currency, settings, requested=int(payment["amount_requested"]))
 

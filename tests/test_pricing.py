@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import shutil
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.rows import dict_row
 from typer.testing import CliRunner
 
+import schema
 from tasks import money, payments, pricing
 from tasks.db import Pool
 from tasks.settings import Settings, get_settings
-from tests.conftest import auth, run_jobs
+from tests.conftest import PgServer, auth, run_jobs
 from workers.cli import app as cli
 
 # --- the split ---------------------------------------------------------------------------
@@ -319,3 +325,181 @@ def test_prices_cli_sets_and_lists_the_catalog(
         ("gizmo", "usd", 999, False),
     ]
     get_settings.cache_clear()
+
+
+# --- the catalog as it stood when the payment was received -------------------------------
+
+
+async def _set(pool: Pool, sku: str, unit_amount: int) -> None:
+    async with pool.connection() as conn, conn.transaction():
+        await pricing.set_price(conn, sku, "usd", unit_amount, description=sku)
+
+
+async def _priced(api: httpx.AsyncClient, key: str, pool: Pool, payment_id: str) -> dict[str, Any]:
+    """The payment once the pricing role alone ran (risk's job, if any, waits)."""
+    await run_jobs(pool, ("pricing",))
+    payment: dict[str, Any] = (
+        await api.get(f"/v1/payments/{payment_id}", headers=auth(key))
+    ).json()
+    return payment
+
+
+WIDGET = [{"sku": "widget", "quantity": 1}]
+
+
+async def test_a_price_changed_after_the_post_does_not_change_what_the_payment_costs(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """The agent asks for a widget at 1999; an operator sets 99000 before pricing runs (a
+    backlog, the role down): the payment costs 1999, as when it was received, and its
+    breakdown says so. A payment received after the change costs 99000."""
+    await _set(pool, "widget", 1999)
+    before = await _create(api, agent_key, line_items=WIDGET)
+    await _set(pool, "widget", 99000)
+    after = await _create(api, agent_key, line_items=WIDGET)
+    payment = await _priced(api, agent_key, pool, before["id"])
+    assert (payment["status"], payment["amount_subtotal"]) == ("priced", 1999)
+    assert payment["breakdown"]["lines"] == [
+        {
+            "sku": "widget",
+            "description": "widget",
+            "unit_amount": 1999,
+            "quantity": 1,
+            "amount": 1999,
+        }
+    ]
+    later = await _priced(api, agent_key, pool, after["id"])
+    assert (later["status"], later["amount_subtotal"]) == ("priced", 99000)
+    assert later["breakdown"]["lines"][0]["unit_amount"] == 99000
+    # The catalog shows the price as it is now.
+    async with pool.connection() as conn:
+        assert [(p.sku, p.unit_amount) for p in await pricing.list_prices(conn)] == [
+            ("widget", 99000)
+        ]
+
+
+async def test_two_changes_in_one_transaction_leave_the_last_in_force(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Each change of a transaction is a version of its own, in the order made: the last
+    one prices the payments received after the commit."""
+    async with pool.connection() as conn, conn.transaction():
+        await pricing.set_price(conn, "widget", "usd", 500)
+        await pricing.set_price(conn, "widget", "usd", 700)
+        # Touched without a change of terms (by hand): no version.
+        await conn.execute("UPDATE prices SET updated_at = now() WHERE sku = 'widget'")
+    created = await _create(api, agent_key, line_items=WIDGET)
+    assert (await _priced(api, agent_key, pool, created["id"]))["amount_subtotal"] == 700
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT unit_amount FROM price_history WHERE sku = 'widget' ORDER BY valid_from"
+        )
+        assert [r["unit_amount"] for r in await cur.fetchall()] == [500, 700]
+
+
+async def test_a_sku_retired_after_the_post_is_still_sold_at_its_terms_then(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    """Retired after the payment was received: priced as it was on sale; retired before:
+    `inactive_sku`."""
+    await _set(pool, "widget", 1999)
+    before = await _create(api, agent_key, line_items=WIDGET)
+    async with pool.connection() as conn, conn.transaction():
+        assert await pricing.set_active(conn, "widget", "usd", False) == 1
+    after = await _create(api, agent_key, line_items=WIDGET)
+    payment = await _priced(api, agent_key, pool, before["id"])
+    assert (payment["status"], payment["amount_subtotal"]) == ("priced", 1999)
+    refused = await _priced(api, agent_key, pool, after["id"])
+    assert refused["status"] == "rejected"
+    assert refused["failure"]["code"] == "inactive_sku"
+
+
+async def test_a_sku_created_after_the_post_leaves_the_payment_unknown_sku(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool
+) -> None:
+    created = await _create(api, agent_key, line_items=WIDGET)
+    await _set(pool, "widget", 1999)
+    payment = await _priced(api, agent_key, pool, created["id"])
+    assert payment["status"] == "rejected"
+    assert payment["failure"]["code"] == "unknown_sku"
+    assert payment["amount_total"] is None
+
+
+def test_the_migration_keeps_pricing_payments_received_before_it_at_todays_catalog(
+    pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database with prices and a payment not yet priced when 0025 comes: the payment is
+    priced at the catalog as it stood (the prices are in force since always), not rejected
+    `unknown_sku` for want of a version; a change after the migration applies to the
+    payments received after it."""
+    name = pg_server.fresh_name()
+    url = pg_server.create(name)
+    try:
+        before = tmp_path / "migrations"
+        shutil.copytree(schema.MIGRATIONS_DIR, before)
+        (before / "0025_price_history.sql").unlink()
+        with monkeypatch.context() as patched:
+            patched.setattr(schema, "MIGRATIONS_DIR", before)
+            schema.migrate(url)
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                """INSERT INTO prices (sku, currency, unit_amount, description)
+                   VALUES ('widget', 'usd', 1999, 'A widget'), ('gadget', 'usd', 500, NULL);
+                   INSERT INTO agents (id, name) VALUES ('agt_a', 'a');
+                   INSERT INTO payment_jobs (id, agent_id, currency, payment_method,
+                                             line_items, created_at)
+                   VALUES ('pay_old', 'agt_a', 'usd', 'pm_card_visa',
+                           '[{"sku": "widget", "quantity": 2}]', now() - interval '1 hour')"""
+            )
+        assert schema.migrate(url) == ["0025_price_history"]
+        asyncio.run(_price_after_the_migration(url))
+    finally:
+        pg_server.drop(name)
+
+
+async def _price_after_the_migration(url: str) -> None:
+    async with await psycopg.AsyncConnection.connect(
+        url, row_factory=dict_row, autocommit=True
+    ) as conn:
+        assert await _unit_amount(conn, "pay_old") == 1999
+        cur = await conn.execute(
+            """SELECT sku, unit_amount, valid_from = '-infinity' AS always FROM price_history
+               ORDER BY sku"""
+        )
+        assert [(r["sku"], r["unit_amount"], r["always"]) for r in await cur.fetchall()] == [
+            ("gadget", 500, True),
+            ("widget", 1999, True),
+        ]
+        async with conn.transaction():
+            await pricing.set_price(conn, "widget", "usd", 99000)
+            new = await payments.insert(
+                conn,
+                agent_id="agt_a",
+                currency="usd",
+                payment_method="pm_card_visa",
+                line_items=[{"sku": "widget", "quantity": 2}],
+            )
+        assert await _unit_amount(conn, "pay_old") == 1999
+        # Received in the change's transaction, which began before the change: the price
+        # before it (a version starts when its change is made, `clock_timestamp()`).
+        assert await _unit_amount(conn, new["id"]) == 1999
+        async with conn.transaction():
+            newer = await payments.insert(
+                conn,
+                agent_id="agt_a",
+                currency="usd",
+                payment_method="pm_card_visa",
+                line_items=[{"sku": "widget", "quantity": 2}],
+            )
+        assert await _unit_amount(conn, newer["id"]) == 99000
+
+
+async def _unit_amount(conn: Any, payment_id: str) -> int:
+    """What `pricing.price` makes the payment's widget cost (two of them), without moving it."""
+    async with conn.transaction():
+        payment = await payments.lock(conn, payment_id)
+        assert payment is not None
+        amounts = await pricing.price(conn, payment)
+    lines = amounts["price_breakdown"]["lines"]
+    assert amounts["amount_subtotal"] == 2 * lines[0]["unit_amount"]
+    return int(lines[0]["unit_amount"])
