@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         default=Path(".data"), validation_alias=AliasChoices("AGENTPAY_DATA_DIR", "DATA_DIR")
     )
 
-    # Database pools (per process).
+    # Database pools (per process): connections kept open, and the most it opens.
     pool_min_size: int = 2
     pool_max_size: int = 10
 
@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = 20.0
     # Fallback poll when no LISTEN/NOTIFY wake-up arrives.
     poll_interval_seconds: float = 2.0
+    # How often a worker process marks itself alive (procrastinate's heartbeat).
     heartbeat_seconds: float = 5.0
     # A job whose worker has not heartbeat for this long is retried. procrastinate stops
     # heartbeating while a worker drains on shutdown, so this must stay above
@@ -76,6 +77,8 @@ class Settings(BaseSettings):
     # provider alone (3-D Secure completed, an authorization expired); if no webhook told us,
     # reconcile looks at the provider after this long, and again each time this long passes.
     recheck_waiting_after_seconds: float = 900.0
+    # How often the maintenance round runs (rescue of stalled jobs, the sweep of stuck
+    # payments, pruning: workers/maintenance.py), in the one worker process holding its lock.
     maintenance_interval_seconds: float = 5.0
     # Operations (workers/maintenance.py, workers/status.py, docs/operations.md).
     # Finished procrastinate jobs are deleted this long after they finished (the history

@@ -36,7 +36,8 @@ def bench(
     the figures, their ratios and the targets; writes `<data-dir>/bench.json`. Exits 0
     whether or not the targets pass: it reports them (pass or FAIL in the table, `targets`
     in the JSON); non-zero only when it could not run or was stopped. Takes under five
-    minutes on a quiet two-core machine (--quick: about 20 s there), longer on a busy one."""
+    minutes on two cores (about 90 s on a quiet machine; --quick: about 20 s there), longer
+    on a busy one."""
     from bench import report, runner
     from workers import logs
     from workers.cli_common import settings_for, stop_signals_interrupt
