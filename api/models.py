@@ -21,6 +21,15 @@ from pydantic import (
 
 from tasks import money
 
+
+class ApiModel(BaseModel):
+    """Every request and response body. A response field with a default is still always
+    sent, so the schema of a response lists it as required (generated clients type it so);
+    request schemas are unchanged."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
 # Postgres text and jsonb cannot hold NUL characters, nor lone surrogates (JSON may escape
 # one: "\ud800"); refuse both in every string we store. The pattern check refuses both.
 NO_NUL = r"^[^\u0000]*$"
@@ -103,7 +112,7 @@ def _line_item_schema(schema: dict[str, Any]) -> None:
     ]
 
 
-class LineItem(BaseModel):
+class LineItem(ApiModel):
     """`{sku, quantity}` (priced from the catalog) or `{description, unit_amount, quantity}`."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_line_item_schema)
@@ -165,7 +174,7 @@ Metadata = Annotated[
 ]
 
 
-class PaymentCreate(BaseModel):
+class PaymentCreate(ApiModel):
     """A payment request. Give `amount` (minor units) or `line_items`, not both."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_payment_create_schema)
@@ -241,7 +250,7 @@ class PaymentCreate(BaseModel):
         return self
 
 
-class Failure(BaseModel):
+class Failure(ApiModel):
     code: str
     message: str | None
 
@@ -362,7 +371,7 @@ def wait_is_over(status: str, pending_action: str | None, wanted: Collection[str
     return status in SETTLED_STATES and pending_action is None
 
 
-class Payment(BaseModel):
+class Payment(ApiModel):
     id: str
     object: Literal["payment"] = "payment"
     agent_id: str
@@ -395,7 +404,7 @@ class Payment(BaseModel):
     updated_at: datetime
 
 
-class PaymentEvent(BaseModel):
+class PaymentEvent(ApiModel):
     id: int
     type: str
     from_status: str | None
@@ -406,12 +415,12 @@ class PaymentEvent(BaseModel):
     created_at: datetime
 
 
-class EventList(BaseModel):
+class EventList(ApiModel):
     object: Literal["list"] = "list"
     data: list[PaymentEvent]
 
 
-class RefundFailure(BaseModel):
+class RefundFailure(ApiModel):
     code: str
     message: str | None = None
 
@@ -420,7 +429,7 @@ def _refund_create_schema(schema: dict[str, Any]) -> None:
     _strip_null(schema, ("amount",))
 
 
-class RefundCreate(BaseModel):
+class RefundCreate(ApiModel):
     """A refund. Without `amount`, all that remains refundable (leave it out: a null amount
     is refused, not taken as "all")."""
 
@@ -432,7 +441,7 @@ class RefundCreate(BaseModel):
     _no_nulls = field_validator("amount", mode="before")(_not_null)
 
 
-class Refund(BaseModel):
+class Refund(ApiModel):
     id: str
     object: Literal["refund"] = "refund"
     payment_id: str
@@ -446,12 +455,12 @@ class Refund(BaseModel):
     updated_at: datetime
 
 
-class RefundList(BaseModel):
+class RefundList(ApiModel):
     object: Literal["list"] = "list"
     data: list[Refund]
 
 
-class PaymentList(BaseModel):
+class PaymentList(ApiModel):
     """One page of payments, newest first; `has_more` says whether another page follows."""
 
     object: Literal["list"] = "list"
@@ -460,7 +469,7 @@ class PaymentList(BaseModel):
     url: str
 
 
-class AgentInfo(BaseModel):
+class AgentInfo(ApiModel):
     id: str
     object: Literal["agent"] = "agent"
     name: str
@@ -470,17 +479,17 @@ class AgentInfo(BaseModel):
     revoked_at: datetime | None
 
 
-class AgentList(BaseModel):
+class AgentList(ApiModel):
     object: Literal["list"] = "list"
     data: list[AgentInfo]
 
 
-class ErrorDetail(BaseModel):
+class ErrorDetail(ApiModel):
     type: str
     code: str
     message: str
     param: str | None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(ApiModel):
     error: ErrorDetail

@@ -11,12 +11,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.deps import AgentDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import Payment, Refund, RefundCreate, RefundList, SafeText
+from api.models import ApiModel, Payment, Refund, RefundCreate, RefundList, SafeText
 from api.routes.payments import visible
 from tasks import agents, charge, payments, refunds
 from tasks.db import Conn
@@ -27,14 +27,14 @@ ERRORS = responses(400, 401, 404, 409, 413, 429, 500)
 READ_ERRORS = responses(400, 401, 404, 429, 500)
 
 
-class CaptureRequest(BaseModel):
+class CaptureRequest(ApiModel):
     """A capture takes no parameters: the whole authorized amount is captured. (A body with
     any field, say `amount_to_capture`, is refused rather than ignored.)"""
 
     model_config = ConfigDict(extra="forbid")
 
 
-class CancelRequest(BaseModel):
+class CancelRequest(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: SafeText | None = Field(default=None, max_length=500)

@@ -7,12 +7,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError, not_found, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency, MinorUnits, SafeText
+from api.models import ApiModel, Currency, MinorUnits, SafeText
 from tasks import agents, ledger, money
 
 router = APIRouter(tags=["ledger"])
@@ -25,12 +25,12 @@ DEPOSIT_ERRORS = responses(
 )
 
 
-class Amount(BaseModel):
+class Amount(ApiModel):
     amount: int
     currency: str
 
 
-class Balance(BaseModel):
+class Balance(ApiModel):
     object: Literal["balance"] = "balance"
     agent_id: str
     budgeted: bool = Field(description="Held to a budget (created with one, or funded)")
@@ -39,7 +39,7 @@ class Balance(BaseModel):
     held: list[Amount] = Field(description="Reserved for payments in flight")
 
 
-class BalanceTransaction(BaseModel):
+class BalanceTransaction(ApiModel):
     object: Literal["balance_transaction"] = "balance_transaction"
     id: int
     transaction_id: str
@@ -54,13 +54,13 @@ class BalanceTransaction(BaseModel):
     created_at: datetime
 
 
-class BalanceTransactionList(BaseModel):
+class BalanceTransactionList(ApiModel):
     object: Literal["list"] = "list"
     data: list[BalanceTransaction]
     has_more: bool
 
 
-class DepositCreate(BaseModel):
+class DepositCreate(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     amount: MinorUnits = Field(description="Minor units, e.g. 5000 = $50.00")
@@ -68,7 +68,7 @@ class DepositCreate(BaseModel):
     description: SafeText | None = Field(default=None, max_length=500)
 
 
-class Deposit(BaseModel):
+class Deposit(ApiModel):
     object: Literal["deposit"] = "deposit"
     id: str | None
     agent_id: str

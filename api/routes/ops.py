@@ -14,13 +14,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
 from api.metrics import Snapshot, read_snapshot
-from api.models import Payment, SafeText
+from api.models import ApiModel, Payment, SafeText
 from tasks import audit, charge, payments
 from tasks.db import Conn
 
@@ -269,7 +269,7 @@ def _raise(error: Refused) -> ApiError:
     return ApiError(409, "invalid_state", error.message, type_="invalid_request_error")
 
 
-class Action(BaseModel):
+class Action(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: SafeText | None = Field(
@@ -277,7 +277,7 @@ class Action(BaseModel):
     )
 
 
-class Resolution(BaseModel):
+class Resolution(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     reason: SafeText = Field(
@@ -287,7 +287,7 @@ class Resolution(BaseModel):
     )
 
 
-class Job(BaseModel):
+class Job(ApiModel):
     id: int
     role: str
     task: str
@@ -345,7 +345,7 @@ async def cancel_payment_route(
         return await idem.respond(Payment.model_validate(payments.public(payment)))
 
 
-class Mismatch(BaseModel):
+class Mismatch(ApiModel):
     id: int
     payment_id: str
     field: str

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.deps import AgentDep, OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import IdempotencyDep
-from api.models import Currency, MinorUnits, SafeText
+from api.models import ApiModel, Currency, MinorUnits, SafeText
 from tasks import money, pricing
 
 router = APIRouter(prefix="/v1/prices", tags=["prices"])
@@ -20,7 +20,7 @@ ERRORS = responses(400, 401, 403, 413, 429, 500)
 SET_ERRORS = responses(400, 401, 403, 409, 413, 429, 500)
 
 
-class PriceSet(BaseModel):
+class PriceSet(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     sku: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
@@ -30,7 +30,7 @@ class PriceSet(BaseModel):
     active: bool = True
 
 
-class Price(BaseModel):
+class Price(ApiModel):
     object: Literal["price"] = "price"
     sku: str
     currency: str
@@ -39,7 +39,7 @@ class Price(BaseModel):
     active: bool
 
 
-class PriceList(BaseModel):
+class PriceList(ApiModel):
     object: Literal["list"] = "list"
     data: list[Price]
 

@@ -6,12 +6,12 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from api.deps import OperatorDep, PoolDep
 from api.errors import ApiError, responses
 from api.idempotency import Idempotency, IdempotencyDep
-from api.models import Payment, SafeText
+from api.models import ApiModel, Payment, SafeText
 from tasks import payments, risk
 
 router = APIRouter(prefix="/v1/review", tags=["review"])
@@ -22,13 +22,13 @@ DECISION_ERRORS = responses(
 )
 
 
-class Decision(BaseModel):
+class Decision(ApiModel):
     model_config = ConfigDict(extra="forbid")
 
     note: SafeText | None = Field(default=None, max_length=500, description="Why (kept in events)")
 
 
-class ReviewList(BaseModel):
+class ReviewList(ApiModel):
     object: Literal["list"] = "list"
     data: list[Payment]
 
