@@ -114,18 +114,24 @@ def blocked_rules(
 async def velocity_rules(
     conn: Conn, payment: payments.Payment, settings: Settings
 ) -> list[Finding]:
-    """The agent's other payments in the window that passed risk, this one included."""
+    """The agent's other payments that passed risk, created within the window of this one's
+    creation (before or after it: risk may take them out of order), this one included. The
+    window is around when the payment was made, not when risk runs: with risk behind (a
+    burst of one agent, whose steps run one at a time, an outage, a deploy) a window ending
+    at `now()` counted fewer and fewer of the burst, and none once risk was a window late."""
     cur = await conn.execute(
         """SELECT count(*) AS n,
                   coalesce(sum(amount_total) FILTER (WHERE currency = %(currency)s), 0) AS amount
            FROM payment_jobs
            WHERE agent_id = %(agent)s AND id <> %(id)s
-             AND created_at > now() - make_interval(secs => %(window)s)
+             AND created_at > %(created)s - make_interval(secs => %(window)s)
+             AND created_at < %(created)s + make_interval(secs => %(window)s)
              AND status NOT IN ('received', 'priced', 'rejected')""",
         {
             "currency": payment["currency"],
             "agent": payment["agent_id"],
             "id": payment["id"],
+            "created": payment["created_at"],
             "window": settings.risk_velocity_window_seconds,
         },
     )

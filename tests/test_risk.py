@@ -209,6 +209,30 @@ async def test_velocity_limits_count_and_amount_in_the_window(
     assert (await _get(api, agent_key, later["id"]))["status"] == "approved"
 
 
+async def test_velocity_counts_a_burst_however_late_risk_runs(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, configure: Callable[..., None]
+) -> None:
+    """The window ended at `now()` when risk ran: a burst risk took a window late (a
+    backlog — one agent's risk steps run one at a time —, an outage, a deploy) was counted as
+    nothing, and every payment of it passed. The window is around each payment's creation."""
+    configure(risk_velocity_max_count="2", risk_velocity_window_seconds="60")
+    burst = [await _create(api, agent_key, amount=1000) for _ in range(5)]
+    await run_jobs(pool, ("pricing",))
+    async with pool.connection() as conn, conn.transaction():
+        # Risk an hour behind: the burst was made an hour before risk looks at it (a
+        # payment's created_at never changes: past its trigger for this test only).
+        await conn.execute("SET LOCAL session_replication_role = replica")
+        await conn.execute(
+            "UPDATE payment_jobs SET created_at = created_at - interval '1 hour' "
+            "WHERE id = ANY(%s)",
+            ([p["id"] for p in burst],),
+        )
+    await run_jobs(pool, ("risk",))
+    decided = [await _get(api, agent_key, p["id"]) for p in burst]
+    assert [p["status"] for p in decided] == ["approved"] * 2 + ["rejected"] * 3
+    assert {p["failure"]["code"] for p in decided[2:]} == {"velocity_count_exceeded"}
+
+
 async def test_an_agent_over_budget_is_rejected_with_insufficient_budget(
     api: httpx.AsyncClient, agent_key: str, pool: Pool
 ) -> None:
