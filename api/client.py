@@ -25,7 +25,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
@@ -313,6 +313,13 @@ def _payment_body(
     return body
 
 
+def _instant(when: datetime | None) -> str | None:
+    """A moment as the API takes it: with its offset. A naive datetime is local time, as
+    Python's own `datetime.timestamp()` takes it (the API would read one sent without an
+    offset as UTC)."""
+    return None if when is None else when.astimezone(UTC).isoformat()
+
+
 def _list_params(
     limit: int,
     starting_after: str | None,
@@ -327,8 +334,8 @@ def _list_params(
         ("ending_before", ending_before),
         # Several states: `status=a&status=b` (httpx sends a list so), payments in any of them.
         ("status", status if status is None or isinstance(status, str) else _states(status)),
-        ("created[gte]", created_gte.isoformat() if created_gte else None),
-        ("created[lte]", created_lte.isoformat() if created_lte else None),
+        ("created[gte]", _instant(created_gte)),
+        ("created[lte]", _instant(created_lte)),
     ):
         if value is not None:
             params[name] = value

@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import httpx
 import psycopg
@@ -184,6 +186,36 @@ async def test_an_id_stays_one_path_segment() -> None:
         b"/v1/payments/x%3Fy",
         b"/v1/payments/a%2Fb%23c",
     ]
+
+
+async def test_a_naive_datetime_filters_by_local_time_not_utc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`datetime(2025, 1, 15, 12)` went out without an offset, which the API reads as UTC:
+    in New York the window was five hours off. A naive datetime is local time, as Python takes
+    it; an aware one keeps its moment."""
+    seen: list[httpx.URL] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url)
+        body = {"object": "list", "data": [], "has_more": False, "url": "/v1/payments"}
+        return httpx.Response(200, json=body)
+
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        async with AsyncAgentPay(
+            "http://x", "apk_k", transport=httpx.MockTransport(handler), max_retries=0
+        ) as client:
+            await client.list_payments(
+                created_gte=datetime(2025, 1, 15, 12),
+                created_lte=datetime(2025, 1, 15, 12, tzinfo=UTC),
+            )
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert seen[0].params["created[gte]"] == "2025-01-15T17:00:00+00:00"
+    assert seen[0].params["created[lte]"] == "2025-01-15T12:00:00+00:00"
 
 
 async def test_gives_up_after_max_retries_and_does_not_retry_4xx() -> None:
