@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # provider alone (3-D Secure completed, an authorization expired); if no webhook told us,
     # reconcile looks at the provider after this long, and again each time this long passes.
     recheck_waiting_after_seconds: float = 900.0
+    # A payment whose customer has not completed 3-D Secure (requires_action) for this long
+    # is canceled, its budget hold released: the provider would keep it open for good.
+    requires_action_expire_seconds: float = Field(default=86400.0, gt=0)
     # How often the maintenance round runs (rescue of stalled jobs, the sweep of stuck
     # payments, pruning: workers/maintenance.py), in the one worker process holding its lock.
     maintenance_interval_seconds: float = 5.0

@@ -240,6 +240,34 @@ async def test_cancel_of_a_payment_waiting_for_authentication_cancels_its_intent
     assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
 
 
+async def test_a_payment_left_waiting_for_authentication_is_canceled_after_a_day(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
+) -> None:
+    """The customer never completed 3-D Secure: the provider keeps the intent open for good,
+    and the payment held its budget, and was looked at at the provider every recheck period,
+    for ever. Past `AGENTPAY_REQUIRES_ACTION_EXPIRE_SECONDS` maintenance cancels it as an
+    agent's cancel would."""
+    from workers.maintenance import expire_abandoned_authentications
+
+    created = await create(api, agent_key, payment_method="pm_card_authenticationRequired")
+    await run_jobs(pool)
+    payment = await fetch(api, agent_key, created["id"])
+    assert payment["status"] == "requires_action"
+    assert await expire_abandoned_authentications(pool, older_than=3600) == []  # not yet
+    assert await expire_abandoned_authentications(pool, older_than=0) == [payment["id"]]
+    assert await expire_abandoned_authentications(pool, older_than=0) == []  # asked once
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["status"] == "canceled"
+    assert intent(provider_base, payment["provider_payment_id"])["status"] == "canceled"
+    events = (
+        await api.get(f"/v1/payments/{payment['id']}/events", headers=auth(agent_key))
+    ).json()["data"]
+    asked = [e for e in events if e["type"] == "cancel_requested"]
+    assert [(e["actor"], e["reason"]) for e in asked] == [
+        ("maintenance", "authentication not completed within 0s")
+    ]
+
+
 async def test_cancel_before_the_provider_is_immediate_and_nothing_is_charged(
     api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str
 ) -> None:

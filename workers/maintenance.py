@@ -5,6 +5,9 @@ interval in every worker process, one process at a time (an advisory lock elects
 - `rescue_stalled_jobs`: jobs of a worker that stopped heartbeating go back to the queue
   (not before the database has been back for as long, after an outage: see `run_once`);
 - `sweep_stuck_payments`: a non-final payment with no job is driven on again;
+- `recheck_waiting_payments`, `expire_abandoned_authentications`: a payment waiting on a
+  person is looked at at the provider now and then, and canceled after a day of
+  `requires_action`;
 - every `event_catch_up_interval_seconds`, `catch_up_events` is deferred (tasks/catchup.py):
   refund and dispute events no webhook delivered are taken in from the provider's list;
 - `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
@@ -152,6 +155,42 @@ async def recheck_waiting_payments(pool: Pool, older_than: float) -> list[str]:
         for payment_id in due:
             await defer(conn, "reconcile", payment_id=payment_id)
     return due
+
+
+# Who cancels a payment whose customer never completed 3-D Secure (its events' actor).
+EXPIRY_ACTOR = "maintenance"
+
+
+async def expire_abandoned_authentications(pool: Pool, older_than: float) -> list[str]:
+    """Cancel each payment left `requires_action` (the customer never completed 3-D Secure)
+    for `older_than` seconds: the provider keeps such a PaymentIntent open for good, its
+    budget hold stayed, and the recheck of waiting payments looked at it at the provider
+    every period for ever — a cost that grew with every abandoned payment. The cancel goes
+    through the provider as an agent's would (`charge.request_cancel`): should the customer
+    complete it meanwhile, the provider decides. Returns the payments canceled."""
+    async with pool.connection() as conn, conn.transaction():
+        cur = await conn.execute(
+            """SELECT id FROM payment_jobs
+               WHERE status = 'requires_action' AND cancel_requested_at IS NULL
+                 AND updated_at < now() - make_interval(secs => %s)
+               ORDER BY updated_at
+               LIMIT 500
+               FOR UPDATE SKIP LOCKED""",
+            (older_than,),
+        )
+        expired = [row["id"] for row in await cur.fetchall()]
+        for payment_id in expired:
+            payment = await payments.lock(conn, payment_id)
+            assert payment is not None
+            await charge.request_cancel(
+                conn,
+                payment,
+                actor=EXPIRY_ACTOR,
+                reason=f"authentication not completed within {older_than:g}s",
+            )
+    if expired:
+        log.warning("canceled %d payment(s) whose authentication was never completed", len(expired))
+    return expired
 
 
 async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
@@ -443,6 +482,7 @@ class Maintenance:
             await sweep_stuck_payments(self.pool, s.sweep_after_seconds)
             await sweep_stuck_requests(self.pool, s.sweep_after_seconds)
             await recheck_waiting_payments(self.pool, s.recheck_waiting_after_seconds)
+            await expire_abandoned_authentications(self.pool, s.requires_action_expire_seconds)
             await catchup.defer_if_due(conn, s.event_catch_up_interval_seconds)
             if now >= self._next_prune:
                 self._next_prune = now + s.prune_interval_seconds  # also when it fails
