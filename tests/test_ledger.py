@@ -160,7 +160,8 @@ OUTCOMES = [
     plan=st.lists(
         st.one_of(
             st.tuples(st.just("deposit"), st.integers(0, 2), st.integers(1, 5000)),
-            st.tuples(st.sampled_from(OUTCOMES), st.integers(0, 2), st.integers(1, 4000)),
+            # From the provider's smallest charge in usd (min_charge_amount).
+            st.tuples(st.sampled_from(OUTCOMES), st.integers(0, 2), st.integers(50, 4000)),
         ),
         min_size=1,
         max_size=8,

@@ -946,17 +946,15 @@ async def test_a_chargeback_from_the_provider_is_recorded_and_its_loss_booked_on
     assert books.get("provider_clearing", 0) + books.get("platform_fees", 0) == 0
     assert (await fetch(api, agent_key, payment["id"]))["status"] == "reconciled"
 
+    # The provider refuses to refund a charge lost to a dispute: so does the API, at once.
     asked = await api.post(
         f"/v1/payments/{payment['id']}/refunds", json={"amount": 500}, headers=auth(agent_key)
     )
-    assert asked.status_code == 202, asked.text
-    await run_jobs(pool)
-    wait_for(lambda: deliveries_done(provider_base), timeout=20, what="deliveries")
-    await run_jobs(pool)
-    [refund] = (
-        await api.get(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))
-    ).json()["data"]
-    assert (refund["status"], refund["failure"]["code"]) == ("failed", "charge_disputed")
+    assert asked.status_code == 409, asked.text
+    assert asked.json()["error"]["code"] == "charge_disputed"
+    assert (await api.get(f"/v1/payments/{payment['id']}/refunds", headers=auth(agent_key))).json()[
+        "data"
+    ] == []
     after = await fetch(api, agent_key, payment["id"])
     assert (after["status"], after["amount_refunded"]) == ("reconciled", 0)
     assert after["amount_lost_to_disputes"] == total  # the agent sees it on the payment
