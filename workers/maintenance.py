@@ -8,6 +8,9 @@ interval in every worker process, one process at a time (an advisory lock elects
 - `recheck_waiting_payments`, `expire_abandoned_authentications`: a payment waiting on a
   person is looked at at the provider now and then, and canceled after a day of
   `requires_action`;
+- `repair_dispute_losses` (every `sweep_after_seconds`): a lost dispute an API of an older
+  release stored without booking it, or booked without `amount_lost_to_disputes`, is
+  booked, or the column set, as this release does (during a deploy);
 - every `event_catch_up_interval_seconds`, `catch_up_events` is deferred (tasks/catchup.py):
   refund and dispute events no webhook delivered are taken in from the provider's list;
 - `prune_finished_jobs` (every `prune_interval_seconds`, every round while there is a
@@ -302,6 +305,52 @@ async def sweep_stuck_requests(pool: Pool, older_than: float) -> list[str]:
     return redriven
 
 
+async def repair_dispute_losses(pool: Pool) -> list[str]:
+    """What an API of an older release, still serving webhooks during a deploy, left undone
+    of a lost dispute: one that stored the event without booking it (before 0020) — the loss
+    booked now as its event is (`disputes.book_missed`, one transaction per payment) — and
+    one that booked it without `amount_lost_to_disputes` (before 0024) — the column set to
+    what the ledger's postings say (`disputes.repair_lost_amounts`). Each repair is logged
+    as a warning. Returns the payments repaired. Run once a sweep period (`Maintenance`)."""
+    repaired: list[str] = []
+    async with pool.connection() as conn:
+        missed = await disputes.missed_payments(conn)
+    for payment_id in missed:
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                done = await disputes.book_missed(conn, payment_id)
+        except Exception as error:
+            if database_lost(error):
+                raise
+            # One payment's failure (a lock or statement timeout, bad data) holds up no other.
+            log.exception("booking a missed lost dispute failed", extra={"payment_id": payment_id})
+            continue
+        for item in done:
+            log.warning(
+                "lost dispute %s of payment %s booked by maintenance: the API that stored "
+                "its event %s did not book it",
+                item["dispute_id"],
+                payment_id,
+                item["event_id"],
+                extra={"payment_id": payment_id, **item},
+            )
+        if done:
+            repaired.append(payment_id)
+    async with pool.connection() as conn, conn.transaction():
+        fixed = await disputes.repair_lost_amounts(conn)
+    for item in fixed:
+        log.warning(
+            "amount_lost_to_disputes of payment %s repaired: %s, the ledger's dispute postings "
+            "say %s",
+            item["payment_id"],
+            item["was"],
+            item["now"],
+            extra=item,
+        )
+        repaired.append(item["payment_id"])
+    return repaired
+
+
 # The tasks whose failed job `sweep_stuck_requests` runs again unless a later job of the
 # same work exists (the refund sync: of the same payment; the others: same arguments).
 REDRIVEN_BY_ARGS = [charge.VOID_TASK, charge.UNOWNED_TASK, charge.LATE_TASK]
@@ -439,6 +488,7 @@ class Maintenance:
         self.pool = pool
         self.settings = settings
         self._next_prune = 0.0
+        self._next_dispute_repair = 0.0
         self._lost = False
         self._back_at = float("-inf")  # when this process last got the database back
 
@@ -500,6 +550,11 @@ class Maintenance:
                     # A full batch: more are due (a fleet finishing more jobs than a batch an
                     # interval). Go on next round instead of falling further behind.
                     self._next_prune = now
+            if now >= self._next_dispute_repair:
+                # Once a sweep period, not every round: what it looks for comes only from
+                # an API of an older release, during a deploy.
+                self._next_dispute_repair = now + s.sweep_after_seconds  # also when it fails
+                await repair_dispute_losses(self.pool)
         return True
 
 
