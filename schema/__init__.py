@@ -3,10 +3,13 @@
 `schema/migrations/NNNN_name.sql` files run in name order, each in its own transaction, and
 are recorded in `schema_migrations` with a checksum of their text: a migration edited after it
 was applied is refused (`MigrationEdited`), since its change would never reach a database
-that has it already. Procrastinate's own schema is installed first and recorded as
-`procrastinate-<version>`; a later procrastinate release is brought up to date with the
-migration files it ships. Concurrent runners serialise on an advisory lock, so every process
-of a deploy may call `migrate()` safely.
+that has it already — unless the database has one of the known earlier texts of
+schema/earlier.py (migrations edited before this rule was kept): it is accepted and stamped
+with the current checksum, after the migration that repairs it where it left another schema
+(applied right after the migration it must follow). Procrastinate's own schema is installed
+first and recorded as `procrastinate-<version>`; a later procrastinate release is brought up
+to date with the migration files it ships. Concurrent runners serialise on an advisory lock,
+so every process of a deploy may call `migrate()` safely.
 
 A migration waits at most `LOCK_TIMEOUT` for each lock it needs: while it waits, every
 query that needs the same table queues behind it, so one long transaction elsewhere (an open
@@ -32,6 +35,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import tuple_row
+
+from schema.earlier import EARLIER, REPAIRS
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Any constant works; it only has to be the same in every process that migrates.
@@ -156,10 +161,14 @@ def migrate(database_url: str, on_applied: Callable[[str], None] | None = None) 
                 conn.execute("SELECT name, checksum FROM schema_migrations").fetchall()
             )
             ours = project_migrations()
-            _check_unedited(conn, ours, done)
-            steps = _procrastinate_steps(set(done)) + [m for m in ours if m.name not in done]
+            repairs = _check_unedited(conn, ours, done)
+            steps = _procrastinate_steps(set(done)) + _ordered(
+                [m for m in ours if m.name not in done], repairs
+            )
             for step in steps:
-                _apply(conn, step)
+                _apply(
+                    conn, step, restamp=[m for m in ours if m.name in repairs.get(step.name, ())]
+                )
                 applied.append(step.name)
                 report(step.name)
         finally:
@@ -189,10 +198,32 @@ def _procrastinate_steps(done: set[str]) -> list[Migration]:
 
 def _check_unedited(
     conn: psycopg.Connection, ours: list[Migration], done: dict[str, str | None]
-) -> None:
-    """Refuse to go on when an applied migration's text changed; record the checksums of
-    those applied before checksums were kept."""
-    edited = [m.name for m in ours if done.get(m.name) not in (None, m.checksum)]
+) -> dict[str, set[str]]:
+    """Refuse to go on when an applied migration's text changed, unless it is a known earlier
+    text (schema/earlier.py): a harmless one is stamped with the current checksum now; one
+    that needs a repair is returned, {repair migration: {migrations it repairs}}, and stamped
+    when its repair is applied (at once when that was applied before). Record the checksums
+    of those applied before checksums were kept."""
+    repairs: dict[str, set[str]] = {}
+    edited = []
+    for m in ours:
+        recorded = done.get(m.name)
+        if recorded in (None, m.checksum):
+            continue
+        earlier = EARLIER.get(m.name, {}).get(recorded)
+        if earlier is None:
+            edited.append(m.name)
+        elif earlier.repair is None or earlier.repair in done:
+            log.info("migration %s was applied from an earlier text (%s)", m.name, earlier.differs)
+            _stamp(conn, m)
+        else:
+            log.warning(
+                "migration %s was applied from an earlier text (%s): %s repairs it",
+                m.name,
+                earlier.differs,
+                earlier.repair,
+            )
+            repairs.setdefault(earlier.repair, set()).add(m.name)
     if edited:
         raise MigrationEdited(
             f"applied migrations were edited since: {', '.join(edited)}. An applied migration "
@@ -201,13 +232,37 @@ def _check_unedited(
         )
     for m in ours:
         if m.name in done and done[m.name] is None:
-            conn.execute(
-                "UPDATE schema_migrations SET checksum = %s WHERE name = %s",
-                (m.checksum, m.name),
-            )
+            if m.name in EARLIER:
+                # Recorded before checksums were kept: which of its texts ran is unknown.
+                log.warning(
+                    "migration %s has no checksum recorded; stamped with this release's, but "
+                    "it may have been applied from an earlier text (schema/earlier.py)",
+                    m.name,
+                )
+            _stamp(conn, m)
+    return repairs
 
 
-def _apply(conn: psycopg.Connection, migration: Migration) -> None:
+def _stamp(conn: psycopg.Connection, m: Migration) -> None:
+    conn.execute("UPDATE schema_migrations SET checksum = %s WHERE name = %s", (m.checksum, m.name))
+
+
+def _ordered(steps: list[Migration], repairs: dict[str, set[str]]) -> list[Migration]:
+    """`steps` with each repair the database needs moved to right after the migration it
+    must follow (`REPAIRS`), or first when that one is applied already."""
+    for name in repairs:
+        step = next(m for m in steps if m.name == name)
+        steps.remove(step)
+        after = next((i + 1 for i, m in enumerate(steps) if m.name == REPAIRS[name]), 0)
+        steps.insert(after, step)
+    return steps
+
+
+def _apply(
+    conn: psycopg.Connection, migration: Migration, restamp: list[Migration] | None = None
+) -> None:
+    """Run `migration` and record it, in one transaction, with the checksums of `restamp`
+    (those it repairs) stamped."""
     for attempt in range(1, LOCK_ATTEMPTS + 1):
         try:
             with conn.transaction():
@@ -218,6 +273,8 @@ def _apply(conn: psycopg.Connection, migration: Migration) -> None:
                     "INSERT INTO schema_migrations (name, checksum) VALUES (%s, %s)",
                     (migration.name, migration.checksum),
                 )
+                for m in restamp or ():
+                    _stamp(conn, m)
             return
         except psycopg.errors.LockNotAvailable as error:
             if attempt == LOCK_ATTEMPTS:

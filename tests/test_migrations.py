@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -10,7 +13,8 @@ import psycopg
 import pytest
 
 import schema
-from tests.conftest import invoke_cli
+from schema.earlier import EARLIER, REPAIRS
+from tests.conftest import TEMPLATE, PgServer, invoke_cli
 
 
 def test_procrastinate_scripts_numbered_the_installed_version_are_applied(
@@ -165,3 +169,178 @@ def test_a_missing_function_of_ours_says_to_migrate_and_any_other_is_a_bug() -> 
     bug = psycopg.errors.UndefinedFunction("operator does not exist: text = integer")
     with pytest.raises(psycopg.errors.UndefinedFunction), database_errors():
         raise bug
+
+
+# The checksum of every text of every migration ever committed, the current one last (from
+# `git log --format=%H -- schema/migrations/NNNN_*.sql` and `git show <commit>:<file>`). A
+# migration edited after it was committed is refused by every database that applied it;
+# each earlier text must be in schema/earlier.py, with what differs and, when a database
+# migrated with it has another schema, the migration that repairs it.
+COMMITTED_TEXTS: dict[str, list[str]] = {
+    "0001_payments": ["3738ae0020cb21b8828f100be33663241d983b513cd1b1ab90723ed9fffc5f1a"],
+    "0002_provider": ["4e2a796c96f78c882ef4a498855ef2596b22382771728c4bc84890d8852d0259"],
+    "0003_api": ["a7499949d527cb3d320c8e506bad345287326100f672dad684ea3c9aa362597f"],
+    "0004_ledger": ["e7295715f756482da1e780c8023581656f8e34c7fee82d2edcd1d256f74fdd6f"],
+    "0005_operations": ["85f2ac50281544bf4fde8b33115973542c2ded0c4fde28a6e51c1beae7f5deb8"],
+    "0006_ledger_speed": ["ce0001a03eabb82ed57d8894b86eacc0f1f4ac6862e7cef6f57f303db21ae6c6"],
+    "0007_claim_speed": ["c61ff2af81b222a1ab608712bdfd33a51b64d7f409e5e9e9cceb73588fcb08f6"],
+    "0008_ops_views": ["2377dec5619ca224656458b44d4b211b44f8d6fe687371cde9c3a2a3343b02a0"],
+    "0009_pending_actions": [
+        "b46f1b78385d39b2ea50777752b826d3e6256f2b72b31d89efddd68cd4b29ed6",  # eb0fb4e
+        "e4ced85718fdbf57b86805f2109b4fc3764955bffa58049e49f542c4a3e1c484",
+    ],
+    "0010_amount_captured": ["4161e58c2e8795214db840017e0ba6e0787779282faed35fded2c6bc1365f231"],
+    "0011_failed_jobs_index": ["42cb5ab47aea97079d90cf3eb4ef4bfa0c1503881041ba7a8b62f9c91bd5242a"],
+    "0012_customer": ["00de5d3cbc5d948b8e8dfaad321021b7e2c53e69ebf7347df1fb70e5c286a3da"],
+    "0013_worker_roles": ["94f7b129c165045bc6891213154625ac1286fa3de37cdb3ab0c51c7bea0e9190"],
+    "0014_ops_counts": [
+        "6ece1cbca8d4aeee21f38c8d0717e10a51b85cfc8b6f644c93ce4519bb028f74",  # e7989d0
+        "0bb2d1d62e6a00af2c12dc2aee966b19e9400fc4724f869829baf5a9669c9d63",
+    ],
+    "0015_mismatch_resolution": [
+        "c10de15573509cff78c28a6fa8944e2b8997a8367e37e74d85cf791d47e0c526"
+    ],
+    "0016_webhook_retention": ["afd81a143255852c3df91d349ef3f51edeca7779e663cb780edc1161880baa85"],
+    "0017_customer_owners": [
+        "9956c750ea93d3304b8f3c061fd8e7faa30a08c49445a0e1634807a94440595f",  # 8dcea6b
+        "6411964c452ce6bbeb7a01acb68706e8f0481a68e76ad322840ab7d289f50180",  # 1a253cd
+        "19d1abeaf03c520b05441db6d26d4cc9255c4ddb1bde239d926b16bed10a6cdc",
+    ],
+    "0018_failures_dealt_with": [
+        "aa6cc5adbc456da5b09a3c8f90546dadbd717accd9db48ce3b8ee0bbbdabc170"
+    ],
+    "0019_operator_audit": [
+        "e6d65bea039b6f8223b8d0ba86f1e4d383a0ad8874ae7ae2ae42376f37aa475d",  # 8ac5bd1
+        "9d1d57738d3b3a9cbbe865f965c3e2767a5f5c847f8ca7b7086d2e7e3c3b45a1",
+    ],
+    "0020_dispute_losses": ["6b9c070ab85cef50d3f2033221f781dbe5074259d3de71d95af233175ecbb57e"],
+    "0021_event_catch_up": [
+        "d50c3acec2846537456f94af32f15cd301f237a98a6174da9277f88b198120eb",  # 92bf250
+        "df6b19413b7e621e282be66cd7298bb58a2d8da354fccc58535232a26f51a319",
+    ],
+    "0022_failures_of_ended_payments": [
+        "938964fafb2243693228050729b971d2b8e54c2a5d50f47f23f8d61892c947d0",  # 40925a2
+        "9ddf93b3568e3ee578bbe4b549df0460e0e4b695827ca8e9560fe3dc363f3e92",
+    ],
+    "0023_ops_stuck_and_failures": [
+        "661af51cd26a05a3d982475f5e29335bf7609cea77b02e7dc5461387453f6d0f",  # e653bea
+        "b96f3b95a207e8a0cc7bde6629c48a29cd18d57f29e1bc4f06fdb8765296d01f",  # 094ceb3
+        "13a5016fd875e1472cff1fba3d2f936fe24d828a7c25bd7af4fb9b589b6b2ead",
+    ],
+    "0024_amount_lost_to_disputes": [
+        "04d2a74db2e7533d0ff525d8b67e7400cd21ad7c12bbe598127794070c8ca836"
+    ],
+    "0025_price_history": ["d88407dff54ab30f5983ce5d16c0edc85ed05fd158a34510848df6bf9739ab15"],
+    "0026_repair_earlier_0009_0017_0021": [
+        "c16fd530985f5a09c3ff14aec5c81faa7baa034fb5cc5135f5a90d0f22c4023a"
+    ],
+    "0027_repair_earlier_0023": [
+        "243424e903e035e861f7ceed7b674506563851c995bb36196527684ad9b31f1f"
+    ],
+}
+
+# The earlier texts whose databases have another schema (tests/earlier_migrations/, each
+# named after the commit that made it): migrated with one, then with this release, a database
+# must end as one migrated with this release alone.
+EARLIER_DIR = Path(__file__).parent / "earlier_migrations"
+
+
+def test_every_committed_text_of_a_migration_is_current_or_known_earlier() -> None:
+    """A migration edited without its previous text in schema/earlier.py would be refused by
+    every database that applied it (`agentpay migrate` exits 1): edit the migration only
+    together with an entry there, and this table."""
+    current = {m.name: m.checksum for m in schema.project_migrations()}
+    assert current == {name: texts[-1] for name, texts in COMMITTED_TEXTS.items()}, (
+        "a migration's text changed (or one was added): record its checksum in "
+        "COMMITTED_TEXTS, and the previous one in schema/earlier.py with what differs"
+    )
+    earlier_committed = {(n, c) for n, texts in COMMITTED_TEXTS.items() for c in texts[:-1]}
+    assert earlier_committed == {(n, c) for n, texts in EARLIER.items() for c in texts}
+    for entries in EARLIER.values():
+        for entry in entries.values():
+            assert entry.differs
+            assert entry.repair is None or entry.repair in REPAIRS
+    for repair, after in REPAIRS.items():
+        assert repair in current and after in current and after < repair
+    structural = {(n, c) for n, texts in EARLIER.items() for c, e in texts.items() if e.repair}
+    stored = {
+        (n, hashlib.sha256(f.read_bytes()).hexdigest())
+        for f in EARLIER_DIR.glob("*.sql")
+        for n in [f.name.split(".", 1)[0]]
+    }
+    assert stored == structural
+
+
+def _dump_schema(pg_server: PgServer, url: str) -> str:
+    pg_dump = str(pg_server.embedded.bin("pg_dump")) if pg_server.embedded else "pg_dump"
+    out = subprocess.run(
+        [pg_dump, "--schema-only", "--no-owner", url], check=True, capture_output=True, text=True
+    ).stdout
+    # (pg_dump 17.6+ brackets its output with a random \restrict key.)
+    return "\n".join(
+        line for line in out.splitlines() if not line.startswith(("--", "\\restrict", "\\unres"))
+    )
+
+
+@pytest.mark.parametrize("text", sorted(f.name for f in EARLIER_DIR.glob("*.sql")))
+def test_a_database_migrated_with_an_earlier_text_ends_as_one_migrated_now(
+    text: str, pg_server: PgServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database migrated by a commit whose text of a migration differs (its migrations up
+    to that one, that one as it was then): `migrate` of this release accepts it, applies the
+    repair where the migrations after it need it, and the schema is the same as a database
+    migrated by this release alone."""
+    name = text.split(".", 1)[0]
+    folder = tmp_path / "then"
+    folder.mkdir()
+    for m in schema.project_migrations():
+        if m.name < name:
+            (folder / f"{m.name}.sql").write_text(m.sql, encoding="utf-8")
+    (folder / f"{name}.sql").write_bytes((EARLIER_DIR / text).read_bytes())
+    database = pg_server.fresh_name()
+    url = pg_server.create(database)
+    try:
+        monkeypatch.setattr(schema, "MIGRATIONS_DIR", folder)
+        assert schema.migrate(url)[-1] == name
+        monkeypatch.undo()
+        schema.migrate(url)
+        assert _dump_schema(pg_server, url) == _dump_schema(pg_server, pg_server.url(TEMPLATE))
+        assert schema.migrate(url) == []
+        with psycopg.connect(url) as conn:
+            recorded = dict(conn.execute("SELECT name, checksum FROM schema_migrations"))
+        assert all(recorded[m.name] == m.checksum for m in schema.project_migrations())
+    finally:
+        pg_server.drop(database)
+
+
+@pytest.mark.parametrize(
+    ("name", "checksum"),
+    [(n, c) for n, texts in EARLIER.items() for c, e in texts.items() if e.repair is None],
+)
+def test_a_harmless_earlier_text_is_accepted_and_stamped(
+    name: str, checksum: str, database_url: str
+) -> None:
+    """A text that differs in comments, data or a view defined again later: the database is
+    as this release's text makes it, and only its checksum is stamped."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = %s WHERE name = %s", (checksum, name))
+        assert schema.migrate(database_url) == []
+        current = next(m.checksum for m in schema.project_migrations() if m.name == name)
+        assert conn.execute(
+            "SELECT checksum FROM schema_migrations WHERE name = %s", (name,)
+        ).fetchone() == (current,)
+
+
+def test_a_database_without_checksums_is_stamped_with_a_warning_where_texts_differed(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE schema_migrations SET checksum = NULL")
+    with caplog.at_level("WARNING", logger="agentpay.schema"):
+        assert schema.migrate(database_url) == []
+    warned = {
+        found.group(1)
+        for r in caplog.records
+        if (found := re.match(r"migration (\S+) has no checksum", r.getMessage()))
+    }
+    assert warned == set(EARLIER)
