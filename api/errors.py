@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tasks.db import stale_plan
+
 log = logging.getLogger("agentpay.api")
 
 
@@ -169,7 +171,8 @@ def install(app: FastAPI) -> None:
     async def _database_unavailable(_: Request, exc: psycopg.Error) -> JSONResponse:
         # The server is down or restarting, no connection came free in time (PoolTimeout), or
         # a transient refusal (lock or statement timeout, deadlock, serialization failure, a
-        # transaction ended by the server for idling: api.app.API_SESSION).
+        # transaction ended by the server for idling: api.app.API_SESSION, a statement
+        # prepared before a migration changed its columns: tasks.db.stale_plan).
         # The transaction was rolled back, or its commit's fate is unknown: the same request
         # with the same Idempotency-Key is the safe way on.
         log.warning("database unavailable: %s: %s", type(exc).__name__, exc)
@@ -183,6 +186,12 @@ def install(app: FastAPI) -> None:
             status_code=503,
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
+
+    @app.exception_handler(psycopg.errors.FeatureNotSupported)
+    async def _not_supported(request: Request, exc: psycopg.Error) -> JSONResponse:
+        if stale_plan(exc):
+            return await _database_unavailable(request, exc)
+        return await _unexpected(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -20,7 +20,7 @@ from procrastinate import jobs, retry
 from procrastinate import sql as procrastinate_sql
 from psycopg.types.json import Jsonb
 
-from tasks.db import Pool
+from tasks.db import Pool, stale_plan
 
 app = procrastinate.App(
     connector=procrastinate.PsycopgConnector(),
@@ -51,10 +51,12 @@ THROTTLED_ATTEMPTS_FACTOR = 3
 
 
 class Backoff(retry.BaseRetryStrategy):
-    """Retry only what is worth retrying — transient errors and lost database connections —
-    with capped exponential backoff and full jitter. Anything else fails the job at once and
-    is recorded (a bug or bad data does not get better by being run again). A throttled job
-    gets `THROTTLED_ATTEMPTS_FACTOR` times the attempts."""
+    """Retry only what is worth retrying — transient errors, lost database connections and
+    statements prepared before a migration changed their columns (`tasks.db.stale_plan`: the
+    pool replaced its connections) — with capped exponential backoff and full jitter.
+    Anything else fails the job at once and is recorded (a bug or bad data does not get
+    better by being run again). A throttled job gets `THROTTLED_ATTEMPTS_FACTOR` times the
+    attempts."""
 
     def __init__(self, *, max_attempts: int = 10, base: float = 0.5, cap: float = 60.0) -> None:
         self.max_attempts = max_attempts
@@ -76,7 +78,8 @@ class Backoff(retry.BaseRetryStrategy):
         limit = self.max_attempts
         if isinstance(exception, Throttled):
             limit *= THROTTLED_ATTEMPTS_FACTOR
-        if job.attempts + 1 >= limit or not isinstance(exception, self.retry_on):
+        transient = isinstance(exception, self.retry_on) or stale_plan(exception)
+        if job.attempts + 1 >= limit or not transient:
             return None
         retry_at = datetime.now(UTC) + timedelta(seconds=self.delay(job.attempts))
         return retry.RetryDecision(retry_at=retry_at)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -22,6 +23,21 @@ CHECK_AFTER_IDLE_SECONDS = 1.0
 
 # When each connection was last connected or given back to its pool (monotonic seconds).
 _idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+# When each connection was connected (monotonic seconds).
+_connected_at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+# What Postgres says (SQLSTATE 0A000, FeatureNotSupported) when a statement psycopg prepared on
+# a connection (after `prepare_threshold`, 5, executions) reads `*` of a table a migration has
+# changed since (`ALTER TABLE payment_jobs ADD COLUMN`): that prepared statement fails on that
+# connection every time after. Only a new connection, or DEALLOCATE, makes it work again.
+_STALE_PLAN = "cached plan must not change result type"
+
+
+def stale_plan(error: BaseException) -> bool:
+    """Whether `error` is a statement prepared before a migration changed its result's columns.
+    It is transient: the pool the statement ran on replaces its connections (`_Pool`), and the
+    same work done again succeeds (a job's retry, the agent's request sent again)."""
+    return isinstance(error, psycopg.errors.FeatureNotSupported) and _STALE_PLAN in str(error)
 
 
 def _configurer(
@@ -33,7 +49,7 @@ def _configurer(
         await conn.set_autocommit(True)
         for name, value in session.items():
             await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
-        _idle_since[conn] = time.monotonic()
+        _idle_since[conn] = _connected_at[conn] = time.monotonic()
 
     return configure
 
@@ -66,6 +82,29 @@ class _CappedBackoff(AttemptWithBackoff):
 
 
 class _Pool(AsyncConnectionPool[Conn]):
+    # Connections made before this moment (monotonic seconds) may hold prepared statements a
+    # migration made stale: each is closed, and replaced, instead of being handed out.
+    _stale_before = 0.0
+
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Conn]:  # noqa: ASYNC109 (psycopg_pool's)
+        async with super().connection(timeout) as conn:
+            try:
+                yield conn
+            except psycopg.errors.FeatureNotSupported as error:
+                if stale_plan(error):
+                    # Every connection made until now may have prepared the same statement.
+                    self._stale_before = time.monotonic()
+                raise
+
+    async def getconn(self, timeout: float | None = None) -> Conn:  # noqa: ASYNC109
+        while True:
+            conn = await super().getconn(timeout)
+            if _connected_at.get(conn, math.inf) > self._stale_before:
+                return conn
+            await conn.close()  # the pool discards a closed connection and makes another
+            await super().putconn(conn)
+
     async def putconn(self, conn: Conn) -> None:
         _idle_since[conn] = time.monotonic()
         await super().putconn(conn)

@@ -14,7 +14,20 @@ import pytest
 
 import schema
 from schema.earlier import EARLIER, REPAIRS
-from tests.conftest import TEMPLATE, PgServer, invoke_cli
+from tasks import payments
+from tasks.app import Backoff, bind
+from tasks.db import open_pool, stale_plan
+from tasks.settings import Settings
+from tests.conftest import (
+    TEMPLATE,
+    PgServer,
+    async_wait_for,
+    auth,
+    failed_last_hour,
+    in_process_api,
+    invoke_cli,
+    run_jobs,
+)
 
 
 def test_procrastinate_scripts_numbered_the_installed_version_are_applied(
@@ -344,3 +357,83 @@ def test_a_database_without_checksums_is_stamped_with_a_warning_where_texts_diff
         if (found := re.match(r"migration (\S+) has no checksum", r.getMessage()))
     }
     assert warned == set(EARLIER)
+
+
+# A migration that adds a column while processes run: psycopg prepares a statement after 5
+# executions on a connection, and a prepared `SELECT *` / `RETURNING *` of the altered table
+# then fails (FeatureNotSupported, "cached plan must not change result type") on that
+# connection, every time outside a transaction.
+
+_POST = {"amount": 1000, "currency": "usd", "payment_method": "pm_card_visa"}
+
+
+def _add_column(database_url: str, column: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE payment_jobs ADD COLUMN {column} integer")
+
+
+async def test_a_connection_that_met_a_new_column_is_replaced(database_url: str) -> None:
+    async with open_pool(database_url, min_size=1, max_size=1) as one:
+        for _ in range(6):
+            async with one.connection() as conn:
+                await payments.get(conn, "pay_none")
+        _add_column(database_url, "later_one")
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as met:
+            async with one.connection() as conn:
+                await payments.get(conn, "pay_none")
+        assert stale_plan(met.value)
+        async with one.connection() as conn:  # a new connection: prepared nothing yet
+            assert await payments.get(conn, "pay_none") is None
+
+
+async def test_a_request_and_a_job_that_meet_a_new_column_are_tried_again(
+    database_url: str, settings: Settings, agent_key: str
+) -> None:
+    """A POST that meets the new column is a 503 the agent sends again (not a 500), and a job
+    that does is retried (it failed for good): a deploy's migration does not fail payments
+    of the processes still running."""
+    async with open_pool(database_url, min_size=1, max_size=1) as one, bind(one):
+        async with in_process_api(settings, one) as (_, api):
+            for _ in range(6):
+                response = await api.post("/v1/payments", json=_POST, headers=auth(agent_key))
+                assert response.status_code == 202, response.text
+            _add_column(database_url, "later_one")
+            again = {**auth(agent_key), "Idempotency-Key": "after-the-migration"}
+            first = await api.post("/v1/payments", json=_POST, headers=again)
+            assert first.status_code == 503, first.text
+            assert first.json()["error"]["code"] == "database_unavailable"
+            assert first.headers["Retry-After"]
+            second = await api.post("/v1/payments", json=_POST, headers=again)
+            assert second.status_code == 202, second.text
+
+        # The pricing step's read of the payment, prepared on the only connection, then a
+        # second migration: the first pricing job meets it.
+        for _ in range(6):
+            async with one.connection() as conn, conn.transaction():
+                await payments.lock(conn, second.json()["id"])
+        _add_column(database_url, "later_two")
+
+        async def all_priced() -> bool:
+            await run_jobs(one, ("pricing",), observed=True)
+            async with one.connection() as conn:
+                cur = await conn.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'received') AS waiting,"
+                    " (SELECT count(*) FROM procrastinate_jobs WHERE status = 'failed')"
+                    " AS failed FROM payment_jobs"
+                )
+                row = await cur.fetchone()
+            assert row is not None and row["failed"] == 0
+            return row["waiting"] == 0
+
+        await async_wait_for(all_priced, timeout=30, what="every payment priced")
+        assert await failed_last_hour(one, "pricing") == 0
+
+
+def test_a_statement_prepared_before_a_migration_is_retried_by_every_task() -> None:
+    from procrastinate import jobs
+
+    error = psycopg.errors.FeatureNotSupported("cached plan must not change result type")
+    job = jobs.Job(id=1, queue="pricing", lock=None, queueing_lock=None, task_name="pricing")
+    assert Backoff().get_retry_decision(exception=error, job=job) is not None
+    other = psycopg.errors.FeatureNotSupported("something else is not supported")
+    assert Backoff().get_retry_decision(exception=other, job=job) is None
