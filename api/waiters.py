@@ -24,6 +24,8 @@ from collections.abc import Iterator
 
 import psycopg
 
+from tasks.db import SESSION_TIMEZONE
+
 log = logging.getLogger("agentpay.api")
 
 CHANNEL = "agentpay_payment_status"
@@ -106,8 +108,14 @@ class StatusHub:
         backoff = 0.1
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(self.conninfo, autocommit=True)
+                conn = await psycopg.AsyncConnection.connect(
+                    self.conninfo, autocommit=True, application_name="agentpay-api-listen"
+                )
                 async with conn:
+                    # As every connection of ours (tasks.db.make_pool).
+                    await conn.execute(
+                        "SELECT set_config('TimeZone', %s, false)", (SESSION_TIMEZONE,)
+                    )
                     await conn.execute(f"LISTEN {CHANNEL}")
                     self.listening.set()
                     # Whatever changed while no one listened: every waiter looks again.

@@ -40,6 +40,12 @@ def stale_plan(error: BaseException) -> bool:
     return isinstance(error, psycopg.errors.FeatureNotSupported) and _STALE_PLAN in str(error)
 
 
+# Every session's time zone: timestamps are read (and the API writes them) in UTC, whatever
+# the database's or the server's `TimeZone` (`ALTER DATABASE … SET TimeZone` made the API's
+# timestamps come out as -05:00), and a date of a timestamptz in SQL is a UTC date.
+SESSION_TIMEZONE = "UTC"
+
+
 def _configurer(
     session: dict[str, str],
 ) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
@@ -47,8 +53,11 @@ def _configurer(
         # Our own statements run in explicit `conn.transaction()` blocks; a reconnecting
         # pool must never hand out a connection left inside a half-finished transaction.
         await conn.set_autocommit(True)
-        for name, value in session.items():
-            await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
+        if session:  # one round trip for all of them
+            await conn.execute(
+                "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in session),
+                [part for setting in session.items() for part in setting],
+            )
         _idle_since[conn] = _connected_at[conn] = time.monotonic()
 
     return configure
@@ -133,7 +142,8 @@ def make_pool(
     (see `_check_if_idle`). A named pool's connections show as `agentpay-<name>` in
     `pg_stat_activity.application_name`, so operators see which process holds what.
     `timeout`: how long a checkout waits for a connection before `PoolTimeout`. `session`:
-    settings each connection gets when it connects (e.g. {"lock_timeout": "3s"})."""
+    settings each connection gets when it connects (e.g. {"lock_timeout": "3s"}), besides
+    `TimeZone` UTC (`SESSION_TIMEZONE`), which every connection gets."""
     kwargs: dict[str, Any] = {"row_factory": dict_row}
     if name:
         kwargs["application_name"] = f"agentpay-{name}"
@@ -144,7 +154,7 @@ def make_pool(
         open=False,
         name=name or None,
         kwargs=kwargs,
-        configure=_configurer(session or {}),
+        configure=_configurer({"TimeZone": SESSION_TIMEZONE, **(session or {})}),
         check=_check_if_idle,
         reconnect_timeout=24 * 3600,
         timeout=timeout,

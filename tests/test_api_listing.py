@@ -10,8 +10,10 @@ from datetime import timedelta
 from typing import Any, get_args
 
 import httpx
+import psycopg
 import pytest
 from fastapi import FastAPI
+from psycopg import sql
 
 from api.app import create_app
 from api.models import (
@@ -22,7 +24,7 @@ from api.models import (
     wait_is_over,
 )
 from tasks import agents, payments
-from tasks.db import Pool
+from tasks.db import Pool, open_pool
 from tasks.settings import Settings
 from tests.conftest import async_wait_for, auth, in_process_api, run_jobs
 
@@ -482,3 +484,46 @@ async def test_both_cursors_bound_one_page(api: httpx.AsyncClient, agent_key: st
     )
     assert page.status_code == 200, page.text
     assert [p["id"] for p in page.json()["data"]] == ids[1:4]
+
+
+async def test_timestamps_are_utc_whatever_the_database_time_zone(
+    database_url: str, settings: Settings, agent_key: str
+) -> None:
+    """A database (or server) whose TimeZone is not UTC: every connection of ours sets its
+    session's to UTC, so the API's timestamps are UTC (they came out as -05:00); the API's
+    LISTEN connection shows who holds it, as the pools' connections do."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        name = conn.info.dbname
+        conn.execute(
+            sql.SQL("ALTER DATABASE {} SET TimeZone = 'America/New_York'").format(
+                sql.Identifier(name)
+            )
+        )
+    with psycopg.connect(database_url) as plain:  # the database's own, for any other client
+        assert plain.execute("SHOW TimeZone").fetchone() == ("America/New_York",)
+    async with open_pool(database_url, min_size=1, max_size=2) as fresh:
+        async with in_process_api(settings, fresh) as (app, api):
+            created = await api.post("/v1/payments", json=BODY, headers=auth(agent_key))
+            assert created.status_code == 202, created.text
+            for stamp in ("created_at", "updated_at"):
+                assert created.json()[stamp].endswith(("Z", "+00:00")), created.json()[stamp]
+            got = await api.get(f"/v1/payments/{created.json()['id']}", headers=auth(agent_key))
+            assert got.json()["created_at"] == created.json()["created_at"]
+
+            waiting = asyncio.create_task(
+                api.get(
+                    f"/v1/payments/{created.json()['id']}/wait",
+                    params={"timeout": 3, "status": ["canceled"]},
+                    headers=auth(agent_key),
+                )
+            )
+            await async_wait_for(lambda: _listening(app, 1), timeout=10)
+            async with fresh.connection() as conn:
+                cur = await conn.execute(
+                    """SELECT count(*) AS n FROM pg_stat_activity
+                        WHERE datname = current_database()
+                          AND application_name = 'agentpay-api-listen'"""
+                )
+                row = await cur.fetchone()
+            assert row is not None and row["n"] == 1
+            assert (await waiting).status_code == 200
