@@ -243,7 +243,7 @@ async def book_left_waiting(conn: Conn) -> list[str]:
 # Lost disputes whose event was stored but never booked: an API of a release before 0020
 # stored a `charge.dispute.closed` saying `lost` as handled and booked nothing, and the
 # catch-up skips an event stored already — nothing else would ever book it. Found among the
-# events of lost disputes (few: the partial index of 0027 holds only those) that are about a
+# events of lost disputes (few: the partial index of 0028 holds only those) that are about a
 # payment, with what booking needs, when nothing shows the dispute was dealt with: no
 # `dispute_lost` transaction (once per dispute: its id is the reference, as in
 # `ledger.post_dispute_loss`), no `dispute_lost` mismatch (open: waiting for the capture or an

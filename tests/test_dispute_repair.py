@@ -201,7 +201,7 @@ async def test_maintenance_repairs_once_a_sweep_period_not_every_round(
 
 async def test_the_look_for_missed_losses_reads_the_index_of_lost_disputes(pool: Pool) -> None:
     """Webhook events are kept 30 days, and lost disputes are a few of them: the look reads
-    the partial index of 0027, not the table."""
+    the partial index of 0028, not the table."""
     async with pool.connection() as conn, conn.transaction():
         await conn.execute("SET LOCAL enable_seqscan = off")
         cur = await conn.execute(

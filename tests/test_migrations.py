@@ -250,6 +250,9 @@ COMMITTED_TEXTS: dict[str, list[str]] = {
     "0027_repair_earlier_0023": [
         "243424e903e035e861f7ceed7b674506563851c995bb36196527684ad9b31f1f"
     ],
+    "0028_lost_dispute_events": [
+        "e9ae6d81b708ec5654db8605c227b45d83de48379c933d2769efd7a8831a77b8"
+    ],
 }
 
 # The earlier texts whose databases have another schema (tests/earlier_migrations/, each
