@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import procrastinate
@@ -20,7 +20,7 @@ from procrastinate import jobs, retry
 from procrastinate import sql as procrastinate_sql
 from psycopg.types.json import Jsonb
 
-from tasks.db import Pool, stale_plan
+from tasks.db import Pool, database_now, stale_plan
 
 app = procrastinate.App(
     connector=procrastinate.PsycopgConnector(),
@@ -81,7 +81,13 @@ class Backoff(retry.BaseRetryStrategy):
         transient = isinstance(exception, self.retry_on) or stale_plan(exception)
         if job.attempts + 1 >= limit or not transient:
             return None
-        retry_at = datetime.now(UTC) + timedelta(seconds=self.delay(job.attempts))
+        # procrastinate stores `retry_at` as the job's `scheduled_at` as it is
+        # (procrastinate_retry_job_v2), and claims the job once it is past by the database's
+        # `now()`; `retry_in` would not help: procrastinate turns it into an absolute time by
+        # this process's clock, in Python. A worker whose clock is a minute slow burnt its
+        # ten attempts in under a second; one that is fast waited that much longer each
+        # time. So the time is the database's, as this process measures it (tasks.db).
+        retry_at = database_now() + timedelta(seconds=self.delay(job.attempts))
         return retry.RetryDecision(retry_at=retry_at)
 
 
@@ -110,16 +116,29 @@ async def bind(process_pool: Pool) -> AsyncIterator[procrastinate.App]:
 # payment, so that overhead was paid four times per payment).
 _DEFER_JOBS = procrastinate_sql.queries["defer_jobs"]
 
+# The same for a job scheduled `schedule_in` seconds from now by the database's clock, in
+# the same statement: procrastinate claims a job once its `scheduled_at` is past by the
+# database's `now()`, and a time taken from this process's clock moved every recheck by
+# however far that clock is off (a minute slow: a payment waiting on the provider was
+# looked at again in a busy loop; ten minutes fast: every recheck came ten minutes late).
+# `statement_timestamp()`, not `now()`: the time the job is deferred, however long the
+# caller's transaction has run.
+_DEFER_SCHEDULED_JOBS = """SELECT unnest(procrastinate_defer_jobs_v1(ARRAY(
+    SELECT ROW((j).queue_name, (j).task_name, (j).priority, (j).lock, (j).queueing_lock,
+               (j).args, statement_timestamp() + make_interval(secs => %(schedule_in)s)
+           )::procrastinate_job_to_defer_v1
+      FROM unnest(%(jobs)s::procrastinate_job_to_defer_v1[]) AS j))) AS id"""
+
 
 async def defer(
     conn: Any, task_name: str, *, schedule_in: float | None = None, **task_kwargs: Any
 ) -> None:
     """Defer a job inside the caller's transaction: it exists if and only if the caller
     commits (design rule 1). Tasks are named after the role that runs them; the job goes to
-    the task's queue with the task's priority and locks, as procrastinate would defer it."""
+    the task's queue with the task's priority and locks, as procrastinate would defer it.
+    `schedule_in`: not before that many seconds from now, by the database's clock."""
     app.perform_import_paths()
     task = app.tasks[task_name]
-    scheduled_at = datetime.now(UTC) + timedelta(seconds=schedule_in) if schedule_in else None
     job = (
         task.queue,
         task.name,
@@ -127,9 +146,12 @@ async def defer(
         task.lock,
         task.queueing_lock,
         Jsonb(task_kwargs),
-        scheduled_at,
+        None,
     )
-    await conn.execute(_DEFER_JOBS, {"jobs": [job]})
+    if schedule_in:
+        await conn.execute(_DEFER_SCHEDULED_JOBS, {"jobs": [job], "schedule_in": schedule_in})
+    else:
+        await conn.execute(_DEFER_JOBS, {"jobs": [job]})
 
 
 async def job_waiting(

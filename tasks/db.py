@@ -7,10 +7,11 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 
@@ -46,6 +47,40 @@ def stale_plan(error: BaseException) -> bool:
 SESSION_TIMEZONE = "UTC"
 
 
+# How far the database's clock is ahead of this process's (seconds; negative: behind), as
+# last measured: when the pool makes a connection, and by every ping of one that sat idle
+# (`_check_if_idle`, which asks the database's time instead of sending an empty query: the
+# same round trip). A connection lives an hour at most (psycopg_pool's `max_lifetime`), so
+# a busy process measures again at least that often, an idle one at its next checkout.
+_clock_offset = 0.0
+
+
+def _wall_clock() -> float:
+    """This process's clock (Unix seconds): what the offset corrects."""
+    return time.time()
+
+
+async def _measure_clock(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Measure `_clock_offset` on `conn` (within half a round trip)."""
+    global _clock_offset
+    cur = conn.cursor(row_factory=tuple_row)
+    before = _wall_clock()
+    await cur.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+    after = _wall_clock()
+    row = await cur.fetchone()
+    assert row is not None
+    _clock_offset = float(row[0]) - (before + after) / 2
+
+
+def database_now() -> datetime:
+    """Now by the database's clock, as this process last measured it: for an absolute time
+    that Postgres compares with its own `now()` and that must be computed without a
+    connection (a retry's `retry_at`, decided by procrastinate's retry strategy). Where a
+    statement can compute it (`now() + …` in SQL), that is better still. A worker whose
+    clock is off would otherwise retry at once (slow clock) or late (fast clock)."""
+    return datetime.fromtimestamp(_wall_clock() + _clock_offset, UTC)
+
+
 def _configurer(
     session: dict[str, str],
 ) -> Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]:
@@ -58,6 +93,7 @@ def _configurer(
                 "SELECT " + ", ".join("set_config(%s, %s, false)" for _ in session),
                 [part for setting in session.items() for part in setting],
             )
+        await _measure_clock(conn)
         _idle_since[conn] = _connected_at[conn] = time.monotonic()
 
     return configure
@@ -71,10 +107,14 @@ async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
     they sit idle, so after an outage every idle connection is pinged (and replaced) again;
     the rare one that died within the last second fails its first statement instead, and
     psycopg marks it broken so the pool discards it: the request (a 5xx the client retries)
-    or the job (Backoff retries `OperationalError`) is simply tried again."""
+    or the job (Backoff retries `OperationalError`) is simply tried again. The ping asks the
+    database's time, and measures this process's clock against it (`database_now`)."""
     returned = _idle_since.get(conn)
     if returned is None or time.monotonic() - returned >= CHECK_AFTER_IDLE_SECONDS:
-        await AsyncConnectionPool.check_connection(conn)
+        if conn.autocommit:
+            await _measure_clock(conn)
+        else:
+            await AsyncConnectionPool.check_connection(conn)
 
 
 # A lost connection is made again at most this long after the last try. psycopg_pool

@@ -255,6 +255,45 @@ class Killed(BaseException):
     patched call: nothing after it runs, as in a process that is gone."""
 
 
+@pytest.fixture
+def clock_off(monkeypatch: pytest.MonkeyPatch, pool: Pool) -> Callable[[float], Awaitable[None]]:
+    """`await clock_off(skew)`: this process's clock runs `skew` seconds off the database's
+    (and the provider's), as it did when it connected — a worker whose clock is wrong. Every
+    place the roles read their own wall clock sees it (`datetime.now` in the modules that
+    call it, `time.time` where the event catch-up read it, the clock `tasks.db` measures
+    against the database's, measured again now)."""
+    import types
+    from datetime import datetime, timedelta
+
+    import tasks.app
+    import tasks.catchup
+    import tasks.charge
+    import tasks.db
+    import tasks.risk
+    import workers.maintenance
+
+    async def set_off(skew: float) -> None:
+        class Skewed(datetime):
+            @classmethod
+            def now(cls, tz: Any = None) -> Any:
+                return datetime.now(tz) + timedelta(seconds=skew)
+
+        def wall() -> float:
+            return time.time() + skew
+
+        for module in (tasks.app, tasks.charge, tasks.risk, workers.maintenance):
+            monkeypatch.setattr(module, "datetime", Skewed, raising=False)
+        monkeypatch.setattr(tasks.catchup, "time", types.SimpleNamespace(time=wall), raising=False)
+        if hasattr(tasks.db, "_wall_clock"):
+            monkeypatch.setattr(tasks.db, "_wall_clock", wall)
+            # (set to itself: put back as it was after the test)
+            monkeypatch.setattr(tasks.db, "_clock_offset", tasks.db._clock_offset)
+            async with pool.connection() as conn:
+                await tasks.db._measure_clock(conn)
+
+    return set_off
+
+
 async def run_jobs(
     pool: Pool, roles: tuple[str, ...] = ROLES, rounds: int = 50, *, observed: bool = False
 ) -> None:
