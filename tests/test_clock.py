@@ -116,3 +116,22 @@ async def test_a_retry_waits_its_backoff_by_the_databases_clock(
     [job] = await jobs_of(pool, "risk")
     assert (job["payment_id"], job["status"], job["attempts"]) == (created["id"], "todo", 1)
     assert 25 <= (job["scheduled_at"] - await database_now(pool)).total_seconds() <= 30
+
+
+async def test_a_rescued_job_is_due_at_once_by_the_databases_clock(
+    pool: Pool, clock_off: ClockOff
+) -> None:
+    """The stalled-job rescue put a job back with the maintenance worker's time: ten minutes
+    fast, the rescued job waited ten minutes."""
+    from tasks.app import app
+    from workers.maintenance import rescue_stalled_jobs
+
+    await clock_off(600)
+    async with pool.connection() as conn, conn.transaction():
+        await defer(conn, "pricing", payment_id="pay_stalled")
+    async with pool.connection() as conn:  # its worker died while it ran
+        await conn.execute("UPDATE procrastinate_jobs SET status = 'doing', worker_id = NULL")
+    assert len(await rescue_stalled_jobs(app, stalled_after=60)) == 1
+    [job] = await jobs_of(pool, "pricing")
+    assert job["status"] == "todo"
+    assert job["scheduled_at"] <= await database_now(pool)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
 
 import procrastinate
 import psycopg
@@ -60,11 +59,15 @@ async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> l
     if not stalled:
         return []
     # (procrastinate's query of stalled jobs leaves `abort_requested` out: one query for all)
-    asked = await app.connector.execute_query_all_async(
-        "SELECT id FROM procrastinate_jobs WHERE id = ANY(%(ids)s) AND abort_requested",
+    # A rescued job is due now by the database's clock, which procrastinate's claim compares
+    # with: by this worker's, one that runs fast left it waiting as long.
+    asked = await app.connector.execute_query_one_async(
+        """SELECT now() AS now,
+                  coalesce(array_agg(id) FILTER (WHERE abort_requested), '{}') AS ids
+             FROM procrastinate_jobs WHERE id = ANY(%(ids)s)""",
         ids=[job.id for job in stalled],
     )
-    to_abort = {row["id"] for row in asked}
+    to_abort, now = set(asked["ids"]), asked["now"]
     rescued = []
     for job in stalled:
         assert job.id is not None
@@ -74,7 +77,7 @@ async def rescue_stalled_jobs(app: procrastinate.App, stalled_after: float) -> l
                 job.id, status=Status.ABORTED, delete_job=False
             )
         else:
-            await app.job_manager.retry_job_by_id_async(job.id, retry_at=datetime.now(UTC))
+            await app.job_manager.retry_job_by_id_async(job.id, retry_at=now)
         log.warning(
             "rescued stalled job",
             extra={
