@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from datetime import UTC, datetime
 from typing import Any
 
 from tasks import payments, provider
@@ -339,7 +338,7 @@ async def request_capture(conn: Conn, payment: payments.Payment, *, actor: str) 
         raise ValueError("A cancel was requested for this payment; it cannot be captured.")
     if payment["capture_requested_at"] is None:
         payment.update(
-            await payments.update(conn, payment["id"], capture_requested_at=datetime.now(UTC))
+            await payments.update(conn, payment["id"], capture_requested_at=payments.NOW)
         )
         await payments.record_event(
             conn, payment, "capture_requested", actor=actor, reason="capture requested"
@@ -359,7 +358,6 @@ async def request_cancel(
     the provider decides). Any other state raises ValueError, as does a cancel of a payment
     whose capture was asked for."""
     status = payment["status"]
-    now = datetime.now(UTC)
     if status in CANCEL_NOW:
         await payments.transition(
             conn,
@@ -367,7 +365,7 @@ async def request_cancel(
             "canceled",
             actor=actor,
             reason=reason or "canceled before reaching the provider",
-            cancel_requested_at=now,
+            cancel_requested_at=payments.NOW,
         )
         return payment
     if status not in CANCEL_AT_PROVIDER:
@@ -378,7 +376,7 @@ async def request_cancel(
     if payment["capture_requested_at"] is not None:
         raise ValueError("A capture was requested for this payment; it cannot be canceled.")
     if payment["cancel_requested_at"] is None:
-        payment.update(await payments.update(conn, payment["id"], cancel_requested_at=now))
+        payment.update(await payments.update(conn, payment["id"], cancel_requested_at=payments.NOW))
         await payments.record_event(
             conn, payment, "cancel_requested", actor=actor, reason=reason or "cancel requested"
         )

@@ -137,6 +137,12 @@ _WRITABLE = frozenset(
 )
 
 
+# A column value written as the transaction's `now()`, by the database's clock: a time kept
+# beside the payment's own (created_at, updated_at) is taken from the same clock, not from
+# the clock of whichever process wrote it.
+NOW = sql.SQL("now()")
+
+
 async def update(conn: Conn, payment_id: str, **columns: Any) -> Payment:
     """Write columns of a locked payment (no status change, so no event)."""
     return await _update(conn, payment_id, columns)
@@ -222,14 +228,18 @@ async def _update(
     if unknown:
         raise ValueError(f"not writable: {sorted(unknown)}")
     assignments = sql.SQL(", ").join(
-        sql.SQL("{} = {}").format(sql.Identifier(name), sql.Placeholder(name)) for name in columns
+        sql.SQL("{} = {}").format(
+            sql.Identifier(name), NOW if value is NOW else sql.Placeholder(name)
+        )
+        for name, value in columns.items()
     )
     if context is None:
         query = sql.SQL("UPDATE payment_jobs SET {} WHERE id = %(_id)s RETURNING *")
     else:
         query = sql.SQL(_UPDATE_WITH_CONTEXT)
+    values = {name: value for name, value in columns.items() if value is not NOW}
     cur = await conn.execute(
-        query.format(assignments), {**columns, **(context or {}), "_id": payment_id}
+        query.format(assignments), {**values, **(context or {}), "_id": payment_id}
     )
     row = await cur.fetchone()
     if row is None:

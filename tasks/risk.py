@@ -176,12 +176,19 @@ async def evaluate(
 
 
 async def _lock_agent(conn: Conn, agent_id: str) -> dict[str, Any]:
+    """The agent, locked, and `now`: the transaction's time, by the database's clock (the
+    decision's `decided_at`, beside the payment's own times)."""
     cur = await conn.execute(
-        "SELECT id, name, revoked_at FROM agents WHERE id = %s FOR NO KEY UPDATE", (agent_id,)
+        "SELECT id, name, revoked_at, now() AS now FROM agents WHERE id = %s FOR NO KEY UPDATE",
+        (agent_id,),
     )
     row = await cur.fetchone()
     assert row is not None
     return row
+
+
+def _iso(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat()
 
 
 async def advance(conn: Conn, payment_id: str, settings: Settings | None = None) -> str | None:
@@ -211,7 +218,7 @@ async def advance(conn: Conn, payment_id: str, settings: Settings | None = None)
         "hold": {"transaction_id": hold.transaction_id, "source": hold.source}
         if hold and hold.ok
         else None,
-        "decided_at": datetime.now(UTC).isoformat(),
+        "decided_at": _iso(agent["now"]),
     }
     columns: dict[str, Any] = {"risk_decision": Jsonb(decision)}
     if to == "rejected":
@@ -245,9 +252,15 @@ async def decide(
     continues the pipeline (the charge job is deferred), reject ends it (the hold is
     released). Deciding the same way again returns the payment unchanged; anything else
     raises ReviewError."""
-    payment = await payments.lock(conn, payment_id)
+    # The payment, locked, with the transaction's time by the database's clock (the review's
+    # `decided_at`), in one statement.
+    cur = await conn.execute(
+        "SELECT *, now() AS _now FROM payment_jobs WHERE id = %s FOR UPDATE", (payment_id,)
+    )
+    payment = await cur.fetchone()
     if payment is None:
         raise ReviewError("not_found", f"no payment {payment_id}")
+    decided_at = payment.pop("_now")
     to = "approved" if approve else "rejected"
     previous = (payment["risk_decision"] or {}).get("review")
     if payment["status"] != "in_review":
@@ -262,7 +275,7 @@ async def decide(
         "decision": to,
         "by": actor,
         "note": note,
-        "decided_at": datetime.now(UTC).isoformat(),
+        "decided_at": _iso(decided_at),
     }
     decision = {**(payment["risk_decision"] or {}), "review": review}
     columns: dict[str, Any] = {"risk_decision": Jsonb(decision)}

@@ -1,5 +1,6 @@
 """A worker whose clock is off: every time Postgres compares with its own `now()` (a job's
-`scheduled_at`, a retry's time) is taken from the database's clock, never the worker's."""
+`scheduled_at`, a retry's time) or keeps beside its own (a decision's `decided_at`, when a
+capture or cancel was asked for) is taken from the database's clock, never the worker's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import pytest
 from tasks import provider
 from tasks.app import Backoff, TransientError, defer
 from tasks.db import Pool
-from tests.conftest import Killed, run_jobs
+from tests.conftest import Killed, auth, run_jobs
+from tests.test_capture_refund import authorized
 from tests.test_pipeline import create, fetch
 
 ClockOff = Callable[[float], Awaitable[None]]
@@ -135,3 +137,61 @@ async def test_a_rescued_job_is_due_at_once_by_the_databases_clock(
     [job] = await jobs_of(pool, "pricing")
     assert job["status"] == "todo"
     assert job["scheduled_at"] <= await database_now(pool)
+
+
+async def _decisions(pool: Pool, payment_id: str) -> dict[str, Any]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT risk_decision, updated_at FROM payment_jobs WHERE id = %s", (payment_id,)
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    return row
+
+
+async def test_risk_decisions_are_dated_by_the_databases_clock(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    operator_key: str,
+    pool: Pool,
+    clock_off: ClockOff,
+) -> None:
+    """A risk decision's `decided_at`, and an operator's review's, were the worker's (the
+    API's) clock, an hour off the payment's own times beside them."""
+    await clock_off(3600)
+    created = await create(api, agent_key, amount=150_000)  # over the review threshold
+    await run_jobs(pool, ("pricing", "risk"))
+    row = await _decisions(pool, created["id"])
+    assert row["risk_decision"]["decision"] == "in_review"
+    decided = datetime.fromisoformat(row["risk_decision"]["decided_at"])
+    assert abs((decided - row["updated_at"]).total_seconds()) < 5
+
+    approved = await api.post(f"/v1/review/{created['id']}/approve", headers=auth(operator_key))
+    assert approved.status_code == 200, approved.text
+    row = await _decisions(pool, created["id"])
+    decided = datetime.fromisoformat(row["risk_decision"]["review"]["decided_at"])
+    assert abs((decided - row["updated_at"]).total_seconds()) < 5
+
+
+async def test_capture_and_cancel_requests_are_dated_by_the_databases_clock(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, clock_off: ClockOff
+) -> None:
+    """When a capture or a cancel was asked for was stored from the API's clock, an hour off
+    the payment's own times beside it."""
+    payment = await authorized(api, agent_key, pool)
+    fresh = await create(api, agent_key)  # not yet at the provider: canceled at once
+    await clock_off(3600)
+    captured = await api.post(f"/v1/payments/{payment['id']}/capture", headers=auth(agent_key))
+    assert captured.status_code == 202, captured.text
+    canceled = await api.post(f"/v1/payments/{fresh['id']}/cancel", headers=auth(agent_key))
+    assert canceled.status_code in (200, 202), canceled.text
+    now = await database_now(pool)
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT id, coalesce(capture_requested_at, cancel_requested_at) AS asked_at
+                 FROM payment_jobs WHERE id = ANY(%s)""",
+            ([payment["id"], fresh["id"]],),
+        )
+        asked = {r["id"]: r["asked_at"] for r in await cur.fetchall()}
+    for payment_id in (payment["id"], fresh["id"]):
+        assert abs((asked[payment_id] - now).total_seconds()) < 5, payment_id
