@@ -6,17 +6,16 @@ subscribed to a type never gets the event. Payments waiting on the provider do n
 changes only through an event: a refund made in the Dashboard, a dispute. So
 `catch_up_events` (reconcile role) lists the provider's events of those types created since
 the last listing (`provider_event_cursor`, less an overlap) up to a minute before it
-started (younger ones may have a webhook on its way), and stores each one not stored
-yet exactly as a delivered one is (`tasks.webhooks.store`: once by its id, with what it
-brings — the refund sync, the dispute's event and ledger posting). An event that was
-delivered is only looked up. Maintenance defers it every
+started by the database's clock (younger ones may have a webhook on its way), and stores
+each one not stored yet exactly as a delivered one is (`tasks.webhooks.store`: once by its
+id, with what it brings — the refund sync, the dispute's event and ledger posting). An
+event that was delivered is only looked up. Maintenance defers it every
 `event_catch_up_interval_seconds` (workers/maintenance.py); safe to run any number of times.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from datetime import UTC, datetime
 
 from prometheus_client import Counter
@@ -74,12 +73,14 @@ GAPS = Counter(
 async def catch_up_events() -> int:
     """Store the provider's events of `TYPES` made since the last listing that are not
     stored yet; returns how many were (each was never delivered)."""
-    now = _now()
-    through = now - IN_FLIGHT_SECONDS
     async with pool().connection() as conn:
+        now = await _now(conn)
         cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
         row = await cur.fetchone()
-    since = (int(row["created_through"]) if row else through) - int(
+    through = now - IN_FLIGHT_SECONDS
+    # From the cursor, or from the bound if the cursor is later (stored by a worker of an
+    # earlier release whose clock ran fast): a listing from a future cursor saw nothing.
+    since = min(int(row["created_through"]) if row else through, through) - int(
         get_settings().event_catch_up_overlap_seconds
     )
     if since < now - LISTABLE_SECONDS:
@@ -101,11 +102,15 @@ async def catch_up_events() -> int:
         if not stored["duplicate"]:
             missed.append(str(event["id"]))
             MISSED.labels(str(event["type"])).inc()
+    # Never later than the database's now less the in-flight minute: the next listing
+    # starts there (a cursor in the future hid every event until that time came).
     async with pool().connection() as conn:
         await conn.execute(
             """UPDATE provider_event_cursor
-                  SET created_through = greatest(created_through, %s), listed_at = now()""",
-            (through,),
+                  SET created_through = least(greatest(created_through, %s),
+                                              floor(extract(epoch FROM now()))::bigint - %s),
+                      listed_at = now()""",
+            (through, IN_FLIGHT_SECONDS),
         )
     if missed:
         log.warning(
@@ -119,9 +124,17 @@ def _iso(unix: int) -> str:
     return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
 
 
-def _now() -> int:
-    """Unix seconds by this worker's clock (the listing's overlap covers clocks that differ)."""
-    return int(time.time())
+async def _now(conn: Conn) -> int:
+    """Unix seconds by the database's clock, which the cursor and its gauge
+    (`agentpay_event_catch_up_behind_seconds`) are read against: a worker whose clock ran an
+    hour fast stored a cursor an hour ahead, and the listings after it saw nothing for that
+    hour; one a minute fast took events whose webhook was on its way for missed ones. The
+    provider's clock, which dates the events, is a third one: the listing's overlap covers
+    it."""
+    cur = await conn.execute("SELECT floor(extract(epoch FROM now()))::bigint AS now")
+    row = await cur.fetchone()
+    assert row is not None
+    return int(row["now"])
 
 
 async def defer_if_due(conn: Conn, interval: float) -> bool:

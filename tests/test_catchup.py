@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
 from tasks import catchup, provider
-from tasks.db import Pool
+from tasks.db import Conn, Pool
 from tasks.settings import Settings
 from tests.conftest import auth, failed_last_hour, run_jobs
 from tests.test_capture_refund import SK, reconciled, refund_at_provider
@@ -17,11 +18,21 @@ from tests.test_pipeline import create, fetch
 from workers.maintenance import Maintenance
 
 
+def now_is(monkeypatch: pytest.MonkeyPatch, at: Callable[[int], int]) -> None:
+    """The catch-up runs when `at(the database's now)` says."""
+    database_now = catchup._now
+
+    async def now(conn: Conn) -> int:
+        return at(await database_now(conn))
+
+    monkeypatch.setattr(catchup, "_now", now)
+
+
 @pytest.fixture
 def a_minute_later(monkeypatch: pytest.MonkeyPatch) -> None:
     """The catch-up runs more than a minute after the events it takes in were made (it
     leaves younger ones to their webhooks)."""
-    monkeypatch.setattr(catchup, "_now", lambda: int(time.time()) + catchup.IN_FLIGHT_SECONDS + 1)
+    now_is(monkeypatch, lambda now: now + catchup.IN_FLIGHT_SECONDS + 1)
 
 
 async def catch_up_jobs(pool: Pool) -> int:
@@ -143,8 +154,9 @@ async def test_an_event_whose_webhook_is_on_its_way_is_left_to_it(
         ).json()["data"]
         if e["data"]["object"]["payment_intent"] == payment["provider_payment_id"]
     )
-    now = int(time.time())
-    monkeypatch.setattr(catchup, "_now", lambda: now)
+    async with pool.connection() as conn:
+        now = await catchup._now(conn)
+    now_is(monkeypatch, lambda _: now)
     async with pool.connection() as conn:  # last listed a while ago
         await conn.execute("UPDATE provider_event_cursor SET created_through = %s", (now - 300,))
     await catchup.catch_up_events.func()
@@ -153,11 +165,85 @@ async def test_an_event_whose_webhook_is_on_its_way_is_left_to_it(
         cur = await conn.execute("SELECT created_through FROM provider_event_cursor")
         assert (await cur.fetchone())["created_through"] == now - catchup.IN_FLIGHT_SECONDS
     # The webhook did not come after all: the next listing, a minute later, takes it in.
-    monkeypatch.setattr(catchup, "_now", lambda: now + catchup.IN_FLIGHT_SECONDS + 1)
+    now_is(monkeypatch, lambda _: now + catchup.IN_FLIGHT_SECONDS + 1)
     assert await catchup.catch_up_events.func() >= 1
     assert await stored(event["id"])
     await run_jobs(pool)
     assert (await fetch(api, agent_key, payment["id"]))["amount_refunded"] == 700
+
+
+async def cursor_and_now(pool: Pool) -> tuple[int, int]:
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            """SELECT created_through, floor(extract(epoch FROM now()))::bigint AS now
+                 FROM provider_event_cursor"""
+        )
+        row = await cur.fetchone()
+    return int(row["created_through"]), int(row["now"])
+
+
+async def test_a_worker_whose_clock_runs_fast_does_not_hide_later_events(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    monkeypatch: pytest.MonkeyPatch,
+    clock_off: Callable[[float], Awaitable[None]],
+) -> None:
+    """The listing's bound was the worker's clock less a minute, and the cursor kept the
+    latest bound: a worker an hour fast put it an hour ahead, and every listing after it, by
+    workers whose clocks were right, started there and saw nothing — a refund made in the
+    Dashboard meanwhile, its webhook lost, was never taken in. The bound is the database's
+    now less a minute, and the cursor is never stored past it."""
+    import sandbox.state
+
+    payment = await reconciled(api, agent_key, pool)
+    await clock_off(3600)
+    assert await catchup.catch_up_events.func() == 0
+    cursor, now = await cursor_and_now(pool)
+    assert cursor <= now - catchup.IN_FLIGHT_SECONDS
+    # Made at the provider two minutes ago (the next listing is past its minute in flight).
+    monkeypatch.setattr(sandbox.state, "now", lambda: int(time.time()) - 120)
+    refund_at_provider(provider_base, payment["provider_payment_id"], 700)
+    monkeypatch.undo()  # a worker whose clock is right, on the database's time
+    assert await catchup.catch_up_events.func() >= 1
+    await run_jobs(pool)
+    assert (await fetch(api, agent_key, payment["id"]))["amount_refunded"] == 700
+
+
+async def test_a_worker_a_minute_fast_leaves_events_in_flight_to_their_webhooks(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    provider_base: str,
+    clock_off: Callable[[float], Awaitable[None]],
+) -> None:
+    """A worker a minute fast listed events made a moment ago, whose webhooks were on their
+    way, and counted them as never delivered (the "losing events" alert fired)."""
+    payment = await reconciled(api, agent_key, pool)
+    refund_at_provider(provider_base, payment["provider_payment_id"], 700)
+    await clock_off(catchup.IN_FLIGHT_SECONDS + 5)
+    before = sum(missed_total(t) for t in catchup.TYPES)
+    assert await catchup.catch_up_events.func() == 0
+    assert sum(missed_total(t) for t in catchup.TYPES) == before
+
+
+async def test_a_cursor_left_in_the_future_is_brought_back(
+    api: httpx.AsyncClient, agent_key: str, pool: Pool, provider_base: str, a_minute_later: None
+) -> None:
+    """A cursor stored ahead of the database's clock (by a worker of an earlier release
+    whose clock ran fast) is listed from as if it were now less a minute, and stored back
+    there: the gauge of how far behind the listing is does not stay negative."""
+    payment = await reconciled(api, agent_key, pool)
+    async with pool.connection() as conn:
+        await conn.execute(
+            "UPDATE provider_event_cursor"
+            " SET created_through = extract(epoch FROM now())::bigint + 3600"
+        )
+    refund_at_provider(provider_base, payment["provider_payment_id"], 700)
+    assert await catchup.catch_up_events.func() >= 1
+    cursor, now = await cursor_and_now(pool)
+    assert cursor <= now - catchup.IN_FLIGHT_SECONDS
 
 
 def missed_total(event_type: str) -> float:
