@@ -90,6 +90,13 @@ class PgServer:
             self._dir = Path(tempfile.mkdtemp(prefix="ap"))
             self.embedded = EmbeddedPostgres(self._dir)
             self.embedded.start()
+            # A server for tests alone, thrown away with its directory: no test crashes it, so
+            # nothing needs its commits on disk, and no test's database (copied from the
+            # template) or commit waits for one.
+            with psycopg.connect(self.embedded.admin_url, autocommit=True) as conn:
+                for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                    conn.execute(f"ALTER SYSTEM SET {setting} = off")
+                conn.execute("SELECT pg_reload_conf()")
 
     @property
     def admin_url(self) -> str:
