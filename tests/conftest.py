@@ -156,6 +156,21 @@ class PgServer:
             shutil.rmtree(self._dir, ignore_errors=True)  # ~70 MB a session otherwise
 
 
+def migrate_before(
+    url: str, migration: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrate the database at `url` as a release before `migration` (a file name in
+    schema/migrations) left it: every migration before it, none from it on."""
+    folder = tmp_path / "migrations-before"
+    folder.mkdir()
+    for file in sorted(schema.MIGRATIONS_DIR.glob("*.sql")):
+        if file.name < migration:
+            shutil.copy(file, folder / file.name)
+    with monkeypatch.context() as patched:
+        patched.setattr(schema, "MIGRATIONS_DIR", folder)
+        schema.migrate(url)
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     server = PgServer()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import schema
 from tasks import agents, customers, payments
 from tasks.db import Pool
 from tasks.settings import Settings
-from tests.conftest import PgServer, auth, in_process_api, invoke_cli, run_jobs
+from tests.conftest import PgServer, auth, in_process_api, invoke_cli, migrate_before, run_jobs
 
 BODY = {"amount": 2000, "currency": "usd", "payment_method": "pm_card_visa"}
 
@@ -248,12 +247,7 @@ def test_the_migration_binds_each_customer_to_the_live_agent_that_named_it_first
     name = pg_server.fresh_name()
     url = pg_server.create(name)
     try:
-        before = tmp_path / "migrations"
-        shutil.copytree(schema.MIGRATIONS_DIR, before)
-        (before / "0017_customer_owners.sql").unlink()
-        with monkeypatch.context() as patched:
-            patched.setattr(schema, "MIGRATIONS_DIR", before)
-            schema.migrate(url)
+        migrate_before(url, "0017_customer_owners.sql", tmp_path, monkeypatch)
         with psycopg.connect(url) as conn:
             conn.execute(
                 """INSERT INTO agents (id, name) VALUES ('agt_a', 'a'), ('agt_b', 'b');
@@ -274,7 +268,7 @@ def test_the_migration_binds_each_customer_to_the_live_agent_that_named_it_first
                           ('pay_7', 'agt_a', 'usd', 'pm_card_visa', 'cus_Team', now(), 100),
                           ('pay_8', 'agt_old', 'usd', 'pm_card_visa', 'cus_Old', now(), 100)"""
             )
-        assert schema.migrate(url) == ["0017_customer_owners"]
+        assert schema.migrate(url)[0] == "0017_customer_owners"
         with psycopg.connect(url) as conn:
             rows = conn.execute(
                 "SELECT customer, agent_id, bound_by FROM customer_owners ORDER BY customer"

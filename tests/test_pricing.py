@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -23,7 +22,7 @@ import schema
 from tasks import money, payments, pricing
 from tasks.db import Pool
 from tasks.settings import Settings, get_settings
-from tests.conftest import PgServer, auth, run_jobs
+from tests.conftest import PgServer, auth, migrate_before, run_jobs
 from workers.cli import app as cli
 
 # --- the split ---------------------------------------------------------------------------
@@ -435,12 +434,7 @@ def test_the_migration_keeps_pricing_payments_received_before_it_at_todays_catal
     name = pg_server.fresh_name()
     url = pg_server.create(name)
     try:
-        before = tmp_path / "migrations"
-        shutil.copytree(schema.MIGRATIONS_DIR, before)
-        (before / "0025_price_history.sql").unlink()
-        with monkeypatch.context() as patched:
-            patched.setattr(schema, "MIGRATIONS_DIR", before)
-            schema.migrate(url)
+        migrate_before(url, "0025_price_history.sql", tmp_path, monkeypatch)
         with psycopg.connect(url) as conn:
             conn.execute(
                 """INSERT INTO prices (sku, currency, unit_amount, description)
@@ -451,7 +445,7 @@ def test_the_migration_keeps_pricing_payments_received_before_it_at_todays_catal
                    VALUES ('pay_old', 'agt_a', 'usd', 'pm_card_visa',
                            '[{"sku": "widget", "quantity": 2}]', now() - interval '1 hour')"""
             )
-        assert schema.migrate(url) == ["0025_price_history"]
+        assert schema.migrate(url)[0] == "0025_price_history"
         asyncio.run(_price_after_the_migration(url))
     finally:
         pg_server.drop(name)
