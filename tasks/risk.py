@@ -187,6 +187,14 @@ async def _lock_agent(conn: Conn, agent_id: str) -> dict[str, Any]:
     return row
 
 
+async def _database_now(conn: Conn) -> datetime:
+    cur = await conn.execute("SELECT now() AS now")
+    row = await cur.fetchone()
+    assert row is not None
+    now: datetime = row["now"]
+    return now
+
+
 def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat()
 
@@ -252,15 +260,9 @@ async def decide(
     continues the pipeline (the charge job is deferred), reject ends it (the hold is
     released). Deciding the same way again returns the payment unchanged; anything else
     raises ReviewError."""
-    # The payment, locked, with the transaction's time by the database's clock (the review's
-    # `decided_at`), in one statement.
-    cur = await conn.execute(
-        "SELECT *, now() AS _now FROM payment_jobs WHERE id = %s FOR UPDATE", (payment_id,)
-    )
-    payment = await cur.fetchone()
+    payment = await payments.lock(conn, payment_id)
     if payment is None:
         raise ReviewError("not_found", f"no payment {payment_id}")
-    decided_at = payment.pop("_now")
     to = "approved" if approve else "rejected"
     previous = (payment["risk_decision"] or {}).get("review")
     if payment["status"] != "in_review":
@@ -275,7 +277,8 @@ async def decide(
         "decision": to,
         "by": actor,
         "note": note,
-        "decided_at": _iso(decided_at),
+        # The transaction's time, by the database's clock (beside the payment's own times).
+        "decided_at": _iso(await _database_now(conn)),
     }
     decision = {**(payment["risk_decision"] or {}), "review": review}
     columns: dict[str, Any] = {"risk_decision": Jsonb(decision)}

@@ -176,7 +176,7 @@ async def expire_abandoned_authentications(pool: Pool, older_than: float) -> lis
     complete it meanwhile, the provider decides. Returns the payments canceled."""
     async with pool.connection() as conn, conn.transaction():
         cur = await conn.execute(
-            """SELECT id FROM payment_jobs
+            """SELECT * FROM payment_jobs
                WHERE status = 'requires_action' AND cancel_requested_at IS NULL
                  AND updated_at < now() - make_interval(secs => %s)
                ORDER BY updated_at
@@ -184,10 +184,9 @@ async def expire_abandoned_authentications(pool: Pool, older_than: float) -> lis
                FOR UPDATE SKIP LOCKED""",
             (older_than,),
         )
-        expired = [row["id"] for row in await cur.fetchall()]
-        for payment_id in expired:
-            payment = await payments.lock(conn, payment_id)
-            assert payment is not None
+        expired = []
+        for payment in await cur.fetchall():  # locked, as payments.lock reads one
+            expired.append(payment["id"])
             await charge.request_cancel(
                 conn,
                 payment,
