@@ -9,7 +9,7 @@ from typing import Any
 
 from tasks import audit
 from tasks.db import Conn
-from tasks.payments import FINAL_STATES, new_id
+from tasks.payments import FINAL_STATES, STATES, new_id
 
 KEY_PREFIX = "apk_"
 
@@ -166,10 +166,13 @@ async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:
     """The agent's payments the fleet still carries on (not in a final state, nor
     `partially_refunded`: settled, only more refunds may come), counted by state."""
     cur = await conn.execute(
+        # The states named, not "all but the final ones": the planner reads the agent's
+        # payments in those (few) states from an index, where the negation read every
+        # payment the agent ever made.
         """SELECT status, count(*) AS n FROM payment_jobs
-           WHERE agent_id = %s AND status <> ALL(%s)
+           WHERE agent_id = %s AND status = ANY(%s)
            GROUP BY status ORDER BY status""",
-        (agent_id, sorted(FINAL_STATES | {"partially_refunded"})),
+        (agent_id, sorted(STATES - FINAL_STATES - {"partially_refunded"})),
     )
     return {str(row["status"]): int(row["n"]) for row in await cur.fetchall()}
 

@@ -253,6 +253,7 @@ COMMITTED_TEXTS: dict[str, list[str]] = {
     "0028_lost_dispute_events": [
         "e9ae6d81b708ec5654db8605c227b45d83de48379c933d2769efd7a8831a77b8"
     ],
+    "0029_reads_at_scale": ["aded92202f44d33970bdbb732aae073ee7502e71d88d63b00cfd7e0e7316648e"],
 }
 
 # The earlier texts whose databases have another schema (tests/earlier_migrations/, each
