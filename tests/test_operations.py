@@ -1824,3 +1824,65 @@ async def test_a_failed_job_without_a_payment_is_listed_and_its_retry_audited(
     async with pool.connection() as conn:
         cur = await conn.execute("SELECT count(*) AS n FROM job_failures")
         assert (await cur.fetchone())["n"] == 0
+
+
+async def test_a_payment_locked_in_psql_makes_its_step_give_way_and_say_so(
+    api: httpx.AsyncClient,
+    agent_key: str,
+    pool: Pool,
+    database_url: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An operator's `SELECT … FOR UPDATE` left open in psql held the pricing job waiting for
+    as long as it was held (its worker alive, so no rescue), and a few such rows held every
+    slot of the role. A worker's statement now gives up after its lock timeout (here
+    shortened): the job is tried again later, and the log says so at once. Once the lock
+    goes, the payment goes on."""
+    from workers import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "WORKER_SESSION", {"lock_timeout": "300ms"})
+    created = await create(api, agent_key)
+    locker = await psycopg.AsyncConnection.connect(database_url)
+    await locker.execute("BEGIN")
+    await locker.execute("SELECT 1 FROM payment_jobs WHERE id = %s FOR UPDATE", (created["id"],))
+    role = worker_module.RoleWorker("pricing", concurrency=2, settings=settings)
+    running = asyncio.create_task(role.run())
+    try:
+
+        async def said() -> bool:
+            return any(
+                r.getMessage() == "job failed; it will be tried again"
+                and getattr(r, "error_type", "") == "LockNotAvailable"
+                and getattr(r, "task", "") == "pricing"
+                for r in caplog.records
+            )
+
+        with caplog.at_level(logging.WARNING, logger="agentpay.worker"):
+            await async_wait_for(said, timeout=30, what="the retry's warning")
+        await locker.execute("ROLLBACK")
+
+        async def priced() -> bool:
+            async with pool.connection() as conn:
+                payment = await payments.get(conn, created["id"])
+            return payment is not None and payment["status"] == "priced"
+
+        await async_wait_for(priced, timeout=30)
+    finally:
+        await locker.close()
+        role.stop()
+        await asyncio.wait_for(running, 60)
+
+
+def test_status_behind_a_locked_table_says_so_instead_of_waiting(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`LOCK TABLE payment_jobs` left open in psql (or a migration taking long): `agentpay
+    status` waited for as long as it was held, silent. It gives up after the CLI's lock
+    timeout, says why, and exits 3."""
+    with psycopg.connect(database_url) as locker:
+        locker.execute("LOCK TABLE payment_jobs")
+        result = invoke_cli(monkeypatch, ["status"], database_url=database_url)
+    assert result.exit_code == 3, result.output
+    assert "Another transaction holds" in result.output

@@ -151,7 +151,7 @@ def database_errors() -> Iterator[None]:
             yield
         except psycopg.errors.LockNotAvailable as error:
             say_error(
-                f"Another transaction holds a row this command needs (for over "
+                f"Another transaction holds a row or table this command needs (for over "
                 f"{CLI_SESSION['lock_timeout']}); nothing was changed. Try again."
             )
             raise typer.Exit(NO_DATABASE) from error

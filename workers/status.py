@@ -16,12 +16,14 @@ from rich.text import Text
 from api.metrics import Snapshot, read_snapshot
 from tasks.db import open_pool
 from tasks.settings import ROLES, Settings
-from workers.cli_common import dump_json, plain
+from workers.cli_common import CLI_SESSION, dump_json, plain
 
 
 async def fetch(settings: Settings) -> Snapshot:
+    # CLI_SESSION: a table locked by another session (`LOCK TABLE` in psql, a migration)
+    # makes it a refusal after the lock timeout, not a wait for as long as the lock is held.
     async with open_pool(
-        settings.resolved_database_url(), min_size=1, max_size=1, timeout=10
+        settings.resolved_database_url(), min_size=1, max_size=1, timeout=10, session=CLI_SESSION
     ) as pool:
         async with pool.connection() as conn:
             return await read_snapshot(conn, settings)
@@ -209,7 +211,9 @@ def show(settings: Settings, console: Console, *, as_json: bool, watch: float | 
 
 
 async def _watch(settings: Settings, console: Console, *, as_json: bool, every: float) -> None:
-    async with open_pool(settings.resolved_database_url(), min_size=1, max_size=1) as pool:
+    async with open_pool(
+        settings.resolved_database_url(), min_size=1, max_size=1, session=CLI_SESSION
+    ) as pool:
         if as_json:
             # One JSON document per line, for scripts that follow the fleet.
             while True:

@@ -255,6 +255,14 @@ class _Worker(Worker):
         return bool(row and row["mine"])
 
 
+# Every worker connection's session: a statement waits at most this long for a lock. A row
+# held elsewhere (an operator's `SELECT … FOR UPDATE` left open in psql, a long report) made
+# the job wait for as long as it was held — alive and heartbeating, so never rescued — and a
+# few such rows at the head of a queue held every slot of the role. Now the statement fails
+# (`LockNotAvailable`, an OperationalError), the step rolls back and Backoff retries it; the
+# role goes on with other payments meanwhile.
+WORKER_SESSION = {"lock_timeout": "10s"}
+
 # How long one try at writing a job's outcome may take (the pool would wait 30 s).
 PERSIST_TRY_SECONDS = 2.0
 
@@ -288,6 +296,17 @@ def observe_job(role: str, pool: Pool) -> Callable[..., Awaitable[Any]]:
             recorded in its payment's events, or in job_failures without a payment."""
             task = worker.app.tasks.get(job.task_name)
             if task is not None and task.get_retry_exception(exception=error, job=job):
+                # Said at once: a provider that hangs made jobs time out and retry for many
+                # minutes with nothing in the log until one failed for good.
+                log.warning(
+                    "job failed; it will be tried again",
+                    extra={
+                        "task": job.task_name,
+                        "attempt": job.attempts + 1,
+                        "error_type": type(error).__name__,
+                        "error": logs.scrub(str(error))[:300],
+                    },
+                )
                 return "retry"
             await _record_failure(
                 pool, role, job, payment_id if isinstance(payment_id, str) else None, error
@@ -431,6 +450,7 @@ class RoleWorker:
                 min_size=1,
                 max_size=self.concurrency + 4,
                 name=f"worker-{self.role}",
+                session=WORKER_SESSION,
             ) as pool,
             bind(pool) as app,
         ):
@@ -482,7 +502,9 @@ class RoleWorker:
             if needed == []:
                 return
             log.warning(
-                "waiting for the database's schema before taking jobs",
+                "waiting for the database's schema before taking jobs"
+                if needed is not None
+                else "waiting for a database connection before taking jobs",
                 extra={"role": self.role, "missing": needed, "error": problem},
             )
             with contextlib.suppress(TimeoutError):
