@@ -9,7 +9,7 @@ from typing import Any
 
 from tasks import audit
 from tasks.db import Conn
-from tasks.payments import FINAL_STATES, STATES, new_id
+from tasks.payments import new_id
 
 KEY_PREFIX = "apk_"
 
@@ -162,6 +162,22 @@ async def revoke(conn: Conn, name_or_id: str, *, actor: str | None = None) -> di
     }
 
 
+# The states of a payment the fleet still carries on: every state but the final ones and
+# `partially_refunded` (settled: only more refunds may come).
+IN_FLIGHT_STATES = frozenset(
+    {
+        "received",
+        "priced",
+        "in_review",
+        "approved",
+        "charging",
+        "requires_action",
+        "authorized",
+        "succeeded",
+    }
+)
+
+
 async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:
     """The agent's payments the fleet still carries on (not in a final state, nor
     `partially_refunded`: settled, only more refunds may come), counted by state."""
@@ -172,7 +188,7 @@ async def payments_in_flight(conn: Conn, agent_id: str) -> dict[str, int]:
         """SELECT status, count(*) AS n FROM payment_jobs
            WHERE agent_id = %s AND status = ANY(%s)
            GROUP BY status ORDER BY status""",
-        (agent_id, sorted(STATES - FINAL_STATES - {"partially_refunded"})),
+        (agent_id, sorted(IN_FLIGHT_STATES)),
     )
     return {str(row["status"]): int(row["n"]) for row in await cur.fetchall()}
 

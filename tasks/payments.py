@@ -17,25 +17,6 @@ from psycopg.types.json import Jsonb
 from tasks import ledger
 from tasks.db import Conn
 
-# Every state of the machine (the rows of `payment_states`, schema/migrations/0001).
-STATES = frozenset(
-    {
-        "received",
-        "priced",
-        "in_review",
-        "approved",
-        "charging",
-        "requires_action",
-        "authorized",
-        "succeeded",
-        "reconciled",
-        "partially_refunded",
-        "refunded",
-        "rejected",
-        "failed",
-        "canceled",
-    }
-)
 FINAL_STATES = frozenset({"rejected", "failed", "canceled", "reconciled", "refunded"})
 
 Payment = dict[str, Any]
