@@ -227,6 +227,20 @@ def provider_base(sandbox: SandboxServer) -> Iterator[str]:
 
 
 @pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """`configure(risk_velocity_max_count="1", …)`: set AGENTPAY_* settings for this test
+    (the roles read get_settings(), read again after each call and after the test)."""
+
+    def set_(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(f"AGENTPAY_{name.upper()}", value)
+        get_settings.cache_clear()
+
+    yield set_
+    get_settings.cache_clear()
+
+
+@pytest.fixture
 def settings(database_url: str, provider_base: str, tmp_path: Path) -> Settings:
     return Settings(
         database_url=database_url,

@@ -7,7 +7,7 @@ found each of them unguarded)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +19,7 @@ from api.models import TRANSITIONS
 from tasks import agents, charge, ledger, payments, pricing, provider, reconcile, refunds, risk
 from tasks.app import defer
 from tasks.db import Pool
-from tasks.settings import Settings, get_settings
+from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
 from tests.test_pipeline import create, fetch
 from tests.test_webhooks import EVENT, post_event
@@ -28,19 +28,6 @@ from workers.maintenance import (
     sweep_stuck_payments,
     sweep_stuck_requests,
 )
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """Set AGENTPAY_<NAME> settings for the test (the settings are read again)."""
-
-    def set_(**values: str) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(f"AGENTPAY_{name.upper()}", value)
-        get_settings.cache_clear()
-
-    yield set_
-    get_settings.cache_clear()
 
 
 async def test_a_total_equal_to_the_hard_limit_is_not_rejected(

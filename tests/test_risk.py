@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -15,19 +15,6 @@ from tasks.db import Pool
 from tasks.settings import get_settings
 from tests.conftest import auth, run_jobs
 from workers.cli import app as cli
-
-
-@pytest.fixture
-def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """Set AGENTPAY_* settings for this test (the roles read get_settings())."""
-
-    def set_(**values: str) -> None:
-        for name, value in values.items():
-            monkeypatch.setenv(f"AGENTPAY_{name.upper()}", value)
-        get_settings.cache_clear()
-
-    yield set_
-    get_settings.cache_clear()
 
 
 async def _create(api: httpx.AsyncClient, key: str, **body: Any) -> dict[str, Any]:
