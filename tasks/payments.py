@@ -328,9 +328,10 @@ async def page(
     if not status:
         query = select.format(sql.SQL(" AND ").join(conditions), direction, direction)
     else:
-        # One branch per status, each reading the (agent_id,) status, created_at index in
-        # order, merged: `status = ANY(…)` reads no index in that order, and the planner
-        # walked the created_at index of every payment, filtering (seconds on a big table).
+        # One branch per status, merged: an agent's payments in one state are read in page
+        # order from their index (agent_id, status, created_at), and a state few payments
+        # are in from (status, updated_at). With `status = ANY(…)` the planner walked the
+        # created_at index of all the payments and filtered (seconds on a big table).
         branches = []
         for n, wanted in enumerate(sorted(set(status))):
             params[f"status_{n}"] = wanted
