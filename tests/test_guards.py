@@ -21,6 +21,7 @@ from tasks.app import defer
 from tasks.db import Pool
 from tasks.settings import Settings
 from tests.conftest import auth, run_jobs
+from tests.test_capture_refund import intent
 from tests.test_pipeline import create, fetch
 from tests.test_webhooks import EVENT, post_event
 from workers.maintenance import (
@@ -260,11 +261,7 @@ async def test_a_late_money_look_leaves_another_payments_authorization_alone(
     await run_jobs(pool)
     other = await fetch(api, agent_key, held["id"])
     assert await reconcile.check_late_money(failed["id"], other["provider_payment_id"]) is None
-    intent = httpx.get(
-        f"{provider_base}/v1/payment_intents/{other['provider_payment_id']}",
-        headers={"Authorization": "Bearer sk_test_x"},
-    ).json()
-    assert intent["status"] == "requires_capture"
+    assert intent(provider_base, other["provider_payment_id"])["status"] == "requires_capture"
 
 
 async def test_reconcile_leaves_a_payment_whose_intent_was_stored_while_it_looked(

@@ -6,7 +6,8 @@ produced and those it read and threw away), not from a clock."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 
@@ -15,6 +16,8 @@ from api.metrics import DURATION_BUCKETS
 from tasks import agents, customers, payments
 from tasks.db import Pool
 from workers.devstack import WAITING_ON_THE_PROVIDER
+
+T = TypeVar("T")
 
 OLD = 20_000  # payments of one agent, settled long ago
 RECENT = 15  # of its payments, authorized in the last hour
@@ -96,13 +99,19 @@ async def big(pool: Pool) -> dict[str, Any]:
     return {"agent": agent.id, "small": small.id}
 
 
+async def read_by(conn: Any, call: Callable[[Any], Awaitable[T]]) -> tuple[T, int]:
+    """What `call(conn)` returns, and the rows of payment_jobs its one statement read."""
+    recorder = Recorder(conn)
+    result = await call(recorder)
+    [(query, params)] = recorder.statements
+    return result, await rows_read(conn, query, params, "payment_jobs")
+
+
 async def _page(pool: Pool, **kwargs: Any) -> tuple[list[payments.Payment], int]:
     """A page of payments, and the rows of payment_jobs its statement read."""
     async with pool.connection() as conn:
-        recorder = Recorder(conn)
-        rows, _ = await payments.page(recorder, **kwargs)  # type: ignore[arg-type]
-        [(query, params)] = recorder.statements
-        return rows, await rows_read(conn, query, params, "payment_jobs")
+        (rows, _), read = await read_by(conn, lambda c: payments.page(c, **kwargs))
+        return rows, read
 
 
 async def test_a_page_of_payments_by_status_reads_that_page_not_every_payment(
@@ -160,10 +169,7 @@ async def test_counting_an_agents_payments_in_flight_reads_those_not_all_its_pay
         cur = await conn.execute("SELECT status FROM payment_states WHERE NOT is_final")
         every_open = {r["status"] for r in await cur.fetchall()}
         assert agents.IN_FLIGHT_STATES == every_open - {"partially_refunded"}
-        recorder = Recorder(conn)
-        counts = await agents.payments_in_flight(recorder, big["agent"])  # type: ignore[arg-type]
-        [(query, params)] = recorder.statements
-        read = await rows_read(conn, query, params, "payment_jobs")
+        counts, read = await read_by(conn, lambda c: agents.payments_in_flight(c, big["agent"]))
     assert counts == {"authorized": RECENT}
     assert read <= 100, read
 
@@ -177,10 +183,7 @@ async def test_customers_shared_reads_the_payments_that_name_one(
             " WHERE id IN ('pay_sml1', 'pay_new00000001')"
         )
         await conn.execute("ANALYZE payment_jobs")
-        recorder = Recorder(conn)
-        found = await customers.shared(recorder)  # type: ignore[arg-type]
-        [(query, params)] = recorder.statements
-        read = await rows_read(conn, query, params, "payment_jobs")
+        found, read = await read_by(conn, customers.shared)
     assert [(r["customer"], r["agent_id"], len(r["others"])) for r in found] == [
         ("cus_shared", None, 2)
     ]
